@@ -1,0 +1,532 @@
+"""Qwen3.5 configuration: one frozen dataclass with Hugging Face field names.
+
+Reads the `config.json` of every Qwen3.5 flavour (SPEC §2):
+
+| model_type          | form                                                          |
+|---------------------|---------------------------------------------------------------|
+| `qwen3_5`           | multimodal: LM fields under `text_config`, plus `vision_config` |
+| `qwen3_5_text`      | text-only: the LM fields at the top level                      |
+| `qwen3_5_moe`       | multimodal MoE                                                  |
+| `qwen3_5_moe_text`  | text-only MoE                                                   |
+
+`tie_word_embeddings` is read from the *top level* of a multimodal config (SPEC §2.1: the text sub-config
+inherits a generic default that would be wrong).  `layer_types` is derived from `full_attention_interval` when
+absent (layer i is full attention iff (i+1) % interval == 0) and validated when present (SPEC §2.3).
+
+Everything else in qwen35 (reference and optimized) takes its sizes from here; nothing re-derives them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+LINEAR = "linear_attention"
+FULL = "full_attention"
+LAYER_TYPES = (LINEAR, FULL)
+
+TEXT_MODEL_TYPES = ("qwen3_5_text", "qwen3_5_moe_text")
+MULTIMODAL_MODEL_TYPES = ("qwen3_5", "qwen3_5_moe")
+MODEL_TYPES = MULTIMODAL_MODEL_TYPES + TEXT_MODEL_TYPES
+MOE_MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text")
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A config value is missing, inconsistent or out of range; the message names the field."""
+
+
+def default_mrope_section(num_freqs: int) -> tuple[int, int, int]:
+    """The (t, h, w) split that Hugging Face's fallback `[11, 11, 10]` produces for `num_freqs` frequencies.
+
+    With the interleaved layout (SPEC §7.2) frequency j belongs to axis j % 3, so the section sizes are the
+    counts of j < num_freqs per residue.  For the published geometry (32 frequencies) that is [11, 11, 10].
+    """
+    return tuple(len(range(r, num_freqs, 3)) for r in range(3))  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The vision tower's geometry (SPEC §2.5; HF `Qwen3_5VisionConfig`)."""
+
+    depth: int = 27
+    hidden_size: int = 1152
+    hidden_act: str = "gelu_pytorch_tanh"
+    intermediate_size: int = 4304
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    out_hidden_size: int = 3584
+    num_position_embeddings: int = 2304
+    rope_theta: float = 10000.0  # SPEC §15.2 (UNCONFIRMED there; HF 5.x config carries it in rope_parameters)
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        for name in ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
+                     "temporal_patch_size", "spatial_merge_size", "out_hidden_size", "num_position_embeddings"):
+            _positive(f"vision_config.{name}", getattr(self, name))
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"vision_config.hidden_size ({self.hidden_size}) must be divisible by "
+                f"vision_config.num_heads ({self.num_heads})")
+        side = math.isqrt(self.num_position_embeddings)
+        if side * side != self.num_position_embeddings:
+            raise ConfigError(
+                f"vision_config.num_position_embeddings ({self.num_position_embeddings}) must be a square "
+                "(a learned side x side grid)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened patch row of `pixel_values`: C · T_p · P · P (3·2·16·16 = 1536)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+
+    @property
+    def merge_unit(self) -> int:
+        """Patches merged into one LM token (2 x 2 = 4)."""
+        return self.spatial_merge_size ** 2
+
+    @property
+    def num_grid_per_side(self) -> int:
+        return math.isqrt(self.num_position_embeddings)
+
+    @classmethod
+    def from_hf_dict(cls, d: Mapping[str, Any]) -> "VisionConfig":
+        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        rope = d.get("rope_parameters") or {}
+        if "rope_theta" in rope and "rope_theta" not in d:
+            kw["rope_theta"] = float(rope["rope_theta"])
+        return cls(**kw)
+
+    def to_hf_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("rope_theta")
+        d.pop("layer_norm_eps")
+        d["rope_parameters"] = {"rope_theta": self.rope_theta, "rope_type": "axial"}
+        d["model_type"] = "qwen3_5_vision"
+        d["deepstack_visual_indexes"] = []
+        return d
+
+
+def _positive(name: str, value) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Qwen35Config:
+    """Qwen3.5 language-model configuration (HF field names; SPEC §2.2, §2.7).
+
+    Defaults are Hugging Face's `Qwen3_5TextConfig` defaults (a 9B-like geometry) except where a published
+    checkpoint fixes a value the class default does not (rope_theta 1e7, mrope_section [11, 11, 10]).
+    """
+
+    model_type: str = "qwen3_5_text"
+    vocab_size: int = 248320
+    hidden_size: int = 4096
+    intermediate_size: int = 12288
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 4
+    head_dim: int = 256
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-6
+    attention_bias: bool = False
+    # RoPE (SPEC §2.4): `rope_parameters` in config.json; flattened here.
+    rope_type: str = "default"
+    rope_theta: float = 10_000_000.0
+    partial_rotary_factor: float = 0.25
+    mrope_section: tuple[int, int, int] | None = None  # None -> default_mrope_section(rotary_dim // 2)
+    mrope_interleaved: bool = True
+    # Gated DeltaNet (SPEC §8)
+    linear_conv_kernel_dim: int = 4
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    linear_num_key_heads: int = 16
+    linear_num_value_heads: int = 32
+    # Layer map (SPEC §2.3)
+    layer_types: tuple[str, ...] | None = None  # None -> derived from full_attention_interval
+    full_attention_interval: int = 4
+    attn_output_gate: bool = True
+    tie_word_embeddings: bool = False
+    mamba_ssm_dtype: str = "float32"
+    # MoE (SPEC §2.7); used when model_type is a MoE type.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    # Multimodal (SPEC §2.6)
+    vision_config: VisionConfig | None = None
+    image_token_id: int | None = None
+    video_token_id: int | None = None
+    vision_start_token_id: int | None = None
+    vision_end_token_id: int | None = None
+    # Special tokens (UNCONFIRMED values in SPEC §2.6; carried through when present)
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+
+    # ------------------------------------------------------------------ validation
+    def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise ConfigError(f"model_type {self.model_type!r} is not a Qwen3.5 type; expected one of {MODEL_TYPES}")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
+                     "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
+                     "linear_num_key_heads", "linear_num_value_heads", "full_attention_interval"):
+            _positive(name, getattr(self, name))
+        if not (0.0 < self.partial_rotary_factor <= 1.0):
+            raise ConfigError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor!r}")
+        if self.is_moe:
+            for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+                _positive(name, getattr(self, name))
+            if self.num_experts_per_tok > self.num_experts:
+                raise ConfigError(
+                    f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_experts ({self.num_experts})")
+            if self.shared_expert_intermediate_size < 0:
+                raise ConfigError("shared_expert_intermediate_size must be >= 0")
+        else:
+            _positive("intermediate_size", self.intermediate_size)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            raise ConfigError(
+                f"linear_num_value_heads ({self.linear_num_value_heads}) must be divisible by "
+                f"linear_num_key_heads ({self.linear_num_key_heads})")
+        rd = self.head_dim * self.partial_rotary_factor
+        if abs(rd - round(rd)) > 1e-9 or int(round(rd)) % 2 or int(round(rd)) <= 0:
+            raise ConfigError(
+                f"rotary dim = head_dim x partial_rotary_factor = {self.head_dim} x {self.partial_rotary_factor} "
+                f"= {rd} must be a positive even integer")
+        # Normalise sequences to tuples (the dataclass is frozen and hashable).
+        if self.mrope_section is None:
+            object.__setattr__(self, "mrope_section", default_mrope_section(self.rotary_dim // 2))
+        else:
+            sec = tuple(int(s) for s in self.mrope_section)
+            if len(sec) != 3 or any(s < 0 for s in sec):
+                raise ConfigError(f"mrope_section must be three non-negative ints (t, h, w), got {self.mrope_section!r}")
+            if sum(sec) != self.rotary_dim // 2:
+                raise ConfigError(
+                    f"sum(mrope_section) = {sum(sec)} must equal rotary_dim // 2 = {self.rotary_dim // 2} "
+                    f"(mrope_section={list(sec)}, rotary_dim={self.rotary_dim})")
+            object.__setattr__(self, "mrope_section", sec)
+        if self.layer_types is None:
+            object.__setattr__(self, "layer_types", derive_layer_types(self.num_hidden_layers,
+                                                                       self.full_attention_interval))
+        else:
+            lt = tuple(self.layer_types)
+            if len(lt) != self.num_hidden_layers:
+                raise ConfigError(
+                    f"layer_types has {len(lt)} entries but num_hidden_layers is {self.num_hidden_layers}")
+            for i, t in enumerate(lt):
+                if t not in LAYER_TYPES:
+                    raise ConfigError(f"layer_types[{i}] = {t!r} is not a known layer type {LAYER_TYPES}")
+            object.__setattr__(self, "layer_types", lt)
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if self.is_multimodal and self.vision_config is None:
+            raise ConfigError(f"model_type {self.model_type!r} is multimodal but vision_config is missing")
+        if self.vision_config is not None and not isinstance(self.vision_config, VisionConfig):
+            raise ConfigError("vision_config must be a VisionConfig")
+        if self.hidden_act != "silu":
+            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported (Qwen3.5 uses 'silu')")
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def is_moe(self) -> bool:
+        return self.model_type in MOE_MODEL_TYPES
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self.model_type in MULTIMODAL_MODEL_TYPES
+
+    @property
+    def key_dim(self) -> int:
+        """H_k · D_k: width of the Q block and of the K block of `in_proj_qkv`."""
+        return self.linear_num_key_heads * self.linear_key_head_dim
+
+    @property
+    def value_dim(self) -> int:
+        """H_v · D_v: width of the V block, of `in_proj_z` and of `out_proj`'s input."""
+        return self.linear_num_value_heads * self.linear_value_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the causal conv: 2·key_dim + value_dim (Q, K and V all go through it; SPEC §8.2)."""
+        return 2 * self.key_dim + self.value_dim
+
+    @property
+    def value_heads_per_key_head(self) -> int:
+        """r = H_v / H_k: value head h reads key head h // r."""
+        return self.linear_num_value_heads // self.linear_num_key_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """R = head_dim · partial_rotary_factor (64 for every published size)."""
+        return int(round(self.head_dim * self.partial_rotary_factor))
+
+    @property
+    def attention_scale(self) -> float:
+        """head_dim^-½ from the *explicit* head_dim (not hidden_size / heads; SPEC §6 step 6)."""
+        return self.head_dim ** -0.5
+
+    @property
+    def num_linear_layers(self) -> int:
+        return sum(t == LINEAR for t in self.layer_types)
+
+    @property
+    def num_full_layers(self) -> int:
+        return sum(t == FULL for t in self.layer_types)
+
+    @property
+    def linear_layer_indices(self) -> tuple[int, ...]:
+        return tuple(i for i, t in enumerate(self.layer_types) if t == LINEAR)
+
+    @property
+    def full_layer_indices(self) -> tuple[int, ...]:
+        return tuple(i for i, t in enumerate(self.layer_types) if t == FULL)
+
+    def _check_layer(self, layer: int) -> None:
+        if not isinstance(layer, int) or not (0 <= layer < self.num_hidden_layers):
+            raise IndexError(f"layer {layer!r} is out of range 0..{self.num_hidden_layers - 1}")
+
+    def kv_cache_index(self, layer: int) -> int:
+        """Sequential KV-cache index of a full-attention layer among full layers (layer 3 -> 0, 7 -> 1, ...).
+
+        MAX allocates KV only for full layers and numbers them 0, 1, 2, ... (SPEC §14.1).
+        """
+        self._check_layer(layer)
+        if self.layer_types[layer] != FULL:
+            raise ValueError(
+                f"layer {layer} is a {self.layer_types[layer]} layer and has no KV cache; "
+                f"full-attention layers are {list(self.full_layer_indices)}")
+        return self.layer_types[:layer].count(FULL)
+
+    def linear_layer_index(self, layer: int) -> int:
+        """Sequential state-cache index of a linear-attention layer among linear layers."""
+        self._check_layer(layer)
+        if self.layer_types[layer] != LINEAR:
+            raise ValueError(
+                f"layer {layer} is a {self.layer_types[layer]} layer and has no Gated DeltaNet state; "
+                f"linear-attention layers are {list(self.linear_layer_indices)}")
+        return self.layer_types[:layer].count(LINEAR)
+
+    def resolve_max_seq_len(self, requested: int | None = None) -> int:
+        """Max sequence length, like the documented `calculate_max_seq_len`: the request bounded above by
+        `max_position_embeddings` (a request above it is an error), or `max_position_embeddings` if none."""
+        if requested is None:
+            return self.max_position_embeddings
+        if not isinstance(requested, int) or requested <= 0:
+            raise ConfigError(f"max_length must be a positive int, got {requested!r}")
+        if requested > self.max_position_embeddings:
+            raise ConfigError(
+                f"Unable to infer max_length for Qwen3.5: the provided max_length ({requested}) exceeds the "
+                f"model's max_position_embeddings ({self.max_position_embeddings})")
+        return requested
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_hf_dict(cls, d: Mapping[str, Any]) -> "Qwen35Config":
+        """Build from a Hugging Face `config.json` dict (any of the four model types)."""
+        if not isinstance(d, Mapping):
+            raise ConfigError("config must be a mapping (the parsed config.json)")
+        model_type = d.get("model_type")
+        if model_type not in MODEL_TYPES:
+            raise ConfigError(f"model_type {model_type!r} is not a Qwen3.5 type; expected one of {MODEL_TYPES}")
+        top = d
+        if model_type in MULTIMODAL_MODEL_TYPES:
+            if "text_config" not in d or not isinstance(d["text_config"], Mapping):
+                raise ConfigError(f"model_type {model_type!r} needs a text_config section")
+            text = dict(d["text_config"])
+        else:
+            text = dict(d)
+        kw: dict[str, Any] = {"model_type": model_type}
+        simple = [f.name for f in fields(cls) if f.name not in (
+            "model_type", "rope_type", "rope_theta", "partial_rotary_factor", "mrope_section", "mrope_interleaved",
+            "vision_config", "layer_types", "tie_word_embeddings", "image_token_id", "video_token_id",
+            "vision_start_token_id", "vision_end_token_id")]
+        for name in simple:
+            if name in text and text[name] is not None:
+                kw[name] = text[name]
+        for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+            if name in top and top[name] is not None and top is not text:
+                kw[name] = top[name]
+        # RoPE: MAX priority — top-level rope_theta, then rope_parameters (SPEC §2.4).
+        rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
+        if "rope_theta" in text and text["rope_theta"] is not None:
+            kw["rope_theta"] = float(text["rope_theta"])
+        elif "rope_theta" in rope:
+            kw["rope_theta"] = float(rope["rope_theta"])
+        if "partial_rotary_factor" in rope:
+            kw["partial_rotary_factor"] = float(rope["partial_rotary_factor"])
+        elif "partial_rotary_factor" in text:
+            kw["partial_rotary_factor"] = float(text["partial_rotary_factor"])
+        if "rope_type" in rope:
+            kw["rope_type"] = rope["rope_type"]
+        if rope.get("mrope_section") is not None:
+            kw["mrope_section"] = tuple(rope["mrope_section"])
+        if "mrope_interleaved" in rope:
+            kw["mrope_interleaved"] = bool(rope["mrope_interleaved"])
+        if text.get("layer_types") is not None:
+            kw["layer_types"] = tuple(text["layer_types"])
+        # tie_word_embeddings from the top level (SPEC §2.1); a text-only config is its own top level.
+        kw["tie_word_embeddings"] = bool(top.get("tie_word_embeddings", False))
+        if model_type in MULTIMODAL_MODEL_TYPES:
+            kw["vision_config"] = VisionConfig.from_hf_dict(d.get("vision_config") or {})
+            for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+                if d.get(name) is not None:
+                    kw[name] = int(d[name])
+        if model_type in MOE_MODEL_TYPES:
+            # HF's MoE text config has no intermediate_size: every layer is MoE (SPEC §2.7).
+            kw.setdefault("intermediate_size", 0)
+        return cls(**kw)
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "Qwen35Config":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"no config.json at {path}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_hf_dict(d)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "Qwen35Config":
+        """Read `<dir>/config.json` (or a config.json path)."""
+        p = Path(path)
+        return cls.from_json_file(p / "config.json" if p.is_dir() else p)
+
+    @classmethod
+    def preset(cls, name: str) -> "Qwen35Config":
+        """A published size: 0.8b, 2b, 4b, 9b, 27b, 35b-a3b, 122b-a10b, 397b-a17b (files in reference/presets)."""
+        key = name.lower().replace("qwen3.5-", "").replace("_", "-")
+        path = PRESET_DIR / f"{key}.json"
+        if not path.exists():
+            raise ConfigError(f"unknown preset {name!r}; known: {', '.join(preset_names())}")
+        d = json.loads(path.read_text())
+        d = {k: v for k, v in d.items() if not k.startswith("_")}
+        return cls.from_hf_dict(d)
+
+    @classmethod
+    def tiny(cls, **overrides) -> "Qwen35Config":
+        """A tiny text-only geometry for tests (4 layers: L L L F), overridable field by field."""
+        base = dict(
+            model_type="qwen3_5_text", vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+            rope_theta=10000.0, partial_rotary_factor=0.5, mrope_section=(2, 1, 1),
+            linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+            linear_num_value_heads=4,
+        )
+        if overrides.get("model_type") in MOE_MODEL_TYPES:
+            base.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                        shared_expert_intermediate_size=16)
+        if overrides.get("model_type") in MULTIMODAL_MODEL_TYPES:
+            base.update(vision_config=VisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                                                   patch_size=4, out_hidden_size=32, num_position_embeddings=16),
+                        image_token_id=90, video_token_id=91, vision_start_token_id=92, vision_end_token_id=93)
+        base.update(overrides)
+        return cls(**base)
+
+    def replace(self, **changes) -> "Qwen35Config":
+        return replace(self, **changes)
+
+    # ------------------------------------------------------------------ serialisation
+    def text_hf_dict(self) -> dict:
+        """The language-model part as a Hugging Face text config dict."""
+        d: dict[str, Any] = {}
+        skip = {"model_type", "rope_type", "rope_theta", "partial_rotary_factor", "mrope_section",
+                "mrope_interleaved", "vision_config", "image_token_id", "video_token_id", "vision_start_token_id",
+                "vision_end_token_id", "layer_types", "eos_token_id", "pad_token_id", "bos_token_id"}
+        for f in fields(self):
+            if f.name in skip:
+                continue
+            if self.is_moe and f.name == "intermediate_size":
+                continue
+            if not self.is_moe and f.name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                                                "shared_expert_intermediate_size"):
+                continue
+            d[f.name] = getattr(self, f.name)
+        d["model_type"] = "qwen3_5_moe_text" if self.is_moe else "qwen3_5_text"
+        d["layer_types"] = list(self.layer_types)
+        d["rope_parameters"] = {
+            "rope_type": self.rope_type, "rope_theta": self.rope_theta,
+            "partial_rotary_factor": self.partial_rotary_factor,
+            "mrope_section": list(self.mrope_section), "mrope_interleaved": self.mrope_interleaved,
+        }
+        for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+            v = getattr(self, name)
+            if v is not None:
+                d[name] = list(v) if isinstance(v, tuple) else v
+        return d
+
+    def to_hf_dict(self) -> dict:
+        """A `config.json` dict that `from_hf_dict` (and Hugging Face) read back to the same config."""
+        text = self.text_hf_dict()
+        if not self.is_multimodal:
+            text["model_type"] = self.model_type
+            text["architectures"] = ["Qwen3_5MoeForCausalLM" if self.is_moe else "Qwen3_5ForCausalLM"]
+            return text
+        text.pop("tie_word_embeddings")
+        d: dict[str, Any] = {
+            "model_type": self.model_type,
+            "architectures": ["Qwen3_5MoeForConditionalGeneration" if self.is_moe
+                              else "Qwen3_5ForConditionalGeneration"],
+            "text_config": text,
+            "vision_config": self.vision_config.to_hf_dict(),
+            "tie_word_embeddings": self.tie_word_embeddings,
+        }
+        for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            if getattr(self, name) is not None:
+                d[name] = getattr(self, name)
+        return d
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "config.json"
+        path.write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
+        return path
+
+    # ------------------------------------------------------------------ human-readable
+    def layer_map(self) -> list[dict]:
+        """One row per layer: index, type, and the KV index (full) or state index (linear)."""
+        rows = []
+        for i, t in enumerate(self.layer_types):
+            rows.append({"layer": i, "type": t,
+                         "kv_cache_index": self.kv_cache_index(i) if t == FULL else None,
+                         "state_index": self.linear_layer_index(i) if t == LINEAR else None})
+        return rows
+
+
+def derive_layer_types(num_layers: int, interval: int) -> tuple[str, ...]:
+    """Layer i is full attention iff (i + 1) % interval == 0 (SPEC §2.3): [L, L, L, F] repeated for 4."""
+    if interval <= 0:
+        raise ConfigError(f"full_attention_interval must be a positive int, got {interval!r}")
+    return tuple(FULL if (i + 1) % interval == 0 else LINEAR for i in range(num_layers))
+
+
+def preset_names() -> list[str]:
+    order = ["0.8b", "2b", "4b", "9b", "27b", "35b-a3b", "122b-a10b", "397b-a17b"]
+    have = {p.stem for p in PRESET_DIR.glob("*.json")}
+    return [n for n in order if n in have] + sorted(have - set(order))
+
+
+def preset_notes(name: str) -> dict:
+    """The `_unconfirmed` / `_source` notes a preset file carries."""
+    key = name.lower().replace("qwen3.5-", "").replace("_", "-")
+    d = json.loads((PRESET_DIR / f"{key}.json").read_text())
+    return {k: v for k, v in d.items() if k.startswith("_")}
