@@ -1,0 +1,249 @@
+"""Gated full attention of Qwen3.5 (every 4th layer; SPEC §6), with a per-sequence KV cache.
+
+For one sequence of T new tokens x [T, H] after T_past cached tokens:
+
+    P          = x W_qᵀ                           [T, nh·2·hd]
+    [q | gate] = P viewed as [T, nh, 2·hd], split in half on the last axis      (per head! PITFALLS B2)
+    q          = RoPE(RMSNorm_q(q)),  k = RoPE(RMSNorm_k(x W_kᵀ)),  v = x W_vᵀ  (norm before RoPE, SPEC §6 step 2)
+    o_i        = Σ_{s ≤ T_past + i} softmax_s( q_i · k_s · hd^-½ ) v_s        (causal, GQA)
+    y          = ( o ⊙ σ(gate) ) W_oᵀ                                          (gate after attention, before o_proj)
+
+The q_proj output is laid out per head as [q_h0 | gate_h0 | q_h1 | gate_h1 | …].  Splitting it as
+[all q | all gates] runs without error and silently corrupts heads 1..nh−1 (llmman#16, shainet#199; MAX warns
+about it too).  GQA: KV head j serves the nh/nkv *consecutive* query heads j·g .. j·g + g − 1 (HF `repeat_kv`).
+RMSNorms are the zero-centred `x̂·(1 + w)` kind (SPEC §4.1, PITFALLS B4); RoPE is partial, interleaved MRoPE
+(SPEC §7, PITFALLS B18/B19).  There is no sliding window, no sink, no bias.
+
+Computation runs in x's dtype: float64 (the oracle) or float32 (mirrors HF's fp32 eager path: fp32 RoPE tables,
+fp32 softmax).  Shape legend: T_total packed tokens, N sequences, H hidden, nh = H_q query heads,
+nkv = H_kv KV heads, hd = D_h head dim, R rotary dim.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from reference.norms import rms_norm, sigmoid
+from reference.rope import apply_partial_rope, inv_freq, mrope_cos_sin, text_position_ids
+
+
+@dataclass
+class AttentionWeights:
+    """Weights of one gated full-attention layer (checkpoint names `self_attn.*`, PyTorch [out, in] layout).
+
+    q_proj: [2·nh·hd, H]   rows per head: hd query rows, then hd gate rows
+    k_proj: [nkv·hd, H]
+    v_proj: [nkv·hd, H]
+    o_proj: [H, nh·hd]
+    q_norm: [hd]           zero-centred RMSNorm weight (1 + w is applied)
+    k_norm: [hd]
+    """
+
+    q_proj: np.ndarray
+    k_proj: np.ndarray
+    v_proj: np.ndarray
+    o_proj: np.ndarray
+    q_norm: np.ndarray
+    k_norm: np.ndarray
+
+    def validate(self, config) -> None:
+        """Raise ValueError naming the first weight whose shape does not fit `config`."""
+        H, nh, nkv, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        expected = {
+            "q_proj": (2 * nh * hd, H),
+            "k_proj": (nkv * hd, H),
+            "v_proj": (nkv * hd, H),
+            "o_proj": (H, nh * hd),
+            "q_norm": (hd,),
+            "k_norm": (hd,),
+        }
+        for name, shape in expected.items():
+            got = np.shape(getattr(self, name))
+            if got != shape:
+                hint = " (q_proj holds q AND gate: 2·nh·hd rows)" if name == "q_proj" else ""
+                raise ValueError(f"AttentionWeights.{name} has shape {got}, expected {shape}{hint}")
+
+    @classmethod
+    def random(cls, config, seed: int = 0, *, std: float = 0.2, norm_std: float = 0.1) -> "AttentionWeights":
+        """Random float64 weights of the right shapes (tests, notebooks)."""
+        rng = np.random.default_rng(seed)
+        H, nh, nkv, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        return cls(
+            q_proj=rng.standard_normal((2 * nh * hd, H)) * std,
+            k_proj=rng.standard_normal((nkv * hd, H)) * std,
+            v_proj=rng.standard_normal((nkv * hd, H)) * std,
+            o_proj=rng.standard_normal((H, nh * hd)) * std,
+            q_norm=rng.standard_normal(hd) * norm_std,
+            k_norm=rng.standard_normal(hd) * norm_std,
+        )
+
+
+def split_q_gate(p: np.ndarray, num_heads: int, head_dim: int):
+    """Split the q_proj output per head into query and gate (SPEC §6 step 1, PITFALLS B2).
+
+        P [T, nh·2·hd] → view [T, nh, 2·hd] → q = [..., :hd], gate = [..., hd:]
+
+    Returns:
+        q: [T, nh, hd];  gate: [T, nh, hd] (flattened to [T, nh·hd] by the caller where needed).
+    """
+    T = p.shape[0]
+    if p.shape[1] != num_heads * 2 * head_dim:
+        raise ValueError(f"q_proj output has width {p.shape[1]}, expected 2·nh·hd = {2 * num_heads * head_dim}")
+    p = p.reshape(T, num_heads, 2 * head_dim)  # [T, nh, 2·hd]  per-head [q | gate]
+    return p[..., :head_dim], p[..., head_dim:]
+
+
+def repeat_kv(x: np.ndarray, num_groups: int) -> np.ndarray:
+    """[S, nkv, hd] → [S, nkv·g, hd] with KV head j copied to query heads j·g .. j·g + g − 1 (HF repeat_kv)."""
+    return np.repeat(x, num_groups, axis=1)
+
+
+def softmax(s: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax in s's dtype; rows that are all −inf are not expected (causal rows see ≥ 1 key)."""
+    m = np.max(s, axis=axis, keepdims=True)
+    e = np.exp(s - m)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, scale: float, q_offset: int = 0) -> np.ndarray:
+    """Causal softmax attention of one sequence with GQA.
+
+        o_i = Σ_{s ≤ q_offset + i} softmax_s(scale · q_i · k_s) v_s
+
+    Query i sits at absolute index q_offset + i (q_offset = number of cached tokens), so it sees every cached key
+    and the new keys up to itself.
+
+    Args:
+        q: [T, nh, hd];  k, v: [S, nkv, hd] with S = q_offset + T.
+    Returns:
+        o: [T, nh, hd].
+    """
+    T, nh, hd = q.shape
+    S, nkv, _ = k.shape
+    if S != q_offset + T:
+        raise ValueError(f"keys cover {S} positions but q_offset + T = {q_offset + T}")
+    g = nh // nkv
+    kk = repeat_kv(k, g)  # [S, nh, hd]
+    vv = repeat_kv(v, g)  # [S, nh, hd]
+    scores = np.einsum("thd,shd->hts", q, kk) * q.dtype.type(scale)  # [nh, T, S]
+    allowed = np.arange(S)[None, :] <= (q_offset + np.arange(T))[:, None]  # [T, S]
+    scores = np.where(allowed[None], scores, -np.inf)  # masked keys get exactly zero weight
+    probs = softmax(scores, axis=-1)  # [nh, T, S]
+    return np.einsum("hts,shd->thd", probs, vv)  # [T, nh, hd]
+
+
+def _check_cu_seqlens(cu_seqlens, total: int) -> np.ndarray:
+    if cu_seqlens is None:
+        return np.array([0, total], dtype=np.int64)
+    cu = np.asarray(cu_seqlens)
+    if cu.ndim != 1 or cu.shape[0] < 2 or not np.issubdtype(cu.dtype, np.integer):
+        raise ValueError(f"cu_seqlens must be a 1-D integer array [N+1], got {cu!r}")
+    if cu[0] != 0 or cu[-1] != total or np.any(np.diff(cu) < 0):
+        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at T_total = {total}; got {cu}")
+    return cu.astype(np.int64)
+
+
+def gated_attention(x, w: AttentionWeights, config, *, position_ids=None, cu_seqlens=None, past_kv=None):
+    """Gated full attention over a ragged batch, with a KV cache (SPEC §6).
+
+    Per sequence n (tokens cu_seqlens[n] .. cu_seqlens[n+1]−1, T_past_n cached tokens):
+
+        P = x W_qᵀ → [T, nh, 2·hd] → q, gate (per-head halves)
+        q = RoPE(rms_norm(q, q_norm)),  k = RoPE(rms_norm(x W_kᵀ, k_norm)),  v = x W_vᵀ
+        K = [K_past ; k],  V = [V_past ; v]
+        o = causal_attention(q, K, V, scale = config.attention_scale, q_offset = T_past_n)
+        y = (o.reshape(T, nh·hd) ⊙ σ(gate)) W_oᵀ
+
+    Args:
+        x: [T_total, H] float32 or float64 (the compute dtype; weights are cast to it).
+        w: AttentionWeights.
+        config: Qwen35Config (hidden_size, num_attention_heads, num_key_value_heads, head_dim, rms_norm_eps,
+            rope_theta, rotary_dim, mrope_section, mrope_interleaved, attention_scale, attn_output_gate).
+        position_ids: [3, T_total] integer (t, h, w) MRoPE positions of the new tokens, or [T_total].
+            None: text positions T_past_n + arange(T_n) per sequence (rope_delta 0).
+        cu_seqlens: [N+1] packed-sequence offsets; None = one sequence.
+        past_kv: None, or a list of N pairs (k [T_past, nkv, hd], v [T_past, nkv, hd]), post-norm post-RoPE.
+    Returns:
+        y: [T_total, H];  new_kv: list of N pairs (k [T_past + T_n, nkv, hd], v [...]) — the full cache.
+    """
+    x = np.asarray(x)
+    if x.dtype not in (np.float32, np.float64):
+        x = x.astype(np.float64)
+    dt = x.dtype
+    H, nh, nkv, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    if x.ndim != 2 or x.shape[1] != H:
+        raise ValueError(f"x must be [T_total, H={H}], got shape {x.shape}")
+    if nh % nkv:
+        raise ValueError(f"num_attention_heads {nh} is not a multiple of num_key_value_heads {nkv}")
+    w.validate(config)
+    T_total = x.shape[0]
+    cu = _check_cu_seqlens(cu_seqlens, T_total)
+    N = cu.shape[0] - 1
+    if past_kv is None:
+        past_kv = [None] * N
+    if len(past_kv) != N:
+        raise ValueError(f"past_kv has {len(past_kv)} entries but cu_seqlens describes {N} sequences")
+    past = []
+    for n, entry in enumerate(past_kv):
+        if entry is None:
+            past.append((np.zeros((0, nkv, hd), dt), np.zeros((0, nkv, hd), dt)))
+            continue
+        k_p, v_p = (np.asarray(a) for a in entry)
+        if k_p.ndim != 3 or k_p.shape[1:] != (nkv, hd) or v_p.shape != k_p.shape:
+            raise ValueError(
+                f"past_kv[{n}] must be (k, v) of shape [T_past, nkv={nkv}, hd={hd}], got {k_p.shape}, {v_p.shape}")
+        past.append((k_p.astype(dt, copy=False), v_p.astype(dt, copy=False)))
+    if position_ids is None:
+        pos = np.concatenate(
+            [text_position_ids(int(cu[n + 1] - cu[n]), start=past[n][0].shape[0]) for n in range(N)], axis=1)
+    else:
+        pos = np.asarray(position_ids)
+        if pos.ndim == 1:
+            pos = np.broadcast_to(pos, (3, pos.shape[0]))
+        if pos.shape != (3, T_total):
+            raise ValueError(f"position_ids must be [3, T_total={T_total}], got shape {pos.shape}")
+
+    Wq, Wk, Wv, Wo = (np.asarray(a, dtype=dt) for a in (w.q_proj, w.k_proj, w.v_proj, w.o_proj))
+    freqs = inv_freq(config.rotary_dim, config.rope_theta, dtype=dt)  # [R/2]
+    interleaved = bool(getattr(config, "mrope_interleaved", True))
+    eps = config.rms_norm_eps
+
+    # One sequence at a time, every op on that sequence's rows only: a packed batch is then bitwise equal to a
+    # loop over sequences, whatever BLAS does with the row count (PITFALLS B12/B13).
+    y = np.empty((T_total, H), dtype=dt)
+    new_kv = []
+    for n in range(N):
+        s, e = int(cu[n]), int(cu[n + 1])
+        T = e - s
+        xs = x[s:e]  # [T, H]
+        if T == 0:  # an empty chunk leaves the cache as it was
+            new_kv.append(past[n])
+            continue
+
+        # q_proj output split per head into [q | gate] (SPEC §6 step 1, PITFALLS B2).
+        q, gate = split_q_gate(xs @ Wq.T, nh, hd)  # [T, nh, hd] each
+        k = (xs @ Wk.T).reshape(T, nkv, hd)  # [T, nkv, hd]
+        v = (xs @ Wv.T).reshape(T, nkv, hd)  # [T, nkv, hd]
+
+        # q/k norm over hd, per head, BEFORE RoPE (SPEC §6 step 2; zero-centred weight, PITFALLS B4).
+        q = rms_norm(q, w.q_norm, eps, dtype=dt)  # [T, nh, hd]
+        k = rms_norm(k, w.k_norm, eps, dtype=dt)  # [T, nkv, hd]
+
+        # Partial interleaved MRoPE on the first R channels (SPEC §7); tables in the compute dtype, as HF.
+        cos, sin = mrope_cos_sin(pos[:, s:e], freqs, config.mrope_section, interleaved=interleaved)  # [T, R]
+        q = apply_partial_rope(q, cos, sin)  # [T, nh, hd]
+        k = apply_partial_rope(k, cos, sin)  # [T, nkv, hd]
+
+        k_past, v_past = past[n]
+        k_all = np.concatenate([k_past, k], axis=0)  # [T_past + T, nkv, hd]
+        v_all = np.concatenate([v_past, v], axis=0)  # [T_past + T, nkv, hd]
+        o = causal_attention(q, k_all, v_all, scale=config.attention_scale, q_offset=k_past.shape[0])  # [T, nh, hd]
+        new_kv.append((k_all, v_all))
+
+        o = o.reshape(T, nh * hd)  # [T, nh·hd]  channel c of head h at h·hd + c
+        if getattr(config, "attn_output_gate", True):
+            # Output gate after attention, before o_proj (SPEC §6 step 7); gate flattened the same way as o.
+            o = o * sigmoid(gate.reshape(T, nh * hd), dtype=dt)
+        y[s:e] = o @ Wo.T  # [T, H]
+    return y, new_kv
