@@ -1,0 +1,516 @@
+"""The gated delta rule in PyTorch: chunked prefill, per-token recurrence, and the fused in-place decode update.
+
+Same math and shared keyword-only signature as `reference.gated_delta` (ARCHITECTURE.md; SPEC §8.2, §9, §10):
+
+    S ← e^{g_t} S;   u_t = β_t (v_t − Sᵀ k̂_t);   S ← S + k̂_t u_tᵀ;   o_t = Sᵀ q̃_t
+
+Version log (llm.c style, STYLE rule 11):
+  v1  chunked WY form with every chunk's intra-chunk products (A, Aqk, the UT inverse, W, U) done in one batch over
+      all chunks and heads.  Measured: the [n_chunks·H, 64, 256] batched matmuls run at ~36 GFLOP/s on one core
+      (memory bound — each intermediate is 32–64 MB) against ~95 GFLOP/s for in-cache ones.
+  v2  (this file) the chunks are processed in *groups* of a few chunks (all heads, all sequences of a step): each
+      group's intra-chunk products are computed right before the group's sequential state steps, so every
+      intermediate stays in cache.  The UT inverse T = (I + A)⁻¹ is a blocked inversion: 16×16 diagonal blocks by
+      forward substitution (15 tiny batched steps), merged by the block formula T21 = −T22·A21·T11, then
+      [U | W] = T·[diag(β)V | diag(βγ)K̂] is one matmul.  W and q̃⊙γ are stacked so one bmm per chunk gives both
+      W·S and (q̃⊙γ)·S.  Varlen sequences are laid out "step-major" (all sequences' j-th chunks adjacent, sequences
+      sorted by chunk count) so that each sequential step is a contiguous slice of the chunk list and of the state.
+  Assumptions: fp32 arithmetic and fp32 state for fp32/bf16/fp16 inputs (float64 inputs compute in float64);
+  the output has v's dtype; the final state is always fp32 (float64 for float64 inputs) — PITFALLS B8.
+
+The decode update `fused_recurrent_gated_delta_rule_update` works directly on a state pool `[S, H_v, D_k, D_v]` at
+slot indices: consecutive slots are processed as one view of the pool (no gather/scatter copies); slot −1 rows
+(padding) output zeros and touch no slot (PITFALLS B9).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "chunk_gated_delta_rule",
+    "recurrent_gated_delta_rule",
+    "fused_recurrent_gated_delta_rule_update",
+    "l2_norm",
+]
+
+_L2_EPS = 1e-6  # x · (Σx² + 1e-6)^(-1/2), eps inside the sqrt (SPEC §8.2 step 7, PITFALLS B5)
+_BASE_BLOCK = 16  # diagonal block size of the blocked unit-lower-triangular inverse
+
+
+def _empty(*shape, dtype, device):
+    """Uninitialised allocation.  Every scratch buffer goes through here so tests can NaN-poison it (B15)."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def l2_norm(x: torch.Tensor, eps: float = _L2_EPS) -> torch.Tensor:
+    """x · (Σ x² + eps)^(-1/2) over the last axis (HF/FLA `l2norm`).  [..., D] -> [..., D]"""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Input checks and sequence bookkeeping
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check(q, k, v, g, beta, who):
+    if q.dim() != 4:
+        raise ValueError(f"{who}: q must be [B, T, H_k, D_k], got {tuple(q.shape)}")
+    B, T, H_k, D_k = q.shape
+    if tuple(k.shape) != tuple(q.shape):
+        raise ValueError(f"{who}: k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.dim() != 4 or tuple(v.shape[:2]) != (B, T):
+        raise ValueError(f"{who}: v must be [B={B}, T={T}, H_v, D_v], got {tuple(v.shape)}")
+    H_v = v.shape[2]
+    if H_k == 0 or H_v % H_k != 0:
+        raise ValueError(f"{who}: value heads H_v={H_v} must be a multiple of key heads H_k={H_k}")
+    for name, a in (("g", g), ("beta", beta)):
+        if tuple(a.shape) != (B, T, H_v):
+            raise ValueError(f"{who}: {name} must be [B={B}, T={T}, H_v={H_v}], got {tuple(a.shape)}")
+    return B, T, H_k, D_k, H_v, v.shape[3]
+
+
+def _lengths(B, T, cu_seqlens, who) -> list[int]:
+    """Per-sequence lengths: B rows of T, or the packed sequences of `cu_seqlens` (then B must be 1)."""
+    if cu_seqlens is None:
+        return [T] * B
+    if B != 1:
+        raise ValueError(f"{who}: with cu_seqlens the batch must be 1 (packed sequences), got B={B}")
+    cu = [int(c) for c in (cu_seqlens.tolist() if hasattr(cu_seqlens, "tolist") else cu_seqlens)]
+    if len(cu) < 2 or cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"{who}: cu_seqlens must start at 0, be non-decreasing and end at T={T}, got {cu}")
+    return [b - a for a, b in zip(cu, cu[1:])]
+
+
+def _initial_state(initial_state, N, H_v, D_k, D_v, cdtype, device, who):
+    if initial_state is None:
+        return torch.zeros(N, H_v, D_k, D_v, dtype=cdtype, device=device)
+    if tuple(initial_state.shape) != (N, H_v, D_k, D_v):
+        raise ValueError(
+            f"{who}: initial_state must be [N={N}, H_v={H_v}, D_k={D_k}, D_v={D_v}] (K-major), "
+            f"got {tuple(initial_state.shape)}"
+        )
+    return initial_state.to(device=device, dtype=cdtype, copy=True)
+
+
+class _StepMajorLayout:
+    """Where each token of N packed sequences lives when the sequences are cut into steps of `step` tokens.
+
+    Sequences are ranked by their number of steps (descending, stable); step j of rank r is block
+    `offset[j] + r`.  So at step j the active sequences are ranks 0..active[j]-1: a contiguous slice of the blocks
+    and of the rank-ordered state.  `row` maps each packed token to its row in the flattened [n_blocks·step] list.
+    """
+
+    def __init__(self, lengths: list[int], step: int, device):
+        self.N = len(lengths)
+        self.step = step
+        n_steps = [(L + step - 1) // step for L in lengths]
+        self.order = sorted(range(self.N), key=lambda i: -n_steps[i])  # rank -> sequence
+        self.rank_of = [0] * self.N
+        for r, i in enumerate(self.order):
+            self.rank_of[i] = r
+        J = max(n_steps) if n_steps else 0
+        self.active = [sum(1 for n in n_steps if n > j) for j in range(J)]
+        self.offset = [0] * (J + 1)
+        for j in range(J):
+            self.offset[j + 1] = self.offset[j] + self.active[j]
+        self.n_blocks = self.offset[J]
+        self.n_steps = J
+        # Fast path: one sequence (or equal lengths, already rank-ordered) -> a plain pad + reshape.
+        self.identity = self.N == 1
+        if self.identity:
+            self.row = None
+        else:
+            rows = []
+            for i, L in enumerate(lengths):
+                r = self.rank_of[i]
+                t = torch.arange(L, device=device)
+                j, c = t // step, t % step
+                off = torch.tensor(self.offset[:-1], device=device, dtype=torch.long)
+                rows.append((off[j] + r) * step + c if L else t)
+            self.row = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long, device=device)
+        self.T_total = sum(lengths)
+
+    def to_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """Packed tokens [T_total, *rest] -> zero-padded blocks [n_blocks, step, *rest]."""
+        rest = tuple(x.shape[1:])
+        if self.identity:
+            pad = self.n_blocks * self.step - x.shape[0]
+            if pad:
+                x = torch.cat([x, x.new_zeros((pad,) + rest)], 0)
+            return x.reshape((self.n_blocks, self.step) + rest)
+        out = x.new_zeros((self.n_blocks * self.step,) + rest)
+        out.index_copy_(0, self.row, x)
+        return out.view((self.n_blocks, self.step) + rest)
+
+    def from_blocks(self, xb: torch.Tensor) -> torch.Tensor:
+        """Blocks [n_blocks, step, *rest] -> packed tokens [T_total, *rest]."""
+        flat = xb.reshape((-1,) + tuple(xb.shape[2:]))
+        if self.identity:
+            return flat[: self.T_total]
+        return flat.index_select(0, self.row)
+
+    def states_to_rank(self, s: torch.Tensor) -> torch.Tensor:
+        return s if self.identity else s[self.order].contiguous()
+
+    def states_from_rank(self, s: torch.Tensor) -> torch.Tensor:
+        if self.identity:
+            return s
+        return s[torch.tensor(self.rank_of, device=s.device, dtype=torch.long)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# UT transform: (I + A)^{-1} for strictly lower-triangular A, batched
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _forward_substitution_inverse(A: torch.Tensor) -> torch.Tensor:
+    """(I + A)⁻¹ by forward substitution over rows: X_i = e_i − Σ_{j<i} A_ij X_j.  A [M, b, b] strictly lower."""
+    M, b, _ = A.shape
+    X = torch.eye(b, dtype=A.dtype, device=A.device).expand(M, b, b).clone()  # [M, b, b]
+    for i in range(1, b):
+        # Row i only has columns < i nonzero (besides the unit diagonal), and X[:, :i, :i] is already final.
+        X[:, i : i + 1, :i] = -torch.bmm(A[:, i : i + 1, :i], X[:, :i, :i])  # [M, 1, i]
+    return X
+
+
+def unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
+    """(I + A)⁻¹ for A [M, C, C] strictly lower triangular (any C), by recursive 2×2 block inversion.
+
+        [[L11, 0], [A21, L22]]⁻¹ = [[T11, 0], [−T22·A21·T11, T22]]
+
+    with 16×16 diagonal blocks done by forward substitution.  Both halves of a level are inverted in one batched
+    call when they have the same size.
+    """
+    M, C, _ = A.shape
+    if C <= _BASE_BLOCK:
+        return _forward_substitution_inverse(A)
+    h = C // 2
+    if C % 2 == 0:
+        both = unit_lower_inverse(torch.cat([A[:, :h, :h], A[:, h:, h:]], 0))  # [2M, h, h]
+        T11, T22 = both[:M], both[M:]
+    else:
+        T11, T22 = unit_lower_inverse(A[:, :h, :h]), unit_lower_inverse(A[:, h:, h:])
+    out = torch.zeros(M, C, C, dtype=A.dtype, device=A.device)
+    out[:, :h, :h] = T11
+    out[:, h:, h:] = T22
+    out[:, h:, :h] = -torch.bmm(T22, torch.bmm(A[:, h:, :h], T11))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chunked form
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _group_chunks(H_v: int, C: int, D: int) -> int:
+    """How many chunk rows (× H_v heads) to prepare at once: ~256K floats per [rows, H, C, D] tensor, which keeps
+    a group's q, k, v, W, U and output together within the L2/L3 cache of a CPU core."""
+    return max(1, (256 * 1024) // max(1, H_v * C * D))
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = True,
+    use_qk_l2norm: bool = True,
+    cu_seqlens=None,
+    chunk_size: int = 64,
+):
+    """Gated delta rule, chunked WY / UT-transform form (SPEC §9), batched over heads, chunks and sequences.
+
+    Args:
+        q, k:          [B, T, H_k, D_k]
+        v:             [B, T, H_v, D_v]        value head h reads key head h // (H_v // H_k)
+        g:             [B, T, H_v]             log-space decay
+        beta:          [B, T, H_v]
+        scale:         default D_k^(-1/2)
+        initial_state: [N, H_v, D_k, D_v] or None
+        cu_seqlens:    [N+1] or None (then B = 1 holds N packed sequences)
+        chunk_size:    C ≥ 1
+    Returns:
+        o:           [B, T, H_v, D_v]  (v's dtype)
+        final_state: [N, H_v, D_k, D_v] fp32 (None unless output_final_state)
+    """
+    who = "chunk_gated_delta_rule"
+    B, T, H_k, D_k, H_v, D_v = _check(q, k, v, g, beta, who)
+    if int(chunk_size) != chunk_size or chunk_size < 1:
+        raise ValueError(f"{who}: chunk_size must be a positive integer, got {chunk_size}")
+    C = int(chunk_size)
+    lengths = _lengths(B, T, cu_seqlens, who)
+    N = len(lengths)
+    dev, cdt = v.device, _compute_dtype(v)
+    scale = D_k ** -0.5 if scale is None else float(scale)
+    r = H_v // H_k
+
+    state = _initial_state(initial_state, N, H_v, D_k, D_v, cdt, dev, who)  # [N, H_v, D_k, D_v]
+    lay = _StepMajorLayout(lengths, C, dev)
+    S = lay.states_to_rank(state)  # [N, H_v, D_k, D_v], rank order
+
+    # Packed token-major views -> zero-padded chunk blocks [n_blocks, C, H, D] (padding is neutral: g=0, β=0, k=0).
+    tok = B * T
+    qb = lay.to_blocks(q.reshape(tok, H_k, D_k))  # [n, C, H_k, D_k]
+    kb = lay.to_blocks(k.reshape(tok, H_k, D_k))  # [n, C, H_k, D_k]
+    vb = lay.to_blocks(v.reshape(tok, H_v, D_v))  # [n, C, H_v, D_v]
+    gb = lay.to_blocks(g.reshape(tok, H_v))  # [n, C, H_v]
+    bb = lay.to_blocks(beta.reshape(tok, H_v))  # [n, C, H_v]
+    n_blocks = lay.n_blocks
+    ob = _empty(n_blocks, C, H_v, D_v, dtype=v.dtype, device=dev)  # [n, C, H_v, D_v]
+
+    ar = torch.arange(C, device=dev)
+    strict = ar[:, None] > ar[None, :]  # [C, C]
+    lower_incl = ar[:, None] >= ar[None, :]  # [C, C]
+    neg_inf = torch.tensor(-math.inf, dtype=cdt, device=dev)
+
+    group = _group_chunks(H_v, C, max(D_k, D_v))
+    step_of_block = []
+    for j in range(lay.n_steps):
+        step_of_block += [j] * lay.active[j]
+
+    j = 0
+    while j < lay.n_steps:
+        # A group of whole steps whose blocks are contiguous: [b0, b1).
+        j1 = j + 1
+        while j1 < lay.n_steps and lay.offset[j1 + 1] - lay.offset[j] <= group:
+            j1 += 1
+        b0, b1 = lay.offset[j], lay.offset[j1]
+        n = b1 - b0
+
+        # ---- intra-chunk quantities for the group, all heads at once --------------------------------------------
+        qg = qb[b0:b1].to(cdt).permute(0, 2, 1, 3)  # [n, H_k, C, D_k]
+        kg = kb[b0:b1].to(cdt).permute(0, 2, 1, 3)  # [n, H_k, C, D_k]
+        if use_qk_l2norm:
+            qg, kg = l2_norm(qg), l2_norm(kg)
+        qg = qg * scale
+        if r > 1:  # grouped value attention: value head h reads key head h // r
+            qg = qg.repeat_interleave(r, dim=1)
+            kg = kg.repeat_interleave(r, dim=1)
+        qg, kg = qg.contiguous(), kg.contiguous()  # [n, H_v, C, D_k]
+        vg = vb[b0:b1].to(cdt).permute(0, 2, 1, 3)  # [n, H_v, C, D_v]
+        G = gb[b0:b1].to(cdt).permute(0, 2, 1).cumsum(-1)  # [n, H_v, C]  cumulative log-decay in the chunk
+        beta_g = bb[b0:b1].to(cdt).permute(0, 2, 1)  # [n, H_v, C]
+        M = n * H_v
+
+        # k̂_i·k̂_j and q̃_i·k̂_j in one product: [k̂; q̃] k̂ᵀ.
+        kq = torch.cat([kg, qg], dim=2).view(M, 2 * C, D_k)  # [M, 2C, D_k]
+        P = torch.bmm(kq, kg.view(M, C, D_k).transpose(1, 2))  # [M, 2C, C]
+        Gf = G.reshape(M, C)
+        diff = Gf[:, :, None] - Gf[:, None, :]  # [M, C, C]  G_i − G_j
+        decay = torch.where(lower_incl, diff, neg_inf).exp_()  # e^{G_i−G_j} on/below the diagonal, 0 above (B6)
+        bf = beta_g.reshape(M, C)
+        A = P[:, :C].mul_(decay).mul_(bf[:, :, None]).masked_fill_(~strict, 0.0)  # [M, C, C] strictly lower
+        Aqk = P[:, C:].mul_(decay)  # [M, C, C] (diagonal kept)
+        Tinv = unit_lower_inverse(A)  # [M, C, C]  (I + A)⁻¹
+
+        gamma = Gf.exp()  # [M, C]
+        rhs = torch.cat(
+            [vg.reshape(M, C, D_v) * bf[:, :, None], kg.view(M, C, D_k) * (bf * gamma)[:, :, None]], dim=2
+        )  # [M, C, D_v + D_k]
+        UW = torch.bmm(Tinv, rhs)  # [M, C, D_v + D_k]  U | W
+        U = UW[:, :, :D_v]  # [M, C, D_v]
+        # Stack W and q̃⊙γ so one product per chunk gives W·S and (q̃⊙γ)·S.
+        WQ = torch.cat([UW[:, :, D_v:], qg.view(M, C, D_k) * gamma[:, :, None]], dim=1)  # [M, 2C, D_k]
+        G_last = Gf[:, -1:]  # [M, 1]
+        Kd = kg.view(M, C, D_k) * (G_last - Gf).exp_()[:, :, None]  # [M, C, D_k]  k̂_j e^{G_C − G_j}
+        chunk_decay = G_last.exp().view(n, H_v)  # [n, H_v]
+        og = _empty(M, C, D_v, dtype=cdt, device=dev)  # [M, C, D_v]
+
+        # ---- sequential state propagation over the group's steps ------------------------------------------------
+        for jj in range(j, j1):
+            na = lay.active[jj]
+            s0 = (lay.offset[jj] - b0) * H_v
+            sl = slice(s0, s0 + na * H_v)
+            Sv = S[:na].view(na * H_v, D_k, D_v)  # [na·H_v, D_k, D_v]  (a view of the rank-ordered state)
+            PS = torch.bmm(WQ[sl], Sv)  # [na·H_v, 2C, D_v]  W·S ; (q̃⊙γ)·S
+            Vn = torch.sub(U[sl], PS[:, :C])  # [na·H_v, C, D_v]  V_new = U − W S
+            torch.baddbmm(PS[:, C:], Aqk[sl], Vn, out=og[sl])  # O = (q̃⊙γ)S + Aqk V_new
+            Sv.mul_(chunk_decay[lay.offset[jj] - b0 : lay.offset[jj] - b0 + na].reshape(-1, 1, 1))
+            Sv.baddbmm_(Kd[sl].transpose(1, 2), Vn)  # S ← e^{G_C} S + (K̂ ⊙ e^{G_C−G})ᵀ V_new
+        ob[b0:b1] = og.view(n, H_v, C, D_v).permute(0, 2, 1, 3)
+        j = j1
+
+    o = lay.from_blocks(ob).reshape(B, T, H_v, D_v)
+    final = lay.states_from_rank(S) if output_final_state else None
+    return o, final
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recurrent form (per token) and the fused decode update
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _token_step(S, q_t, k_t, v_t, g_t, b_t):
+    """One token for a batch of (row, head) pairs, state updated in place.
+
+    S [M, D_k, D_v] (fp32 view, possibly of a pool); q_t, k_t [M, D_k] (normalised/scaled, compute dtype);
+    v_t [M, D_v]; g_t, b_t [M].  Returns o_t [M, D_v].
+
+    One read of S gives both Sᵀk̂ and Sᵀq̃ (before the decay), then
+        u = β (v − α Sᵀk̂),   S ← α S + k̂ uᵀ,   o = α Sᵀq̃ + (q̃·k̂) u
+    which equals decay → delta → update → read-out (B1) with a single read-modify-write pass over S.
+    """
+    alpha = g_t.exp()  # [M]
+    kq = torch.stack([k_t, q_t], dim=1)  # [M, 2, D_k]
+    P = torch.bmm(kq, S)  # [M, 2, D_v]  Sᵀk̂ ; Sᵀq̃
+    a = alpha[:, None]
+    u = b_t[:, None] * (v_t - a * P[:, 0])  # [M, D_v]
+    o = a * P[:, 1] + (q_t * k_t).sum(-1, keepdim=True) * u  # [M, D_v]
+    S.mul_(alpha[:, None, None])
+    S.baddbmm_(k_t[:, :, None], u[:, None, :])
+    return o
+
+
+def recurrent_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = True,
+    use_qk_l2norm: bool = True,
+    cu_seqlens=None,
+):
+    """Gated delta rule token by token, batched over heads and sequences (SPEC §8.2 step 8, §10).
+
+    Args / Returns: as `chunk_gated_delta_rule` (no chunk_size).  Cost O(T·H_v·D_k·D_v), the decode form.
+    """
+    who = "recurrent_gated_delta_rule"
+    B, T, H_k, D_k, H_v, D_v = _check(q, k, v, g, beta, who)
+    lengths = _lengths(B, T, cu_seqlens, who)
+    N = len(lengths)
+    dev, cdt = v.device, _compute_dtype(v)
+    scale = D_k ** -0.5 if scale is None else float(scale)
+    r = H_v // H_k
+    state = _initial_state(initial_state, N, H_v, D_k, D_v, cdt, dev, who)
+
+    # Step-major layout with step = 1 token: at time t the active sequences are ranks 0..active[t]-1.
+    lay = _StepMajorLayout(lengths, 1, dev)
+    S = lay.states_to_rank(state)
+    tok = B * T
+    qf = q.reshape(tok, H_k, D_k).to(cdt)
+    kf = k.reshape(tok, H_k, D_k).to(cdt)
+    if use_qk_l2norm:
+        qf, kf = l2_norm(qf), l2_norm(kf)
+    qf = qf * scale
+    if r > 1:
+        qf, kf = qf.repeat_interleave(r, dim=1), kf.repeat_interleave(r, dim=1)
+    qb = lay.to_blocks(qf)[:, 0]  # [n_blocks, H_v, D_k]
+    kb = lay.to_blocks(kf)[:, 0]
+    vb = lay.to_blocks(v.reshape(tok, H_v, D_v).to(cdt))[:, 0]  # [n_blocks, H_v, D_v]
+    gb = lay.to_blocks(g.reshape(tok, H_v).to(cdt))[:, 0]  # [n_blocks, H_v]
+    bb = lay.to_blocks(beta.reshape(tok, H_v).to(cdt))[:, 0]
+    ob = _empty(lay.n_blocks, H_v, D_v, dtype=cdt, device=dev)
+    for t in range(lay.n_steps):
+        na, b0 = lay.active[t], lay.offset[t]
+        sl = slice(b0, b0 + na)
+        ob[sl] = _token_step(
+            S[:na].view(na * H_v, D_k, D_v),
+            qb[sl].reshape(-1, D_k),
+            kb[sl].reshape(-1, D_k),
+            vb[sl].reshape(-1, D_v),
+            gb[sl].reshape(-1),
+            bb[sl].reshape(-1),
+        ).view(na, H_v, D_v)
+    o = lay.from_blocks(ob[:, None]).reshape(B, T, H_v, D_v).to(v.dtype)
+    return o, (lay.states_from_rank(S) if output_final_state else None)
+
+
+def slot_runs(slot_ids: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Split slot ids into maximal runs (row0, slot0, length) of consecutive rows holding consecutive slots.
+
+    Padding rows (slot −1) belong to no run.  Each run is processed as one contiguous view of the pool, so the
+    pool is updated in place with no gather/scatter copies.
+    """
+    ids = [int(s) for s in slot_ids.tolist()]
+    runs: list[tuple[int, int, int]] = []
+    b = 0
+    while b < len(ids):
+        if ids[b] < 0:
+            b += 1
+            continue
+        e = b + 1
+        while e < len(ids) and ids[e] == ids[e - 1] + 1:
+            e += 1
+        runs.append((b, ids[b], e - b))
+        b = e
+    return runs
+
+
+def _check_slots(slot_ids, B, S_pool, who):
+    if slot_ids.dim() != 1 or slot_ids.shape[0] != B:
+        raise ValueError(f"{who}: slot_ids must be [B={B}], got {tuple(slot_ids.shape)}")
+    ids = [int(s) for s in slot_ids.tolist()]
+    valid = [s for s in ids if s >= 0]
+    if any(s >= S_pool for s in valid) or any(s < -1 for s in ids):
+        raise ValueError(f"{who}: slot ids must be in [0, {S_pool}) or -1 (padding), got {ids}")
+    if len(set(valid)) != len(valid):
+        raise ValueError(f"{who}: a slot appears twice in one batch: {ids}")
+
+
+def fused_recurrent_gated_delta_rule_update(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state_pool: torch.Tensor,
+    slot_ids: torch.Tensor,
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+):
+    """One decode token per row, state read and written in place in `state_pool` at `slot_ids` (SPEC §10, §14.5).
+
+    Args:
+        q, k:       [B, 1, H_k, D_k]
+        v:          [B, 1, H_v, D_v]
+        g, beta:    [B, 1, H_v]
+        state_pool: [S, H_v, D_k, D_v] fp32 (or float64), updated in place
+        slot_ids:   [B] int; −1 = padding row: its output is zeros and no slot is touched
+    Returns:
+        o: [B, 1, H_v, D_v] (v's dtype)
+    """
+    who = "fused_recurrent_gated_delta_rule_update"
+    B, T, H_k, D_k, H_v, D_v = _check(q, k, v, g, beta, who)
+    if T != 1:
+        raise ValueError(f"{who}: one token per row (T=1), got T={T}")
+    if state_pool.dim() != 4 or tuple(state_pool.shape[1:]) != (H_v, D_k, D_v):
+        raise ValueError(f"{who}: state_pool must be [S, H_v={H_v}, D_k={D_k}, D_v={D_v}], got {tuple(state_pool.shape)}")
+    if state_pool.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{who}: state_pool must be fp32 (or float64), got {state_pool.dtype} (PITFALLS B8)")
+    _check_slots(slot_ids, B, state_pool.shape[0], who)
+    cdt = state_pool.dtype
+    scale = D_k ** -0.5 if scale is None else float(scale)
+    r = H_v // H_k
+    qf, kf = q[:, 0].to(cdt), k[:, 0].to(cdt)  # [B, H_k, D_k]
+    if use_qk_l2norm:
+        qf, kf = l2_norm(qf), l2_norm(kf)
+    qf = qf * scale
+    if r > 1:
+        qf, kf = qf.repeat_interleave(r, dim=1), kf.repeat_interleave(r, dim=1)  # [B, H_v, D_k]
+    vf, gf, bf = v[:, 0].to(cdt), g[:, 0].to(cdt), beta[:, 0].to(cdt)
+    o = torch.zeros(B, H_v, D_v, dtype=cdt, device=v.device)
+    for b0, s0, n in slot_runs(slot_ids):
+        o[b0 : b0 + n] = _token_step(
+            state_pool[s0 : s0 + n].view(n * H_v, D_k, D_v),  # a view: the pool itself is updated
+            qf[b0 : b0 + n].reshape(-1, D_k),
+            kf[b0 : b0 + n].reshape(-1, D_k),
+            vf[b0 : b0 + n].reshape(-1, D_v),
+            gf[b0 : b0 + n].reshape(-1),
+            bf[b0 : b0 + n].reshape(-1),
+        ).view(n, H_v, D_v)
+    return o[:, None].to(v.dtype)
