@@ -195,6 +195,8 @@ class Qwen35Config:
                     f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_experts ({self.num_experts})")
             if self.shared_expert_intermediate_size < 0:
                 raise ConfigError("shared_expert_intermediate_size must be >= 0")
+            # Every layer of a Qwen3.5 MoE model is MoE; HF's MoE config has no intermediate_size (SPEC §2.7).
+            object.__setattr__(self, "intermediate_size", 0)
         else:
             _positive("intermediate_size", self.intermediate_size)
         if self.num_attention_heads % self.num_key_value_heads:
@@ -388,9 +390,6 @@ class Qwen35Config:
             for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
                 if d.get(name) is not None:
                     kw[name] = int(d[name])
-        if model_type in MOE_MODEL_TYPES:
-            # HF's MoE text config has no intermediate_size: every layer is MoE (SPEC §2.7).
-            kw.setdefault("intermediate_size", 0)
         return cls(**kw)
 
     @classmethod

@@ -1,0 +1,1 @@
+"""One module per `qwen35` subcommand (see qwen35/cli.py)."""
