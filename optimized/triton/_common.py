@@ -1,0 +1,78 @@
+"""Shared helpers for the Triton wrappers: output allocation (with a NaN-poison test hook), device checks, sizes.
+
+The poison hook (the fla conftest trick, PITFALLS B15): inside `with poison_outputs():` — or with the environment
+variable QWEN35_TRITON_POISON=1 — every buffer a wrapper allocates (outputs *and* internal scratch) is filled with
+NaN instead of left uninitialised, so a kernel that forgets to write an element, or reads scratch it never wrote,
+turns the result into NaN and the test fails loudly.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+
+__all__ = ["alloc", "poison_outputs", "interpreting", "check_device", "pow2", "cu_seqlens_list"]
+
+_poison_depth = 0
+
+
+@contextlib.contextmanager
+def poison_outputs():
+    """Make every wrapper allocation NaN-filled (float) or -1-filled (integer) inside the block."""
+    global _poison_depth
+    _poison_depth += 1
+    try:
+        yield
+    finally:
+        _poison_depth -= 1
+
+
+def _poisoning() -> bool:
+    return _poison_depth > 0 or os.environ.get("QWEN35_TRITON_POISON") == "1"
+
+
+def alloc(shape, dtype, device) -> torch.Tensor:
+    """torch.empty, or a NaN-filled tensor while poisoning (see module docstring)."""
+    if _poisoning():
+        fill = float("nan") if dtype.is_floating_point else -1
+        return torch.full(tuple(shape), fill, dtype=dtype, device=device)
+    return torch.empty(tuple(shape), dtype=dtype, device=device)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_device(who: str, *tensors) -> torch.device:
+    """All tensors on one device; CUDA, or CPU under the Triton interpreter."""
+    devs = {t.device for t in tensors if t is not None}
+    if len(devs) != 1:
+        raise ValueError(f"{who}: all tensors must be on one device, got {sorted(map(str, devs))}")
+    dev = devs.pop()
+    if dev.type != "cuda" and not interpreting():
+        raise RuntimeError(
+            f"{who}: the Triton kernels need CUDA tensors (got {dev}); on CPU set TRITON_INTERPRET=1 before importing "
+            "triton to run them through the interpreter, or use the torch backend"
+        )
+    return dev
+
+
+def pow2(n: int, lo: int = 1) -> int:
+    """Smallest power of two >= max(n, lo) (Triton block sizes must be powers of two)."""
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+def cu_seqlens_list(cu_seqlens, total: int, who: str) -> list[int]:
+    """Validate cu_seqlens [N+1] (0 … total, non-decreasing) and return it as host ints (one device sync)."""
+    if isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
+            raise ValueError(f"{who}: cu_seqlens must be a 1-D integer tensor [N+1], got {cu_seqlens.dtype} "
+                             f"{tuple(cu_seqlens.shape)}")
+        cu = [int(c) for c in cu_seqlens.tolist()]
+    else:
+        cu = [int(c) for c in cu_seqlens]
+    if len(cu) < 2 or cu[0] != 0 or cu[-1] != total or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"{who}: cu_seqlens must rise from 0 to the packed length {total} with N >= 1, got {cu}")
+    return cu
