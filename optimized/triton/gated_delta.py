@@ -288,14 +288,14 @@ def _gdn_decode_kernel(
     i_v = tl.program_id(2)
     i_hk = i_h // (H_V // H_K)
     slot = tl.load(slot_ptr + i_b).to(tl.int64)
-    valid = slot >= 0  # padding rows never touch the pool (PITFALLS B9, sglang#27202)
-    slot = tl.maximum(slot, 0)
     dk = tl.arange(0, BK)
     dv = i_v * BV + tl.arange(0, BV)
     kmask = dk < D_K
     vmask = dv < D_V
+    valid = (dv * 0 + slot) >= 0  # [BV]; padding rows never touch the pool (PITFALLS B9, sglang#27202)
+    slot = tl.maximum(slot, 0)
     s_off = ((slot * H_V + i_h) * D_K + dk[:, None]) * D_V + dv[None, :]
-    s_mask = (kmask[:, None] & vmask[None, :]) & valid
+    s_mask = kmask[:, None] & (vmask & valid)[None, :]
     S = tl.load(pool_ptr + s_off, mask=s_mask, other=0.0).to(tl.float32)
     q = tl.load(q_ptr + (i_b * H_K + i_hk) * D_K + dk, mask=kmask, other=0.0).to(tl.float32)
     k = tl.load(k_ptr + (i_b * H_K + i_hk) * D_K + dk, mask=kmask, other=0.0).to(tl.float32)
