@@ -1,0 +1,531 @@
+"""Loading a Hugging Face Qwen3.5 checkpoint directory into NumPy (SPEC §12, §14.6; PITFALLS B23).
+
+    weights = load_weights(directory, config=None, dtype=np.float64)      # -> ModelWeights
+
+What is accepted:
+
+* `model.safetensors` (one file) or `model.safetensors.index.json` + shards (`weight_map`: name -> file).
+* Both name prefixes: `model.` (Qwen3_5ForCausalLM) and `model.language_model.` (Qwen3_5ForConditionalGeneration;
+  checked first, as MAX's adapter does).  `model.visual.*` is returned, prefix stripped, in `ModelWeights.visual`
+  for the vision path; `mtp.*` (multi-token-prediction head) is skipped.
+* Dense and MoE; MoE experts either fused (`mlp.experts.gate_up_proj [E, 2·I, H]`, `mlp.experts.down_proj
+  [E, H, I]`) or per expert (`mlp.experts.{e}.{gate,up,down}_proj.weight`, what transformers 5.x writes), which
+  are stacked into the fused form (gate rows first, then up rows).
+* `conv1d.weight` as `[C, 1, K]` (PyTorch depthwise Conv1d) or `[C, K]`; stored as `[C, K]`.
+* Any float storage dtype: F64, F32, F16, BF16 (decoded here from the raw bytes: numpy has no bfloat16).
+* Tied embeddings when the config says so (`lm_head.weight` then optional and unused: HF ties it to the embedding).
+
+Dtype rule: every tensor is cast to `dtype`, except `A_log`, `dt_bias` and the gated-norm weight
+(`linear_attn.norm.weight`), which are kept in float32 or wider whatever `dtype` is (HF: "If the model is loaded in
+fp16, without the .float() here, A might be -inf"; MAX casts them to fp32).
+
+Full key coverage: every expected tensor must be present with the expected shape and a float dtype, and nothing
+unexpected may be left over, else ONE `WeightLoadError` lists the missing, unexpected, mis-shaped and wrongly typed
+names (all of them, not just the first).  A truncated or malformed file raises `WeightLoadError` naming the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from reference.attention import AttentionWeights
+from reference.config import FULL, LINEAR, Qwen35Config
+from reference.deltanet import DeltaNetWeights
+from reference.mlp import MoEWeights
+
+__all__ = [
+    "WeightLoadError", "MLPWeights", "LayerWeights", "ModelWeights", "load_weights", "load_state_dict",
+    "weights_from_state_dict", "expected_lm_shapes", "expected_vision_shapes", "read_safetensors",
+    "write_safetensors", "bf16_to_float32", "float32_to_bf16", "FP32_KEPT_SUFFIXES",
+]
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+LM_PREFIXES = ("model.language_model.", "model.")  # checked in this order (SPEC §14.6)
+VISION_PREFIX = "model.visual."
+SKIPPED_PREFIXES = ("mtp.",)
+# Kept in float32 or wider whatever the requested dtype (SPEC §4.2, §14.6; PITFALLS B23).
+FP32_KEPT_SUFFIXES = ("linear_attn.A_log", "linear_attn.dt_bias", "linear_attn.norm.weight")
+
+
+class WeightLoadError(ValueError):
+    """A checkpoint does not fit the config.  Carries every problem at once.
+
+    Attributes:
+        missing:     expected names not in the checkpoint (full checkpoint names, prefix included)
+        unexpected:  checkpoint names nothing uses
+        mis_shaped:  list of (name, expected shape, found shape)
+        wrong_dtype: list of (name, found dtype) for non-float tensors
+    """
+
+    def __init__(self, message: str, *, missing=(), unexpected=(), mis_shaped=(), wrong_dtype=()):
+        self.missing = list(missing)
+        self.unexpected = list(unexpected)
+        self.mis_shaped = list(mis_shaped)
+        self.wrong_dtype = list(wrong_dtype)
+        super().__init__(message)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# safetensors files, read and written with NumPy only (bf16 included)
+# ----------------------------------------------------------------------------------------------------------------
+# Format: 8-byte little-endian header length n, n bytes of JSON {name: {dtype, shape, data_offsets: [b, e]}, ...,
+# "__metadata__": {...}}, then the raw little-endian data; offsets are relative to the end of the header.
+_ST_DTYPES = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+}
+_NP_TO_ST = {np.dtype("float64"): "F64", np.dtype("float32"): "F32", np.dtype("float16"): "F16",
+             np.dtype("int64"): "I64", np.dtype("int32"): "I32", np.dtype("int16"): "I16", np.dtype("int8"): "I8",
+             np.dtype("uint8"): "U8", np.dtype("bool"): "BOOL"}
+FLOAT_STORAGE = ("F64", "F32", "F16", "BF16")
+
+
+def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32: bf16 is the top half of an IEEE float32, so shift left 16."""
+    return (np.asarray(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest, ties to even (as torch's .to(bfloat16))."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    nan = np.isnan(np.asarray(x, dtype=np.float32))
+    out = rounded.astype(np.uint16)
+    out[nan] = 0x7FC0  # a quiet NaN
+    return out
+
+
+def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Read every tensor of one .safetensors file.
+
+    Returns:
+        tensors: name -> array (BF16 decoded to float32; other dtypes as stored)
+        dtypes:  name -> stored safetensors dtype string ("BF16", "F32", ...)
+    Raises:
+        WeightLoadError naming the file if it is truncated, malformed or uses an unknown dtype.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    if len(data) < 8:
+        raise WeightLoadError(f"{path}: truncated safetensors file ({len(data)} bytes; no header)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if 8 + n > len(data):
+        raise WeightLoadError(f"{path}: truncated safetensors file (header claims {n} bytes, file has "
+                              f"{len(data) - 8} after the length field)")
+    try:
+        header = json.loads(data[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightLoadError(f"{path}: malformed safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise WeightLoadError(f"{path}: malformed safetensors header (not a JSON object)")
+    body = memoryview(data)[8 + n:]
+    tensors, dtypes = {}, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            st_dtype, shape, (b, e) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise WeightLoadError(f"{path}: malformed header entry for {name!r}: {info!r}") from None
+        if st_dtype not in _ST_DTYPES:
+            raise WeightLoadError(f"{path}: tensor {name!r} has unsupported dtype {st_dtype}")
+        np_dtype = _ST_DTYPES[st_dtype]
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
+        if e - b != nbytes or b < 0:
+            raise WeightLoadError(f"{path}: tensor {name!r} {st_dtype}{list(shape)} needs {nbytes} bytes, "
+                                  f"header gives offsets [{b}, {e})")
+        if e > len(body):
+            raise WeightLoadError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte {e} of the "
+                                  f"data section, which has only {len(body)} bytes")
+        arr = np.frombuffer(body[b:e], dtype=np_dtype).reshape(shape)
+        if st_dtype == "BF16":
+            arr = bf16_to_float32(arr)
+        tensors[name] = arr
+        dtypes[name] = st_dtype
+    return tensors, dtypes
+
+
+def write_safetensors(path, tensors: dict[str, np.ndarray], *, bf16: tuple[str, ...] | bool = (),
+                      metadata: dict[str, str] | None = None) -> Path:
+    """Write tensors to one .safetensors file (sorted by name, 8-byte aligned header).
+
+    Args:
+        tensors: name -> array (float64/32/16, ints, bool).
+        bf16: names to store as BF16 (or True for every float tensor); their values are rounded from float32.
+        metadata: optional string -> string map (`{"format": "pt"}` is added, as transformers writes).
+    """
+    path = Path(path)
+    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        arr = np.asarray(tensors[name])
+        as_bf16 = (bf16 is True and np.issubdtype(arr.dtype, np.floating)) or (
+            not isinstance(bf16, bool) and name in bf16)
+        if as_bf16:
+            raw, st = float32_to_bf16(arr), "BF16"
+        else:
+            if arr.dtype not in _NP_TO_ST:
+                raise ValueError(f"write_safetensors: {name!r} has unsupported dtype {arr.dtype}")
+            raw, st = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False)), _NP_TO_ST[arr.dtype]
+        blob = raw.tobytes()
+        header[name] = {"dtype": st, "shape": list(arr.shape), "data_offsets": [offset, offset + len(blob)]}
+        chunks.append(blob)
+        offset += len(blob)
+    h = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    h += b" " * (-len(h) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for blob in chunks:
+            f.write(blob)
+    return path
+
+
+def load_state_dict(directory) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """All tensors of a checkpoint directory (single file or sharded index), names as stored.
+
+    Returns (tensors, stored dtypes).  A sharded index whose shard file is absent, or that names a tensor its
+    shard does not hold, raises WeightLoadError.
+    """
+    directory = Path(directory)
+    index = directory / INDEX_FILE
+    single = directory / SINGLE_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise WeightLoadError(f"{index}: not a safetensors index (needs a 'weight_map'): {e}") from None
+        tensors, dtypes = {}, {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = directory / shard
+            if not shard_path.exists():
+                raise WeightLoadError(f"{index} names shard {shard!r}, which is not in {directory}")
+            t, d = read_safetensors(shard_path)
+            tensors.update(t)
+            dtypes.update(d)
+            absent = sorted(n for n, f in weight_map.items() if f == shard and n not in t)
+            if absent:
+                raise WeightLoadError(f"{index} lists {len(absent)} tensor(s) that shard {shard!r} does not hold: "
+                                      f"{absent[:10]}", missing=absent)
+        return tensors, dtypes
+    if single.exists():
+        return read_safetensors(single)
+    found = sorted(p.name for p in directory.glob("*.safetensors")) if directory.is_dir() else []
+    raise WeightLoadError(f"{directory}: no {SINGLE_FILE} and no {INDEX_FILE}"
+                          + (f" (found {found})" if found else ""))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# expected names and shapes (SPEC §12), relative to the LM prefix / the vision prefix
+# ----------------------------------------------------------------------------------------------------------------
+def expected_lm_shapes(config: Qwen35Config) -> dict[str, tuple]:
+    """Every language-model tensor (prefix stripped; `lm_head.weight` as is; MoE experts in fused form)."""
+    c = config
+    H, V = c.hidden_size, c.vocab_size
+    shapes: dict[str, tuple] = {"embed_tokens.weight": (V, H), "norm.weight": (H,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (V, H)
+    for i, kind in enumerate(c.layer_types):
+        p = f"layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (H,)
+        shapes[p + "post_attention_layernorm.weight"] = (H,)
+        if kind == LINEAR:
+            for name, shape in DeltaNetWeights.expected_shapes(c).items():
+                suffix = "" if name in ("dt_bias", "A_log") else ".weight"
+                shapes[p + f"linear_attn.{name}{suffix}"] = shape
+        else:
+            nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+            shapes.update({
+                p + "self_attn.q_proj.weight": (2 * nh * hd, H),  # q and gate, interleaved per head
+                p + "self_attn.k_proj.weight": (nkv * hd, H),
+                p + "self_attn.v_proj.weight": (nkv * hd, H),
+                p + "self_attn.o_proj.weight": (H, nh * hd),
+                p + "self_attn.q_norm.weight": (hd,),
+                p + "self_attn.k_norm.weight": (hd,),
+            })
+        if c.is_moe:
+            E, I, I_s = c.num_experts, c.moe_intermediate_size, c.shared_expert_intermediate_size
+            shapes.update({
+                p + "mlp.gate.weight": (E, H),
+                p + "mlp.experts.gate_up_proj": (E, 2 * I, H),
+                p + "mlp.experts.down_proj": (E, H, I),
+                p + "mlp.shared_expert.gate_proj.weight": (I_s, H),
+                p + "mlp.shared_expert.up_proj.weight": (I_s, H),
+                p + "mlp.shared_expert.down_proj.weight": (H, I_s),
+                p + "mlp.shared_expert_gate.weight": (1, H),
+            })
+        else:
+            I = c.intermediate_size
+            shapes.update({p + "mlp.gate_proj.weight": (I, H), p + "mlp.up_proj.weight": (I, H),
+                           p + "mlp.down_proj.weight": (H, I)})
+    return shapes
+
+
+def expected_vision_shapes(config: Qwen35Config) -> dict[str, tuple]:
+    """Every vision-tower tensor, prefix `model.visual.` stripped (SPEC §12.4); {} for text-only configs."""
+    v = config.vision_config
+    if v is None:
+        return {}
+    Hv, I, P, Tp = v.hidden_size, v.intermediate_size, v.patch_size, v.temporal_patch_size
+    Hm = Hv * v.merge_unit
+    shapes: dict[str, tuple] = {
+        "patch_embed.proj.weight": (Hv, v.in_channels, Tp, P, P), "patch_embed.proj.bias": (Hv,),
+        "pos_embed.weight": (v.num_position_embeddings, Hv),
+        "merger.norm.weight": (Hv,), "merger.norm.bias": (Hv,),
+        "merger.linear_fc1.weight": (Hm, Hm), "merger.linear_fc1.bias": (Hm,),
+        "merger.linear_fc2.weight": (v.out_hidden_size, Hm), "merger.linear_fc2.bias": (v.out_hidden_size,),
+    }
+    for i in range(v.depth):
+        p = f"blocks.{i}."
+        shapes.update({
+            p + "norm1.weight": (Hv,), p + "norm1.bias": (Hv,), p + "norm2.weight": (Hv,), p + "norm2.bias": (Hv,),
+            p + "attn.qkv.weight": (3 * Hv, Hv), p + "attn.qkv.bias": (3 * Hv,),
+            p + "attn.proj.weight": (Hv, Hv), p + "attn.proj.bias": (Hv,),
+            p + "mlp.linear_fc1.weight": (I, Hv), p + "mlp.linear_fc1.bias": (I,),
+            p + "mlp.linear_fc2.weight": (Hv, I), p + "mlp.linear_fc2.bias": (Hv,),
+        })
+    return shapes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loaded model
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class MLPWeights:
+    """Dense SwiGLU MLP: gate_proj [I, H], up_proj [I, H], down_proj [H, I]."""
+
+    gate_proj: np.ndarray
+    up_proj: np.ndarray
+    down_proj: np.ndarray
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer: the two zero-centred norms, the token mixer (by layer type) and the MLP / MoE block."""
+
+    layer_type: str  # "linear_attention" | "full_attention"
+    input_layernorm: np.ndarray  # [H]
+    post_attention_layernorm: np.ndarray  # [H]
+    mixer: DeltaNetWeights | AttentionWeights
+    mlp: MLPWeights | MoEWeights
+
+
+@dataclass
+class ModelWeights:
+    """A whole Qwen3.5 language model (plus the raw vision tensors) in NumPy.
+
+    `lm_head` is the same array as `embed_tokens` when the config ties them.  `visual` holds the `model.visual.*`
+    tensors with the prefix stripped (empty for text-only checkpoints).  `source_dtypes` maps checkpoint names to
+    their stored dtype ("BF16", "F32", ...); `prefix` is the LM prefix the checkpoint used.
+    """
+
+    config: Qwen35Config
+    embed_tokens: np.ndarray  # [V, H]
+    norm: np.ndarray  # [H]
+    lm_head: np.ndarray  # [V, H]
+    layers: list[LayerWeights]
+    visual: dict[str, np.ndarray] = field(default_factory=dict)
+    prefix: str = "model."
+    source_dtypes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.embed_tokens.dtype
+
+
+def _split_prefix(names) -> str:
+    """The LM prefix this checkpoint uses: `model.language_model.` if any name has it, else `model.`."""
+    return LM_PREFIXES[0] if any(n.startswith(LM_PREFIXES[0]) for n in names) else LM_PREFIXES[1]
+
+
+_PER_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def weights_from_state_dict(tensors: dict[str, np.ndarray], config: Qwen35Config, dtype=np.float64, *,
+                            source_dtypes: dict[str, str] | None = None, where: str = "checkpoint") -> ModelWeights:
+    """Map checkpoint tensors (names as stored) onto a ModelWeights, checking full key coverage.
+
+    Raises WeightLoadError listing missing, unexpected, mis-shaped and non-float tensors together.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f":
+        raise ValueError(f"dtype must be a float dtype, got {dtype}")
+    source_dtypes = dict(source_dtypes or {})
+    prefix = _split_prefix(tensors)
+    lm: dict[str, np.ndarray] = {}  # stripped name -> array
+    full_name: dict[str, str] = {}  # stripped name -> checkpoint name (for messages)
+    visual: dict[str, np.ndarray] = {}
+    unexpected: list[str] = []
+    for name, arr in tensors.items():
+        if name.startswith(SKIPPED_PREFIXES):
+            continue  # multi-token-prediction head: not part of the base forward (SPEC §1)
+        if name.startswith(VISION_PREFIX):
+            visual[name[len(VISION_PREFIX):]] = arr
+        elif name == "lm_head.weight":
+            lm[name], full_name[name] = arr, name
+        elif name.startswith(prefix):
+            lm[name[len(prefix):]], full_name[name[len(prefix):]] = arr, name
+        else:
+            unexpected.append(name)
+
+    missing: list[str] = []
+    mis_shaped: list[tuple[str, tuple, tuple]] = []
+    wrong_dtype: list[tuple[str, str]] = []
+
+    def is_float(name: str, arr) -> bool:
+        if np.asarray(arr).dtype.kind != "f":
+            wrong_dtype.append((name, source_dtypes.get(name, str(np.asarray(arr).dtype))))
+            return False
+        return True
+
+    # Per-expert MoE names -> fused [E, 2I, H] / [E, H, I] (gate rows first, then up; SPEC §11.2).
+    reported: set[str] = set()  # fused names whose per-expert parts were already reported as wrong
+    if config.is_moe:
+        E, I, H = config.num_experts, config.moe_intermediate_size, config.hidden_size
+        per_expert: dict[str, dict[tuple[int, str], str]] = {}
+        for key in list(lm):
+            m = _PER_EXPERT.match(key)
+            if m:
+                per_expert.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = key
+        for base, parts in per_expert.items():
+            if f"{base}.gate_up_proj" in lm or f"{base}.down_proj" in lm:
+                continue  # fused names present too: the per-expert ones are left over and reported unexpected
+            want = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+            ok = True
+            for e in range(E):
+                for proj, shape in want.items():
+                    key = parts.get((e, proj))
+                    if key is None:
+                        missing.append(f"{prefix}{base}.{e}.{proj}.weight")
+                        ok = False
+                    elif not is_float(full_name[key], lm[key]):
+                        ok = False
+                    elif tuple(np.shape(lm[key])) != shape:
+                        mis_shaped.append((full_name[key], shape, tuple(np.shape(lm[key]))))
+                        ok = False
+            if not ok:
+                reported.update({f"{base}.gate_up_proj", f"{base}.down_proj"})
+                for key in parts.values():  # reported above where wrong; don't also call them unexpected
+                    lm.pop(key, None)
+                continue
+            gate_up = np.stack([np.concatenate([lm[parts[(e, "gate_proj")]], lm[parts[(e, "up_proj")]]], axis=0)
+                                for e in range(E)])  # [E, 2I, H]
+            down = np.stack([lm[parts[(e, "down_proj")]] for e in range(E)])  # [E, H, I]
+            for key in [k for k in parts.values() if int(_PER_EXPERT.match(k).group(2)) < E]:
+                lm.pop(key)
+            lm[f"{base}.gate_up_proj"], full_name[f"{base}.gate_up_proj"] = gate_up, f"{prefix}{base}.*"
+            lm[f"{base}.down_proj"], full_name[f"{base}.down_proj"] = down, f"{prefix}{base}.*"
+
+    expected = expected_lm_shapes(config)
+    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
+
+    def ckpt_name(key: str) -> str:
+        return full_name.get(key, key if key == "lm_head.weight" else prefix + key)
+
+    for key, shape in expected.items():
+        if key in reported:
+            continue
+        if key not in lm:
+            missing.append(ckpt_name(key))
+            continue
+        arr = lm[key]
+        if not is_float(ckpt_name(key), arr):
+            continue
+        got = tuple(np.shape(arr))
+        if key.endswith("conv1d.weight") and len(got) == 3 and got[1] == 1:
+            got = (got[0], got[2])  # PyTorch depthwise [C, 1, K] -> [C, K]
+        if got != shape:
+            mis_shaped.append((ckpt_name(key), shape, tuple(np.shape(arr))))
+    for key in lm:
+        if key not in expected and key not in optional:
+            unexpected.append(ckpt_name(key))
+
+    v_expected = expected_vision_shapes(config)
+    if v_expected:
+        for key, shape in v_expected.items():
+            if key not in visual:
+                missing.append(VISION_PREFIX + key)
+            elif is_float(VISION_PREFIX + key, visual[key]) and tuple(np.shape(visual[key])) != shape:
+                mis_shaped.append((VISION_PREFIX + key, shape, tuple(np.shape(visual[key]))))
+        unexpected.extend(VISION_PREFIX + k for k in visual if k not in v_expected)
+    # A text-only config ignores model.visual.* (HF Qwen3_5ForCausalLM does the same), but returns them.
+
+    if missing or unexpected or mis_shaped or wrong_dtype:
+        lines = [f"{where} does not match the {config.model_type} config "
+                 f"({config.num_hidden_layers} layers, hidden {config.hidden_size}, LM prefix {prefix!r}):"]
+        if missing:
+            lines.append(f"  missing ({len(missing)}): " + ", ".join(sorted(missing)))
+        if unexpected:
+            lines.append(f"  unexpected ({len(unexpected)}): " + ", ".join(sorted(unexpected)))
+        if mis_shaped:
+            lines.append(f"  mis-shaped ({len(mis_shaped)}): " + ", ".join(
+                f"{n} expected {list(e)} got {list(g)}" for n, e, g in sorted(mis_shaped)))
+        if wrong_dtype:
+            lines.append(f"  not floating point ({len(wrong_dtype)}): " + ", ".join(
+                f"{n} ({d})" for n, d in sorted(wrong_dtype)))
+        raise WeightLoadError("\n".join(lines), missing=sorted(missing), unexpected=sorted(unexpected),
+                              mis_shaped=sorted(mis_shaped), wrong_dtype=sorted(wrong_dtype))
+
+    def get(key: str) -> np.ndarray:
+        wide = np.promote_types(dtype, np.float32) if key.endswith(FP32_KEPT_SUFFIXES) else dtype
+        arr = np.asarray(lm[key], dtype=wide)
+        if key.endswith("conv1d.weight") and arr.ndim == 3:
+            arr = arr[:, 0, :]  # [C, 1, K] -> [C, K]
+        return np.ascontiguousarray(arr)
+
+    layers = []
+    for i, kind in enumerate(config.layer_types):
+        p = f"layers.{i}."
+        if kind == LINEAR:
+            mixer = DeltaNetWeights(**{
+                name: get(p + f"linear_attn.{name}" + ("" if name in ("dt_bias", "A_log") else ".weight"))
+                for name in DeltaNetWeights.expected_shapes(config)})
+        else:
+            mixer = AttentionWeights(**{name: get(p + f"self_attn.{name}.weight")
+                                        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")})
+        if config.is_moe:
+            mlp = MoEWeights(
+                gate=get(p + "mlp.gate.weight"), gate_up_proj=get(p + "mlp.experts.gate_up_proj"),
+                down_proj=get(p + "mlp.experts.down_proj"),
+                shared_gate_proj=get(p + "mlp.shared_expert.gate_proj.weight"),
+                shared_up_proj=get(p + "mlp.shared_expert.up_proj.weight"),
+                shared_down_proj=get(p + "mlp.shared_expert.down_proj.weight"),
+                shared_expert_gate=get(p + "mlp.shared_expert_gate.weight"))
+        else:
+            mlp = MLPWeights(**{n: get(p + f"mlp.{n}.weight") for n in ("gate_proj", "up_proj", "down_proj")})
+        layers.append(LayerWeights(layer_type=kind, input_layernorm=get(p + "input_layernorm.weight"),
+                                   post_attention_layernorm=get(p + "post_attention_layernorm.weight"),
+                                   mixer=mixer, mlp=mlp))
+    embed = get("embed_tokens.weight")
+    # Tied: HF points lm_head at the embedding; a stored lm_head.weight is then ignored.
+    lm_head = embed if config.tie_word_embeddings else get("lm_head.weight")
+    return ModelWeights(config=config, embed_tokens=embed, norm=get("norm.weight"), lm_head=lm_head, layers=layers,
+                        visual={k: np.asarray(v) for k, v in visual.items()}, prefix=prefix,
+                        source_dtypes=source_dtypes)
+
+
+def load_weights(directory, config: Qwen35Config | None = None, dtype=np.float64) -> ModelWeights:
+    """Load a checkpoint directory (config.json + safetensors) into a ModelWeights.
+
+    Args:
+        directory: a Hugging Face checkpoint directory.
+        config: the config to check against (default: read `<directory>/config.json`).
+        dtype: the weight dtype (float64 for the oracle, float32 to mirror fp32, float16 allowed);
+            A_log, dt_bias and the gated-norm weight stay float32 or wider.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {os.fspath(directory)!r} does not exist")
+    if config is None:
+        config = Qwen35Config.from_pretrained(directory)
+    tensors, dtypes = load_state_dict(directory)
+    return weights_from_state_dict(tensors, config, dtype, source_dtypes=dtypes, where=str(directory))
