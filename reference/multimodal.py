@@ -1,0 +1,169 @@
+"""Multimodal prompts: images / videos in, LM embedding rows and MRoPE positions out (SPEC §15.5, §15.6, §7.3).
+
+A multimodal request arrives in the form a Hugging Face Qwen processor emits (`TextAndVisionContext`): the tokens
+already hold, per image, `<vision_start> <image_pad>×n <vision_end>` with n = t·h·w / m² merged tokens, and
+`pixel_values` holds the patchified pixels of all images ([Σ t·h·w, C·T_p·P·P], merge-block order).
+
+`multimodal_prefill_inputs` does, once per prompt, what the model needs before its first prefill chunk:
+
+    1. run the vision tower on all images (then, separately, all videos)       → features [n_img, H] (+ videos)
+    2. find the placeholder rows (tokens == image_token_id / video_token_id)   → image_rows [n], ascending
+       and check their count equals the feature count (a clear error otherwise, as HF's masked scatter)
+    3. MRoPE positions of the whole prompt with `reference.rope.get_rope_index`  → position_ids [3, T], rope_delta
+
+The model then replaces the embedding rows `image_rows` by `embeddings` (each prefill chunk takes its slice, see
+`MultimodalPrefill.chunk`), uses `position_ids` for the prompt, and continues decode at
+`past_len + rope_delta` on all three axes (`reference.rope.decode_position_ids`).
+
+Shape legend: T prompt tokens, n placeholder rows, H LM hidden size (= vision out_hidden_size).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from reference.context import TextContext
+from reference.rope import decode_position_ids, get_rope_index, mm_token_types
+from reference.vision import VisionWeights, check_grid_thw, num_merged_tokens, num_patches, vision_tower
+
+__all__ = ["TextAndVisionContext", "VisionWeights", "MultimodalPrefill", "multimodal_prefill_inputs",
+           "split_visual_state_dict"]
+
+
+@dataclass
+class TextAndVisionContext(TextContext):
+    """A request with images and/or videos, in Hugging Face processor form.
+
+    Attributes (beyond TextContext's request_id, tokens):
+        pixel_values:        [Σ t·h·w, C·T_p·P·P] patchified images (None if none).
+        image_grid_thw:      [n_images, 3] (t, h, w) in patches (t = 1 for a still image).
+        pixel_values_videos: [Σ t·h·w, C·T_p·P·P] patchified videos (None if none).
+        video_grid_thw:      [n_videos, 3].
+    `tokens` must already hold the expanded placeholders (`reference.image_processing.expand_vision_placeholders`).
+    """
+
+    pixel_values: np.ndarray | None = None
+    image_grid_thw: np.ndarray | None = None
+    pixel_values_videos: np.ndarray | None = None
+    video_grid_thw: np.ndarray | None = None
+
+    def __post_init__(self):
+        for pix, grid, what in ((self.pixel_values, self.image_grid_thw, "image"),
+                                (self.pixel_values_videos, self.video_grid_thw, "video")):
+            if (pix is None) != (grid is None):
+                raise ValueError(f"request {self.request_id!r}: {what} pixels and {what} grid_thw must be given "
+                                 "together")
+
+    @property
+    def has_vision_inputs(self) -> bool:
+        return self.pixel_values is not None or self.pixel_values_videos is not None
+
+
+@dataclass
+class MultimodalPrefill:
+    """What the model needs to prefill one multimodal prompt.
+
+    image_rows:   [n] int64   ascending indices into the prompt's tokens whose embeddings are replaced
+                              (image and video placeholders alike)
+    embeddings:   [n, H]      the replacement rows, in the order of `image_rows`
+    position_ids: [3, T] int64  MRoPE (t, h, w) positions of the whole prompt
+    rope_delta:   int         max(position) + 1 − T; decode continues at past_len + rope_delta
+    """
+
+    image_rows: np.ndarray
+    embeddings: np.ndarray
+    position_ids: np.ndarray
+    rope_delta: int
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.position_ids.shape[1])
+
+    def chunk(self, start: int, end: int):
+        """The slice for prefill chunk tokens [start, end): (rows relative to `start`, embeddings, position_ids)."""
+        if not 0 <= start <= end <= self.num_tokens:
+            raise ValueError(f"chunk [{start}, {end}) is outside the prompt of {self.num_tokens} tokens")
+        sel = (self.image_rows >= start) & (self.image_rows < end)
+        return self.image_rows[sel] - start, self.embeddings[sel], self.position_ids[:, start:end]
+
+    def decode_position_ids(self, past_len: int, num_tokens: int = 1) -> np.ndarray:
+        """[3, num_tokens] positions of tokens appended after `past_len` tokens (past the prompt)."""
+        return decode_position_ids(past_len, num_tokens, self.rope_delta)
+
+
+def split_visual_state_dict(tensors, prefix: str = "model.visual."):
+    """Split a checkpoint dict into (the `prefix` tensors with the prefix stripped, everything else)."""
+    vis = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    rest = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
+    return vis, rest
+
+
+def _features(kind, pixels, grid, weights, config, dtype, request_id):
+    vc = config.vision_config
+    g = check_grid_thw(grid, vc.spatial_merge_size)
+    pix = np.asarray(pixels)
+    if pix.ndim != 2 or pix.shape[0] != num_patches(g) or pix.shape[1] != vc.patch_dim:
+        raise ValueError(f"request {request_id!r}: {kind} pixel values have shape {pix.shape}, but grid_thw "
+                         f"{g.tolist()} needs [{num_patches(g)}, {vc.patch_dim}]")
+    if weights is None:
+        raise ValueError(f"request {request_id!r} carries {kind} pixels but no vision weights were given")
+    return g, vision_tower(pix, g, weights, vc, dtype=dtype)  # [Σ t·h·w / m², H]
+
+
+def multimodal_prefill_inputs(ctx, vision_weights: VisionWeights | None, config, *, dtype=None) -> MultimodalPrefill:
+    """Run the vision tower for a prompt and place its output (see the module docstring).
+
+    Args:
+        ctx: TextAndVisionContext (a plain TextContext gives the text-only result: no rows, arange positions).
+        vision_weights: the tower's weights (None allowed only without pixels).
+        config: reference.config.Qwen35Config with a vision_config.
+        dtype: compute dtype of the tower (default: the weights' dtype).
+    Returns:
+        MultimodalPrefill.
+    Raises:
+        ValueError when the placeholder count of a modality differs from its feature count, when pixels come
+        without placeholders or placeholders without pixels, or when grids and pixels disagree.
+    """
+    rid = getattr(ctx, "request_id", "?")
+    tokens = ctx.token_array
+    T = tokens.shape[0]
+    if not getattr(config, "is_multimodal", False) or config.vision_config is None:
+        if getattr(ctx, "has_vision_inputs", False):
+            raise ValueError(f"request {rid!r} carries pixels but the model config has no vision tower")
+        return MultimodalPrefill(np.zeros(0, np.int64), np.zeros((0, config.hidden_size)),
+                                 decode_position_ids(0, T), 0)
+    types = mm_token_types(tokens, config.image_token_id, config.video_token_id)  # [T] 0 text, 1 image, 2 video
+    pieces = {}
+    grids = {}
+    for kind, code, pix_name, grid_name in (("image", 1, "pixel_values", "image_grid_thw"),
+                                            ("video", 2, "pixel_values_videos", "video_grid_thw")):
+        rows = np.flatnonzero(types == code)
+        pixels, grid = getattr(ctx, pix_name, None), getattr(ctx, grid_name, None)
+        if pixels is None:
+            if rows.size:
+                raise ValueError(f"request {rid!r}: the prompt holds {rows.size} {kind} placeholder tokens but no "
+                                 f"{kind} pixels were given")
+            continue
+        g, feats = _features(kind, pixels, grid, vision_weights, config, dtype, rid)
+        if feats.shape[0] != rows.size:
+            raise ValueError(
+                f"request {rid!r}: {kind} features and {kind} tokens do not match: the prompt holds {rows.size} "
+                f"{kind} placeholder tokens but grid_thw {g.tolist()} gives "
+                f"{num_merged_tokens(g, config.vision_config.spatial_merge_size).tolist()} = {feats.shape[0]} "
+                "merged tokens (expand each placeholder to t·h·w/m² tokens)")
+        if feats.shape[1] != config.hidden_size:
+            raise ValueError(f"vision out_hidden_size {feats.shape[1]} != LM hidden_size {config.hidden_size}")
+        pieces[kind] = (rows, feats)
+        grids[kind] = g
+    if pieces:
+        rows = np.concatenate([r for r, _ in pieces.values()])
+        emb = np.concatenate([f for _, f in pieces.values()])
+        order = np.argsort(rows, kind="stable")
+        rows, emb = rows[order].astype(np.int64), emb[order]
+    else:
+        rows, emb = np.zeros(0, np.int64), np.zeros((0, config.hidden_size))
+    position_ids, rope_delta = get_rope_index(
+        tokens, mm_token_type_ids=types, image_grid_thw=grids.get("image"), video_grid_thw=grids.get("video"),
+        spatial_merge_size=config.vision_config.spatial_merge_size)
+    return MultimodalPrefill(image_rows=rows, embeddings=emb, position_ids=position_ids, rope_delta=int(rope_delta))
