@@ -274,71 +274,84 @@ def chunk_gated_delta_rule(
     neg_inf = torch.tensor(-math.inf, dtype=cdt, device=dev)
 
     group = _group_chunks(H_v, C, max(D_k, D_v))
-    step_of_block = []
-    for j in range(lay.n_steps):
-        step_of_block += [j] * lay.active[j]
-
+    # Per-group scratch, allocated once for the largest group and reused (sliced to the group's size).
+    gmax = 0
     j = 0
+    groups = []
     while j < lay.n_steps:
         # A group of whole steps whose blocks are contiguous: [b0, b1).
         j1 = j + 1
         while j1 < lay.n_steps and lay.offset[j1 + 1] - lay.offset[j] <= group:
             j1 += 1
+        groups.append((j, j1))
+        gmax = max(gmax, lay.offset[j1] - lay.offset[j])
+        j = j1
+    Mmax = gmax * H_v
+    KQ_buf = _empty(Mmax, 2 * C, D_k, dtype=cdt, device=dev)  # rows [k̂ ; q̃] per (chunk, head)
+    RHS_buf = _empty(Mmax, C, D_v + D_k, dtype=cdt, device=dev)  # [diag(β)V | diag(βγ)K̂]
+    UW_buf = _empty(Mmax, C, D_v + D_k, dtype=cdt, device=dev)  # [U | W]
+    WQ_buf = _empty(Mmax, 2 * C, D_k, dtype=cdt, device=dev)  # rows [W ; q̃⊙γ]
+    O_buf = _empty(Mmax, C, D_v, dtype=cdt, device=dev)
+
+    for j, j1 in groups:
         b0, b1 = lay.offset[j], lay.offset[j1]
         n = b1 - b0
-
-        # ---- intra-chunk quantities for the group, all heads at once --------------------------------------------
-        qg = qb[b0:b1].to(cdt).permute(0, 2, 1, 3)  # [n, H_k, C, D_k]
-        kg = kb[b0:b1].to(cdt).permute(0, 2, 1, 3)  # [n, H_k, C, D_k]
-        if use_qk_l2norm:
-            qg, kg = l2_norm(qg), l2_norm(kg)
-        qg = qg * scale
-        if r > 1:  # grouped value attention: value head h reads key head h // r
-            qg = qg.repeat_interleave(r, dim=1)
-            kg = kg.repeat_interleave(r, dim=1)
-        qg, kg = qg.contiguous(), kg.contiguous()  # [n, H_v, C, D_k]
-        vg = vb[b0:b1].to(cdt).permute(0, 2, 1, 3)  # [n, H_v, C, D_v]
-        G = gb[b0:b1].to(cdt).permute(0, 2, 1).cumsum(-1)  # [n, H_v, C]  cumulative log-decay in the chunk
-        beta_g = bb[b0:b1].to(cdt).permute(0, 2, 1)  # [n, H_v, C]
         M = n * H_v
 
+        # ---- intra-chunk quantities for the group, all heads at once (written straight into the scratch) -------
+        KQ = KQ_buf[:M].view(n, H_k, r, 2 * C, D_k)  # head h = key head h // r, copy h % r
+        q_in = qb[b0:b1].permute(0, 2, 1, 3)[:, :, None]  # [n, H_k, 1, C, D_k] (a view of the input)
+        k_in = kb[b0:b1].permute(0, 2, 1, 3)[:, :, None]
+        if use_qk_l2norm:
+            qf, kf = q_in.to(cdt), k_in.to(cdt)
+            q_mul = torch.rsqrt((qf * qf).sum(-1, keepdim=True) + _L2_EPS).mul_(scale)  # [n, H_k, 1, C, 1]
+            k_mul = torch.rsqrt((kf * kf).sum(-1, keepdim=True) + _L2_EPS)
+            ex = (-1, -1, r, -1, -1)  # broadcast over the r value heads of each key head
+            torch.mul(qf.expand(ex), q_mul.expand(ex), out=KQ[:, :, :, C:])  # q̃ = q̂ · scale
+            torch.mul(kf.expand(ex), k_mul.expand(ex), out=KQ[:, :, :, :C])  # k̂
+        else:
+            torch.mul(q_in.to(cdt).expand(-1, -1, r, -1, -1), scale, out=KQ[:, :, :, C:])
+            KQ[:, :, :, :C] = k_in
+        KQ = KQ.view(M, 2 * C, D_k)
+        Kn, Qs = KQ[:, :C], KQ[:, C:]  # [M, C, D_k] k̂ ; q̃
+        G = gb[b0:b1].to(cdt).permute(0, 2, 1).cumsum(-1).reshape(M, C)  # [M, C] cumulative log-decay in the chunk
+        bf = bb[b0:b1].to(cdt).permute(0, 2, 1).reshape(M, C)  # [M, C]
+
         # k̂_i·k̂_j and q̃_i·k̂_j in one product: [k̂; q̃] k̂ᵀ.
-        kq = torch.cat([kg, qg], dim=2).view(M, 2 * C, D_k)  # [M, 2C, D_k]
-        P = torch.bmm(kq, kg.view(M, C, D_k).transpose(1, 2))  # [M, 2C, C]
-        Gf = G.reshape(M, C)
-        diff = Gf[:, :, None] - Gf[:, None, :]  # [M, C, C]  G_i − G_j
-        decay = torch.where(lower_incl, diff, neg_inf).exp_()  # e^{G_i−G_j} on/below the diagonal, 0 above (B6)
-        bf = beta_g.reshape(M, C)
+        P = torch.bmm(KQ, Kn.transpose(1, 2))  # [M, 2C, C]
+        decay = torch.where(lower_incl, G[:, :, None] - G[:, None, :], neg_inf).exp_()  # e^{G_i−G_j}, 0 above (B6)
         A = P[:, :C].mul_(decay).mul_(bf[:, :, None]).masked_fill_(~strict, 0.0)  # [M, C, C] strictly lower
         Aqk = P[:, C:].mul_(decay)  # [M, C, C] (diagonal kept)
         Tinv = unit_lower_inverse(A)  # [M, C, C]  (I + A)⁻¹
 
-        gamma = Gf.exp()  # [M, C]
-        rhs = torch.cat(
-            [vg.reshape(M, C, D_v) * bf[:, :, None], kg.view(M, C, D_k) * (bf * gamma)[:, :, None]], dim=2
-        )  # [M, C, D_v + D_k]
-        UW = torch.bmm(Tinv, rhs)  # [M, C, D_v + D_k]  U | W
+        gamma = G.exp()  # [M, C]
+        RHS = RHS_buf[:M]
+        torch.mul(vb[b0:b1].permute(0, 2, 1, 3), bb[b0:b1].permute(0, 2, 1)[..., None],
+                  out=RHS[:, :, :D_v].view(n, H_v, C, D_v))  # diag(β) V
+        torch.mul(Kn, (bf * gamma)[:, :, None], out=RHS[:, :, D_v:])  # diag(βγ) K̂
+        UW = torch.bmm(Tinv, RHS, out=UW_buf[:M])  # [M, C, D_v + D_k]  U | W
         U = UW[:, :, :D_v]  # [M, C, D_v]
         # Stack W and q̃⊙γ so one product per chunk gives W·S and (q̃⊙γ)·S.
-        WQ = torch.cat([UW[:, :, D_v:], qg.view(M, C, D_k) * gamma[:, :, None]], dim=1)  # [M, 2C, D_k]
-        G_last = Gf[:, -1:]  # [M, 1]
-        Kd = kg.view(M, C, D_k) * (G_last - Gf).exp_()[:, :, None]  # [M, C, D_k]  k̂_j e^{G_C − G_j}
+        WQ = WQ_buf[:M]
+        WQ[:, :C] = UW[:, :, D_v:]
+        torch.mul(Qs, gamma[:, :, None], out=WQ[:, C:])
+        G_last = G[:, -1:]  # [M, 1]
+        Kd = Kn * (G_last - G).exp_()[:, :, None]  # [M, C, D_k]  k̂_j e^{G_C − G_j}
         chunk_decay = G_last.exp().view(n, H_v)  # [n, H_v]
-        og = _empty(M, C, D_v, dtype=cdt, device=dev)  # [M, C, D_v]
+        og = O_buf[:M]  # [M, C, D_v]
 
         # ---- sequential state propagation over the group's steps ------------------------------------------------
         for jj in range(j, j1):
             na = lay.active[jj]
-            s0 = (lay.offset[jj] - b0) * H_v
-            sl = slice(s0, s0 + na * H_v)
+            c0 = lay.offset[jj] - b0
+            sl = slice(c0 * H_v, (c0 + na) * H_v)
             Sv = S[:na].view(na * H_v, D_k, D_v)  # [na·H_v, D_k, D_v]  (a view of the rank-ordered state)
             PS = torch.bmm(WQ[sl], Sv)  # [na·H_v, 2C, D_v]  W·S ; (q̃⊙γ)·S
             Vn = torch.sub(U[sl], PS[:, :C])  # [na·H_v, C, D_v]  V_new = U − W S
             torch.baddbmm(PS[:, C:], Aqk[sl], Vn, out=og[sl])  # O = (q̃⊙γ)S + Aqk V_new
-            Sv.mul_(chunk_decay[lay.offset[jj] - b0 : lay.offset[jj] - b0 + na].reshape(-1, 1, 1))
+            Sv.mul_(chunk_decay[c0 : c0 + na].reshape(-1, 1, 1))
             Sv.baddbmm_(Kd[sl].transpose(1, 2), Vn)  # S ← e^{G_C} S + (K̂ ⊙ e^{G_C−G})ᵀ V_new
         ob[b0:b1] = og.view(n, H_v, C, D_v).permute(0, 2, 1, 3)
-        j = j1
 
     o = lay.from_blocks(ob).reshape(B, T, H_v, D_v)
     final = lay.states_from_rank(S) if output_final_state else None

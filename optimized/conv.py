@@ -1,0 +1,159 @@
+"""Causal depthwise conv1d (+ SiLU) of a Gated DeltaNet layer in PyTorch (SPEC §8.2 step 3, §8.3).
+
+    y_t[c] = act( Σ_{i=0}^{K-1} w[c, i] · x_{t-(K-1)+i}[c] ),   inputs before a sequence's start from its state
+
+The conv state holds the last K-1 *pre-activation* inputs per channel, oldest first (`[N, C, K-1]`, PITFALLS B14).
+
+Version log:
+  v1 (this file) prefill: every packed sequence gets its K-1 state rows placed in front of its tokens in one
+     "extended" buffer [T_total + N·(K-1), C]; the K taps are K shifted multiply-adds over that buffer (vectorised
+     over all sequences and channels), then the real rows are read back and the new states gathered from each
+     segment's last K-1 rows.  Sequences never see each other (PITFALLS B13), lengths < K-1 keep older state
+     columns (B14).  Decode: `causal_conv1d_update` works on a pool `[S, C, K-1]` in place, one contiguous view per
+     run of consecutive slots; slot −1 = padding (zeros out, nothing touched).
+  Assumes: fp32 accumulation (float64 for float64 inputs); output in x's dtype; new state in the state's dtype
+  (x's when no state is given).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from optimized.gated_delta import _check_slots, slot_runs
+
+__all__ = ["causal_conv1d", "causal_conv1d_update"]
+
+
+def _conv_weight(who, weight: torch.Tensor) -> torch.Tensor:
+    if weight.dim() == 3:  # PyTorch depthwise layout [C, 1, K] (SPEC §8.1: stored rank unconfirmed)
+        if weight.shape[1] != 1:
+            raise ValueError(f"{who}: a 3-D weight must be [C, 1, K], got {tuple(weight.shape)}")
+        weight = weight[:, 0, :]
+    if weight.dim() != 2 or weight.shape[1] < 1:
+        raise ValueError(f"{who}: weight must be [C, K] or [C, 1, K], got {tuple(weight.shape)}")
+    return weight
+
+
+def _silu_flag(who, activation) -> bool:
+    if activation in ("silu", "swish"):
+        return True
+    if activation is None or activation == "identity":
+        return False
+    raise ValueError(f"{who}: unknown activation {activation!r} (use 'silu' or None)")
+
+
+def causal_conv1d(x, weight, *, conv_state=None, cu_seqlens=None, activation="silu"):
+    """Causal depthwise conv1d with a carried state (prefill, varlen).
+
+    Args:
+        x:          [T_total, C] (packed; one sequence unless cu_seqlens) or [B, T, C] (B sequences)
+        weight:     [C, K] or [C, 1, K]
+        conv_state: [N, C, K-1] or None (zeros: fresh sequences); not modified
+        cu_seqlens: [N+1] int (2-D x, or 3-D x with B = 1)
+        activation: "silu"/"swish" or None/"identity"
+    Returns:
+        y:              shape of x, x's dtype
+        new_conv_state: [N, C, K-1] (the last K-1 pre-activation inputs, oldest first)
+    """
+    who = "causal_conv1d"
+    if x.dim() not in (2, 3):
+        raise ValueError(f"{who}: x must be [T_total, C] or [B, T, C], got {tuple(x.shape)}")
+    w = _conv_weight(who, weight)
+    C, K = w.shape
+    if x.shape[-1] != C:
+        raise ValueError(f"{who}: x has {x.shape[-1]} channels but weight has C={C}")
+    silu = _silu_flag(who, activation)
+    if x.dim() == 3:
+        B, T = x.shape[0], x.shape[1]
+        if cu_seqlens is not None and B != 1:
+            raise ValueError(f"{who}: with cu_seqlens, x must hold one packed row, got batch {B}")
+    else:
+        B, T = 1, x.shape[0]
+    total = B * T
+    if cu_seqlens is None:
+        cu = [b * T for b in range(B + 1)]
+    else:
+        cu = [int(c) for c in (cu_seqlens.tolist() if hasattr(cu_seqlens, "tolist") else cu_seqlens)]
+        if len(cu) < 2 or cu[0] != 0 or cu[-1] != total or any(b < a for a, b in zip(cu, cu[1:])):
+            raise ValueError(f"{who}: cu_seqlens must rise from 0 to the packed length {total}, got {cu}")
+    N = len(cu) - 1
+    if conv_state is not None and tuple(conv_state.shape) != (N, C, K - 1):
+        raise ValueError(f"{who}: conv_state must be [N={N}, C={C}, K-1={K - 1}], got {tuple(conv_state.shape)}")
+    dev = x.device
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    state_dtype = conv_state.dtype if conv_state is not None else x.dtype
+    x2 = x.reshape(total, C)
+    P = K - 1
+
+    # Extended buffer: sequence n occupies rows [cu[n] + n·P, cu[n+1] + (n+1)·P): its P state rows, then its tokens.
+    ext = torch.zeros(total + N * P, C, dtype=cdt, device=dev)  # [T_total + N·P, C]
+    seq_of_tok = torch.repeat_interleave(
+        torch.arange(N, device=dev), torch.tensor([b - a for a, b in zip(cu, cu[1:])], device=dev)
+    )  # [T_total]
+    tok_rows = torch.arange(total, device=dev) + (seq_of_tok + 1) * P  # [T_total]  row of each token in ext
+    ext.index_copy_(0, tok_rows, x2.to(cdt))
+    if P and conv_state is not None:
+        st_rows = (torch.tensor(cu[:-1], device=dev) + torch.arange(N, device=dev) * P)[:, None] + torch.arange(
+            P, device=dev
+        )  # [N, P]
+        ext.index_copy_(0, st_rows.reshape(-1), conv_state.to(cdt).transpose(1, 2).reshape(N * P, C))
+
+    # K shifted multiply-adds over the whole buffer: out[r] = Σ_i w[:, i] · ext[r − P + i] for r ≥ P.
+    wc = w.to(cdt)
+    L = ext.shape[0] - P
+    acc = ext[P:] * wc[:, P]  # newest input meets the last tap
+    for i in range(P):
+        acc.add_(ext[i : i + L] * wc[:, i])
+    y = acc.index_select(0, tok_rows - P)  # [T_total, C]
+    if silu:
+        y = F.silu(y)
+    y = y.to(x.dtype).reshape(x.shape)
+
+    if P:
+        end_rows = torch.tensor(cu[1:], device=dev) + (torch.arange(N, device=dev) + 1) * P  # one past each segment
+        last = (end_rows[:, None] - P + torch.arange(P, device=dev)).reshape(-1)  # [N·P]
+        new_state = ext.index_select(0, last).view(N, P, C).transpose(1, 2).to(state_dtype).contiguous()
+    else:
+        new_state = torch.zeros(N, C, 0, dtype=state_dtype, device=dev)
+    return y, new_state
+
+
+def causal_conv1d_update(x, weight, *, conv_pool, slot_ids):
+    """One decode token per row: SiLU(conv) out, conv_pool[slot_ids[b]] shifted in place.
+
+    Args:
+        x:         [B, C]
+        weight:    [C, K] or [C, 1, K]
+        conv_pool: [S, C, K-1] updated in place (rows not named in slot_ids are untouched)
+        slot_ids:  [B] int; −1 = padding row (output zeros, no slot touched); slots in one call are distinct
+    Returns:
+        y: [B, C] in x's dtype
+    """
+    who = "causal_conv1d_update"
+    if x.dim() != 2:
+        raise ValueError(f"{who}: x must be [B, C], got {tuple(x.shape)}")
+    w = _conv_weight(who, weight)
+    C, K = w.shape
+    B = x.shape[0]
+    if x.shape[1] != C:
+        raise ValueError(f"{who}: x has {x.shape[1]} channels but weight has C={C}")
+    if conv_pool.dim() != 3 or tuple(conv_pool.shape[1:]) != (C, K - 1):
+        raise ValueError(f"{who}: conv_pool must be [S, C={C}, K-1={K - 1}], got {tuple(conv_pool.shape)}")
+    if not conv_pool.is_contiguous():
+        raise ValueError(f"{who}: conv_pool must be contiguous (it is updated in place)")
+    _check_slots(slot_ids, B, conv_pool.shape[0], who)
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    wc = w.to(cdt)
+    y = torch.zeros(B, C, dtype=x.dtype, device=x.device)
+    for b0, s0, n in slot_runs(slot_ids):
+        pool = conv_pool[s0 : s0 + n]  # [n, C, K-1] a view: the pool itself is updated
+        xb = x[b0 : b0 + n]
+        acc = xb.to(cdt) * wc[:, K - 1]  # [n, C]
+        if K > 1:
+            acc.add_(torch.einsum("nck,ck->nc", pool.to(cdt), wc[:, : K - 1]))
+            # shift left by one and append the new (pre-activation) input — in place
+            if K > 2:
+                pool[:, :, :-1] = pool[:, :, 1:].clone()
+            pool[:, :, -1] = xb.to(conv_pool.dtype)
+        y[b0 : b0 + n] = F.silu(acc).to(x.dtype)
+    return y
