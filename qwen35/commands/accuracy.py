@@ -1,0 +1,40 @@
+"""`qwen35 accuracy`: the optimized gated delta rule vs the float64 oracle, by length and over a long decode -> JSON."""
+from __future__ import annotations
+
+from pathlib import Path
+
+NAME = "accuracy"
+HELP = ("measure relative RMS / max-abs / NMSE error of the optimized chunked and recurrent gated delta rule "
+        "(float32, bfloat16) vs the float64 oracle, and the decode drift of an fp32 vs bf16 state -> JSON")
+
+
+def add_arguments(parser):
+    parser.add_argument("--quick", action="store_true", help="small sizes (seconds): lengths 16..160, 128 steps")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None, metavar="T",
+                        help="sequence lengths (default 64 256 1024 4096)")
+    parser.add_argument("--steps", type=int, default=None, help="decode steps of the drift curve (default 2048)")
+    parser.add_argument("--device", default="cpu", help="torch device for the optimized path (default cpu)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, metavar="FILE",
+                        help="JSON file (default results/accuracy.json, or results/accuracy_quick.json with --quick)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    from qwen35.accuracy import RESULTS_DIR, accuracy_table, run_accuracy, write_json
+
+    data = run_accuracy(quick=args.quick, lengths=args.lengths, steps=args.steps, device=args.device,
+                        seed=args.seed, progress=not args.no_progress)
+    out = Path(args.out) if args.out else RESULTS_DIR / ("accuracy_quick.json" if args.quick else "accuracy.json")
+    write_json(data, out)
+    m = data["meta"]
+    print(f"accuracy vs the float64 oracle on {m['device_name']} (torch {m['torch']}, numpy {m['numpy']}); "
+          f"shape {m['shape']}")
+    print(accuracy_table(data, "o"))
+    d = data["drift"]
+    print(f"\ndecode drift over {d['steps']} steps ({d['input_dtype']} inputs), mean rel. RMS error of the output:")
+    for state, s in d["summary"].items():
+        print(f"  {state:>8} state: first 64 steps {s['first_64_mean']:.2e}, last 64 steps {s['last_64_mean']:.2e}, "
+              f"max {s['max']:.2e}")
+    print(f"\nwrote {out}  ({m['seconds']} s); plot it with: qwen35 plot")
+    return 0

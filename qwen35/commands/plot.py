@@ -1,0 +1,30 @@
+"""`qwen35 plot`: result JSON -> PNG/SVG plots (memory, accuracy, decode drift, speed, crossover)."""
+from __future__ import annotations
+
+NAME = "plot"
+HELP = ("render plots from result JSON: refreshes results/memory.json (analytic, from reference.memory), then turns "
+        "every known JSON in results/ (memory, accuracy, bench) into PNG/SVG under docs/plots/")
+
+
+def add_arguments(parser):
+    from qwen35.plot import PLOTS_DIR, RESULTS_DIR
+
+    parser.add_argument("--results", default=str(RESULTS_DIR), metavar="DIR",
+                        help=f"directory of result JSON (default {RESULTS_DIR})")
+    parser.add_argument("--out", default=str(PLOTS_DIR), metavar="DIR", help=f"output directory (default {PLOTS_DIR})")
+    parser.add_argument("--format", nargs="+", default=["png", "svg"], choices=["png", "svg", "pdf"],
+                        help="image formats (default png svg)")
+    parser.add_argument("--no-memory-refresh", action="store_true",
+                        help="use the existing memory.json instead of recomputing it")
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from qwen35.plot import render_all
+
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    written = render_all(results, Path(args.out), tuple(args.format), refresh_memory=not args.no_memory_refresh)
+    print(f"{len(written)} files written to {args.out}")
+    return 0 if written else 1

@@ -1,0 +1,333 @@
+"""Plots from result JSON (STYLE rule 13: results go to JSON first; plots are made from the JSON).
+
+| JSON (results/)          | written by                     | plot (docs/plots/)                          |
+|--------------------------|--------------------------------|---------------------------------------------|
+| memory.json              | `memory_sweep()` (this file)   | memory.png/.svg   max batch vs memory budget |
+| accuracy.json            | `qwen35 accuracy`              | accuracy.png, drift.png                      |
+| bench*.json              | `qwen35 bench`                 | speed.png, crossover.png                     |
+
+Every figure carries a footer with the machine, the versions and the dtypes read from the JSON's `meta`, so a
+plot never travels without the conditions it was measured under.  matplotlib runs headless (Agg).
+
+    qwen35 plot                       # refresh memory.json, render every known JSON in results/ to docs/plots/
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: CI and servers have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "results"
+PLOTS_DIR = REPO / "docs" / "plots"
+
+GIB = 2 ** 30
+# Device memory budgets of the sweep, GiB: a 24 GB card up to 8 x 141 GB (one H200 node) and a bit beyond.
+MEMORY_BUDGETS_GIB = tuple(int(round(x)) for x in np.geomspace(16, 2048, 36))
+# Marked on the x axis: common single devices and one 8-GPU node.
+DEVICE_MARKS = {"24 GB": 24e9, "80 GB": 80e9, "141 GB": 141e9, "8×80 GB": 640e9, "8×141 GB": 1128e9}
+STYLE_OF_RULE = {"in_place": "-", "gather_scatter": "--"}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def load_json(path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def write_json(data: dict, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
+def footer_text(meta: dict, extra: str = "") -> str:
+    """One or two lines: machine · versions · dtype · date (whatever of it the JSON's meta holds)."""
+    parts = []
+    machine = meta.get("device_name") or meta.get("machine") or meta.get("device")
+    if machine:
+        parts.append(str(machine))
+    vers = [f"{k} {meta[k]}" for k in ("python", "numpy", "torch", "triton", "transformers") if meta.get(k)]
+    if vers:
+        parts.append(", ".join(vers))
+    if meta.get("git_commit"):
+        parts.append(f"qwen35 {meta['git_commit']}")
+    if meta.get("date_utc"):
+        parts.append(str(meta["date_utc"])[:10])
+    line1 = " · ".join(parts)
+    line2 = " · ".join(x for x in (meta.get("dtype_note") or meta.get("dtypes") or "", extra) if x)
+    return line1 + ("\n" + line2 if line2 else "")
+
+
+def _finish(fig, meta: dict, out_dir, stem: str, formats=("png", "svg"), extra: str = "") -> list[Path]:
+    fig.text(0.01, 0.005, footer_text(meta, extra), fontsize=7, color="0.35", ha="left", va="bottom")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in formats:
+        p = out_dir / f"{stem}.{fmt}"
+        # Fixed metadata (no creation date) so re-rendering the same JSON gives the same file.
+        md = {"Software": None} if fmt == "png" else {"Date": None}
+        fig.savefig(p, dpi=110, metadata=md)
+        paths.append(p)
+    plt.close(fig)
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------ memory
+def memory_sweep(presets=None, budgets_gib=MEMORY_BUDGETS_GIB, *, context_len: int = 8192,
+                 state_dtype: str = "bfloat16", kv_dtype: str = "bfloat16", weight_dtype: str = "bfloat16") -> dict:
+    """Max batch vs device memory for each preset under both state rules, from `reference.memory` (analytic).
+
+    For each budget M: free = M − weights; the state rule gives ⌊0.15·free⌋ // (copies·state per request)
+    (copies = 3 gather/scatter, 1 in place); the KV cache then holds ⌊(free − reservation) / KV per request⌋
+    requests at `context_len`.  The batch a server can run is the smaller of the two.
+    """
+    from reference.config import Qwen35Config, preset_names
+    from reference.memory import memory_budget
+
+    from qwen35.accuracy import _git_commit
+
+    presets = list(presets) if presets else preset_names()
+    out = {"kind": "memory", "schema": 1,
+           "meta": {"machine": "analytic (reference.memory; no device needed)", "git_commit": _git_commit(),
+                    "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "context_len": context_len, "state_dtype": state_dtype, "kv_dtype": kv_dtype,
+                    "weight_dtype": weight_dtype,
+                    "dtype_note": f"state {state_dtype}, KV {kv_dtype}, weights {weight_dtype}; "
+                                  f"KV bound at {context_len} tokens per request; state budget 15 % of free memory"},
+           "budgets_gib": list(budgets_gib), "presets": {}}
+    for name in presets:
+        cfg = Qwen35Config.preset(name)
+        rows = [memory_budget(cfg, int(m * GIB), context_len, state_dtype=state_dtype, kv_dtype=kv_dtype,
+                              weight_dtype=weight_dtype) for m in budgets_gib]
+        b0 = rows[0]
+        entry = {"weight_bytes": b0.weight_bytes, "state_bytes_per_request": b0.state_bytes_per_request,
+                 "conv_state_bytes_per_request": b0.conv_state_bytes_per_request,
+                 "recurrent_state_bytes_per_request": b0.recurrent_state_bytes_per_request,
+                 "kv_bytes_per_token": b0.kv_bytes_per_token, "kv_tokens_equal_to_state": b0.kv_tokens_equal_to_state,
+                 "num_linear_layers": cfg.num_linear_layers, "num_full_layers": cfg.num_full_layers}
+        for rule in ("gather_scatter", "in_place"):
+            entry[rule] = {key: [r.rules[rule][key] for r in rows]
+                           for key in ("state_max_batch", "kv_max_batch", "max_batch", "bound_by")}
+        out["presets"][name] = entry
+    return out
+
+
+def plot_memory(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg")) -> list[Path]:
+    """Left: max batch the state rule allows vs memory budget, per preset, both rules.  Right: one request's state
+    expressed as tokens of KV cache — below that context length, state (not KV) is most of a request's memory."""
+    budgets = np.asarray(data["budgets_gib"], dtype=float) * GIB / 1e9  # GB on the axis (devices are sold in GB)
+    names = list(data["presets"])
+    colors = [plt.cm.tab10(i % 10) for i in range(len(names))]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5.4), gridspec_kw={"width_ratios": [1.6, 1]})
+    for name, col in zip(names, colors):
+        e = data["presets"][name]
+        for rule, ls in STYLE_OF_RULE.items():
+            y = np.asarray(e[rule]["state_max_batch"], dtype=float)
+            y[y <= 0] = np.nan  # weights do not fit
+            ax.plot(budgets, y, ls, color=col, lw=1.6, label=name if rule == "in_place" else None)
+    for label, x in DEVICE_MARKS.items():
+        ax.axvline(x / 1e9, color="0.8", lw=0.8, zorder=0)
+        ax.text(x / 1e9, 1.02, label, transform=ax.get_xaxis_transform(), rotation=0, fontsize=7, ha="center",
+                color="0.4")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("device memory (GB)")
+    ax.set_ylabel("max concurrent requests the state cache allows")
+    ax.set_title("Max batch vs memory: in-place pool (solid, 1×) vs gather/scatter (dashed, 3×)", fontsize=10,
+                 pad=16)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(title="preset", fontsize=8, ncol=2, loc="upper left")
+
+    ctx = data["meta"].get("context_len", 8192)
+    toks = [data["presets"][n]["kv_tokens_equal_to_state"] for n in names]
+    ax2.barh(range(len(names)), toks, color=colors)
+    for i, (n, t) in enumerate(zip(names, toks)):
+        e = data["presets"][n]
+        ax2.text(t, i, f"  {t:,.0f} tok  ({e['state_bytes_per_request'] / 2**20:.1f} MiB state, "
+                       f"{e['kv_bytes_per_token'] / 1024:.0f} KiB KV/token)", va="center", fontsize=7)
+    ax2.set_yticks(range(len(names)))
+    ax2.set_yticklabels(names)
+    ax2.invert_yaxis()
+    ax2.set_xlim(0, max(toks) * 2.2)
+    ax2.set_xlabel("context length at which a request's KV cache equals its state")
+    ax2.set_title("Below this context, state, not KV, dominates a request", fontsize=10)
+    ax2.grid(True, axis="x", alpha=0.25)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return _finish(fig, data["meta"], out_dir, "memory", formats,
+                   extra=f"right panel: same dtypes; KV max batch in JSON at {ctx} tokens")
+
+
+# ------------------------------------------------------------------------------------------------ accuracy
+_FORM_COLORS = {("optimized-torch", "chunk"): "tab:blue", ("optimized-torch", "recurrent"): "tab:orange",
+                ("reference", "chunk"): "0.5"}
+_DTYPE_STYLE = {"float32": "-o", "bfloat16": "--s", "float64": ":^"}
+
+
+def plot_accuracy(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: str = "accuracy") -> list[Path]:
+    """Relative RMS error and max-abs error of the output vs the float64 oracle, by T, per form and dtype."""
+    rows = [r for r in data["by_length"] if r["tensor"] == "o"]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
+    keys = sorted({(r["impl"], r["form"], r["dtype"]) for r in rows})
+    for impl, form, dt in keys:
+        sel = sorted((r for r in rows if (r["impl"], r["form"], r["dtype"]) == (impl, form, dt)),
+                     key=lambda r: r["T"])
+        T = [r["T"] for r in sel]
+        kw = dict(color=_FORM_COLORS.get((impl, form), "k"), label=f"{impl} {form}, {dt}", ms=4, lw=1.4)
+        ax.plot(T, [max(r["rel_rms"], 1e-17) for r in sel], _DTYPE_STYLE.get(dt, "-"), **kw)
+        ax2.plot(T, [max(r["max_abs"], 1e-18) for r in sel], _DTYPE_STYLE.get(dt, "-"), **kw)
+    for a, yl in ((ax, "relative RMS error of o vs float64"), (ax2, "max abs error of o vs float64")):
+        a.set_xscale("log", base=2)
+        a.set_yscale("log")
+        a.set_xlabel("sequence length T (tokens)")
+        a.set_ylabel(yl)
+        a.grid(True, which="both", alpha=0.25)
+    for eps, name in ((2.0 ** -8, "bf16 ε"), (2.0 ** -24, "fp32 ε")):
+        ax.axhline(eps, color="0.6", lw=0.8, ls=":")
+        ax.text(ax.get_xlim()[0], eps, f" {name}", fontsize=7, va="bottom", color="0.4")
+    ax.set_title("Gated delta rule: error vs the float64 recurrence", fontsize=10)
+    ax2.set_title("Max abs error (same runs)", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    sh = data["meta"].get("shape", {})
+    return _finish(fig, data["meta"], out_dir, stem, formats,
+                   extra=f"H_k={sh.get('H_k')} H_v={sh.get('H_v')} D_k={sh.get('D_k')} D_v={sh.get('D_v')}, "
+                         f"chunk {data['meta'].get('chunk_size')}")
+
+
+def plot_drift(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: str = "drift") -> list[Path]:
+    """Per-step relative RMS error of decode outputs vs float64: fp32 state vs a state rounded to bf16 each step."""
+    d = data["drift"]
+    fig, ax = plt.subplots(figsize=(9, 4.6))
+    colors = {"float32": "tab:green", "bfloat16": "tab:red"}
+    for state, errs in d["rel_rms"].items():
+        e = np.asarray(errs)
+        steps = np.arange(1, len(e) + 1)
+        ax.plot(steps, e, color=colors.get(state), alpha=0.25, lw=0.6)
+        w = max(1, len(e) // 64)  # a running mean makes the trend readable
+        smooth = np.convolve(e, np.ones(w) / w, mode="valid")
+        ax.plot(steps[w - 1:], smooth, color=colors.get(state), lw=2, label=f"{state} state (running mean of {w})")
+    ax.set_yscale("log")
+    ax.set_xlabel("decode step")
+    ax.set_ylabel("relative RMS error of the step's output vs float64")
+    ax.set_title(f"Decode drift over {d['steps']} steps: recurrent state in fp32 vs bf16 (PITFALLS B8)",
+                 fontsize=10)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return _finish(fig, data["meta"], out_dir, stem, formats,
+                   extra=f"{d['input_dtype']} q/k/v, batch {d['batch']}, g = logsigmoid(·)/{d['gate_normalizer']:g}")
+
+
+# ------------------------------------------------------------------------------------------------ speed
+def _speed_rows(data: dict) -> list[dict]:
+    """Normalise a bench JSON to rows {impl, T, tokens_per_s, seconds, batch, dtype, phase}."""
+    rows = data.get("rows") or data.get("results") or []
+    out = []
+    for r in rows:
+        T = r.get("T", r.get("seq_len", r.get("tokens")))
+        sec = r.get("seconds", r.get("time_s", r.get("latency_s")))
+        tps = r.get("tokens_per_s")
+        if tps is None and sec:
+            tps = r.get("batch", 1) * T / sec
+        if T is None or tps is None:
+            continue
+        out.append({"impl": r.get("impl", r.get("implementation", "?")), "T": T, "tokens_per_s": tps,
+                    "seconds": sec if sec is not None else r.get("batch", 1) * T / tps,
+                    "phase": r.get("phase", r.get("op", "")), "dtype": r.get("dtype", "")})
+    return out
+
+
+def plot_speed(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: str = "speed") -> list[Path]:
+    """Tokens/s vs sequence length, one line per implementation (and phase, when the JSON has several)."""
+    rows = _speed_rows(data)
+    if not rows:
+        raise ValueError("bench JSON has no rows with a sequence length and a time")
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for key in sorted({(r["impl"], r["phase"], r["dtype"]) for r in rows}):
+        sel = sorted((r for r in rows if (r["impl"], r["phase"], r["dtype"]) == key), key=lambda r: r["T"])
+        label = " ".join(str(k) for k in key if k)
+        ax.plot([r["T"] for r in sel], [r["tokens_per_s"] for r in sel], "-o", ms=4, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length T (tokens)")
+    ax.set_ylabel("tokens / s")
+    ax.set_title("Speed per implementation", fontsize=10)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=7)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return _finish(fig, data.get("meta", {}), out_dir, stem, formats)
+
+
+def plot_crossover(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: str = "crossover") -> list[Path]:
+    """Latency of the chunked vs the per-token recurrent form by T, with the crossover marked (PITFALLS B21)."""
+    rows = [r for r in _speed_rows(data) if r["phase"] in ("chunk", "recurrent") or "chunk" in r["impl"]
+            or "recurrent" in r["impl"]]
+    if not rows:
+        raise ValueError("bench JSON has no chunk/recurrent rows")
+    fig, ax = plt.subplots(figsize=(9, 5))
+    curves = {}
+    for key in sorted({(r["impl"], r["phase"], r["dtype"]) for r in rows}):
+        sel = sorted((r for r in rows if (r["impl"], r["phase"], r["dtype"]) == key), key=lambda r: r["T"])
+        label = " ".join(str(k) for k in key if k)
+        curves[label] = sel
+        ax.plot([r["T"] for r in sel], [r["seconds"] * 1e3 for r in sel], "-o", ms=4, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length T (tokens)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title("Chunked vs per-token recurrent form", fontsize=10)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=7)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return _finish(fig, data.get("meta", {}), out_dir, stem, formats)
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def render_all(results_dir=RESULTS_DIR, out_dir=PLOTS_DIR, formats=("png", "svg"), refresh_memory: bool = True,
+               log=print) -> list[Path]:
+    """(Re)compute results/memory.json, then render every JSON in `results_dir` whose kind is known."""
+    results_dir, out_dir = Path(results_dir), Path(out_dir)
+    written: list[Path] = []
+    mem_path = results_dir / "memory.json"
+    if refresh_memory or not mem_path.exists():
+        write_json(memory_sweep(), mem_path)
+        log(f"wrote {mem_path}")
+    for path in sorted(results_dir.glob("*.json")):
+        data = load_json(path)
+        kind = data.get("kind")
+        if kind == "memory":
+            written += plot_memory(data, out_dir, formats)
+        elif kind == "accuracy":
+            suffix = path.stem[len("accuracy"):] if path.stem.startswith("accuracy") else f"_{path.stem}"
+            written += plot_accuracy(data, out_dir, formats, stem=f"accuracy{suffix}")
+            written += plot_drift(data, out_dir, formats, stem=f"drift{suffix}")
+        elif kind in ("bench", "speed"):
+            stem = path.stem
+            try:
+                written += plot_speed(data, out_dir, formats, stem=f"speed_{stem}" if stem != "bench" else "speed")
+            except ValueError as e:
+                log(f"skipped {path.name} (speed): {e}")
+            try:
+                written += plot_crossover(data, out_dir, formats,
+                                          stem=f"crossover_{stem}" if stem != "bench" else "crossover")
+            except ValueError:
+                pass
+        else:
+            log(f"skipped {path.name}: kind {kind!r} has no plot")
+    for p in written:
+        log(f"wrote {p}")
+    return written
+
+
+if __name__ == "__main__":
+    render_all()
