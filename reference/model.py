@@ -1,0 +1,544 @@
+"""The Qwen3.5 pipeline model in NumPy: ragged batches, chunked prefill, multi-step decode (ARCHITECTURE.md).
+
+It follows the documented MAX `Qwen3_5Model` interface (MAX_QWEN3_5_REFERENCE.txt, SPEC §14.3):
+
+    model  = Qwen35Model.from_pretrained(path, max_batch_size=8)              # float64; dtype=np.float32 option
+    inputs = model.prepare_initial_token_inputs([TextContext("a", [...]), ...], return_n_logits=1)
+    out    = model.execute(inputs)                   # out.logits [Σ return_n_logits, V]; states scattered back
+    inputs = model.prepare_next_token_inputs(next_tokens, inputs)            # one token per request: decode
+    model.release("a")
+
+A ragged batch is packed as `tokens [total]` + `input_row_offsets [B+1]`.  Per request the model keeps the
+Gated DeltaNet conv + recurrent state in a `GatedDeltaNetStateCache` slot and the full-attention K/V in a
+`KVCache`; a request id seen again continues from its stored state (chunked prefill, then decode).  The state
+moves by the documented gather/scatter design: `prepare_*` claims slots and *gathers* dense copies into the
+inputs, `execute` runs the layers on those copies and *scatters* the outputs back (3 x max_batch x per_req bytes
+at peak; see docs/state_cache.md).
+
+Errors, not corruption: every request is validated (ids, token range, empty, length limit, capacity, released
+ids) before any state is touched, and `execute` writes states only after the whole forward pass succeeded.
+
+One forward step over the packed tokens (SPEC §3, §5):
+
+    x = E[tokens]  (multimodal prefill: placeholder rows replaced by vision embeddings, SPEC §15.5)
+    for each layer:  x += mixer(rms_norm(x))     mixer = gated_deltanet (linear) | gated_attention (full)
+                     x += mlp(rms_norm(x))       mlp = SwiGLU | sparse MoE
+    h = rms_norm(x);  logits = h W_lmᵀ           (only for the rows that are returned)
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Hashable, Sequence
+
+import numpy as np
+
+from reference.attention import gated_attention
+from reference.config import LINEAR, Qwen35Config
+from reference.context import TextContext, as_token_array
+from reference.deltanet import gated_deltanet
+from reference.mlp import sparse_moe_block, swiglu_mlp
+from reference.norms import rms_norm
+from reference.rope import decode_position_ids
+from reference.state_cache import GatedDeltaNetStateCache, KVCache, PoolFullError, UnknownRequestError
+from reference.weights import MLPWeights, ModelWeights, load_weights
+
+__all__ = ["Qwen35Model", "ModelInputs", "ModelOutputs", "TextContext", "RequestError", "PoolFullError",
+           "UnknownRequestError", "sample_next_token", "RETURN_LOGITS", "RETURN_HIDDEN_STATES"]
+
+RETURN_LOGITS = ("last", "all", "variable")
+RETURN_HIDDEN_STATES = ("none", "last", "all")
+
+
+class RequestError(ValueError):
+    """A request cannot be run as given (bad tokens, empty, too long, duplicated...); names the request."""
+
+
+@dataclass
+class ModelInputs:
+    """One step's packed inputs (MAX `Qwen3_5Inputs`, reduced to what the NumPy model uses).
+
+    tokens:            [total] int64      the new tokens of every request, concatenated
+    input_row_offsets: [B+1] int64        request b owns tokens[offsets[b]:offsets[b+1]]
+    request_ids:       list of B ids
+    return_n_logits:   [B] int64          logits returned per request (the last n positions of its chunk)
+    position_ids:      [3, total] int64   MRoPE (t, h, w) positions (text: three equal rows)
+    conv_states:       list over linear layers of [B, conv_dim, K-1]      gathered from the pool
+    recurrent_states:  list over linear layers of [B, H_v, D_k, D_v]      gathered from the pool
+    start_lengths:     [B] tokens each request had consumed when these inputs were prepared
+    image_token_indices / lm_image_embeddings: rows of `tokens` replaced by vision embeddings [n], [n, H]
+    """
+
+    tokens: np.ndarray
+    input_row_offsets: np.ndarray
+    request_ids: list
+    return_n_logits: np.ndarray
+    position_ids: np.ndarray
+    conv_states: list | None
+    recurrent_states: list | None
+    start_lengths: np.ndarray
+    image_token_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    lm_image_embeddings: np.ndarray | None = None
+    executed: bool = False
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.request_ids)
+
+    @property
+    def seq_lens(self) -> np.ndarray:
+        return np.diff(self.input_row_offsets)
+
+    @property
+    def is_decode(self) -> bool:
+        return bool(np.all(self.seq_lens == 1))
+
+
+@dataclass
+class ModelOutputs:
+    """logits [Σ n_b, V] (request b's rows are logits[logit_offsets[b]:logit_offsets[b+1]], oldest first);
+    hidden_states: None, [B, H] (each request's last token) or [total, H] (every token): the final-normed
+    hidden state that feeds lm_head."""
+
+    logits: np.ndarray
+    logit_offsets: np.ndarray
+    request_ids: list
+    hidden_states: np.ndarray | None = None
+
+    def logits_for(self, request_id) -> np.ndarray:
+        b = self.request_ids.index(request_id)
+        return self.logits[self.logit_offsets[b]:self.logit_offsets[b + 1]]
+
+
+@dataclass
+class _Request:
+    """Per-request bookkeeping beyond the caches: tokens consumed, MRoPE offset, multimodal prompt positions."""
+
+    length: int = 0
+    rope_delta: int = 0
+    mm: object | None = None  # reference.multimodal.MultimodalPrefill of the prompt, when it had pixels
+
+
+def _has_vision(ctx) -> bool:
+    return bool(getattr(ctx, "has_vision_inputs", False)) or any(
+        getattr(ctx, a, None) is not None for a in ("pixel_values", "pixel_values_videos"))
+
+
+def sample_next_token(logits: np.ndarray, *, temperature: float = 0.0, top_k: int | None = None,
+                      top_p: float | None = None, rng: np.random.Generator | None = None) -> int:
+    """One token from a logit row [V].
+
+    temperature 0: argmax (ties -> lowest id).  Otherwise softmax(logits / temperature) restricted to the top_k
+    largest logits and then to the smallest set whose probability reaches top_p (nucleus), renormalised, sampled
+    with `rng`.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0.0:
+        return int(np.argmax(logits))
+    z = logits / temperature
+    order = np.argsort(-z, kind="stable")  # descending
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        order = order[:top_k]
+    p = np.exp(z[order] - z[order[0]])
+    p /= p.sum()
+    if top_p is not None:
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        keep = int(np.searchsorted(np.cumsum(p), top_p) + 1)  # smallest prefix with mass >= top_p
+        order, p = order[:keep], p[:keep] / p[:keep].sum()
+    rng = rng if rng is not None else np.random.default_rng()
+    return int(order[rng.choice(len(order), p=p)])
+
+
+class Qwen35Model:
+    """Qwen3.5 language model (dense or MoE; multimodal checkpoints through their text path plus vision hook).
+
+    Args:
+        weights: ModelWeights (reference.weights.load_weights).
+        max_batch_size: state-pool slots = requests alive at once.
+        dtype: compute dtype, np.float64 (the oracle) or np.float32.
+        return_logits: "last" (the last `return_n_logits` positions of each request, one int for all),
+            "variable" (like "last", but `return_n_logits` may differ per request) or "all" (every position).
+        return_hidden_states: "none", "last" (each request's last token) or "all" (every token).
+        max_length: longest request (tokens consumed, prompt + generated); default max_position_embeddings.
+    """
+
+    def __init__(self, weights: ModelWeights, *, max_batch_size: int = 8, dtype=np.float64,
+                 return_logits: str = "last", return_hidden_states: str = "none", max_length: int | None = None):
+        if return_logits not in RETURN_LOGITS:
+            raise ValueError(f"return_logits must be one of {RETURN_LOGITS}, got {return_logits!r}")
+        if return_hidden_states not in RETURN_HIDDEN_STATES:
+            raise ValueError(f"return_hidden_states must be one of {RETURN_HIDDEN_STATES}, "
+                             f"got {return_hidden_states!r}")
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float64 or float32, got {dtype}")
+        self.config: Qwen35Config = weights.config
+        self.weights = weights
+        self.dtype = dtype
+        self.return_logits = return_logits
+        self.return_hidden_states = return_hidden_states
+        self.max_batch_size = int(max_batch_size)
+        self.max_length = self.config.resolve_max_seq_len(max_length)
+        self.state_cache = GatedDeltaNetStateCache(self.config, self.max_batch_size, dtype=dtype)
+        self.kv_cache = KVCache(self.config, dtype=dtype)
+        self._requests: dict[Hashable, _Request] = {}
+        self._vision_weights = None
+        self._tmp_ids = itertools.count()
+
+    @classmethod
+    def from_pretrained(cls, path, *, max_batch_size: int = 8, dtype=np.float64, return_logits: str = "last",
+                        return_hidden_states: str = "none", max_length: int | None = None,
+                        config: Qwen35Config | None = None) -> "Qwen35Model":
+        """Load a Hugging Face checkpoint directory (config.json + safetensors; see reference.weights)."""
+        weights = load_weights(Path(path), config=config, dtype=dtype)
+        return cls(weights, max_batch_size=max_batch_size, dtype=dtype, return_logits=return_logits,
+                   return_hidden_states=return_hidden_states, max_length=max_length)
+
+    # ------------------------------------------------------------------ bookkeeping
+    @property
+    def active_requests(self) -> list:
+        return list(self._requests)
+
+    def seq_len(self, request_id) -> int:
+        """Tokens the request has consumed so far (0 for an unknown id)."""
+        r = self._requests.get(request_id)
+        return 0 if r is None else r.length
+
+    def release(self, request_id) -> bool:
+        """Free the request's state slot and KV cache.  Unknown ids are a no-op (returns False), as in MAX."""
+        known = self._requests.pop(request_id, None) is not None
+        self.state_cache.release(request_id)
+        self.kv_cache.release(request_id)
+        return known
+
+    # ------------------------------------------------------------------ validation (touches nothing)
+    def _check_tokens(self, request_id, tokens) -> np.ndarray:
+        arr = as_token_array(tokens, request_id=request_id)
+        if arr.size == 0:
+            raise RequestError(f"request {request_id!r} has no tokens (an empty request cannot be run)")
+        bad = (arr < 0) | (arr >= self.config.vocab_size)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise RequestError(f"request {request_id!r}: token id {int(arr[i])} at position {i} is outside the "
+                               f"vocabulary [0, {self.config.vocab_size})")
+        return arr
+
+    def _check_length(self, request_id, new_tokens: int) -> None:
+        total = self.seq_len(request_id) + new_tokens
+        if total > self.max_length:
+            raise RequestError(f"request {request_id!r} would hold {total} tokens ({self.seq_len(request_id)} "
+                               f"consumed + {new_tokens} new), more than max_length {self.max_length}")
+
+    def _check_capacity(self, request_ids) -> None:
+        new = [r for r in request_ids if r not in self._requests]
+        free = self.max_batch_size - len(self._requests)
+        if len(new) > free:
+            raise PoolFullError(
+                f"{len(new)} new request(s) {new[free:][:8]!r} do not fit: {len(self._requests)} of "
+                f"{self.max_batch_size} slots are live (max_batch_size); release finished requests first")
+
+    def _return_counts(self, return_n_logits, seq_lens: np.ndarray, request_ids) -> np.ndarray:
+        B = len(seq_lens)
+        if self.return_logits == "all":
+            return seq_lens.astype(np.int64)
+        counts = np.asarray(return_n_logits, dtype=np.int64)
+        if counts.ndim == 0:
+            counts = np.full(B, int(counts), dtype=np.int64)
+        elif self.return_logits != "variable":
+            raise RequestError("per-request return_n_logits needs return_logits='variable'")
+        if counts.shape != (B,):
+            raise RequestError(f"return_n_logits has {counts.shape[0]} entries for {B} requests")
+        for rid, n, T in zip(request_ids, counts, seq_lens):
+            if not 1 <= n <= T:
+                raise RequestError(f"request {rid!r}: return_n_logits = {int(n)} must be between 1 and its "
+                                   f"{int(T)} new tokens")
+        return counts
+
+    # ------------------------------------------------------------------ the pipeline interface
+    def prepare_initial_token_inputs(self, contexts: Sequence[TextContext], return_n_logits=1) -> ModelInputs:
+        """Pack a ragged batch of contexts, claim state for new requests and gather every request's state.
+
+        A context whose request_id is live continues that request (its tokens are the next prefill chunk); a new
+        id starts from zero state.  Multimodal contexts (pixels) are accepted for a request's first chunk.
+        """
+        if isinstance(contexts, TextContext):
+            contexts = [contexts]
+        contexts = list(contexts)
+        if not contexts:
+            raise RequestError("prepare_initial_token_inputs: empty batch (no contexts)")
+        ids = [c.request_id for c in contexts]
+        seen = set()
+        for rid in ids:
+            if rid in seen:
+                raise RequestError(f"request {rid!r} appears twice in one batch")
+            seen.add(rid)
+        token_arrays = []
+        for ctx in contexts:
+            arr = self._check_tokens(ctx.request_id, ctx.tokens)
+            self._check_length(ctx.request_id, arr.size)
+            if _has_vision(ctx):
+                if ctx.request_id in self._requests:
+                    raise RequestError(f"request {ctx.request_id!r} is live: pixels are accepted only with the "
+                                       "first chunk of a request (its whole prompt)")
+                if not self.config.is_multimodal:
+                    raise RequestError(f"request {ctx.request_id!r} carries pixels but the model "
+                                       f"({self.config.model_type}) has no vision tower")
+            token_arrays.append(arr)
+        seq_lens = np.array([a.size for a in token_arrays], dtype=np.int64)
+        counts = self._return_counts(return_n_logits, seq_lens, ids)
+        self._check_capacity(ids)
+        # Vision tower first (it can still fail on bad pixels) — nothing has been claimed yet.
+        mm = {ctx.request_id: self._multimodal_prefill(ctx) for ctx in contexts if _has_vision(ctx)}
+
+        # --- from here on, state changes ---
+        for rid in ids:
+            if rid not in self._requests:
+                self.state_cache.claim(rid)
+                self.kv_cache.claim(rid)
+                self._requests[rid] = _Request()
+        for rid, pre in mm.items():
+            self._requests[rid].mm = pre
+            self._requests[rid].rope_delta = int(pre.rope_delta)
+        return self._build_inputs(ids, token_arrays, counts)
+
+    def prepare_next_token_inputs(self, next_tokens, prev: ModelInputs) -> ModelInputs:
+        """Inputs for one decode step: token b continues request prev.request_ids[b].
+
+        The previous inputs' gathered states are dropped first (MAX does the same to avoid a third copy).
+        """
+        tokens = np.asarray(next_tokens).reshape(-1)
+        ids = list(prev.request_ids)
+        if tokens.shape[0] != len(ids):
+            raise RequestError(f"prepare_next_token_inputs: {tokens.shape[0]} next tokens for {len(ids)} requests")
+        for rid in ids:
+            if rid not in self._requests:
+                raise UnknownRequestError(f"decode for request {rid!r}, which is not live (released, or never "
+                                          "prefilled)")
+        arrays = [self._check_tokens(rid, tokens[b:b + 1]) for b, rid in enumerate(ids)]
+        for rid in ids:
+            self._check_length(rid, 1)
+        prev.conv_states = prev.recurrent_states = None
+        return self._build_inputs(ids, arrays, np.ones(len(ids), dtype=np.int64))
+
+    def _build_inputs(self, ids, token_arrays, counts) -> ModelInputs:
+        seq_lens = np.array([a.size for a in token_arrays], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(seq_lens)]).astype(np.int64)
+        starts = np.array([self._requests[r].length for r in ids], dtype=np.int64)
+        pos, rows, embs = [], [], []
+        for b, rid in enumerate(ids):
+            req = self._requests[rid]
+            s, T = int(starts[b]), int(seq_lens[b])
+            if req.mm is not None and s < req.mm.num_tokens:
+                if s + T > req.mm.num_tokens:
+                    raise RequestError(f"request {rid!r}: chunk crosses the end of its multimodal prompt")
+                r, e, p = req.mm.chunk(s, s + T)
+                rows.append(r + offsets[b])
+                embs.append(e)
+                pos.append(p)
+            else:
+                pos.append(decode_position_ids(s, T, req.rope_delta))  # [3, T]: s + i + rope_delta
+        conv, rec = self.state_cache.get_states(ids)  # gather: fresh [B, ...] copies
+        return ModelInputs(
+            tokens=np.concatenate(token_arrays).astype(np.int64), input_row_offsets=offsets, request_ids=list(ids),
+            return_n_logits=counts, position_ids=np.concatenate(pos, axis=1).astype(np.int64),
+            conv_states=conv, recurrent_states=rec, start_lengths=starts,
+            image_token_indices=np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64),
+            lm_image_embeddings=np.concatenate(embs) if embs else None)
+
+    def execute(self, inputs: ModelInputs) -> ModelOutputs:
+        """Run one step on prepared inputs, scatter the new states back, return the selected logits."""
+        if inputs.executed:
+            raise RequestError("these inputs were already executed; prepare new ones (prepare_next_token_inputs)")
+        if inputs.conv_states is None:
+            raise RequestError("these inputs' gathered states were dropped (prepare_next_token_inputs was called "
+                               "on them); execute the newer inputs")
+        for b, rid in enumerate(inputs.request_ids):
+            if rid not in self._requests:
+                raise UnknownRequestError(f"request {rid!r} was released after its inputs were prepared")
+            if self._requests[rid].length != inputs.start_lengths[b]:
+                raise RequestError(f"request {rid!r} advanced since its inputs were prepared "
+                                   f"({int(inputs.start_lengths[b])} -> {self._requests[rid].length} tokens)")
+        ids = inputs.request_ids
+        past_kv = {layer: self.kv_cache.get(ids, layer) for layer in self.config.full_layer_indices}
+        h, conv, rec, new_kv = self._forward(
+            inputs.tokens, inputs.input_row_offsets, inputs.position_ids, inputs.conv_states,
+            inputs.recurrent_states, past_kv, inputs.image_token_indices, inputs.lm_image_embeddings)
+        # Everything computed: now commit (scatter the states, store the K/V, advance the lengths).
+        self.state_cache.update_states(ids, conv, rec)
+        for layer, kv in new_kv.items():
+            self.kv_cache.set(ids, layer, kv)
+        for b, rid in enumerate(ids):
+            self._requests[rid].length += int(inputs.seq_lens[b])
+        inputs.executed = True
+        return self._outputs(h, inputs.input_row_offsets, inputs.return_n_logits, ids)
+
+    def _outputs(self, h, offsets, counts, ids) -> ModelOutputs:
+        rows = np.concatenate([np.arange(offsets[b + 1] - counts[b], offsets[b + 1]) for b in range(len(ids))])
+        logits = h[rows] @ self.weights.lm_head.T.astype(self.dtype, copy=False)  # [Σ n_b, V]
+        hidden = None
+        if self.return_hidden_states == "all":
+            hidden = h
+        elif self.return_hidden_states == "last":
+            hidden = h[offsets[1:] - 1]  # [B, H]
+        return ModelOutputs(logits=logits, logit_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                            request_ids=list(ids), hidden_states=hidden)
+
+    # ------------------------------------------------------------------ the forward pass
+    def _forward(self, tokens, offsets, position_ids, conv, rec, past_kv, image_rows=None, image_emb=None,
+                 hidden_trace: list | None = None):
+        """The layers over packed tokens.  Returns (final-normed h [total, H], conv, rec, new K/V by layer).
+
+        `hidden_trace`, if a list, receives the residual stream after the embedding and after every layer
+        (reference.divergence uses it).
+        """
+        c, w, dt = self.config, self.weights, self.dtype
+        x = w.embed_tokens[tokens].astype(dt)  # [total, H]
+        if image_rows is not None and len(image_rows):
+            x[image_rows] = np.asarray(image_emb, dtype=dt)  # vision embeddings replace placeholder rows
+        if hidden_trace is not None:
+            hidden_trace.append(x.copy())
+        seq_lens = np.diff(offsets)
+        mode = "recurrent" if np.all(seq_lens == 1) else "chunk"  # decode: per-token loop; prefill: WY chunks
+        new_conv, new_rec, new_kv = list(conv), list(rec), {}
+        eps = c.rms_norm_eps
+        for i, layer in enumerate(w.layers):
+            a = rms_norm(x, layer.input_layernorm, eps, dtype=dt)  # [total, H]
+            if layer.layer_type == LINEAR:
+                li = c.linear_layer_index(i)
+                y, new_conv[li], new_rec[li] = gated_deltanet(
+                    a, layer.mixer, c, cu_seqlens=offsets, conv_state=conv[li], recurrent_state=rec[li],
+                    mode=mode, dtype=dt)
+            else:
+                y, new_kv[i] = gated_attention(a, layer.mixer, c, position_ids=position_ids, cu_seqlens=offsets,
+                                               past_kv=past_kv[i])
+            x = x + y
+            m = rms_norm(x, layer.post_attention_layernorm, eps, dtype=dt)
+            if isinstance(layer.mlp, MLPWeights):
+                x = x + swiglu_mlp(m, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
+            else:
+                x = x + sparse_moe_block(m, layer.mlp, c)
+            if hidden_trace is not None:
+                hidden_trace.append(x.copy())
+        h = rms_norm(x, w.norm, eps, dtype=dt)  # [total, H]
+        return h, new_conv, new_rec, new_kv
+
+    def _multimodal_prefill(self, ctx):
+        from reference import multimodal  # lazy: the vision path is only needed for pixels
+
+        if self._vision_weights is None:
+            self._vision_weights = multimodal.VisionWeights.from_state_dict(
+                self.weights.visual, self.config.vision_config, dtype=self.dtype)
+        return multimodal.multimodal_prefill_inputs(ctx, self._vision_weights, self.config, dtype=self.dtype)
+
+    # ------------------------------------------------------------------ conveniences
+    def logits(self, batch) -> list[np.ndarray]:
+        """Stateless: all-position logits [T_b, V] for each sequence (token lists or contexts) of `batch`.
+
+        Uses zero initial state and no cache, and touches no live request.
+        """
+        if isinstance(batch, TextContext) or (len(batch) and np.ndim(batch[0]) == 0
+                                               and not isinstance(batch[0], TextContext)):
+            batch = [batch]
+        arrays, rows, embs, pos = [], [], [], []
+        offset = 0
+        for b, item in enumerate(batch):
+            rid = item.request_id if isinstance(item, TextContext) else f"batch[{b}]"
+            toks = item.tokens if isinstance(item, TextContext) else item
+            arr = self._check_tokens(rid, toks)
+            if arr.size > self.max_length:
+                raise RequestError(f"request {rid!r} has {arr.size} tokens, more than max_length {self.max_length}")
+            if _has_vision(item):
+                pre = self._multimodal_prefill(item)
+                rows.append(pre.image_rows + offset)
+                embs.append(pre.embeddings)
+                pos.append(pre.position_ids)
+            else:
+                pos.append(decode_position_ids(0, arr.size))
+            arrays.append(arr)
+            offset += arr.size
+        if not arrays:
+            raise RequestError("logits: empty batch")
+        B = len(arrays)
+        offsets = np.concatenate([[0], np.cumsum([a.size for a in arrays])]).astype(np.int64)
+        conv = [np.zeros((B,) + p.shape[1:], self.dtype) for p in self.state_cache.conv_pools]
+        rec = [np.zeros((B,) + p.shape[1:], self.dtype) for p in self.state_cache.recurrent_pools]
+        past = {layer: None for layer in self.config.full_layer_indices}
+        h, *_ = self._forward(np.concatenate(arrays), offsets, np.concatenate(pos, axis=1), conv, rec, past,
+                              np.concatenate(rows) if rows else None, np.concatenate(embs) if embs else None)
+        logits = h @ self.weights.lm_head.T.astype(self.dtype, copy=False)  # [total, V]
+        return [logits[offsets[b]:offsets[b + 1]] for b in range(B)]
+
+    def generate(self, prompts, max_new_tokens: int = 16, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, stop_token_ids=None) -> list[list[int]]:
+        """Generate up to `max_new_tokens` tokens for each prompt (token lists or contexts); returns the new ids.
+
+        Runs the pipeline: one prefill of all prompts (in groups of at most the free slots), then decode steps
+        with the requests that have not stopped.  A request stops at any of `stop_token_ids` (included in its
+        output) or after max_new_tokens.  `seed` makes sampling reproducible (temperature > 0).
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if isinstance(prompts, TextContext) or (len(prompts) and np.ndim(prompts[0]) == 0
+                                                 and not isinstance(prompts[0], TextContext)):
+            prompts = [prompts]
+        stop = set() if stop_token_ids is None else (
+            {int(stop_token_ids)} if np.ndim(stop_token_ids) == 0 else {int(t) for t in stop_token_ids})
+        rng = np.random.default_rng(seed)
+        results: list[list[int]] = [[] for _ in prompts]
+        free = self.max_batch_size - len(self._requests)
+        if free < 1:
+            raise PoolFullError(f"generate: all {self.max_batch_size} slots are held by live requests")
+        for g0 in range(0, len(prompts), free):
+            group = list(range(g0, min(g0 + free, len(prompts))))
+            contexts = []
+            for i in group:
+                p = prompts[i]
+                rid = ("__generate__", next(self._tmp_ids))
+                if isinstance(p, TextContext):
+                    ctx = copy.copy(p)
+                    ctx.request_id = rid
+                else:
+                    ctx = TextContext(rid, p)
+                contexts.append(ctx)
+            try:
+                self._generate_group(contexts, [results[i] for i in group], max_new_tokens, temperature, top_k,
+                                     top_p, rng, stop)
+            finally:
+                for ctx in contexts:
+                    self.release(ctx.request_id)
+        return results
+
+    def _generate_group(self, contexts, outs, max_new_tokens, temperature, top_k, top_p, rng, stop) -> None:
+        if max_new_tokens == 0:
+            return
+        saved = self.return_logits
+        self.return_logits = "last"
+        try:
+            inputs = self.prepare_initial_token_inputs(contexts, return_n_logits=1)
+        finally:
+            self.return_logits = saved
+        live = list(range(len(contexts)))
+        while True:
+            out = self.execute(inputs)
+            last = out.logits[out.logit_offsets[1:] - 1]  # [B, V]: each live request's last position
+            nxt, still = [], []
+            for row, j in enumerate(live):
+                t = sample_next_token(last[row], temperature=temperature, top_k=top_k, top_p=top_p, rng=rng)
+                outs[j].append(t)
+                if t not in stop and len(outs[j]) < max_new_tokens and \
+                        self.seq_len(contexts[j].request_id) < self.max_length:
+                    still.append(j)
+                    nxt.append(t)
+            if not still:
+                return
+            live = still
+            ids = [contexts[j].request_id for j in live]
+            inputs.conv_states = inputs.recurrent_states = None
+            inputs = self._build_inputs(ids, [np.array([t], np.int64) for t in nxt], np.ones(len(ids), np.int64))
