@@ -2,11 +2,11 @@
 
 Three different norms live in one model, and mixing them up gives deterministic garbage (PITFALLS B4, B5):
 
-| function         | formula                                              | weight init | used for                         |
-|------------------|------------------------------------------------------|-------------|----------------------------------|
-| `rms_norm`       | x / sqrt(mean(x²) + eps) · (1 + w)   ("zero-centred") | 0           | block, final, attention q/k norm |
-| `gated_rms_norm` | [x / sqrt(mean(x²) + eps) · w] · silu(z)  (plain w)   | 1           | GDN output norm, per value head  |
-| `l2_norm`        | x · (Σ x² + eps)^(-1/2), eps = 1e-6 inside the sqrt   | —           | GDN q/k inside the kernel        |
+| function         | formula                                     | w init | used for                          |
+|------------------|---------------------------------------------|--------|-----------------------------------|
+| `rms_norm`       | x / sqrt(mean(x²) + eps) · (1 + w)          | 0      | block, final, attention q/k norms |
+| `gated_rms_norm` | [x / sqrt(mean(x²) + eps) · w] · silu(z)    | 1      | GDN output norm, per value head   |
+| `l2_norm`        | x · (Σ x² + eps)^(-1/2), eps inside the sqrt | —      | GDN q/k inside the kernel         |
 
 Every function computes in `dtype` (float64 by default; pass `dtype=np.float32` to mirror the fp32 arithmetic that
 Hugging Face and the optimized path use) and returns an array of that dtype.  The reductions run over the last axis.
