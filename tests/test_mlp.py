@@ -201,6 +201,7 @@ def test_hf_sparse_moe_block():
     H, E, k, I, I_s, N = 32, 8, 3, 16, 24, 21
     hf_cfg = Qwen3_5MoeTextConfig(hidden_size=H, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=I,
                                   shared_expert_intermediate_size=I_s)
+    hf_cfg._experts_implementation = "eager"  # the plain per-expert loop (a standalone block has no dispatch)
     block = Qwen3_5MoeSparseMoeBlock(hf_cfg).eval()
     cfg = moe_cfg(hidden_size=H, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=I,
                   shared_expert_intermediate_size=I_s)
