@@ -267,3 +267,13 @@ def test_matches_hugging_face_torch_rule(hf_name, T):
         o, s = _run(rule, x)
         assert_close(f"o vs HF {hf_name}", o, o_hf, "f32")
         assert_close(f"final_state vs HF {hf_name}", s, s_hf, "f32")
+
+
+@pytest.mark.parametrize("T", [600, 1000])
+def test_chunked_equals_recurrent_at_model_dims(T):
+    """Checkpoint head dims (D_k = D_v = 128, r = 3) over many chunks, strong and weak decay mixed."""
+    x = gdn_inputs(T, 1, T, 1, 3, 128, 128, gate_normalizer=0.2, mask_p=0.3)
+    o_r, s_r = _run(recurrent_gated_delta_rule, x)
+    o_c, s_c = _run(chunk_gated_delta_rule, x, chunk_size=64)
+    assert_close("o", o_r, o_c, "f64_exact")
+    assert_close("final_state", s_r, s_c, "f64_exact")
