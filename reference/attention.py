@@ -6,7 +6,7 @@ For one sequence of T new tokens x [T, H] after T_past cached tokens:
     [q | gate] = P viewed as [T, nh, 2·hd], split in half on the last axis      (per head! PITFALLS B2)
     q          = RoPE(RMSNorm_q(q)),  k = RoPE(RMSNorm_k(x W_kᵀ)),  v = x W_vᵀ  (norm before RoPE, SPEC §6 step 2)
     o_i        = Σ_{s ≤ T_past + i} softmax_s( q_i · k_s · hd^-½ ) v_s        (causal, GQA)
-    y          = ( o ⊙ σ(gate) ) W_oᵀ                                          (gate after attention, before o_proj)
+    y          = ( o ⊙ σ(gate) ) W_oᵀ                                 (gate after attention, before o_proj)
 
 The q_proj output is laid out per head as [q_h0 | gate_h0 | q_h1 | gate_h1 | …].  Splitting it as
 [all q | all gates] runs without error and silently corrupts heads 1..nh−1 (llmman#16, shainet#199; MAX warns
@@ -100,7 +100,7 @@ def repeat_kv(x: np.ndarray, num_groups: int) -> np.ndarray:
 
 
 def softmax(s: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Numerically stable softmax in s's dtype; rows that are all −inf are not expected (causal rows see ≥ 1 key)."""
+    """Numerically stable softmax in s's dtype (causal rows always see >= 1 key, so no row is all −inf)."""
     m = np.max(s, axis=axis, keepdims=True)
     e = np.exp(s - m)
     return e / np.sum(e, axis=axis, keepdims=True)

@@ -281,8 +281,8 @@ def test_qk_norm_before_rope_and_rope_only_on_first_R_channels():
     assert np.array_equal(kv[0][0][..., R:], k_normed[..., R:])
     c, s = mrope_cos_sin(pos, inv_freq(R, cfg.rope_theta), cfg.mrope_section)
     assert_close("k = rope(norm(k))", apply_partial_rope(k_normed, c, s), kv[0][0], "f64_exact")
-    # RoPE then norm would differ (the norm is not rotation-invariant over a partial rotation's channels... it is
-    # over the full vector, but the (1 + w) weight is not): guard the order.
+    # RoPE then norm differs: the RMS is rotation-invariant, but the per-channel (1 + w) weight does not commute
+    # with the rotation.  Guard the order.
     k_wrong = rms_norm(apply_partial_rope((x @ w.k_proj.T).reshape(4, 2, 16), c, s), w.k_norm, cfg.rms_norm_eps)
     assert np.max(np.abs(k_wrong - kv[0][0])) > 1e-6
 

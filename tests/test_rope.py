@@ -67,7 +67,7 @@ def test_inv_freq_rejects_bad_dims():
 
 
 def test_axis_table_qwen35_interleaved_and_sectioned():
-    """SPEC §7.2: t owns {0,3,…,30}, h owns {1,4,…,31}, w owns {2,5,…,29}; the sectioned layout is 11/11/10 blocks."""
+    """SPEC §7.2: t owns {0,3,…,30}, h {1,4,…,31}, w {2,5,…,29}; the sectioned layout is 11/11/10 blocks."""
     inter = mrope_axis_of_frequency(QWEN35_SECTION, interleaved=True)
     assert set(np.flatnonzero(inter == 0)) == set(range(0, 32, 3))
     assert set(np.flatnonzero(inter == 1)) == set(range(1, 32, 3))
