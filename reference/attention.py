@@ -144,7 +144,8 @@ def _check_cu_seqlens(cu_seqlens, total: int) -> np.ndarray:
     return cu.astype(np.int64)
 
 
-def gated_attention(x, w: AttentionWeights, config, *, position_ids=None, cu_seqlens=None, past_kv=None):
+def gated_attention(x, w: AttentionWeights, config, *, position_ids=None, cu_seqlens=None, past_kv=None,
+                    dtype=None):
     """Gated full attention over a ragged batch, with a KV cache (SPEC §6).
 
     Per sequence n (tokens cu_seqlens[n] .. cu_seqlens[n+1]−1, T_past_n cached tokens):
@@ -164,13 +165,17 @@ def gated_attention(x, w: AttentionWeights, config, *, position_ids=None, cu_seq
             None: text positions T_past_n + arange(T_n) per sequence (rope_delta 0).
         cu_seqlens: [N+1] packed-sequence offsets; None = one sequence.
         past_kv: None, or a list of N pairs (k [T_past, nkv, hd], v [T_past, nkv, hd]), post-norm post-RoPE.
+        dtype: compute dtype (np.float32 or np.float64); None = x's dtype if float32/float64, else float64.
     Returns:
         y: [T_total, H];  new_kv: list of N pairs (k [T_past + T_n, nkv, hd], v [...]) — the full cache.
     """
     x = np.asarray(x)
-    if x.dtype not in (np.float32, np.float64):
-        x = x.astype(np.float64)
-    dt = x.dtype
+    if dtype is None:
+        dtype = x.dtype if x.dtype in (np.float32, np.float64) else np.float64
+    dt = np.dtype(dtype)
+    if dt not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dt}")
+    x = x.astype(dt, copy=False)
     H, nh, nkv, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
     if x.ndim != 2 or x.shape[1] != H:
         raise ValueError(f"x must be [T_total, H={H}], got shape {x.shape}")

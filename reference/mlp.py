@@ -23,21 +23,28 @@ import numpy as np
 from reference.norms import sigmoid, silu
 
 
-def _compute_dtype(x: np.ndarray) -> np.dtype:
-    return x.dtype if x.dtype in (np.float32, np.float64) else np.dtype(np.float64)
+def _compute_dtype(x: np.ndarray, dtype=None) -> np.dtype:
+    """The requested dtype, else x's dtype if it is float32/float64, else float64."""
+    if dtype is None:
+        return x.dtype if x.dtype in (np.float32, np.float64) else np.dtype(np.float64)
+    dt = np.dtype(dtype)
+    if dt not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64, got {dt}")
+    return dt
 
 
-def swiglu_mlp(x, gate_proj, up_proj, down_proj) -> np.ndarray:
+def swiglu_mlp(x, gate_proj, up_proj, down_proj, *, dtype=None) -> np.ndarray:
     """Dense SwiGLU MLP (SPEC §11.1):  y = (silu(x W_gateᵀ) ⊙ x W_upᵀ) W_downᵀ.
 
     Args:
         x: [..., H].
         gate_proj: [I, H];  up_proj: [I, H];  down_proj: [H, I]   (PyTorch [out, in] layout, no biases).
+        dtype: compute dtype; None = x's dtype (float32/float64), else float64.
     Returns:
-        [..., H] in x's dtype (float32 or float64).
+        [..., H] in the compute dtype.
     """
     x = np.asarray(x)
-    dt = _compute_dtype(x)
+    dt = _compute_dtype(x, dtype)
     x = x.astype(dt, copy=False)
     Wg, Wu, Wd = (np.asarray(a, dtype=dt) for a in (gate_proj, up_proj, down_proj))
     H = x.shape[-1]
@@ -123,7 +130,7 @@ def top_k(p: np.ndarray, k: int):
     return np.take_along_axis(p, idx, axis=-1), idx.astype(np.int64)
 
 
-def route(x, router_weight, k: int):
+def route(x, router_weight, k: int, *, dtype=None):
     """Router of the MoE block (SPEC §11.2 steps 1–2).
 
         ℓ = x W_rᵀ,  p = softmax(ℓ) over all E,  (v, S) = topk(p, k),  w = v / Σ v
@@ -134,7 +141,7 @@ def route(x, router_weight, k: int):
         logits [N, E], weights [N, k] (each row sums to 1), indices [N, k] int64.
     """
     x = np.asarray(x)
-    dt = _compute_dtype(x)
+    dt = _compute_dtype(x, dtype)
     logits = x.astype(dt, copy=False) @ np.asarray(router_weight, dtype=dt).T  # [N, E]
     # softmax over ALL experts before the top-k (not over the selected k); fp32 semantics as HF (float64 here
     # when the oracle runs in float64).
@@ -146,7 +153,7 @@ def route(x, router_weight, k: int):
     return logits, weights.astype(dt, copy=False), idx
 
 
-def sparse_moe_block(x, w: MoEWeights, config, return_router: bool = False):
+def sparse_moe_block(x, w: MoEWeights, config, return_router: bool = False, *, dtype=None):
     """Sparse MoE block of Qwen3.5-MoE (SPEC §11.2).
 
         y = Σ_{e∈topk(x)} w_e(x) · Expert_e(x)  +  σ(x W_sgᵀ) · SharedMLP(x)
@@ -160,11 +167,12 @@ def sparse_moe_block(x, w: MoEWeights, config, return_router: bool = False):
         config: num_experts, num_experts_per_tok, moe_intermediate_size, shared_expert_intermediate_size,
             hidden_size.
         return_router: also return (router logits [N, E], weights [N, k], indices [N, k]).
+        dtype: compute dtype; None = x's dtype (float32/float64), else float64.
     Returns:
         y [N, H]; or (y, logits, weights, indices) when return_router.
     """
     x = np.asarray(x)
-    dt = _compute_dtype(x)
+    dt = _compute_dtype(x, dtype)
     x = x.astype(dt, copy=False)
     H, E, k = config.hidden_size, config.num_experts, config.num_experts_per_tok
     if x.ndim != 2 or x.shape[1] != H:
@@ -172,7 +180,7 @@ def sparse_moe_block(x, w: MoEWeights, config, return_router: bool = False):
     w.validate(config)
     I = config.moe_intermediate_size
 
-    logits, weights, idx = route(x, w.gate, k)  # [N, E], [N, k], [N, k]
+    logits, weights, idx = route(x, w.gate, k, dtype=dt)  # [N, E], [N, k], [N, k]
 
     routed = np.zeros_like(x)  # [N, H]
     for e in range(E):
@@ -186,7 +194,7 @@ def sparse_moe_block(x, w: MoEWeights, config, return_router: bool = False):
         out = (h @ W_d.T) * weights[token, slot][:, None]  # [n_e, H]
         np.add.at(routed, token, out)
 
-    shared = swiglu_mlp(x, w.shared_gate_proj, w.shared_up_proj, w.shared_down_proj)  # [N, H]
+    shared = swiglu_mlp(x, w.shared_gate_proj, w.shared_up_proj, w.shared_down_proj, dtype=dt)  # [N, H]
     shared_gate = sigmoid(x @ np.asarray(w.shared_expert_gate, dtype=dt).T, dtype=dt)  # [N, 1]
     y = routed + shared_gate * shared  # [N, H]
     if return_router:

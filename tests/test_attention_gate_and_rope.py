@@ -296,6 +296,11 @@ def test_float32_path_tracks_float64():
     y32, kv32 = gated_attention(x.astype(np.float32), w, cfg, position_ids=pos)
     assert y32.dtype == np.float32 and kv32[0][0].dtype == np.float32
     assert_close("attention f32", y64, y32, "f32")
+    # dtype= requests the compute dtype explicitly, whatever x's dtype
+    y_req, _ = gated_attention(x, w, cfg, position_ids=pos, dtype=np.float32)
+    assert y_req.dtype == np.float32 and np.array_equal(y_req, y32)
+    with pytest.raises(ValueError, match="dtype"):
+        gated_attention(x, w, cfg, dtype=np.float16)
 
 
 # ---------------------------------------------------------------------------------------------------- validation

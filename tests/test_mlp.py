@@ -164,6 +164,7 @@ def test_moe_float32_path_and_validation():
     y32 = sparse_moe_block(x.astype(np.float32), w, cfg)
     assert y32.dtype == np.float32
     assert_close("moe f32", sparse_moe_block(x, w, cfg), y32, "f32")
+    assert np.array_equal(sparse_moe_block(x, w, cfg, dtype=np.float32), y32)
     with pytest.raises(ValueError, match="gate_up_proj"):
         sparse_moe_block(x, MoEWeights(**{**w.__dict__, "gate_up_proj": w.gate_up_proj[:, :16]}), cfg)
     with pytest.raises(ValueError, match=r"\[N, H"):
