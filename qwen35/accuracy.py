@@ -9,7 +9,8 @@ entries masked to 0, β = σ(·), q and k raw — the rule L2-normalises them):
    rounded inputs* — so the error measured is the implementation's (arithmetic + output rounding), not the cost of
    rounding the inputs.  The float64 reference chunked form is included as the floor (≈ 1e-15).
 2. **Decode drift.**  `steps` decode steps through `fused_recurrent_gated_delta_rule_update` (one token per step,
-   state in a slot pool), with the state kept in fp32, or rounded to bf16 after every step (what an engine that
+   state in a slot pool; q/k/v values rounded to bf16 but carried in fp32 so that the outputs are not rounded),
+   with the state kept in fp32, or rounded to bf16 after every step (what an engine that
    stores its recurrent state in bf16 does; PITFALLS B8: SGLang, vLLM and mlx-lm all saw the difference).  Each
    step's output is compared with the float64 recurrence over the same inputs.
 
@@ -204,7 +205,9 @@ def decode_drift(steps: int = FULL_STEPS, *, shape=None, seed: int = 1, gate_nor
     x = gdn_inputs(seed, B, steps, H_k, H_v, D_k, D_v, gate_normalizer=gate_normalizer)
     xin = {n: _round_trip(x[n], input_dtype if n in ("q", "k", "v") else "float32") for n in x}
     o_ref, _ = ref_rec(xin["q"], xin["k"], xin["v"], g=xin["g"], beta=xin["beta"])  # [B, steps, H_v, D_v]
-    tq = {n: _to_torch(xin[n], input_dtype if n in ("q", "k", "v") else "float32", device) for n in xin}
+    # The values are rounded to `input_dtype`, but carried in float32 tensors: the output is then not rounded to
+    # bf16, and the only difference between the two curves is the dtype the state is kept in between steps.
+    tq = {n: _to_torch(xin[n], "float32", device) for n in xin}
 
     curves = {}
     for state_dtype in ("float32", "bfloat16"):
@@ -223,7 +226,8 @@ def decode_drift(steps: int = FULL_STEPS, *, shape=None, seed: int = 1, gate_nor
                 errs[t] = error_metrics(o_ref[:, t], o[:, 0].double().cpu().numpy())["rel_rms"]
         curves[state_dtype] = errs
     return {
-        "steps": steps, "input_dtype": input_dtype, "gate_normalizer": gate_normalizer, "batch": B,
+        "steps": steps, "input_dtype": input_dtype, "input_carrier": "float32", "output_dtype": "float32",
+        "gate_normalizer": gate_normalizer, "batch": B,
         "rel_rms": {k: v.tolist() for k, v in curves.items()},
         "summary": {k: {"first_64_mean": float(np.mean(v[:64])), "last_64_mean": float(np.mean(v[-64:])),
                         "max": float(np.max(v))} for k, v in curves.items()},

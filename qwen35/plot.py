@@ -25,6 +25,9 @@ matplotlib.use("Agg")  # headless: CI and servers have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+plt.rcParams["svg.fonttype"] = "none"  # keep SVG text as text: smaller files, searchable footers
+plt.rcParams["svg.hashsalt"] = "qwen35"  # stable element ids, so re-rendering the same JSON gives the same SVG
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "results"
 PLOTS_DIR = REPO / "docs" / "plots"
@@ -225,7 +228,7 @@ def plot_drift(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: str 
     ax.legend(fontsize=8)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return _finish(fig, data["meta"], out_dir, stem, formats,
-                   extra=f"{d['input_dtype']} q/k/v, batch {d['batch']}, g = logsigmoid(·)/{d['gate_normalizer']:g}")
+                   extra=f"q/k/v values rounded to {d['input_dtype']} (fp32 outputs), batch {d['batch']}, g = logsigmoid(·)/{d['gate_normalizer']:g}")
 
 
 # ------------------------------------------------------------------------------------------------ speed

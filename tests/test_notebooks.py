@@ -1,0 +1,161 @@
+"""The teaching layer: notebooks execute top to bottom, stay in sync with their sources, follow the house structure;
+`qwen35 accuracy --quick` and `qwen35 plot` write real files with real numbers; committed results are current.
+
+Each notebook runs in a fresh python3 kernel of this interpreter (nbclient), with the environment conftest.py sets
+(TRITON_INTERPRET=1, one BLAS thread).  The committed .ipynb is what runs, not a rebuild, so what a reader opens is
+what was tested.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+NB_DIR = REPO / "notebooks"
+sys.path.insert(0, str(NB_DIR))
+import build  # noqa: E402  (notebooks/build.py)
+
+SOURCES = build.sources()
+CELL_TIMEOUT_S = 180  # one cell; generous because the 2 CI cores are shared with other test files
+NOTEBOOK_BUDGET_S = 120  # a whole notebook at FULL = False (they take well under 60 s on an idle machine)
+
+
+def _ids(paths):
+    return [p.stem for p in paths]
+
+
+def test_every_notebook_has_a_source_and_is_in_sync():
+    assert SOURCES, "no notebook sources in notebooks/src"
+    assert build.out_of_sync() == [], "run: python notebooks/build.py"
+    ipynbs = sorted(p.stem for p in NB_DIR.glob("[0-9][0-9]_*.ipynb"))
+    assert ipynbs == sorted(p.stem for p in SOURCES), "an .ipynb without a source (or the reverse)"
+
+
+def test_parser_round_trip_of_the_percent_format():
+    text = "preamble\n# %% [markdown]\n# # Title\n#\n# text\n\n# %%\nx = 1\n\n\n# %%\n# a comment\ny = 2\n"
+    assert build.parse_percent(text) == [("markdown", "# Title\n\ntext"), ("code", "x = 1"),
+                                         ("code", "# a comment\ny = 2")]
+
+
+@pytest.mark.parametrize("src", SOURCES, ids=_ids(SOURCES))
+def test_notebook_follows_the_house_structure(src):
+    """FULL = False at the top, 'you will learn', imports from the packages, no model code, asserts at the end."""
+    nb = build.build_notebook(src)
+    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    md = [c.source for c in nb.cells if c.cell_type == "markdown"]
+    assert re.search(r"^FULL = False\b", code[0], re.M), "the first code cell sets FULL = False"
+    assert "you will learn" in md[0].lower(), "the first cell says what the reader will learn"
+    assert re.search(r"^from (reference|optimized|qwen35)[.\w]* import ", "\n".join(code), re.M)
+    assert not re.search(r"^class \w+.*(nn\.Module|Model|Layer)", "\n".join(code), re.M), \
+        "notebooks import model code; they do not define it"
+    assert "what was checked" in md[-1].lower(), "the last markdown cell is 'What was checked'"
+    assert "assert " in code[-1], "the last code cell asserts what was checked"
+
+
+@pytest.mark.parametrize("src", SOURCES, ids=_ids(SOURCES))
+def test_notebook_executes(src):
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(build.target(src), as_version=4)
+    t0 = time.perf_counter()
+    NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+                   resources={"metadata": {"path": str(NB_DIR)}}).execute()
+    seconds = time.perf_counter() - t0
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    assert seconds < NOTEBOOK_BUDGET_S, f"{src.stem} took {seconds:.0f} s (budget {NOTEBOOK_BUDGET_S} s)"
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+@pytest.fixture(scope="module")
+def quick_accuracy(tmp_path_factory):
+    from qwen35.cli import main
+
+    out = tmp_path_factory.mktemp("acc") / "accuracy.json"
+    assert main(["accuracy", "--quick", "--steps", "96", "--no-progress", "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_accuracy_quick_measures_the_expected_precision(quick_accuracy):
+    """Float32 implementations sit near fp32 rounding, bf16 near bf16 rounding, the float64 chunked form at ~1e-15;
+    a bf16-rounded state drifts more than an fp32 one (PITFALLS B8)."""
+    d = quick_accuracy
+    for key in ("host_cpu", "device_name", "python", "numpy", "torch", "date_utc"):
+        assert d["meta"].get(key), key
+    rows = [r for r in d["by_length"] if r["tensor"] == "o"]
+    assert {(r["impl"], r["form"], r["dtype"]) for r in rows} == {
+        ("reference", "chunk", "float64"), ("optimized-torch", "chunk", "float32"),
+        ("optimized-torch", "recurrent", "float32"), ("optimized-torch", "chunk", "bfloat16"),
+        ("optimized-torch", "recurrent", "bfloat16")}
+    bound = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 1e-2}
+    for r in d["by_length"]:
+        assert r["finite"]
+        assert r["rel_rms"] <= bound[r["dtype"]], r
+        assert r["nmse_db"] == pytest.approx(20 * __import__("math").log10(r["rel_rms"]))
+    assert min(r["rel_rms"] for r in rows if r["dtype"] == "bfloat16") > 1e-4, "bf16 cannot be that exact"
+    s = d["drift"]["summary"]
+    assert len(d["drift"]["rel_rms"]["float32"]) == 96
+    assert s["float32"]["last_64_mean"] < 1e-2
+    assert s["bfloat16"]["last_64_mean"] > 1.5 * s["float32"]["last_64_mean"]
+
+
+def test_plot_renders_every_kind_with_its_footer(tmp_path, quick_accuracy):
+    from qwen35.cli import main
+
+    res, out = tmp_path / "results", tmp_path / "plots"
+    res.mkdir()
+    (res / "accuracy.json").write_text(json.dumps(quick_accuracy))
+    bench = {"kind": "bench", "meta": {"device_name": "test machine", "torch": "x"},
+             "rows": [{"impl": impl, "phase": "prefill", "T": T, "seconds": T * c * 1e-6, "dtype": "float32"}
+                      for impl, c in (("reference-chunk", 50), ("optimized-torch", 2)) for T in (64, 256, 1024)]}
+    (res / "bench.json").write_text(json.dumps(bench))
+    assert main(["plot", "--results", str(res), "--out", str(out)]) == 0
+    for stem in ("memory", "accuracy", "drift", "speed"):
+        for ext in ("png", "svg"):
+            p = out / f"{stem}.{ext}"
+            assert p.exists() and p.stat().st_size > 5000, p
+    assert (out / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = (out / "accuracy.svg").read_text()
+    assert quick_accuracy["meta"]["torch"] in svg and "float64" in svg  # footer: versions; legend: dtypes
+    assert "test machine" in (out / "speed.svg").read_text()
+    mem = json.loads((res / "memory.json").read_text())
+    assert mem["kind"] == "memory" and "27b" in mem["presets"]
+
+
+def test_memory_sweep_agrees_with_the_memory_model():
+    from reference.config import Qwen35Config
+    from reference.memory import infer_optimal_batch_size, weight_bytes
+
+    from qwen35.plot import GIB, memory_sweep
+
+    d = memory_sweep(["27b", "0.8b"], budgets_gib=(16, 80, 141))
+    for name in ("27b", "0.8b"):
+        cfg = Qwen35Config.preset(name)
+        for i, m in enumerate((16, 80, 141)):
+            free = m * GIB - weight_bytes(cfg)
+            for rule in ("gather_scatter", "in_place"):
+                want = infer_optimal_batch_size(cfg, free, rule) if free > 0 else 0
+                assert d["presets"][name][rule]["state_max_batch"][i] == want
+    e = d["presets"]["27b"]
+    assert e["state_bytes_per_request"] == 78_446_592  # SPEC §14.2 worked example (bf16)
+    assert e["in_place"]["state_max_batch"][1] >= 3 * e["gather_scatter"]["state_max_batch"][1]
+
+
+def test_committed_memory_results_are_current():
+    """results/memory.json (what docs/plots/memory.* were drawn from) matches today's memory model."""
+    from qwen35.plot import memory_sweep
+
+    path = REPO / "results" / "memory.json"
+    if not path.exists():
+        pytest.fail("results/memory.json is missing: run `qwen35 plot`")
+    committed = json.loads(path.read_text())
+    fresh = memory_sweep(budgets_gib=committed["budgets_gib"])
+    assert committed["presets"] == json.loads(json.dumps(fresh["presets"])), "run `qwen35 plot` and commit"
+    for stem in ("memory", "accuracy", "drift"):
+        assert (REPO / "docs" / "plots" / f"{stem}.png").exists(), f"docs/plots/{stem}.png: run `qwen35 plot`"
