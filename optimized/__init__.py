@@ -1,0 +1,24 @@
+"""qwen35's fast path: PyTorch ops (CPU-fast, GPU-ready) and Triton kernels (optimized/triton/) behind one dispatch.
+
+    from optimized import Qwen35Model, resolve_backend
+    model = Qwen35Model.from_pretrained(path, device="cpu", dtype=torch.float32, backend="auto")
+
+Config, memory sizing and checkpoint-name mapping come from `reference` (never duplicated here).  Guide:
+docs/optimized.md.
+"""
+from optimized.backend import (
+    causal_conv1d,
+    causal_conv1d_update,
+    chunk_gated_delta_rule,
+    fused_recurrent_gated_delta_rule_update,
+    gated_rms_norm,
+    recurrent_gated_delta_rule,
+    resolve_backend,
+)
+from optimized.model import ModelInputs, ModelOutputs, Qwen35Model, TextContext
+
+__all__ = [
+    "Qwen35Model", "ModelInputs", "ModelOutputs", "TextContext", "resolve_backend",
+    "chunk_gated_delta_rule", "recurrent_gated_delta_rule", "fused_recurrent_gated_delta_rule_update",
+    "causal_conv1d", "causal_conv1d_update", "gated_rms_norm",
+]

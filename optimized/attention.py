@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -34,7 +35,7 @@ class AttentionWeightsT:
 
     @classmethod
     def from_reference(cls, w, *, dtype=torch.float32, device="cpu") -> "AttentionWeightsT":
-        conv = lambda a: torch.as_tensor(a).to(device=device, dtype=dtype).contiguous()  # noqa: E731
+        conv = lambda a: torch.from_numpy(np.array(a)).to(device=device, dtype=dtype).contiguous()  # noqa: E731
         return cls(**{name: conv(getattr(w, name)) for name in cls.__dataclass_fields__})
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,7 +41,7 @@ class DeltaNetWeightsT:
     @classmethod
     def from_reference(cls, w, *, dtype=torch.float32, device="cpu") -> "DeltaNetWeightsT":
         def conv(name):
-            a = torch.as_tensor(getattr(w, name))
+            a = torch.from_numpy(np.array(getattr(w, name)))
             # A_log, dt_bias and the gated-norm weight stay fp32 (float64 for float64 models) — SPEC §14.6, B23
             keep = name in ("A_log", "dt_bias", "norm")
             dt = (torch.float64 if dtype == torch.float64 else torch.float32) if keep else dtype

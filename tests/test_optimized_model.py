@@ -1,0 +1,154 @@
+"""optimized.Qwen35Model vs reference.model.Qwen35Model on tiny checkpoints (dense and MoE).
+
+float32 logits within 1e-4 relative RMS of the float64 oracle, identical greedy tokens, chunked prefill + decode
+continuation (PITFALLS B10, B11), ragged batches and batch independence (B12), in-place slot pools (B9), the
+memory rule the model reports, and the errors of the pipeline interface.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import optimized.model as OM
+import reference.model as RM
+from _tolerance import assert_close
+from hf_checkpoints import make_hf_checkpoint
+from reference.context import TextContext
+
+V = 97
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def pair(request, tmp_path_factory):
+    d = make_hf_checkpoint(tmp_path_factory.mktemp("opt") / request.param, kind=request.param, seed=21)
+    ref = RM.Qwen35Model.from_pretrained(d, max_batch_size=4)
+    opt = OM.Qwen35Model.from_pretrained(d, max_batch_size=4, backend="torch")
+    return d, ref, opt
+
+
+def _prompt(seed, n):
+    return np.random.default_rng(seed).integers(0, V, n).tolist()
+
+
+def test_stateless_logits_match_reference(pair):
+    _, ref, opt = pair
+    prompts = [_prompt(1, 7), _prompt(2, 70), _prompt(3, 1), _prompt(4, 64)]
+    for r, o in zip(ref.logits(prompts), opt.logits(prompts)):
+        assert o.dtype == torch.float32
+        assert_close("logits", r, o, "f32_logits")
+
+
+def test_greedy_generation_matches_reference(pair):
+    _, ref, opt = pair
+    prompts = [_prompt(5, 9), _prompt(6, 33), _prompt(7, 2)]
+    assert opt.generate(prompts, max_new_tokens=8) == ref.generate(prompts, max_new_tokens=8)
+    assert opt.active_requests == []
+
+
+@pytest.mark.parametrize("split", [1, 3, 4, 63, 64])
+def test_chunked_prefill_then_decode_equals_full(pair, split):
+    """prefill(a) + prefill(b) + decode == logits of the whole sequence (B10, B11)."""
+    _, ref, opt = pair
+    toks = _prompt(split, 70)
+    full = ref.logits([toks])[0]
+    rid = ("chunk", split)
+    out = opt.execute(opt.prepare_initial_token_inputs([TextContext(rid, toks[:split])]))
+    assert_close("first chunk", full[split - 1], out.logits[0], "f32_logits")
+    inputs = opt.prepare_initial_token_inputs([TextContext(rid, toks[split:68])], return_n_logits=1)
+    out = opt.execute(inputs)
+    assert_close("second chunk", full[67], out.logits[0], "f32_logits")
+    for t in (68, 69):
+        inputs = opt.prepare_next_token_inputs([toks[t]], inputs)
+        out = opt.execute(inputs)
+        assert inputs.is_decode
+        assert_close(f"decode at {t}", full[t], out.logits[0], "f32_logits")
+    assert opt.seq_len(rid) == 70
+    assert opt.release(rid) and not opt.release(rid)
+
+
+def test_ragged_batch_and_independence(pair):
+    """A ragged batch (prefill then decode) matches per-request reference logits; slots are reused cleanly."""
+    _, ref, opt = pair
+    prompts = {"a": _prompt(10, 5), "b": _prompt(11, 66), "c": _prompt(12, 1)}
+    more = {"a": [3, 4], "b": [5, 6], "c": [7, 8]}
+    inputs = opt.prepare_initial_token_inputs([TextContext(r, p) for r, p in prompts.items()])
+    out = opt.execute(inputs)
+    for step in range(2):
+        for r in prompts:
+            seq = prompts[r] + more[r][:step]
+            assert_close(f"{r} step {step}", ref.logits([seq])[0][-1], out.logits_for(r)[0], "f32_logits")
+        inputs = opt.prepare_next_token_inputs([more[r][step] for r in prompts], inputs)
+        out = opt.execute(inputs)
+    for r in prompts:
+        opt.release(r)
+    # a released slot starts clean for a new request
+    out = opt.execute(opt.prepare_initial_token_inputs([TextContext("z", prompts["b"])]))
+    assert_close("reused slot", ref.logits([prompts["b"]])[0][-1], out.logits[0], "f32_logits")
+    opt.release("z")
+
+
+def test_decode_updates_pool_in_place(pair):
+    """Decode writes only the batch's slots, in the same pool tensors (no gather/scatter copies)."""
+    _, _, opt = pair
+    inputs = opt.prepare_initial_token_inputs([TextContext("p", _prompt(20, 9)), TextContext("q", _prompt(21, 4))])
+    opt.execute(inputs)
+    ptrs = [p.data_ptr() for p in opt.state_pools + opt.conv_pools]
+    other = [s for s in range(opt.max_batch_size) if s not in inputs.slot_ids.tolist()]
+    before = [p[other].clone() for p in opt.state_pools]
+    changed_before = [p[inputs.slot_ids].clone() for p in opt.state_pools]
+    inputs = opt.prepare_next_token_inputs([1, 2], inputs)
+    opt.execute(inputs)
+    assert [p.data_ptr() for p in opt.state_pools + opt.conv_pools] == ptrs
+    for p, b in zip(opt.state_pools, before):
+        assert torch.equal(p[other], b)
+    assert any(not torch.equal(p[inputs.slot_ids], c) for p, c in zip(opt.state_pools, changed_before))
+    assert all(p.dtype == torch.float32 for p in opt.state_pools)  # fp32 recurrent state (B8)
+    opt.release("p"), opt.release("q")
+
+
+def test_memory_rule_and_errors(pair):
+    d, _, opt = pair
+    assert OM.STATE_RULE == "in_place" and opt.memory_report["rule"] == "in_place"
+    assert opt.memory_report["state_bytes_per_request"] == opt.state_bytes_per_request() > 0
+    assert OM.Qwen35Model.from_pretrained(d, backend="torch").max_batch_size == 32  # CPU: documented fallback
+    with pytest.raises(OM.RequestError):
+        opt.prepare_initial_token_inputs([TextContext("e", [])])
+    with pytest.raises(OM.RequestError):
+        opt.prepare_initial_token_inputs([TextContext("e", [V])])
+    with pytest.raises(OM.PoolFullError):
+        opt.prepare_initial_token_inputs([TextContext(i, [1]) for i in range(5)])
+    assert opt.active_requests == []
+    inputs = opt.prepare_initial_token_inputs([TextContext("x", [1, 2])])
+    opt.execute(inputs)
+    with pytest.raises(OM.RequestError):
+        opt.execute(inputs)
+    opt.release("x")
+    with pytest.raises(OM.UnknownRequestError):
+        opt.prepare_next_token_inputs([3], inputs)
+
+
+def test_bf16_model_tracks_reference(pair):
+    d, ref, _ = pair
+    opt = OM.Qwen35Model.from_pretrained(d, max_batch_size=2, dtype=torch.bfloat16, backend="torch")
+    toks = _prompt(30, 40)
+    assert opt.state_pools[0].dtype == torch.float32
+    r, o = ref.logits([toks])[0], opt.logits([toks])[0]
+    assert o.dtype == torch.bfloat16
+    # bf16 weights + activations on this random tiny model: HF's own bf16 forward is 0.12 rel-RMS from the float64
+    # oracle on this checkpoint (ours 0.15, and 0.05 from HF bf16; measured 2026-11-28); a wiring bug gives ~1.
+    assert_close("bf16 logits", r, o, 0.3)
+    assert (np.argmax(r, -1) == o.float().argmax(-1).numpy()).mean() > 0.7
+
+
+def test_refuses_batch_that_cannot_fit(pair, monkeypatch):
+    d, _, _ = pair
+    import reference.weights as rw
+    w = rw.load_weights(d, dtype=np.float32)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10_000, 10_000))
+    m = OM.Qwen35Model.__new__(OM.Qwen35Model)
+    m.config, m.device, m.dtype = w.config, torch.device("cuda"), torch.float32
+    with pytest.raises(RuntimeError, match="does not fit"):
+        m._size_pool(1000)
+    assert m._size_pool(None) == m.memory_report["max_batch_allowed"] >= 1
