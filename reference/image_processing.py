@@ -263,6 +263,7 @@ class ImageProcessor:
     image_std: tuple = field(default=QWEN_VL_STD)
     rescale_factor: float = 1 / 255
     resample: str = "bicubic"
+    resize_order: str = "hv"  # PIL pass order, see `resize` (Pillow 13 sometimes runs "vh")
     dtype: type = np.float32
 
     @classmethod
@@ -281,7 +282,7 @@ class ImageProcessor:
         if frames.shape[-1] != 3:
             raise ValueError(f"images must be RGB, channels last ([..., H, W, 3]); got shape {frames.shape}")
         rescale = self.rescale_factor if frames.dtype == np.uint8 else None  # float input: already in [0, 1]
-        out = [normalize(resize(f, size, self.resample), self.image_mean, self.image_std,
+        out = [normalize(resize(f, size, self.resample, order=self.resize_order), self.image_mean, self.image_std,
                          rescale_factor=rescale, dtype=self.dtype) for f in frames]
         return np.stack(out)
 
