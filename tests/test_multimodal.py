@@ -228,3 +228,25 @@ def test_text_only_positions_reduce_to_arange(tokens):
     pre = multimodal_prefill_inputs(TextContext("t", tokens), None, CFG)
     np.testing.assert_array_equal(pre.position_ids, pos)
     assert pre.rope_delta == 0 and pre.image_rows.size == 0 and pre.embeddings.shape == (0, CFG.hidden_size)
+
+
+# ---------------------------------------------------------------------------------------------- an image's journey
+
+
+def test_rgb_image_to_logits_through_the_numpy_preprocessor(ckpt, ref_model):
+    """RGB array → ImageProcessor → expanded prompt → reference model, against HF fed the same pixels."""
+    from reference.image_processing import ImageProcessor
+
+    _, hf, _ = ckpt
+    proc = ImageProcessor.from_vision_config(CFG.vision_config, min_pixels=8 * 8 * 4, max_pixels=24 * 24)
+    rng = np.random.default_rng(11)
+    imgs = [rng.integers(0, 256, (30, 17, 3), dtype=np.uint8), rng.integers(0, 256, (9, 40, 3), dtype=np.uint8)]
+    feats = proc.preprocess(imgs)
+    grid = feats["image_grid_thw"]
+    assert grid.tolist() == [[1, 8, 4], [1, 2, 10]]  # 32x16 and 8x40 pixels after smart_resize (factor 8)
+    toks = _prompt([[1, 2], [3], [4, 5]], grid)
+    kw = dict(pixel_values=feats["pixel_values"], image_grid_thw=grid)
+    with torch.no_grad():
+        want = hf(**_hf_kwargs(toks, kw), use_cache=False).logits[0].double().numpy()
+    got = ref_model.logits([TextAndVisionContext("j", toks, **kw)])[0]
+    assert_close("logits (preprocessed images)", want, got, "f32_logits")
