@@ -110,6 +110,8 @@ def execute(nb, timeout: int = 300) -> None:
     from nbclient import NotebookClient
 
     os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels on CPU unless told otherwise
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # as tests/conftest.py: one thread
+        os.environ.setdefault(var, "1")  # (several threads on a shared 2-core box slow tiny torch ops 50x)
     NotebookClient(nb, timeout=timeout, kernel_name="python3",
                    resources={"metadata": {"path": str(HERE)}}).execute()
 

@@ -19,9 +19,12 @@ import os
 import time
 from pathlib import Path
 
+import sys
+
 import matplotlib
 
-matplotlib.use("Agg")  # headless: CI and servers have no display
+if not os.environ.get("MPLBACKEND") and "ipykernel" not in sys.modules:
+    matplotlib.use("Agg")  # headless: CI and servers have no display (a notebook keeps its inline backend)
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -70,8 +73,12 @@ def footer_text(meta: dict, extra: str = "") -> str:
     return line1 + ("\n" + line2 if line2 else "")
 
 
-def _finish(fig, meta: dict, out_dir, stem: str, formats=("png", "svg"), extra: str = "") -> list[Path]:
+def _finish(fig, meta: dict, out_dir, stem: str, formats=("png", "svg"), extra: str = ""):
+    """Add the footer and save as `out_dir/stem.<fmt>`; returns the paths.  out_dir=None: return the figure unsaved
+    (notebooks display it)."""
     fig.text(0.01, 0.005, footer_text(meta, extra), fontsize=7, color="0.35", ha="left", va="bottom")
+    if out_dir is None:
+        return fig
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
