@@ -1,0 +1,505 @@
+"""CPU benchmarks of the optimized PyTorch engine (issue 5): one run, one thread, float32, medians -> table + JSON.
+
+    from qwen35.bench import run_all
+    results = run_all(quick=False)          # or: qwen35 bench [--quick] [--out FILE]
+
+Three parts, each timed after a warm-up with several repeats (median reported):
+
+(a) Gated delta rule prefill core (q, k, v, g, β -> o, final state), H_k = H_v = 16, D_k = D_v = 128, B = 1,
+    T ∈ {512, 2048, 4096}: optimized `chunk_gated_delta_rule` vs the reference NumPy chunked and per-token forms
+    (float32) vs transformers' torch fallback `torch_chunk_gated_delta_rule`.  Reported against the same run's
+    sgemm rate on the chunked form's FLOPs (`gdn_chunk_flops`).
+(b) Decode step per layer: the fused in-place update (state pool, one slot) vs the reference per-token NumPy step;
+    and one whole GDN layer (hidden 1024: projections + conv + rule + norm + out_proj) vs the reference layer.
+(c) Whole model on a checkpoint of the 0.8B geometry (hidden 1024, 4 layers L L L F, random weights, vocab 32768
+    instead of 248320 — stated in the output): prefill tokens/s and decode tokens/s, optimized vs transformers
+    (`Qwen3_5ForCausalLM`, its torch fallbacks, sdpa attention) on the same checkpoint.  FLOPs: `model_prefill_flops`.
+
+FLOP conventions (dense matmul counts, 2 per multiply-add; nothing halved for triangular structure):
+
+    GDN chunked form, per token and value head (chunk C):
+        k̂k̂ᵀ and q̃k̂ᵀ in the chunk         4·C·D_k
+        [U|W] = (I+A)⁻¹ [βV | βγK̂]        2·C·(D_k + D_v)
+        W·S and (q̃⊙γ)·S                  4·D_k·D_v
+        Aqk·V_new                         2·C·D_v
+        K̂ᵀ·V_new (state update)          2·D_k·D_v
+    = 4·C·D_k + 2·C·(D_k+D_v) + 2·C·D_v + 6·D_k·D_v   (C=64, D=128: 180,224 per token-head; T=4096, H=16: 11.8 GF)
+    Model prefill, T tokens: 2·T·(all linear weights) + Σ_GDN layers (chunked form above) + Σ_attn layers
+    2·T²·nh·hd (QKᵀ and PV, causal half) + 2·H·V (lm_head for the one returned position).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHARED_NOTE = ("measured on a 2-core machine shared with other engineers' jobs during this session; timings are "
+               "medians, but the load was not controlled")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# timing helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _single_thread():
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    return torch
+
+
+def timeit(fn, *, repeats: int = 5, warmup: int = 1, inner: int = 1) -> dict:
+    """Median / min seconds per call of fn() over `repeats` timings of `inner` calls, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        ts.append((time.perf_counter() - t0) / inner)
+    return {"median_s": statistics.median(ts), "min_s": min(ts), "repeats": repeats, "inner": inner}
+
+
+def sgemm_rate(n: int = 2048, repeats: int = 5) -> dict:
+    """Single-thread float32 matmul rate (GFLOP/s) of an n×n×n product in torch (MKL), median of repeats."""
+    torch = _single_thread()
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    t = timeit(lambda: torch.mm(a, b), repeats=repeats)
+    return {"n": n, "gflops": 2 * n ** 3 / t["median_s"] / 1e9, "best_gflops": 2 * n ** 3 / t["min_s"] / 1e9}
+
+
+def machine_info() -> dict:
+    torch = _single_thread()
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch": torch.__version__, "numpy": np.__version__,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "blas": "MKL" if torch.backends.mkl.is_available() else "?", "note": SHARED_NOTE,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    try:
+        info["load_avg_at_start"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLOP formulas
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def gdn_chunk_flops(T: int, H_v: int, D_k: int, D_v: int, C: int = 64) -> int:
+    """FLOPs of the chunked gated delta rule (module docstring), T tokens, H_v value heads."""
+    per = 4 * C * D_k + 2 * C * (D_k + D_v) + 2 * C * D_v + 6 * D_k * D_v
+    return T * H_v * per
+
+
+def model_prefill_flops(config, T: int) -> int:
+    """FLOPs of one prefill of T tokens through the language model, logits for the last position only."""
+    from reference.memory import parameter_counts  # noqa: F401  (kept for the reader: the same weights)
+
+    c = config
+    H = c.hidden_size
+    lin = 0
+    for kind in c.layer_types:
+        if kind == "linear_attention":
+            lin += (c.conv_dim + c.value_dim + 2 * c.linear_num_value_heads) * H + H * c.value_dim
+        else:
+            nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+            lin += 2 * nh * hd * H + 2 * nkv * hd * H + H * nh * hd
+        lin += 3 * c.intermediate_size * H if not c.is_moe else 0
+    total = 2 * T * lin + 2 * H * c.vocab_size
+    total += c.num_linear_layers * gdn_chunk_flops(T, c.linear_num_value_heads, c.linear_key_head_dim,
+                                                   c.linear_value_head_dim)
+    total += c.num_full_layers * 2 * T * T * c.num_attention_heads * c.head_dim
+    return int(total)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (a) GDN prefill core
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _gdn_inputs(T, H, D, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((1, T, H, D)).astype(np.float32)
+    k = rng.standard_normal((1, T, H, D)).astype(np.float32)
+    v = rng.standard_normal((1, T, H, D)).astype(np.float32)
+    g = (-np.logaddexp(0.0, -rng.standard_normal((1, T, H)))).astype(np.float32)  # logsigmoid ≤ 0
+    beta = (1 / (1 + np.exp(-rng.standard_normal((1, T, H))))).astype(np.float32)
+    return q, k, v, g, beta
+
+
+def bench_gdn_prefill(Ts=(512, 2048, 4096), H=16, D=128, *, quick=False, sgemm=None, log=print) -> list[dict]:
+    torch = _single_thread()
+    import optimized.gated_delta as ogd
+    import reference.gated_delta as rgd
+
+    try:
+        from transformers.models.qwen3_5.modeling_qwen3_5 import torch_chunk_gated_delta_rule as hf_chunk
+    except ImportError:
+        hf_chunk = None
+    rows = []
+    for T in Ts:
+        q, k, v, g, beta = _gdn_inputs(T, H, D)
+        tq, tk, tv, tg, tb = (torch.from_numpy(a) for a in (q, k, v, g, beta))
+        flops = gdn_chunk_flops(T, H, D, D)
+        row = {"T": T, "H_v": H, "D": D, "flops_chunked": flops}
+        reps = 3 if quick else 7
+        row["optimized"] = timeit(lambda: ogd.chunk_gated_delta_rule(tq, tk, tv, g=tg, beta=tb), repeats=reps)
+        if hf_chunk is not None:
+            row["hf_torch_fallback"] = timeit(
+                lambda: hf_chunk(tq, tk, tv, g=tg, beta=tb, chunk_size=64, output_final_state=True,
+                                 use_qk_l2norm_in_kernel=True), repeats=1 if quick else 3)
+        ref_reps = 1 if quick else 2
+        row["reference_chunked_f32"] = timeit(
+            lambda: rgd.chunk_gated_delta_rule(q, k, v, g=g, beta=beta, dtype=np.float32), repeats=ref_reps, warmup=0)
+        if not quick or T <= 512:
+            row["reference_per_token_f32"] = timeit(
+                lambda: rgd.recurrent_gated_delta_rule(q, k, v, g=g, beta=beta, dtype=np.float32), repeats=1,
+                warmup=0)
+        for name in ("optimized", "hf_torch_fallback", "reference_chunked_f32", "reference_per_token_f32"):
+            if name in row:
+                row[name]["gflops_on_chunked_flops"] = flops / row[name]["median_s"] / 1e9
+                if sgemm:
+                    row[name]["fraction_of_sgemm"] = row[name]["gflops_on_chunked_flops"] / sgemm
+        if "hf_torch_fallback" in row:
+            row["speedup_vs_hf"] = row["hf_torch_fallback"]["median_s"] / row["optimized"]["median_s"]
+        log(f"  GDN prefill T={T}: optimized {row['optimized']['median_s'] * 1e3:.1f} ms "
+            f"({row['optimized']['gflops_on_chunked_flops']:.1f} GF/s)")
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (b) decode step per layer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def bench_decode_step(H=16, D=128, hidden=1024, *, quick=False, log=print) -> dict:
+    torch = _single_thread()
+    import optimized.deltanet as odn
+    import optimized.gated_delta as ogd
+    import reference.deltanet as rdn
+    import reference.gated_delta as rgd
+    from reference.config import Qwen35Config
+
+    q, k, v, g, beta = _gdn_inputs(1, H, D, seed=1)
+    rng = np.random.default_rng(2)
+    S = 8
+    pool = torch.from_numpy(0.1 * rng.standard_normal((S, H, D, D)).astype(np.float32))
+    h0 = pool[3:4].numpy().copy()
+    slots = torch.tensor([3])
+    tq, tk, tv, tg, tb = (torch.from_numpy(a) for a in (q, k, v, g, beta))
+    inner = 20 if quick else 100
+    reps = 3 if quick else 7
+    out = {"H_v": H, "D": D}
+    out["kernel_optimized"] = timeit(lambda: ogd.fused_recurrent_gated_delta_rule_update(
+        tq, tk, tv, g=tg, beta=tb, state_pool=pool, slot_ids=slots), repeats=reps, inner=inner)
+    out["kernel_reference_f32"] = timeit(lambda: rgd.recurrent_gated_delta_rule(
+        q, k, v, g=g, beta=beta, initial_state=h0, dtype=np.float32), repeats=reps, inner=max(5, inner // 5))
+    out["kernel_speedup"] = out["kernel_reference_f32"]["median_s"] / out["kernel_optimized"]["median_s"]
+    out["kernel_bytes_floor"] = 2 * H * D * D * 4  # read + write the fp32 state once
+
+    cfg = Qwen35Config.tiny(hidden_size=hidden, linear_num_key_heads=H, linear_num_value_heads=H,
+                            linear_key_head_dim=D, linear_value_head_dim=D, intermediate_size=3584,
+                            num_attention_heads=8, num_key_value_heads=2, head_dim=256, partial_rotary_factor=0.25,
+                            mrope_section=(11, 11, 10), vocab_size=1000)
+    w = rdn.DeltaNetWeights.random(cfg, 0).astype(np.float32)
+    wt = odn.DeltaNetWeightsT.from_reference(w)
+    x = rng.standard_normal((1, hidden)).astype(np.float32)
+    tx = torch.from_numpy(x)
+    conv_pool = torch.zeros(S, cfg.conv_dim, cfg.linear_conv_kernel_dim - 1)
+    conv0 = np.zeros((1, cfg.conv_dim, cfg.linear_conv_kernel_dim - 1), np.float32)
+    out["layer_hidden"] = hidden
+    out["layer_optimized"] = timeit(lambda: odn.gated_deltanet_decode(
+        tx, wt, cfg, conv_pool=conv_pool, state_pool=pool, slot_ids=slots, backend="torch"), repeats=reps,
+        inner=inner)
+    out["layer_reference_f32"] = timeit(lambda: rdn.gated_deltanet(
+        x, w, cfg, conv_state=conv0, recurrent_state=h0, mode="recurrent", dtype=np.float32), repeats=reps,
+        inner=max(5, inner // 5))
+    out["layer_speedup"] = out["layer_reference_f32"]["median_s"] / out["layer_optimized"]["median_s"]
+    log(f"  decode step: kernel {out['kernel_optimized']['median_s'] * 1e6:.0f} us "
+        f"({out['kernel_speedup']:.1f}x reference), layer {out['layer_optimized']['median_s'] * 1e6:.0f} us "
+        f"({out['layer_speedup']:.1f}x reference)")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (c) whole model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def bench_config(vocab_size: int = 32768, num_layers: int = 4):
+    """The 0.8B geometry (SPEC §2.8: hidden 1024, I 3584, 8 q heads, 2 KV heads, hd 256; GDN 16/16 heads of 128),
+    with `num_layers` layers (L L L F) and a smaller vocabulary."""
+    from reference.config import Qwen35Config
+
+    return Qwen35Config.tiny(
+        model_type="qwen3_5_text", vocab_size=vocab_size, hidden_size=1024, intermediate_size=3584,
+        num_hidden_layers=num_layers, num_attention_heads=8, num_key_value_heads=2, head_dim=256,
+        max_position_embeddings=32768, rope_theta=1e7, partial_rotary_factor=0.25, mrope_section=(11, 11, 10),
+        linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16,
+        linear_num_value_heads=16, tie_word_embeddings=True)
+
+
+def write_random_checkpoint(directory, config, seed: int = 0) -> Path:
+    """config.json + model.safetensors with random, trained-looking float32 weights (HF names, `model.` prefix)."""
+    from reference.weights import expected_lm_shapes, write_safetensors
+
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, shape in expected_lm_shapes(config).items():
+        if name.endswith("A_log"):
+            a = np.log(rng.uniform(1.0, 8.0, shape))
+        elif name.endswith("dt_bias"):
+            a = rng.uniform(0.5, 1.5, shape)
+        elif name.endswith("linear_attn.norm.weight"):
+            a = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif name.endswith("norm.weight"):
+            a = 0.1 * rng.standard_normal(shape)
+        elif name.endswith("embed_tokens.weight"):
+            a = rng.standard_normal(shape)
+        elif name.endswith("conv1d.weight"):
+            a = (rng.standard_normal(shape) / np.sqrt(shape[-1]))[:, None, :]  # PyTorch depthwise [C, 1, K]
+        else:
+            a = rng.standard_normal(shape) / np.sqrt(shape[-1])
+        full = name if name.startswith("lm_head") else "model." + name
+        tensors[full] = a.astype(np.float32)
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    write_safetensors(d / "model.safetensors", tensors)
+    cfg = config.to_hf_dict()
+    cfg.setdefault("architectures", ["Qwen3_5ForCausalLM"])
+    (d / "config.json").write_text(json.dumps(cfg, indent=2))
+    return d
+
+
+def bench_model(*, quick=False, sgemm=None, log=print, prefill_T=None, decode_steps=None) -> dict:
+    torch = _single_thread()
+    import optimized.model as OM
+    from reference.context import TextContext
+
+    cfg = bench_config()
+    T = prefill_T or (256 if quick else 1024)
+    steps = decode_steps or (8 if quick else 32)
+    out = {"geometry": "0.8B width (hidden 1024, I 3584, nh 8, nkv 2, hd 256, GDN 16x128 / 16x128), 4 layers "
+                       "(L L L F), vocab 32768 (the real 248320 is replaced: random weights, stated), tied lm_head",
+           "prefill_T": T, "decode_steps": steps, "decode_context": 128}
+    flops = model_prefill_flops(cfg, T)
+    out["prefill_flops"] = flops
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_random_checkpoint(Path(tmp) / "ckpt", cfg)
+        model = OM.Qwen35Model.from_pretrained(path, max_batch_size=2, backend="torch")
+        toks = np.random.default_rng(0).integers(0, cfg.vocab_size, T).tolist()
+        ctx_toks = toks[:128]
+        counter = iter(range(10 ** 9))
+
+        def opt_prefill():
+            rid = ("p", next(counter))
+            model.execute(model.prepare_initial_token_inputs([TextContext(rid, toks)]))
+            model.release(rid)
+
+        reps = 2 if quick else 5
+        out["optimized_prefill"] = timeit(opt_prefill, repeats=reps)
+
+        def opt_decode():
+            rid = ("d", next(counter))
+            inputs = model.prepare_initial_token_inputs([TextContext(rid, ctx_toks)])
+            model.execute(inputs)
+            t0 = time.perf_counter()
+            for i in range(steps):
+                inputs = model.prepare_next_token_inputs([toks[128 + i]], inputs)
+                model.execute(inputs)
+            dt = time.perf_counter() - t0
+            model.release(rid)
+            return dt
+
+        opt_decode()
+        dts = [opt_decode() for _ in range(reps)]
+        out["optimized_decode"] = {"median_s_per_token": statistics.median(dts) / steps, "repeats": reps}
+        del model
+
+        try:
+            import transformers
+
+            hf = transformers.Qwen3_5ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        except Exception as exc:  # transformers missing or too old
+            hf = None
+            out["hf_error"] = f"{type(exc).__name__}: {exc}"
+        if hf is not None:
+            ids = torch.tensor([toks])
+
+            def hf_prefill():
+                with torch.no_grad():
+                    hf(input_ids=ids, use_cache=True, logits_to_keep=1)
+
+            out["hf_prefill"] = timeit(hf_prefill, repeats=max(1, reps - 1))
+
+            def hf_decode():
+                with torch.no_grad():
+                    o = hf(input_ids=ids[:, :128], use_cache=True, logits_to_keep=1)
+                    pkv = o.past_key_values
+                    t0 = time.perf_counter()
+                    for i in range(steps):
+                        o = hf(input_ids=ids[:, 128 + i:129 + i], past_key_values=pkv, use_cache=True,
+                               logits_to_keep=1)
+                        pkv = o.past_key_values
+                    return time.perf_counter() - t0
+
+            hf_decode()
+            dts = [hf_decode() for _ in range(max(1, reps - 1))]
+            out["hf_decode"] = {"median_s_per_token": statistics.median(dts) / steps, "repeats": len(dts)}
+    out["optimized_prefill"]["tok_per_s"] = T / out["optimized_prefill"]["median_s"]
+    out["optimized_prefill"]["gflops"] = flops / out["optimized_prefill"]["median_s"] / 1e9
+    out["optimized_decode"]["tok_per_s"] = 1 / out["optimized_decode"]["median_s_per_token"]
+    if sgemm:
+        out["optimized_prefill"]["fraction_of_sgemm"] = out["optimized_prefill"]["gflops"] / sgemm
+    if "hf_prefill" in out:
+        out["hf_prefill"]["tok_per_s"] = T / out["hf_prefill"]["median_s"]
+        out["hf_prefill"]["gflops"] = flops / out["hf_prefill"]["median_s"] / 1e9
+        out["hf_decode"]["tok_per_s"] = 1 / out["hf_decode"]["median_s_per_token"]
+        out["prefill_speedup_vs_hf"] = out["hf_prefill"]["median_s"] / out["optimized_prefill"]["median_s"]
+        out["decode_speedup_vs_hf"] = out["hf_decode"]["median_s_per_token"] / out["optimized_decode"][
+            "median_s_per_token"]
+    log(f"  model: prefill {out['optimized_prefill']['tok_per_s']:.0f} tok/s, decode "
+        f"{out['optimized_decode']['tok_per_s']:.1f} tok/s")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the whole run
+# ----------------------------------------------------------------------------------------------------------------
+
+GOALS = {
+    "gdn_prefill_fraction_of_sgemm": 0.5,
+    "gdn_prefill_speedup_vs_hf": 2.5,
+    "decode_kernel_speedup_vs_reference": 4.0,
+    "model_prefill_fraction_of_sgemm": 0.8,
+    "model_prefill_speedup_vs_hf": 1.2,
+    "model_decode_speedup_vs_hf": 2.0,
+}
+
+
+def goals_report(res: dict) -> dict:
+    """Each issue-5 goal: target, measured value, met or not (GDN prefill judged at T = 2048 and 4096)."""
+    rep = {}
+    big = [r for r in res.get("gdn_prefill", []) if r["T"] >= 2048] or res.get("gdn_prefill", [])
+    if big:
+        frac = min(r["optimized"].get("fraction_of_sgemm", 0.0) for r in big)
+        rep["gdn_prefill_fraction_of_sgemm"] = frac
+        if all("speedup_vs_hf" in r for r in big):
+            rep["gdn_prefill_speedup_vs_hf"] = min(r["speedup_vs_hf"] for r in big)
+    if "decode" in res:
+        rep["decode_kernel_speedup_vs_reference"] = res["decode"]["kernel_speedup"]
+    m = res.get("model")
+    if m:
+        if "fraction_of_sgemm" in m["optimized_prefill"]:
+            rep["model_prefill_fraction_of_sgemm"] = m["optimized_prefill"]["fraction_of_sgemm"]
+        if "prefill_speedup_vs_hf" in m:
+            rep["model_prefill_speedup_vs_hf"] = m["prefill_speedup_vs_hf"]
+            rep["model_decode_speedup_vs_hf"] = m["decode_speedup_vs_hf"]
+    return {k: {"target": GOALS[k], "measured": v, "met": v >= GOALS[k]} for k, v in rep.items()}
+
+
+def run_all(*, quick: bool = False, parts=("gdn", "decode", "model"), log=print) -> dict:
+    _single_thread()
+    res = {"machine": machine_info(), "quick": quick}
+    log(f"machine: {res['machine']['cpu']}, torch {res['machine']['torch']}, 1 thread")
+    res["sgemm"] = sgemm_rate(1024 if quick else 2048, repeats=3 if quick else 7)
+    sg = res["sgemm"]["gflops"]
+    log(f"  sgemm: {sg:.1f} GFLOP/s")
+    if "gdn" in parts:
+        res["gdn_prefill"] = bench_gdn_prefill((512, 2048) if quick else (512, 2048, 4096), quick=quick, sgemm=sg,
+                                               log=log)
+    if "decode" in parts:
+        res["decode"] = bench_decode_step(quick=quick, log=log)
+    if "model" in parts:
+        res["model"] = bench_model(quick=quick, sgemm=sg, log=log)
+    res["sgemm_end"] = sgemm_rate(1024 if quick else 2048, repeats=3 if quick else 5)
+    res["goals"] = goals_report(res)
+    return res
+
+
+def format_table(res: dict) -> str:
+    """The human-readable summary of a run_all result."""
+    L = []
+    sg = res["sgemm"]["gflops"]
+    L.append(f"sgemm (1 thread, fp32, n={res['sgemm']['n']}): {sg:.1f} GFLOP/s at start, "
+             f"{res.get('sgemm_end', {}).get('gflops', float('nan')):.1f} at end")
+    if "gdn_prefill" in res:
+        L.append("")
+        L.append("(a) gated delta rule prefill core, H_v=16, D=128, fp32, 1 thread  [ms; GF/s on chunked FLOPs; % sgemm]")
+        L.append(f"{'T':>6} {'GFLOP':>7} | {'optimized':>22} | {'HF torch fallback':>22} | {'ref NumPy chunked':>22} |"
+                 f" {'ref NumPy per-token':>22}")
+        for r in res["gdn_prefill"]:
+            cells = []
+            for name in ("optimized", "hf_torch_fallback", "reference_chunked_f32", "reference_per_token_f32"):
+                if name in r:
+                    x = r[name]
+                    cells.append(f"{x['median_s'] * 1e3:8.1f} {x['gflops_on_chunked_flops']:5.1f} "
+                                 f"{100 * x.get('fraction_of_sgemm', 0):5.1f}%")
+                else:
+                    cells.append(f"{'-':>22}")
+            L.append(f"{r['T']:>6} {r['flops_chunked'] / 1e9:7.2f} | " + " | ".join(cells))
+    if "decode" in res:
+        d = res["decode"]
+        L.append("")
+        L.append("(b) decode step (B=1), H_v=16, D=128, fp32, 1 thread  [µs per step]")
+        L.append(f"  rule (in-place pool update): optimized {d['kernel_optimized']['median_s'] * 1e6:.1f}  reference "
+                 f"{d['kernel_reference_f32']['median_s'] * 1e6:.1f}  -> {d['kernel_speedup']:.1f}x   (floor: "
+                 f"{d['kernel_bytes_floor'] / 1e6:.1f} MB of state read+written)")
+        L.append(f"  whole GDN layer (hidden {d['layer_hidden']}): optimized {d['layer_optimized']['median_s'] * 1e6:.1f}"
+                 f"  reference {d['layer_reference_f32']['median_s'] * 1e6:.1f}  -> {d['layer_speedup']:.1f}x")
+    if "model" in res:
+        m = res["model"]
+        L.append("")
+        L.append(f"(c) whole model: {m['geometry']}")
+        L.append(f"  prefill T={m['prefill_T']} ({m['prefill_flops'] / 1e9:.1f} GFLOP): optimized "
+                 f"{m['optimized_prefill']['tok_per_s']:.0f} tok/s ({m['optimized_prefill']['gflops']:.1f} GF/s, "
+                 f"{100 * m['optimized_prefill'].get('fraction_of_sgemm', 0):.0f}% sgemm)" + (
+                     f"; transformers {m['hf_prefill']['tok_per_s']:.0f} tok/s ({m['hf_prefill']['gflops']:.1f} GF/s)"
+                     f" -> {m['prefill_speedup_vs_hf']:.2f}x" if "hf_prefill" in m else ""))
+        L.append(f"  decode (context {m['decode_context']}, {m['decode_steps']} steps, B=1): optimized "
+                 f"{m['optimized_decode']['tok_per_s']:.1f} tok/s" + (
+                     f"; transformers {m['hf_decode']['tok_per_s']:.1f} tok/s -> {m['decode_speedup_vs_hf']:.2f}x"
+                     if "hf_decode" in m else ""))
+    if res.get("goals"):
+        L.append("")
+        L.append("goals (issue 5):")
+        for k, g in res["goals"].items():
+            L.append(f"  {k:38s} target {g['target']:>5}  measured {g['measured']:.2f}  "
+                     f"{'MET' if g['met'] else 'missed'}")
+    L.append("")
+    L.append("note: " + SHARED_NOTE)
+    return "\n".join(L)
+
+
+def write_json(res: dict, path) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(res, indent=2, default=float))
+    return p
