@@ -10,7 +10,8 @@ entries masked to 0, β = σ(·), q and k raw — the rule L2-normalises them):
    rounding the inputs.  The float64 reference chunked form is included as the floor (≈ 1e-15).
 2. **Decode drift.**  `steps` decode steps through `fused_recurrent_gated_delta_rule_update` (one token per step,
    state in a slot pool; q/k/v values rounded to bf16 but carried in fp32 so that the outputs are not rounded),
-   with the state kept in fp32, or rounded to bf16 after every step (what an engine that
+   with the state kept in fp32, or rounded to bf16 after every step, for a short-memory (g/16) and a long-memory
+   (g/256) decay (what an engine that
    stores its recurrent state in bf16 does; PITFALLS B8: SGLang, vLLM and mlx-lm all saw the difference).  Each
    step's output is compared with the float64 recurrence over the same inputs.
 
@@ -243,6 +244,9 @@ def run_accuracy(*, quick: bool = False, lengths=None, steps: int | None = None,
     t0 = time.perf_counter()
     by_length = accuracy_by_length(lengths, shape=shape, seed=seed, device=device, progress=progress)
     drift = decode_drift(steps, shape=shape, seed=seed + 1, device=device, progress=progress)
+    # A long-memory regime too (mean g ≈ −0.003: a horizon of a few hundred tokens, like slow-decay heads).
+    drift_slow = decode_drift(steps, shape=shape, seed=seed + 2, gate_normalizer=256.0, device=device,
+                              progress=progress)
     return {
         "kind": "accuracy",
         "schema": 1,
@@ -258,6 +262,7 @@ def run_accuracy(*, quick: bool = False, lengths=None, steps: int | None = None,
         },
         "by_length": by_length,
         "drift": drift,
+        "drift_slow_decay": drift_slow,
     }
 
 

@@ -215,27 +215,34 @@ def plot_accuracy(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: s
 
 
 def plot_drift(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: str = "drift") -> list[Path]:
-    """Per-step relative RMS error of decode outputs vs float64: fp32 state vs a state rounded to bf16 each step."""
-    d = data["drift"]
-    fig, ax = plt.subplots(figsize=(9, 4.6))
+    """Per-step relative RMS error of decode outputs vs float64: fp32 state vs a state rounded to bf16 each step,
+    for each decay regime in the JSON (short memory: solid; long memory: dashed)."""
+    runs = [data[k] for k in ("drift", "drift_slow_decay") if data.get(k)]
+    fig, ax = plt.subplots(figsize=(9.5, 4.8))
     colors = {"float32": "tab:green", "bfloat16": "tab:red"}
-    for state, errs in d["rel_rms"].items():
-        e = np.asarray(errs)
-        steps = np.arange(1, len(e) + 1)
-        ax.plot(steps, e, color=colors.get(state), alpha=0.25, lw=0.6)
-        w = max(1, len(e) // 64)  # a running mean makes the trend readable
-        smooth = np.convolve(e, np.ones(w) / w, mode="valid")
-        ax.plot(steps[w - 1:], smooth, color=colors.get(state), lw=2, label=f"{state} state (running mean of {w})")
+    for run, ls in zip(runs, ("-", "--")):
+        for state, errs in run["rel_rms"].items():
+            e = np.asarray(errs)
+            steps = np.arange(1, len(e) + 1)
+            ax.plot(steps, e, color=colors.get(state), alpha=0.18, lw=0.5)
+            w = max(1, len(e) // 64)  # a running mean makes the trend readable
+            smooth = np.convolve(e, np.ones(w) / w, mode="valid")
+            ax.plot(steps[w - 1:], smooth, ls, color=colors.get(state), lw=2,
+                    label=f"{state} state, g = logσ(·)/{run['gate_normalizer']:g} (running mean of {w})")
+    d = runs[0]
+    ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("decode step")
     ax.set_ylabel("relative RMS error of the step's output vs float64")
-    ax.set_title(f"Decode drift over {d['steps']} steps: recurrent state in fp32 vs bf16 (PITFALLS B8)",
+    ax.set_title(f"Decode drift over {d['steps']} steps: recurrent state kept in fp32 vs bf16 (PITFALLS B8)",
                  fontsize=10)
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    return _finish(fig, data["meta"], out_dir, stem, formats,
-                   extra=f"q/k/v values rounded to {d['input_dtype']} (fp32 outputs), batch {d['batch']}, g = logsigmoid(·)/{d['gate_normalizer']:g}")
+    meta = {k: v for k, v in data["meta"].items() if k != "dtypes"}
+    return _finish(fig, meta, out_dir, stem, formats,
+                   extra=f"q/k/v values rounded to {d['input_dtype']}, carried and output in fp32; batch {d['batch']}; "
+                         f"one decode step per token through fused_recurrent_gated_delta_rule_update")
 
 
 # ------------------------------------------------------------------------------------------------ speed

@@ -31,10 +31,14 @@ def run(args) -> int:
     print(f"accuracy vs the float64 oracle on {m['device_name']} (torch {m['torch']}, numpy {m['numpy']}); "
           f"shape {m['shape']}")
     print(accuracy_table(data, "o"))
-    d = data["drift"]
-    print(f"\ndecode drift over {d['steps']} steps ({d['input_dtype']} inputs), mean rel. RMS error of the output:")
-    for state, s in d["summary"].items():
-        print(f"  {state:>8} state: first 64 steps {s['first_64_mean']:.2e}, last 64 steps {s['last_64_mean']:.2e}, "
-              f"max {s['max']:.2e}")
+    for key in ("drift", "drift_slow_decay"):
+        d = data.get(key)
+        if not d:
+            continue
+        print(f"\ndecode drift over {d['steps']} steps (q/k/v rounded to {d['input_dtype']}, "
+              f"g = logsigmoid(.)/{d['gate_normalizer']:g}), mean rel. RMS error of the output:")
+        for state, s in d["summary"].items():
+            print(f"  {state:>8} state: first 64 steps {s['first_64_mean']:.2e}, last 64 steps "
+                  f"{s['last_64_mean']:.2e}, max {s['max']:.2e}")
     print(f"\nwrote {out}  ({m['seconds']} s); plot it with: qwen35 plot")
     return 0
