@@ -220,3 +220,17 @@ def test_optimized_tower_matches_reference(tiny):
     pre = vision_inputs(GRIDS, vc)
     again = tower32(torch.from_numpy(pv), GRIDS, inputs=pre)
     assert torch.equal(again, got32)
+
+
+def test_moe_checkpoint_tower_matches_hf(tmp_path):
+    """qwen3_5_moe carries the same tower (HF `Qwen3_5MoeVisionModel`)."""
+    d = make_hf_checkpoint(tmp_path, kind="multimodal_moe", seed=1)
+    cfg = tiny_config("multimodal_moe")
+    vis, _ = split_visual_state_dict(load_file(str(d / "model.safetensors")))
+    hf = load_hf_model(d)
+    grid = GRIDS[:2]
+    pv = _pixels(grid, cfg.vision_config, seed=6)
+    with torch.no_grad():
+        want = hf.model.visual(torch.from_numpy(pv), grid_thw=torch.from_numpy(grid)).pooler_output
+    got = vision_tower(pv, grid, VisionWeights.from_state_dict(vis, cfg.vision_config), cfg.vision_config)
+    assert_close("moe-checkpoint vision merged", got, want, "f32")
