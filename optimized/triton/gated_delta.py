@@ -21,6 +21,8 @@ v1 (this file)
     sequence boundary (PITFALLS B13); the tail chunk's G_C is read at the last *valid* token and padded rows load
     k = q = v = g = β = 0 (PITFALLS B15).  e^{Gi−Gj} is only evaluated on the lower triangle (the argument is
     masked to 0 before exp, so no inf·0 = NaN upstairs; PITFALLS B6).
+  Head counts and widths are runtime arguments (only block sizes and flags are constexpr), so one compiled
+  variant serves every shape with the same power-of-two block sizes (few recompiles on a GPU).
   Assumes: D_k ≤ 256 and D_v ≤ 256 (whole rows in registers; BK = next_pow2(D_k) ≥ 16), chunk_size ∈ {16, 32,
   64}, fp32 state and fp32 scratch whatever the input dtype, matmuls in IEEE fp32 for fp32 inputs and TF32 for
   bf16/fp16 inputs (the interpreter ignores input_precision).  Block sizes are fixed heuristics (no autotune: it
@@ -113,7 +115,7 @@ def _gdn_chunk_prep_kernel(
     chunk_ptr,  # [n_chunks, 2] int32: (first token, end token) of each chunk
     w_ptr, u_ptr, aqk_ptr, gcum_ptr,  # scratch fp32: [T, H_v, D_k], [T, H_v, D_v], [T, H_v, C], [T, H_v]
     scale,
-    H_K: tl.constexpr, H_V: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
+    H_K, H_V, D_K, D_V,  # runtime: one compile serves every head count / width within a block size
     C: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BVA: tl.constexpr,
     USE_L2: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -169,7 +171,7 @@ def _gdn_chunk_state_output_kernel(
     cu_ptr,  # [N+1] int32
     h0_ptr, o_ptr, ht_ptr,  # [N, H_v, D_k, D_v], [T, H_v, D_v], [N, H_v, D_k, D_v]
     scale,
-    H_K: tl.constexpr, H_V: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
+    H_K, H_V, D_K, D_V,  # runtime: one compile serves every head count / width within a block size
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     USE_L2: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -241,7 +243,7 @@ def _gdn_token_step(S, q, k, v, g, beta, scale, USE_L2: tl.constexpr):
 def _gdn_recurrent_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, cu_ptr, h0_ptr, o_ptr, ht_ptr,
     scale,
-    H_K: tl.constexpr, H_V: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
+    H_K, H_V, D_K, D_V,  # runtime: one compile serves every head count / width within a block size
     BK: tl.constexpr, BV: tl.constexpr,
     USE_L2: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
 ):
@@ -280,7 +282,7 @@ def _gdn_decode_kernel(
     pool_ptr,  # [S, H_v, D_k, D_v] updated in place
     o_ptr,  # [B, H_v, D_v]
     scale,
-    H_K: tl.constexpr, H_V: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
+    H_K, H_V, D_K, D_V,  # runtime: one compile serves every head count / width within a block size
     BK: tl.constexpr, BV: tl.constexpr, USE_L2: tl.constexpr,
 ):
     i_b = tl.program_id(0).to(tl.int64)
@@ -421,7 +423,7 @@ def chunk_gated_delta_rule(
         ht if ht is not None else w, scale,
         H_K=H_k, H_V=H_v, D_K=D_k, D_V=D_v, C=C, BK=BK, BV=BV,
         USE_L2=bool(use_qk_l2norm), HAS_H0=h0 is not None, STORE_HT=ht is not None, PREC=PREC,
-        num_warps=4,
+        num_warps=4, num_stages=2,  # 3 stages of fp32 W/U/q/k tiles need 287 KB of shared memory (> 227 KB)
     )
     return o, ht
 
