@@ -1,0 +1,158 @@
+"""Tokenizers for `qwen35 generate`: a built-in byte-level one, and a checkpoint's own `tokenizer.json`.
+
+    tok = load_tokenizer(directory)       # tokenizer.json via `tokenizers` when present, else ByteTokenizer
+    ids = tok.encode("Hello")             # list[int]
+    text = tok.decode(ids)
+    tok.eos_token_ids                     # ids that end generation
+
+`ByteTokenizer`: token id b (0..255) is the byte b of the UTF-8 text; ids 256.. are special tokens
+(`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, `<|pad|>`).  The bundled demo model uses it, and its directory
+also carries an equivalent `tokenizer.json` (a byte-level BPE without merges, written by `byte_tokenizer_json`)
+so that the `tokenizers` path gives the very same ids.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["ByteTokenizer", "HFTokenizer", "load_tokenizer", "byte_tokenizer_json", "BYTE_SPECIAL_TOKENS",
+           "bytes_to_unicode"]
+
+BYTE_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """The GPT-2 byte-level alphabet: each byte maps to a printable unicode character (so BPE vocabularies can
+    hold every byte as a string).  Printable Latin-1 bytes map to themselves; the others to U+0100 onwards."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 0..255, special tokens from 256 (see the module docstring)."""
+
+    def __init__(self, special_tokens=BYTE_SPECIAL_TOKENS, eos_token: str = "<|endoftext|>"):
+        self.special_tokens = tuple(special_tokens)
+        self._special_ids = {t: 256 + i for i, t in enumerate(self.special_tokens)}
+        self.eos_token = eos_token
+
+    @property
+    def vocab_size(self) -> int:
+        return 256 + len(self.special_tokens)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return [self._special_ids[self.eos_token]] if self.eos_token in self._special_ids else []
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._special_ids.get(token)
+
+    def encode(self, text: str) -> list[int]:
+        """UTF-8 bytes of `text`; special-token strings inside it become their ids."""
+        ids: list[int] = []
+        i = 0
+        while i < len(text):
+            for tok, tid in self._special_ids.items():
+                if text.startswith(tok, i):
+                    ids.append(tid)
+                    i += len(tok)
+                    break
+            else:
+                j = i
+                while j < len(text) and not any(text.startswith(t, j) for t in self._special_ids):
+                    j += 1
+                ids.extend(text[i:j].encode("utf-8"))
+                i = j
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        out, pending = [], bytearray()
+        names = {v: k for k, v in self._special_ids.items()}
+        for t in ids:
+            t = int(t)
+            if 0 <= t < 256:
+                pending.append(t)
+                continue
+            out.append(pending.decode("utf-8", errors="replace"))
+            pending = bytearray()
+            if t in names and not skip_special_tokens:
+                out.append(names[t])
+            elif t not in names:
+                out.append("\ufffd")  # an id this tokenizer does not know
+        out.append(pending.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+
+class HFTokenizer:
+    """A checkpoint's `tokenizer.json`, through the `tokenizers` library (no transformers needed)."""
+
+    def __init__(self, directory):
+        from tokenizers import Tokenizer
+
+        directory = Path(directory)
+        self._tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        cfg_path = directory / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        eos = cfg.get("eos_token")
+        if isinstance(eos, dict):
+            eos = eos.get("content")
+        self.eos_token = eos
+        self._eos_ids = []
+        if eos is not None and self._tok.token_to_id(eos) is not None:
+            self._eos_ids.append(self._tok.token_to_id(eos))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return list(self._eos_ids)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+
+def load_tokenizer(directory=None):
+    """`tokenizer.json` of `directory` through `tokenizers` when it exists, else the built-in ByteTokenizer."""
+    if directory is not None and (Path(directory) / "tokenizer.json").exists():
+        return HFTokenizer(directory)
+    return ByteTokenizer()
+
+
+def byte_tokenizer_json(special_tokens=BYTE_SPECIAL_TOKENS) -> str:
+    """A `tokenizer.json` (the `tokenizers` format) equivalent to ByteTokenizer: byte-level BPE, no merges,
+    byte b -> id b, special tokens from 256."""
+    alphabet = bytes_to_unicode()
+    vocab = {alphabet[b]: b for b in range(256)}
+    added = [{"id": 256 + i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for i, t in enumerate(special_tokens)]
+    spec = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+                          "use_regex": False},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": []},
+    }
+    return json.dumps(spec, ensure_ascii=False, indent=1) + "\n"
