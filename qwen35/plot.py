@@ -4,12 +4,14 @@
 |--------------------------|--------------------------------|---------------------------------------------|
 | memory.json              | `memory_sweep()` (this file)   | memory.png/.svg   max batch vs memory budget |
 | accuracy.json            | `qwen35 accuracy`              | accuracy.png, drift.png                      |
-| bench*.json              | `qwen35 bench`                 | speed.png, crossover.png                     |
+| crossover.json           | `crossover_sweep()` (this file) | crossover.png  chunked vs per-token by T     |
+| docs/bench_cpu.json      | `qwen35 bench`                 | speed.png                                    |
 
 Every figure carries a footer with the machine, the versions and the dtypes read from the JSON's `meta`, so a
 plot never travels without the conditions it was measured under.  matplotlib runs headless (Agg).
 
     qwen35 plot                       # refresh memory.json, render every known JSON in results/ to docs/plots/
+    qwen35 plot --measure-crossover   # also time chunked vs per-token (a minute, one thread) -> crossover.json
 """
 from __future__ import annotations
 
@@ -246,80 +248,191 @@ def plot_drift(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: str 
 
 
 # ------------------------------------------------------------------------------------------------ speed
-def _speed_rows(data: dict) -> list[dict]:
-    """Normalise a bench JSON to rows {impl, T, tokens_per_s, seconds, batch, dtype, phase}."""
-    rows = data.get("rows") or data.get("results") or []
-    out = []
-    for r in rows:
-        T = r.get("T", r.get("seq_len", r.get("tokens")))
-        sec = r.get("seconds", r.get("time_s", r.get("latency_s")))
-        tps = r.get("tokens_per_s")
-        if tps is None and sec:
-            tps = r.get("batch", 1) * T / sec
-        if T is None or tps is None:
-            continue
-        out.append({"impl": r.get("impl", r.get("implementation", "?")), "T": T, "tokens_per_s": tps,
-                    "seconds": sec if sec is not None else r.get("batch", 1) * T / tps,
-                    "phase": r.get("phase", r.get("op", "")), "dtype": r.get("dtype", "")})
-    return out
+# `qwen35 bench` (qwen35/bench.py, the bench engineer's) writes {"machine", "sgemm", "gdn_prefill": [rows], "decode",
+# "model", "goals"}; a row of gdn_prefill is {"T", "H_v", "D", "flops_chunked", <impl>: {"median_s", ...}}.
+BENCH_IMPLS = {  # JSON key -> (label, colour)
+    "optimized": ("optimized torch, chunked (fp32)", "tab:blue"),
+    "hf_torch_fallback": ("transformers torch fallback, chunked", "tab:purple"),
+    "reference_chunked_f32": ("reference NumPy, chunked (fp32)", "0.45"),
+    "reference_per_token_f32": ("reference NumPy, per token (fp32)", "0.7"),
+}
 
 
-def plot_speed(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: str = "speed") -> list[Path]:
-    """Tokens/s vs sequence length, one line per implementation (and phase, when the JSON has several)."""
-    rows = _speed_rows(data)
+def is_bench(data: dict) -> bool:
+    return "gdn_prefill" in data or data.get("kind") == "bench"
+
+
+def bench_meta(data: dict) -> dict:
+    """The bench JSON's `machine` block in the footer's vocabulary."""
+    m = data.get("machine") or data.get("meta") or {}
+    meta = dict(m)
+    if "cpu" in m:
+        meta["device_name"] = f"CPU: {m['cpu']} ({m.get('torch_threads', '?')} thread)"
+    if "date" in m and "date_utc" not in m:
+        meta["date_utc"] = m["date"]
+    sg = data.get("sgemm", {}).get("gflops")
+    meta["dtype_note"] = "float32" + (f"; sgemm {sg:.0f} GFLOP/s on this machine" if sg else "") + (
+        "; " + m["note"] if m.get("note") else "")
+    return meta
+
+
+def plot_speed(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: str = "speed"):
+    """Left: gated delta rule prefill, tokens/s vs T per implementation.  Right (when the bench ran the whole
+    model): prefill and decode tokens/s, optimized vs transformers."""
+    rows = data.get("gdn_prefill") or []
     if not rows:
-        raise ValueError("bench JSON has no rows with a sequence length and a time")
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for key in sorted({(r["impl"], r["phase"], r["dtype"]) for r in rows}):
-        sel = sorted((r for r in rows if (r["impl"], r["phase"], r["dtype"]) == key), key=lambda r: r["T"])
-        label = " ".join(str(k) for k in key if k)
-        ax.plot([r["T"] for r in sel], [r["tokens_per_s"] for r in sel], "-o", ms=4, label=label)
+        raise ValueError("bench JSON has no gdn_prefill rows")
+    model = data.get("model")
+    fig, axs = plt.subplots(1, 2 if model else 1, figsize=(13 if model else 8.5, 5),
+                            gridspec_kw={"width_ratios": [1.5, 1]} if model else None)
+    ax = axs[0] if model else axs
+    for key, (label, color) in BENCH_IMPLS.items():
+        pts = [(r["T"], r["T"] / r[key]["median_s"]) for r in rows if key in r]
+        if pts:
+            T, tps = zip(*sorted(pts))
+            ax.plot(T, tps, "-o", color=color, label=label, ms=5)
+    r0 = rows[0]
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length T (tokens)")
-    ax.set_ylabel("tokens / s")
-    ax.set_title("Speed per implementation", fontsize=10)
+    ax.set_ylabel("tokens / s (one layer's gated delta rule)")
+    ax.set_title(f"Gated delta rule prefill, H_v = {r0.get('H_v')}, D = {r0.get('D')}, B = 1", fontsize=10)
     ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=7)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    return _finish(fig, data.get("meta", {}), out_dir, stem, formats)
+    ax.legend(fontsize=8)
+    if model:
+        a2 = axs[1]
+        labels, vals, cols = [], [], []
+        for phase in ("prefill", "decode"):
+            for impl, color in (("optimized", "tab:blue"), ("hf", "tab:purple")):
+                k = f"{impl}_{phase}"
+                if k in model and "tok_per_s" in model[k]:
+                    labels.append(f"{'optimized' if impl == 'optimized' else 'transformers'}\n{phase}")
+                    vals.append(model[k]["tok_per_s"])
+                    cols.append(color)
+        a2.bar(range(len(vals)), vals, color=cols)
+        for i, v in enumerate(vals):
+            a2.text(i, v, f"{v:,.0f}" if v >= 10 else f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+        a2.set_xticks(range(len(vals)))
+        a2.set_xticklabels(labels, fontsize=8)
+        a2.set_yscale("log")
+        a2.set_ylabel("tokens / s")
+        a2.set_title(f"Whole model ({str(model.get('geometry', ''))[:48]})", fontsize=9)
+        a2.grid(True, axis="y", which="both", alpha=0.25)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return _finish(fig, bench_meta(data), out_dir, stem, formats)
 
 
-def plot_crossover(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: str = "crossover") -> list[Path]:
-    """Latency of the chunked vs the per-token recurrent form by T, with the crossover marked (PITFALLS B21)."""
-    rows = [r for r in _speed_rows(data) if r["phase"] in ("chunk", "recurrent") or "chunk" in r["impl"]
-            or "recurrent" in r["impl"]]
+def crossover_sweep(lengths=None, *, H_v: int = 16, D: int = 128, quick: bool = False, repeats: int = 3,
+                    progress: bool = True) -> dict:
+    """Time the chunked and the per-token forms of the gated delta rule for T = 1 … 2048 (one thread, fp32).
+
+    Implementations: optimized torch chunked / recurrent, reference NumPy chunked / per-token (float32).  Median of
+    `repeats` calls after one warm-up.  Written to results/crossover.json by `qwen35 plot --measure-crossover`.
+    """
+    import statistics
+
+    import torch
+    from tqdm.auto import tqdm
+
+    import optimized.gated_delta as ogd
+    import reference.gated_delta as rgd
+    from qwen35.accuracy import gdn_inputs, machine_info
+
+    torch.set_num_threads(1)
+    lengths = list(lengths or ((1, 4, 16, 64, 256) if quick else (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)))
+    impls = {
+        "optimized torch chunked": lambda t, x: ogd.chunk_gated_delta_rule(*t[:3], g=t[3], beta=t[4]),
+        "optimized torch recurrent": lambda t, x: ogd.recurrent_gated_delta_rule(*t[:3], g=t[3], beta=t[4]),
+        "reference NumPy chunked": lambda t, x: rgd.chunk_gated_delta_rule(*x[:3], g=x[3], beta=x[4],
+                                                                           dtype=np.float32),
+        "reference NumPy per-token": lambda t, x: rgd.recurrent_gated_delta_rule(*x[:3], g=x[3], beta=x[4],
+                                                                                 dtype=np.float32),
+    }
+    rows = []
+    for T in tqdm(lengths, desc="chunk vs recurrent", disable=not progress, leave=False):
+        d = gdn_inputs(T, 1, T, H_v, H_v, D, D)
+        x = [d[n].astype(np.float32) for n in ("q", "k", "v", "g", "beta")]
+        t = [torch.from_numpy(a) for a in x]
+        for name, fn in impls.items():
+            reps = 1 if (name.startswith("reference") and T >= 512) else repeats
+            with torch.no_grad():
+                fn(t, x)  # warm-up
+                ts = []
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    fn(t, x)
+                    ts.append(time.perf_counter() - t0)
+            rows.append({"impl": name, "T": T, "seconds": statistics.median(ts), "phase": "prefill",
+                         "dtype": "float32"})
+    meta = machine_info("cpu")
+    meta["dtype_note"] = f"float32, one thread, H_v = {H_v}, D_k = D_v = {D}, B = 1, chunk 64; median of {repeats}"
+    return {"kind": "crossover", "schema": 1, "meta": meta, "rows": rows}
+
+
+def crossover_point(data: dict, fast: str = "optimized torch chunked", slow: str = "optimized torch recurrent"):
+    """Smallest T from which `fast` is at least as quick as `slow` (None if never)."""
+    a = {r["T"]: r["seconds"] for r in data["rows"] if r["impl"] == fast}
+    b = {r["T"]: r["seconds"] for r in data["rows"] if r["impl"] == slow}
+    for T in sorted(set(a) & set(b)):
+        if a[T] <= b[T]:
+            return T
+    return None
+
+
+def plot_crossover(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: str = "crossover"):
+    """Latency of the chunked vs the per-token form by T, crossover marked (PITFALLS B21)."""
+    rows = data.get("rows") or []
     if not rows:
-        raise ValueError("bench JSON has no chunk/recurrent rows")
-    fig, ax = plt.subplots(figsize=(9, 5))
-    curves = {}
-    for key in sorted({(r["impl"], r["phase"], r["dtype"]) for r in rows}):
-        sel = sorted((r for r in rows if (r["impl"], r["phase"], r["dtype"]) == key), key=lambda r: r["T"])
-        label = " ".join(str(k) for k in key if k)
-        curves[label] = sel
-        ax.plot([r["T"] for r in sel], [r["seconds"] * 1e3 for r in sel], "-o", ms=4, label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length T (tokens)")
+        raise ValueError("crossover JSON has no rows")
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    styles = {"optimized torch chunked": ("tab:blue", "-o"), "optimized torch recurrent": ("tab:orange", "-o"),
+              "reference NumPy chunked": ("0.45", "--s"), "reference NumPy per-token": ("0.7", "--s")}
+    for name in dict.fromkeys(r["impl"] for r in rows):
+        sel = sorted((r for r in rows if r["impl"] == name), key=lambda r: r["T"])
+        col, st = styles.get(name, (None, "-o"))
+        T = [r["T"] for r in sel]
+        ax.plot(T, [r["seconds"] * 1e3 for r in sel], st, color=col, label=name, ms=4)
+        ax2.plot(T, [r["T"] / r["seconds"] for r in sel], st, color=col, label=name, ms=4)
+    Tx = crossover_point(data)
+    for a in (ax, ax2):
+        a.set_xscale("log", base=2)
+        a.set_yscale("log")
+        a.set_xlabel("sequence length T (tokens)")
+        a.grid(True, which="both", alpha=0.25)
+        if Tx:
+            a.axvline(Tx, color="tab:red", lw=1, ls=":")
+    if Tx:
+        ax.text(Tx, ax.get_ylim()[1], f" chunked wins from T = {Tx}", color="tab:red", fontsize=8, va="top")
     ax.set_ylabel("latency (ms)")
-    ax.set_title("Chunked vs per-token recurrent form", fontsize=10)
-    ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=7)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    ax2.set_ylabel("tokens / s")
+    ax.set_title("Chunked (WY) vs per-token recurrent form", fontsize=10)
+    ax2.set_title("Same runs as throughput", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return _finish(fig, data.get("meta", {}), out_dir, stem, formats)
 
 
 # ------------------------------------------------------------------------------------------------ driver
+BENCH_LOCATIONS = ("docs/bench_cpu.json",)  # where `qwen35 bench` writes by default (besides results/)
+
+
 def render_all(results_dir=RESULTS_DIR, out_dir=PLOTS_DIR, formats=("png", "svg"), refresh_memory: bool = True,
-               log=print) -> list[Path]:
-    """(Re)compute results/memory.json, then render every JSON in `results_dir` whose kind is known."""
+               measure_crossover: bool = False, log=print) -> list[Path]:
+    """(Re)compute results/memory.json (and results/crossover.json if asked), then render every JSON in
+    `results_dir` whose kind is known, plus the bench JSON at its default location."""
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     written: list[Path] = []
     mem_path = results_dir / "memory.json"
     if refresh_memory or not mem_path.exists():
         write_json(memory_sweep(), mem_path)
         log(f"wrote {mem_path}")
-    for path in sorted(results_dir.glob("*.json")):
+    if measure_crossover:
+        write_json(crossover_sweep(), results_dir / "crossover.json")
+        log(f"wrote {results_dir / 'crossover.json'}")
+    paths = sorted(results_dir.glob("*.json"))
+    if results_dir.resolve() == RESULTS_DIR.resolve():
+        paths += [REPO / p for p in BENCH_LOCATIONS if (REPO / p).exists()]
+    for path in paths:
         data = load_json(path)
         kind = data.get("kind")
         if kind == "memory":
@@ -328,17 +441,11 @@ def render_all(results_dir=RESULTS_DIR, out_dir=PLOTS_DIR, formats=("png", "svg"
             suffix = path.stem[len("accuracy"):] if path.stem.startswith("accuracy") else f"_{path.stem}"
             written += plot_accuracy(data, out_dir, formats, stem=f"accuracy{suffix}")
             written += plot_drift(data, out_dir, formats, stem=f"drift{suffix}")
-        elif kind in ("bench", "speed"):
-            stem = path.stem
-            try:
-                written += plot_speed(data, out_dir, formats, stem=f"speed_{stem}" if stem != "bench" else "speed")
-            except ValueError as e:
-                log(f"skipped {path.name} (speed): {e}")
-            try:
-                written += plot_crossover(data, out_dir, formats,
-                                          stem=f"crossover_{stem}" if stem != "bench" else "crossover")
-            except ValueError:
-                pass
+        elif kind == "crossover":
+            written += plot_crossover(data, out_dir, formats, stem=path.stem)
+        elif is_bench(data):
+            stem = "speed" if path.stem in ("bench", "bench_cpu") else f"speed_{path.stem}"
+            written += plot_speed(data, out_dir, formats, stem=stem)
         else:
             log(f"skipped {path.name}: kind {kind!r} has no plot")
     for p in written:

@@ -111,9 +111,13 @@ def test_plot_renders_every_kind_with_its_footer(tmp_path, quick_accuracy):
     res, out = tmp_path / "results", tmp_path / "plots"
     res.mkdir()
     (res / "accuracy.json").write_text(json.dumps(quick_accuracy))
-    bench = {"kind": "bench", "meta": {"device_name": "test machine", "torch": "x"},
-             "rows": [{"impl": impl, "phase": "prefill", "T": T, "seconds": T * c * 1e-6, "dtype": "float32"}
-                      for impl, c in (("reference-chunk", 50), ("optimized-torch", 2)) for T in (64, 256, 1024)]}
+    # The format `qwen35 bench` writes (qwen35/bench.py): machine block + gdn_prefill rows of per-impl timings.
+    bench = {"machine": {"cpu": "test machine", "torch_threads": 1, "torch": "x", "date": "2026-01-01"},
+             "sgemm": {"gflops": 50.0},
+             "gdn_prefill": [{"T": T, "H_v": 16, "D": 128, "optimized": {"median_s": T * 2e-6},
+                              "reference_chunked_f32": {"median_s": T * 5e-5}} for T in (512, 2048)],
+             "model": {"geometry": "tiny", "optimized_prefill": {"tok_per_s": 900.0},
+                       "hf_prefill": {"tok_per_s": 300.0}, "optimized_decode": {"tok_per_s": 50.0}}}
     (res / "bench.json").write_text(json.dumps(bench))
     assert main(["plot", "--results", str(res), "--out", str(out)]) == 0
     for stem in ("memory", "accuracy", "drift", "speed"):
@@ -124,6 +128,7 @@ def test_plot_renders_every_kind_with_its_footer(tmp_path, quick_accuracy):
     svg = (out / "accuracy.svg").read_text()
     assert quick_accuracy["meta"]["torch"] in svg and "float64" in svg  # footer: versions; legend: dtypes
     assert "test machine" in (out / "speed.svg").read_text()
+    assert "reference NumPy, chunked" in (out / "speed.svg").read_text()
     mem = json.loads((res / "memory.json").read_text())
     assert mem["kind"] == "memory" and "27b" in mem["presets"]
 
@@ -159,3 +164,19 @@ def test_committed_memory_results_are_current():
     assert committed["presets"] == json.loads(json.dumps(fresh["presets"])), "run `qwen35 plot` and commit"
     for stem in ("memory", "accuracy", "drift"):
         assert (REPO / "docs" / "plots" / f"{stem}.png").exists(), f"docs/plots/{stem}.png: run `qwen35 plot`"
+
+
+def test_crossover_sweep_times_every_form_and_plots(tmp_path):
+    from qwen35.plot import crossover_point, crossover_sweep, plot_crossover
+
+    d = crossover_sweep((1, 8, 64), H_v=2, D=16, repeats=1, progress=False)
+    impls = {r["impl"] for r in d["rows"]}
+    assert impls == {"optimized torch chunked", "optimized torch recurrent", "reference NumPy chunked",
+                     "reference NumPy per-token"}
+    assert all(r["seconds"] > 0 for r in d["rows"]) and len(d["rows"]) == 12
+    # crossover_point on a constructed case: recurrent linear in T, chunked flat
+    fake = {"rows": [{"impl": "optimized torch chunked", "T": T, "seconds": 1.0} for T in (1, 8, 64)]
+            + [{"impl": "optimized torch recurrent", "T": T, "seconds": T / 10} for T in (1, 8, 64)]}
+    assert crossover_point(fake) == 64
+    paths = plot_crossover(d, tmp_path, ("svg",))
+    assert "one thread" in paths[0].read_text()

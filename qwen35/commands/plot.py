@@ -14,6 +14,9 @@ def add_arguments(parser):
     parser.add_argument("--out", default=str(PLOTS_DIR), metavar="DIR", help=f"output directory (default {PLOTS_DIR})")
     parser.add_argument("--format", nargs="+", default=["png", "svg"], choices=["png", "svg", "pdf"],
                         help="image formats (default png svg)")
+    parser.add_argument("--measure-crossover", action="store_true",
+                        help="first time the chunked vs per-token gated delta rule for T = 1..2048 (about a minute, "
+                             "one thread) and write results/crossover.json")
     parser.add_argument("--no-memory-refresh", action="store_true",
                         help="use the existing memory.json instead of recomputing it")
 
@@ -25,6 +28,7 @@ def run(args) -> int:
 
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    written = render_all(results, Path(args.out), tuple(args.format), refresh_memory=not args.no_memory_refresh)
+    written = render_all(results, Path(args.out), tuple(args.format), refresh_memory=not args.no_memory_refresh,
+                         measure_crossover=args.measure_crossover)
     print(f"{len(written)} files written to {args.out}")
     return 0 if written else 1
