@@ -240,3 +240,39 @@ def test_bf16_rounding_matches_torch(values):
     theirs = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     np.testing.assert_array_equal(ours, theirs)
     np.testing.assert_array_equal(bf16_to_float32(ours), torch.from_numpy(x).to(torch.bfloat16).float().numpy())
+
+
+# ------------------------------------------------------------------------------------------ qwen35's own writer
+@pytest.mark.parametrize("kind", ["dense", "multimodal_moe"])
+def test_writer_output_loads_in_hf_and_reference(tmp_path, kind):
+    from _tolerance import assert_close
+    from hf_checkpoints import hf_logits, tiny_config
+    from reference.checkpoint import write_checkpoint
+    from reference.model import Qwen35Model
+
+    d = write_checkpoint(tmp_path / kind, tiny_config(kind), seed=9)
+    tokens = list(range(3, 40))
+    assert_close(f"writer {kind}", hf_logits(load_hf_model(d), tokens),
+                 Qwen35Model.from_pretrained(d).logits([tokens])[0], "f32_logits")
+
+
+def test_writer_layouts_and_determinism(tmp_path):
+    from hf_checkpoints import tiny_config
+    from reference.checkpoint import write_checkpoint
+
+    config = tiny_config("moe")
+    a = write_checkpoint(tmp_path / "a", config, seed=4)
+    b = write_checkpoint(tmp_path / "b", config, seed=4)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    c = write_checkpoint(tmp_path / "c", config, seed=4, moe_layout="per_expert", max_shard_bytes=20_000)
+    assert len(list(c.glob("model-*.safetensors"))) > 1 and (c / "model.safetensors.index.json").exists()
+    _assert_same(load_weights(a), load_weights(c))
+    h = write_checkpoint(tmp_path / "h", config, seed=4, dtype="bfloat16")
+    tensors, dtypes = read_safetensors(h / "model.safetensors")
+    assert dtypes["model.layers.0.linear_attn.A_log"] == "F32" and dtypes["model.layers.0.linear_attn.norm.weight"] \
+        == "F32" and dtypes["model.layers.0.linear_attn.in_proj_qkv.weight"] == "BF16"
+    wa, wh = load_weights(a), load_weights(h)
+    np.testing.assert_array_equal(wa.layers[0].mixer.A_log, wh.layers[0].mixer.A_log)  # fp32 kept exactly
+    rel = np.abs(wa.layers[0].mixer.in_proj_qkv - wh.layers[0].mixer.in_proj_qkv) / np.abs(
+        wa.layers[0].mixer.in_proj_qkv)
+    assert 0 < rel.max() <= 2.0 ** -8  # bf16 rounding: at most half an ulp of an 8-bit mantissa
