@@ -24,9 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from reference.multimodal import MultimodalPrefill, plan_multimodal_prefill
 from reference.vision import VisionInputs, check_grid_thw, num_patches, vision_inputs
 
-__all__ = ["VisionTower", "vision_rope_cos_sin"]
+__all__ = ["VisionTower", "vision_rope_cos_sin", "multimodal_prefill_inputs"]
 
 _BLOCK_KEYS = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
                "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.linear_fc1.weight", "mlp.linear_fc1.bias",
@@ -152,3 +153,23 @@ class VisionTower:
         y = F.layer_norm(x, (D,), self.m_nw, self.m_nb, eps).reshape(N // vc.merge_unit, vc.merge_unit * D)
         y = F.gelu(F.linear(y, self.m_fc1_w, self.m_fc1_b))  # exact GELU
         return F.linear(y, self.m_fc2_w, self.m_fc2_b)  # [N/m², H_out]
+
+
+def multimodal_prefill_inputs(ctx, tower: VisionTower | None, config) -> MultimodalPrefill:
+    """The optimized twin of `reference.multimodal.multimodal_prefill_inputs`.
+
+    Validation, placeholder rows and MRoPE positions come from `reference.multimodal.plan_multimodal_prefill`
+    (one owner); only the tower runs here.  `embeddings` is a tensor [n, H] on the tower's device and dtype,
+    `image_rows` / `position_ids` stay NumPy int64 (host-side, as the model packs them).
+    """
+    plan = plan_multimodal_prefill(ctx, config)
+    if plan.inputs and tower is None:
+        raise ValueError(f"request {getattr(ctx, 'request_id', '?')!r} carries pixels but no vision tower was given")
+    if not plan.inputs:
+        dev, dt = (tower.device, tower.dtype) if tower is not None else ("cpu", torch.float32)
+        emb = torch.zeros((0, config.hidden_size), device=dev, dtype=dt)
+    else:
+        feats = [tower(pix, g) for _, pix, g in plan.inputs]  # each [Σ t·h·w / m², H]
+        emb = torch.cat(feats)[torch.as_tensor(plan.order, device=tower.device)]
+    return MultimodalPrefill(image_rows=plan.image_rows, embeddings=emb, position_ids=plan.position_ids,
+                             rope_delta=plan.rope_delta)

@@ -27,8 +27,8 @@ from reference.context import TextContext
 from reference.rope import decode_position_ids, get_rope_index, mm_token_types
 from reference.vision import VisionWeights, check_grid_thw, num_merged_tokens, num_patches, vision_tower
 
-__all__ = ["TextAndVisionContext", "VisionWeights", "MultimodalPrefill", "multimodal_prefill_inputs",
-           "split_visual_state_dict"]
+__all__ = ["TextAndVisionContext", "VisionWeights", "MultimodalPrefill", "MultimodalPlan", "plan_multimodal_prefill",
+           "multimodal_prefill_inputs", "split_visual_state_dict"]
 
 
 @dataclass
@@ -99,16 +99,76 @@ def split_visual_state_dict(tensors, prefix: str = "model.visual."):
     return vis, rest
 
 
-def _features(kind, pixels, grid, weights, config, dtype, request_id):
+@dataclass
+class MultimodalPlan:
+    """Everything about a multimodal prompt that does not need the tower (validated, tower-independent).
+
+    inputs:       list of (kind, pixel_values [N_k, C·T_p·P·P], grid_thw [n_k, 3]) to run through the tower, in the
+                  order their features are concatenated (images, then videos)
+    image_rows:   [n] int64 ascending placeholder rows (all kinds)
+    order:        [n] int64 permutation: ascending rows take concatenated feature rows `order`
+    position_ids: [3, T] int64;  rope_delta: int
+    Shared by the reference and the optimized tower (optimized/vision.py), so the checks exist once.
+    """
+
+    inputs: list
+    image_rows: np.ndarray
+    order: np.ndarray
+    position_ids: np.ndarray
+    rope_delta: int
+
+
+def plan_multimodal_prefill(ctx, config) -> MultimodalPlan:
+    """Validate a context against its placeholders and compute its MRoPE positions (no tower run).
+
+    Raises:
+        ValueError when the placeholder count of a modality differs from its feature count (t·h·w/m² per grid),
+        when pixels come without placeholders or placeholders without pixels, or when grids and pixels disagree.
+    """
+    rid = getattr(ctx, "request_id", "?")
+    tokens = ctx.token_array
+    T = tokens.shape[0]
+    if not getattr(config, "is_multimodal", False) or config.vision_config is None:
+        if getattr(ctx, "has_vision_inputs", False):
+            raise ValueError(f"request {rid!r} carries pixels but the model config has no vision tower")
+        return MultimodalPlan([], np.zeros(0, np.int64), np.zeros(0, np.int64), decode_position_ids(0, T), 0)
     vc = config.vision_config
-    g = check_grid_thw(grid, vc.spatial_merge_size)
-    pix = np.asarray(pixels)
-    if pix.ndim != 2 or pix.shape[0] != num_patches(g) or pix.shape[1] != vc.patch_dim:
-        raise ValueError(f"request {request_id!r}: {kind} pixel values have shape {pix.shape}, but grid_thw "
-                         f"{g.tolist()} needs [{num_patches(g)}, {vc.patch_dim}]")
-    if weights is None:
-        raise ValueError(f"request {request_id!r} carries {kind} pixels but no vision weights were given")
-    return g, vision_tower(pix, g, weights, vc, dtype=dtype)  # [Σ t·h·w / m², H]
+    if vc.out_hidden_size != config.hidden_size:
+        raise ValueError(f"vision out_hidden_size {vc.out_hidden_size} != LM hidden_size {config.hidden_size}")
+    types = mm_token_types(tokens, config.image_token_id, config.video_token_id)  # [T] 0 text, 1 image, 2 video
+    inputs, all_rows, grids = [], [], {}
+    for kind, code, pix_name, grid_name in (("image", 1, "pixel_values", "image_grid_thw"),
+                                            ("video", 2, "pixel_values_videos", "video_grid_thw")):
+        rows = np.flatnonzero(types == code)
+        pixels, grid = getattr(ctx, pix_name, None), getattr(ctx, grid_name, None)
+        if pixels is None:
+            if rows.size:
+                raise ValueError(f"request {rid!r}: the prompt holds {rows.size} {kind} placeholder tokens but no "
+                                 f"{kind} pixels were given")
+            continue
+        g = check_grid_thw(grid, vc.spatial_merge_size)
+        if not hasattr(pixels, "shape"):  # a nested list; arrays and (device) tensors keep their type
+            pixels = np.asarray(pixels)
+        shape = tuple(pixels.shape)
+        if len(shape) != 2 or shape[0] != num_patches(g) or shape[1] != vc.patch_dim:
+            raise ValueError(f"request {rid!r}: {kind} pixel values have shape {shape}, but grid_thw "
+                             f"{g.tolist()} needs [{num_patches(g)}, {vc.patch_dim}]")
+        per_grid = num_merged_tokens(g, vc.spatial_merge_size)
+        if int(per_grid.sum()) != rows.size:
+            raise ValueError(
+                f"request {rid!r}: {kind} features and {kind} tokens do not match: the prompt holds {rows.size} "
+                f"{kind} placeholder tokens but grid_thw {g.tolist()} gives {per_grid.tolist()} = "
+                f"{int(per_grid.sum())} merged tokens (expand each placeholder to t·h·w/m² tokens)")
+        inputs.append((kind, pixels, g))
+        all_rows.append(rows)
+        grids[kind] = g
+    rows = np.concatenate(all_rows).astype(np.int64) if all_rows else np.zeros(0, np.int64)
+    order = np.argsort(rows, kind="stable")
+    position_ids, rope_delta = get_rope_index(
+        tokens, mm_token_type_ids=types, image_grid_thw=grids.get("image"), video_grid_thw=grids.get("video"),
+        spatial_merge_size=vc.spatial_merge_size)
+    return MultimodalPlan(inputs=inputs, image_rows=rows[order], order=order, position_ids=position_ids,
+                          rope_delta=int(rope_delta))
 
 
 def multimodal_prefill_inputs(ctx, vision_weights: VisionWeights | None, config, *, dtype=None) -> MultimodalPrefill:
@@ -122,48 +182,14 @@ def multimodal_prefill_inputs(ctx, vision_weights: VisionWeights | None, config,
     Returns:
         MultimodalPrefill.
     Raises:
-        ValueError when the placeholder count of a modality differs from its feature count, when pixels come
-        without placeholders or placeholders without pixels, or when grids and pixels disagree.
+        ValueError as `plan_multimodal_prefill` (checked before the tower runs).
     """
-    rid = getattr(ctx, "request_id", "?")
-    tokens = ctx.token_array
-    T = tokens.shape[0]
-    if not getattr(config, "is_multimodal", False) or config.vision_config is None:
-        if getattr(ctx, "has_vision_inputs", False):
-            raise ValueError(f"request {rid!r} carries pixels but the model config has no vision tower")
-        return MultimodalPrefill(np.zeros(0, np.int64), np.zeros((0, config.hidden_size)),
-                                 decode_position_ids(0, T), 0)
-    types = mm_token_types(tokens, config.image_token_id, config.video_token_id)  # [T] 0 text, 1 image, 2 video
-    pieces = {}
-    grids = {}
-    for kind, code, pix_name, grid_name in (("image", 1, "pixel_values", "image_grid_thw"),
-                                            ("video", 2, "pixel_values_videos", "video_grid_thw")):
-        rows = np.flatnonzero(types == code)
-        pixels, grid = getattr(ctx, pix_name, None), getattr(ctx, grid_name, None)
-        if pixels is None:
-            if rows.size:
-                raise ValueError(f"request {rid!r}: the prompt holds {rows.size} {kind} placeholder tokens but no "
-                                 f"{kind} pixels were given")
-            continue
-        g, feats = _features(kind, pixels, grid, vision_weights, config, dtype, rid)
-        if feats.shape[0] != rows.size:
-            raise ValueError(
-                f"request {rid!r}: {kind} features and {kind} tokens do not match: the prompt holds {rows.size} "
-                f"{kind} placeholder tokens but grid_thw {g.tolist()} gives "
-                f"{num_merged_tokens(g, config.vision_config.spatial_merge_size).tolist()} = {feats.shape[0]} "
-                "merged tokens (expand each placeholder to t·h·w/m² tokens)")
-        if feats.shape[1] != config.hidden_size:
-            raise ValueError(f"vision out_hidden_size {feats.shape[1]} != LM hidden_size {config.hidden_size}")
-        pieces[kind] = (rows, feats)
-        grids[kind] = g
-    if pieces:
-        rows = np.concatenate([r for r, _ in pieces.values()])
-        emb = np.concatenate([f for _, f in pieces.values()])
-        order = np.argsort(rows, kind="stable")
-        rows, emb = rows[order].astype(np.int64), emb[order]
-    else:
-        rows, emb = np.zeros(0, np.int64), np.zeros((0, config.hidden_size))
-    position_ids, rope_delta = get_rope_index(
-        tokens, mm_token_type_ids=types, image_grid_thw=grids.get("image"), video_grid_thw=grids.get("video"),
-        spatial_merge_size=config.vision_config.spatial_merge_size)
-    return MultimodalPrefill(image_rows=rows, embeddings=emb, position_ids=position_ids, rope_delta=int(rope_delta))
+    plan = plan_multimodal_prefill(ctx, config)
+    if plan.inputs and vision_weights is None:
+        raise ValueError(f"request {getattr(ctx, 'request_id', '?')!r} carries pixels but no vision weights "
+                         "were given")
+    feats = [vision_tower(np.asarray(pix), g, vision_weights, config.vision_config, dtype=dtype)
+             for _, pix, g in plan.inputs]  # each [Σ t·h·w / m², H]
+    emb = np.concatenate(feats)[plan.order] if feats else np.zeros((0, config.hidden_size))
+    return MultimodalPrefill(image_rows=plan.image_rows, embeddings=emb, position_ids=plan.position_ids,
+                             rope_delta=plan.rope_delta)

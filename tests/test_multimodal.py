@@ -250,3 +250,25 @@ def test_rgb_image_to_logits_through_the_numpy_preprocessor(ckpt, ref_model):
         want = hf(**_hf_kwargs(toks, kw), use_cache=False).logits[0].double().numpy()
     got = ref_model.logits([TextAndVisionContext("j", toks, **kw)])[0]
     assert_close("logits (preprocessed images)", want, got, "f32_logits")
+
+
+@pytest.mark.parametrize("name", ["two-images", "video"])
+def test_optimized_prefill_inputs_match_reference(ckpt, name):
+    from optimized.vision import VisionTower
+    from optimized.vision import multimodal_prefill_inputs as opt_prefill
+
+    d, _, vw = ckpt
+    vis, _ = split_visual_state_dict(load_file(str(d / "model.safetensors")))
+    toks, kw = _case(name)
+    ref = multimodal_prefill_inputs(TextAndVisionContext("r", toks, **kw), vw, CFG)
+    kw_t = {k: torch.from_numpy(np.asarray(v)) if k.startswith("pixel") else v for k, v in kw.items()}
+    got = opt_prefill(TextAndVisionContext("r", toks, **kw_t), VisionTower.from_state_dict(vis, CFG.vision_config),
+                      CFG)
+    assert torch.is_tensor(got.embeddings) and got.embeddings.dtype == torch.float32
+    np.testing.assert_array_equal(got.image_rows, ref.image_rows)
+    np.testing.assert_array_equal(got.position_ids, ref.position_ids)
+    assert got.rope_delta == ref.rope_delta
+    assert_close(f"optimized prefill embeddings ({name})", ref.embeddings, got.embeddings, "f32")
+    with pytest.raises(ValueError, match="do not match"):
+        extra = V if name == "two-images" else VID
+        opt_prefill(TextAndVisionContext("r", toks[:-4] + [extra] + toks[-4:], **kw_t), None, CFG)
