@@ -173,3 +173,39 @@ def test_greedy_check_rejects_a_real_divergence(pair):
     assert check_greedy_agreement(prompt, good, good, model, hf) is None
     with pytest.raises(AssertionError, match="step 2"):
         check_greedy_agreement(prompt, bad, good, model, hf)
+
+
+# ------------------------------------------------------------------------------------------ divergence report
+@pytest.mark.parametrize("pair", ["moe"], indirect=True)
+def test_divergence_report_within_tolerance_and_finds_an_injected_bug(pair, tmp_path):
+    from qwen35.commands.diverge import hf_trace
+    from reference.divergence import compare_traces, reference_trace, trace_names
+
+    kind, model, hf = pair
+    tokens = _prompts(8)[2]
+    names = trace_names(model.config)
+    theirs = hf_trace(hf, tokens, names)
+    report = compare_traces(reference_trace(model, tokens), theirs)
+    assert report.ok and report.first_divergent is None, report.format()
+    assert [r.name for r in report.rows] == names and report.rows[0].max_abs == 0.0  # embedding lookup is exact
+    # A 1 % error in layer 2's token mixer: layers 0 and 1 stay within tolerance, layer 2 is reported first.
+    broken = Qwen35Model(model.weights, max_batch_size=1)
+    saved = broken.weights.layers[2].mixer.out_proj
+    try:
+        broken.weights.layers[2].mixer.out_proj = saved * 1.01
+        bad = compare_traces(reference_trace(broken, tokens), theirs)
+    finally:
+        broken.weights.layers[2].mixer.out_proj = saved
+    assert bad.first_divergent == "layer 2 (linear)", bad.format()
+    assert [r.ok for r in bad.rows[:3]] == [True, True, True] and "[DIFF]" in bad.format()
+
+
+def test_diverge_command_on_the_demo(capsys):
+    import json
+
+    from qwen35.cli import main
+
+    assert main(["diverge", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["first_divergent"] is None and len(d["rows"]) == 4 + 3
+    assert max(r["rel_rms"] for r in d["rows"]) < 1e-4
