@@ -368,19 +368,24 @@ def _token_step(S, q_t, k_t, v_t, g_t, b_t):
 
     S [M, D_k, D_v] (fp32 view, possibly of a pool); q_t, k_t [M, D_k] (normalised/scaled, compute dtype);
     v_t [M, D_v]; g_t, b_t [M].  Returns o_t [M, D_v].
+    """
+    return _token_step_kq(S, torch.stack([k_t, q_t], dim=1), v_t, g_t, b_t)
+
+
+def _token_step_kq(S, kq, v_t, g_t, b_t):
+    """`_token_step` with k̂ and q̃ stacked: kq [M, 2, D_k] (row 0 = k̂, row 1 = q̃).
 
     One read of S gives both Sᵀk̂ and Sᵀq̃ (before the decay), then
         u = β (v − α Sᵀk̂),   S ← α S + k̂ uᵀ,   o = α Sᵀq̃ + (q̃·k̂) u
-    which equals decay → delta → update → read-out (B1) with a single read-modify-write pass over S.
+    which equals decay → delta → update → read-out (B1) with one read pass and one read-modify-write pass over S
+    (the floor of a decode step: the state is read and written once).
     """
-    alpha = g_t.exp()  # [M]
-    kq = torch.stack([k_t, q_t], dim=1)  # [M, 2, D_k]
+    alpha = g_t.exp()[:, None]  # [M, 1]
     P = torch.bmm(kq, S)  # [M, 2, D_v]  Sᵀk̂ ; Sᵀq̃
-    a = alpha[:, None]
-    u = b_t[:, None] * (v_t - a * P[:, 0])  # [M, D_v]
-    o = a * P[:, 1] + (q_t * k_t).sum(-1, keepdim=True) * u  # [M, D_v]
-    S.mul_(alpha[:, None, None])
-    S.baddbmm_(k_t[:, :, None], u[:, None, :])
+    u = torch.addcmul(v_t, alpha, P[:, 0], value=-1.0).mul_(b_t[:, None])  # [M, D_v]  β (v − α Sᵀk̂)
+    qk = (kq[:, 0] * kq[:, 1]).sum(-1, keepdim=True)  # [M, 1]  q̃·k̂
+    o = torch.addcmul(P[:, 1] * alpha, qk, u)  # [M, D_v]
+    S.mul_(alpha[:, :, None]).addcmul_(kq[:, 0, :, None], u[:, None, :])  # S ← α S + k̂ uᵀ
     return o
 
 
@@ -509,19 +514,25 @@ def fused_recurrent_gated_delta_rule_update(
     cdt = state_pool.dtype
     scale = D_k ** -0.5 if scale is None else float(scale)
     r = H_v // H_k
-    qf, kf = q[:, 0].to(cdt), k[:, 0].to(cdt)  # [B, H_k, D_k]
+    kq = torch.stack([k[:, 0], q[:, 0]], dim=2).to(cdt)  # [B, H_k, 2, D_k]  row 0 = k, row 1 = q
+    mult = torch.tensor([1.0, scale], dtype=cdt, device=kq.device)[:, None]  # [2, 1]  scale only q
     if use_qk_l2norm:
-        qf, kf = l2_norm(qf), l2_norm(kf)
-    qf = qf * scale
+        mult = torch.rsqrt((kq * kq).sum(-1, keepdim=True) + _L2_EPS).mul_(mult)  # [B, H_k, 2, 1]
+    kq = kq * mult
     if r > 1:
-        qf, kf = qf.repeat_interleave(r, dim=1), kf.repeat_interleave(r, dim=1)  # [B, H_v, D_k]
+        kq = kq.repeat_interleave(r, dim=1)  # [B, H_v, 2, D_k]
     vf, gf, bf = v[:, 0].to(cdt), g[:, 0].to(cdt), beta[:, 0].to(cdt)
+    runs = slot_runs(slot_ids)
+    if len(runs) == 1 and runs[0][2] == B:  # the common case: one contiguous run, no padding
+        b0, s0, n = runs[0]
+        o = _token_step_kq(state_pool[s0 : s0 + n].view(n * H_v, D_k, D_v), kq.reshape(n * H_v, 2, D_k),
+                           vf.reshape(-1, D_v), gf.reshape(-1), bf.reshape(-1)).view(B, 1, H_v, D_v)
+        return o.to(v.dtype)
     o = torch.zeros(B, H_v, D_v, dtype=cdt, device=v.device)
-    for b0, s0, n in slot_runs(slot_ids):
-        o[b0 : b0 + n] = _token_step(
+    for b0, s0, n in runs:
+        o[b0 : b0 + n] = _token_step_kq(
             state_pool[s0 : s0 + n].view(n * H_v, D_k, D_v),  # a view: the pool itself is updated
-            qf[b0 : b0 + n].reshape(-1, D_k),
-            kf[b0 : b0 + n].reshape(-1, D_k),
+            kq[b0 : b0 + n].reshape(n * H_v, 2, D_k),
             vf[b0 : b0 + n].reshape(-1, D_v),
             gf[b0 : b0 + n].reshape(-1),
             bf[b0 : b0 + n].reshape(-1),

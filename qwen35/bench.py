@@ -49,6 +49,9 @@ SHARED_NOTE = ("measured on a 2-core machine shared with other engineers' jobs d
 
 
 def _single_thread():
+    # Transparent huge pages for PyTorch's large CPU allocations (a documented c10 setting, read at allocation
+    # time): it removes ~4 KiB page-fault costs on every fresh multi-MB buffer, for every contender in this process.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
@@ -92,6 +95,7 @@ def machine_info() -> dict:
     info = {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch": torch.__version__, "numpy": np.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "blas": "MKL" if torch.backends.mkl.is_available() else "?", "note": SHARED_NOTE,
+            "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:
         import transformers
@@ -397,7 +401,8 @@ def bench_model(*, quick=False, sgemm=None, log=print, prefill_T=None, decode_st
 GOALS = {
     "gdn_prefill_fraction_of_sgemm": 0.5,
     "gdn_prefill_speedup_vs_hf": 2.5,
-    "decode_kernel_speedup_vs_reference": 4.0,
+    "decode_layer_speedup_vs_reference": 4.0,
+    "decode_rule_speedup_vs_reference": 4.0,
     "model_prefill_fraction_of_sgemm": 0.8,
     "model_prefill_speedup_vs_hf": 1.2,
     "model_decode_speedup_vs_hf": 2.0,
@@ -414,7 +419,8 @@ def goals_report(res: dict) -> dict:
         if all("speedup_vs_hf" in r for r in big):
             rep["gdn_prefill_speedup_vs_hf"] = min(r["speedup_vs_hf"] for r in big)
     if "decode" in res:
-        rep["decode_kernel_speedup_vs_reference"] = res["decode"]["kernel_speedup"]
+        rep["decode_layer_speedup_vs_reference"] = res["decode"]["layer_speedup"]
+        rep["decode_rule_speedup_vs_reference"] = res["decode"]["kernel_speedup"]
     m = res.get("model")
     if m:
         if "fraction_of_sgemm" in m["optimized_prefill"]:
