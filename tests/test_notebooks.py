@@ -180,3 +180,41 @@ def test_crossover_sweep_times_every_form_and_plots(tmp_path):
     assert crossover_point(fake) == 64
     paths = plot_crossover(d, tmp_path, ("svg",))
     assert "one thread" in paths[0].read_text()
+
+
+# ---------------------------------------------------------------------------------------------------- compare
+def test_compare_on_the_demo_matches_and_localizes_an_injected_bug(monkeypatch):
+    """`qwen35 compare`: the optimized model matches the reference on the demo; a bug injected into the optimized
+    full-attention layer is reported at that layer, not before it."""
+    import optimized.model as om
+
+    from qwen35.commands._common import DEMO_DIR
+    from qwen35.compare import compare_checkpoint
+
+    tokens = list(range(40, 64))
+    good = compare_checkpoint(DEMO_DIR, tokens, dtypes=("float32",), with_hf=False)
+    (label, rep), = good.reports.items()
+    assert good.ok and rep.first_divergent is None
+    assert [r.name for r in rep.rows][0] == "embedding" and rep.rows[-1].name == "logits"
+    assert max(r.rel_rms for r in rep.rows) < 1e-4 and rep.rows[-1].rel_rms > 0  # fp32 vs fp64: small, not zero
+    assert good.agreement[label].argmax_agree == 1.0
+
+    real = om.gated_attention
+    monkeypatch.setattr(om, "gated_attention", lambda *a, **k: (lambda y, kv: (1.01 * y, kv))(*real(*a, **k)))
+    bad = compare_checkpoint(DEMO_DIR, tokens, dtypes=("float32",), with_hf=False)
+    rep = next(iter(bad.reports.values()))
+    assert not bad.ok
+    assert rep.first_divergent == "layer 3 (full)"
+    assert all(r.ok for r in rep.rows[:4])  # embedding and the three linear layers are still fine
+    text = bad.format()
+    assert "<== first divergence" in text and "layer 3 (full)" in text.split("<== first divergence")[0].splitlines()[-1]
+
+
+@pytest.mark.hf
+def test_compare_command_includes_transformers(capsys):
+    pytest.importorskip("transformers")
+    from qwen35.cli import main
+
+    assert main(["compare", "--prompt-ids", "1,2,3,4,5,6,7,8", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "transformers" in out and "optimized (float32" in out and out.count("all points within tolerance") == 2
