@@ -81,6 +81,19 @@ def test_chunked_prefill_equals_one_prefill(model, n, cuts, seed):
     model.release("r")
 
 
+@pytest.mark.parametrize("T", [2, 3, 4, 5, 63, 64, 65, 129])
+def test_prefill_minus_one_plus_decode_equals_full(model, T):
+    """prefill(T-1) + decode(1) == full(T) around the conv window and the 64-token chunk size (PITFALLS B11)."""
+    _release_all(model)
+    tokens = _prompt(100 + T, T)
+    full = model.logits([tokens])[0]
+    inputs = model.prepare_initial_token_inputs([TextContext("r", tokens[:-1])])
+    assert_close(f"prefill T-1={T - 1}", full[T - 2:T - 1], model.execute(inputs).logits, "f64_exact")
+    inputs = model.prepare_next_token_inputs([tokens[-1]], inputs)
+    assert_close(f"decode at T={T}", full[T - 1:], model.execute(inputs).logits, "f64_exact")
+    model.release("r")
+
+
 def test_decode_steps_equal_full_forward_moe(moe_ckpt):
     m = Qwen35Model.from_pretrained(moe_ckpt, max_batch_size=2)
     a, b = _prompt(1, 20), _prompt(2, 9)
