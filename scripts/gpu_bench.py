@@ -1,0 +1,545 @@
+#!/usr/bin/env python3
+"""GPU benchmarks of the Triton kernels (optimized/triton/) against the torch path and flash-linear-attention.
+
+    python scripts/gpu_bench.py [--out results/gpu_bench.json]     # on a CUDA machine (scripts/gpu_check.sh)
+    python scripts/gpu_bench.py --dry-run [--out /tmp/x.json]       # CPU, Triton interpreter, tiny shapes
+    python scripts/gpu_bench.py --aot-check [--arch 90]             # CPU: compile every kernel for sm_<arch>
+
+Cases (issue 8; PITFALLS B21, B22):
+  * peaks measured in the same run: a bf16 8192³ matmul (TFLOP/s) and a 1 GiB device-to-device copy (GB/s,
+    read + write counted);
+  * chunked prefill, 1 × 8192 tokens at the 27B layer shape (H_k=16, H_v=48, D_k=D_v=128), bf16 q/k/v, fp32 g/β,
+    fp32 final state: Triton vs `optimized.gated_delta` (torch) vs fla's `chunk_gated_delta_rule` when importable;
+  * the decode step at batch 1 / 32 / 256 on a 512-slot fp32 state pool; the Triton kernel timed under CUDA-graph
+    replay and eagerly, the others eagerly; the calls of one timed run are spread over disjoint slot sets so small
+    batches do not just re-hit L2 (B22);
+  * the causal conv1d prefill (8192 × conv_dim 10240) and the gated RMSNorm (8192·48 rows of 128).
+Each row reports ms, achieved TFLOP/s and GB/s from the explicit formulas below, their fraction of the measured
+peaks, and the relative RMS difference of the output against the torch path (and fla) on the same inputs.
+
+FLOP / byte formulas (per call; e = bytes per element of the input dtype; see docs/triton_kernels.md):
+  chunk:  FLOPs = T·H_v·(6·C·K + 4·C·V + 6·K·V + C²/3)          (C = 64 chunk, K = D_k, V = D_v)
+          bytes = T·(2·H_k·K + 2·H_v·V)·e + T·H_v·2·4 + N·H_v·K·V·4   (q, k, v, o, g, β, final state)
+  decode: FLOPs = B·H_v·(6·K·V + 4·K + 2·V);  bytes = 2·B·H_v·K·V·4 + B·(2·H_k·K + 2·H_v·V)·e + 2·B·H_v·4
+  conv:   FLOPs = 2·K·C·T;  bytes = 2·T·C·e + C·K·e;   norm: FLOPs = 8·R·D;  bytes = 3·R·D·e + D·4
+
+The JSON (schema "qwen35.gpu_bench/1") holds meta (GPU, versions, git commit), peaks, one record per
+(case, implementation) and notes; `qwen35 bench` turns it into the GPU rows of docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def _parse():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", nargs="?", default=None, help="JSON path (default results/gpu_bench.json)")
+    p.add_argument("--out", dest="out_opt", default=None, help="JSON path (same as the positional argument)")
+    p.add_argument("--dry-run", action="store_true", help="CPU + Triton interpreter at tiny shapes (plumbing check)")
+    p.add_argument("--aot-check", action="store_true", help="compile every kernel for --arch without a GPU")
+    p.add_argument("--arch", type=int, default=90, help="SM version for --aot-check (default 90 = H100/H200)")
+    p.add_argument("--skip-fla", action="store_true", help="do not try flash-linear-attention")
+    p.add_argument("--skip-torch", action="store_true", help="do not time the torch path (faster)")
+    return p.parse_args()
+
+
+ARGS = _parse() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.dry_run:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+# ------------------------------------------------------------------------------------------------ FLOP / byte models
+
+
+def chunk_flops(T, H_v, K, V, C=64):
+    return T * H_v * (6 * C * K + 4 * C * V + 6 * K * V + C * C / 3)
+
+
+def chunk_bytes(T, N, H_k, H_v, K, V, e):
+    return T * (2 * H_k * K + 2 * H_v * V) * e + T * H_v * 2 * 4 + N * H_v * K * V * 4
+
+
+def decode_flops(B, H_v, K, V):
+    return B * H_v * (6 * K * V + 4 * K + 2 * V)
+
+
+def decode_bytes(B, H_k, H_v, K, V, e):
+    return 2 * B * H_v * K * V * 4 + B * (2 * H_k * K + 2 * H_v * V) * e + 2 * B * H_v * 4
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def time_fn(fn, dev, *, iters=30, warmup=5, graph=False, calls_per_replay=1):
+    """Median milliseconds per call.  CUDA events around each replay (or call); `graph` captures `fn` (which may
+    issue `calls_per_replay` calls) in a CUDA graph first, removing host overhead (B22).  CPU: perf_counter."""
+    if dev.type != "cuda":
+        fn()
+        ts = []
+        for _ in range(max(1, iters)):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return float(np.median(ts)) / calls_per_replay, "wall-clock (CPU, interpreter)"
+    how = "CUDA events"
+    run = fn
+    if graph:
+        try:
+            s = torch.cuda.Stream(dev)
+            s.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(s):
+                for _ in range(3):  # compile + allocator warm-up outside the capture
+                    fn()
+            torch.cuda.current_stream(dev).wait_stream(s)
+            _sync(dev)
+            gr = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(gr):
+                fn()
+            run = gr.replay
+            how = "CUDA-graph replay, CUDA events"
+        except Exception as exc:  # e.g. a host sync inside the op: fall back to eager timing, and say so
+            _sync(dev)
+            how = f"eager (graph capture failed: {type(exc).__name__}: {str(exc)[:80]})"
+            run = fn
+    for _ in range(warmup):
+        run()
+    _sync(dev)
+    ts = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return float(np.median(ts)) / calls_per_replay, how
+
+
+def rel_rms(ref, got):
+    ref, got = ref.detach().double().cpu(), got.detach().double().cpu()
+    den = float(ref.pow(2).mean().sqrt())
+    num = float((ref - got).pow(2).mean().sqrt())
+    return num / den if den else num
+
+
+# ------------------------------------------------------------------------------------------------ peaks
+
+
+def measure_peaks(dev, dry):
+    if dev.type != "cuda":
+        return {"bf16_matmul_tflops": None, "copy_gbps": None, "note": "no CUDA device: peaks not measured"}
+    n = 8192
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    ms, _ = time_fn(lambda: a @ b, dev, iters=20, warmup=5)
+    tflops = 2 * n ** 3 / (ms * 1e-3) / 1e12
+    del a, b
+    src = torch.empty(2 ** 28, device=dev, dtype=torch.float32)  # 1 GiB
+    dst = torch.empty_like(src)
+    ms_c, _ = time_fn(lambda: dst.copy_(src), dev, iters=20, warmup=5)
+    gbps = 2 * src.numel() * 4 / (ms_c * 1e-3) / 1e9  # read + write
+    del src, dst
+    torch.cuda.empty_cache()
+    return {"bf16_matmul_tflops": tflops, "bf16_matmul_shape": [n, n, n], "copy_gbps": gbps,
+            "copy_bytes": 2 * 2 ** 30}
+
+
+# ------------------------------------------------------------------------------------------------ implementations
+
+
+def _import_torch_path():
+    try:
+        import optimized.conv as tc
+        import optimized.gated_delta as tg
+        import optimized.norms as tn
+        return tg, tc, tn, None
+    except Exception as exc:
+        return None, None, None, f"torch path not importable ({type(exc).__name__}: {exc})"
+
+
+def _import_fla():
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
+        from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_rec
+        import fla
+        return fla_chunk, fla_rec, getattr(fla, "__version__", "?"), None
+    except Exception as exc:
+        return None, None, None, f"flash-linear-attention not importable ({type(exc).__name__}: {exc}); skipped"
+
+
+def _fla_chunk_call(fla_chunk, q, k, v, g, beta, H_v):
+    """fla's API; older fla versions need q/k already repeated to the value heads (HF's note)."""
+    try:
+        o, ht = fla_chunk(q, k, v, g=g, beta=beta, output_final_state=True, use_qk_l2norm_in_kernel=True)
+        return (lambda: fla_chunk(q, k, v, g=g, beta=beta, output_final_state=True, use_qk_l2norm_in_kernel=True)), \
+            o, "native GVA"
+    except Exception:
+        r = H_v // q.shape[2]
+        qr, kr = q.repeat_interleave(r, dim=2), k.repeat_interleave(r, dim=2)
+        fn = lambda: fla_chunk(qr, kr, v, g=g, beta=beta, output_final_state=True,  # noqa: E731
+                               use_qk_l2norm_in_kernel=True)
+        o, ht = fn()
+        return fn, o, "q/k repeated to H_v heads outside the timed call (this fla version has no GVA)"
+
+
+# ------------------------------------------------------------------------------------------------ cases
+
+
+def bench_chunk(dev, shapes, impls, records, notes):
+    from tests._factory import gdn_inputs
+    import optimized.triton as tri
+
+    T, H_k, H_v, D = shapes["T"], shapes["H_k"], shapes["H_v"], shapes["D"]
+    dt = shapes["dtype"]
+    x = gdn_inputs(0, 1, T, H_k, H_v, D, D, with_h0=False)
+    q, k = (torch.tensor(a, dtype=dt, device=dev) for a in (x.q, x.k))
+    v = torch.tensor(x.v, dtype=dt, device=dev)
+    g, beta = (torch.tensor(a, dtype=torch.float32, device=dev) for a in (x.g, x.beta))
+    del x
+    e = torch.tensor([], dtype=dt).element_size()
+    flops, nbytes = chunk_flops(T, H_v, D, D), chunk_bytes(T, 1, H_k, H_v, D, D, e)
+    shape = dict(B=1, T=T, H_k=H_k, H_v=H_v, D_k=D, D_v=D, dtype=str(dt).replace("torch.", ""), chunk=64)
+
+    def run_tri():
+        return tri.chunk_gated_delta_rule(q, k, v, g=g, beta=beta, output_final_state=True)
+
+    o_tri, ht_tri = run_tri()
+    ref_o = None
+    if impls["torch"] is not None:
+        o_t, ht_t = impls["torch"].chunk_gated_delta_rule(q, k, v, g=g, beta=beta, output_final_state=True)
+        ref_o = o_t
+    cands = [("triton", run_tri, o_tri, "")]
+    if impls["torch"] is not None and impls["time_torch"]:
+        cands.append(("torch", lambda: impls["torch"].chunk_gated_delta_rule(q, k, v, g=g, beta=beta,
+                                                                             output_final_state=True), ref_o, ""))
+    if impls["fla_chunk"] is not None:
+        try:
+            fn, o_f, how = _fla_chunk_call(impls["fla_chunk"], q, k, v, g, beta, H_v)
+            cands.append(("fla", fn, o_f, how))
+        except Exception as exc:
+            notes.append(f"chunk prefill: fla call failed ({type(exc).__name__}: {str(exc)[:120]})")
+    fla_o = next((out for name, _, out, _ in cands if name == "fla"), None)
+    for name, fn, out, how in cands:
+        ms, timing = time_fn(fn, dev, iters=shapes["iters"], warmup=shapes["warmup"])
+        records.append(_record("gdn_chunk_prefill", name, shape, ms, flops, nbytes, timing, how,
+                               None if ref_o is None else rel_rms(ref_o, out),
+                               rel_rms(fla_o, out) if (fla_o is not None and name == "triton") else None))
+    if ref_o is not None:
+        notes.append(f"chunk prefill: triton vs torch rel RMS o={rel_rms(ref_o, o_tri):.2e}, "
+                     f"final_state={rel_rms(ht_t, ht_tri):.2e}")
+
+
+def bench_decode(dev, shapes, impls, records, notes):
+    from tests._factory import gdn_inputs
+    import optimized.triton as tri
+
+    H_k, H_v, D, S = shapes["H_k"], shapes["H_v"], shapes["D"], shapes["pool"]
+    dt = shapes["dtype"]
+    e = torch.tensor([], dtype=dt).element_size()
+    gen = torch.Generator().manual_seed(0)
+    pool = (0.1 * torch.randn((S, H_v, D, D), generator=gen)).to(dev)  # fp32 state pool (B8)
+    for B in shapes["batches"]:
+        x = gdn_inputs(B, B, 1, H_k, H_v, D, D, with_h0=False)
+        q, k = (torch.tensor(a, dtype=dt, device=dev) for a in (x.q, x.k))
+        v = torch.tensor(x.v, dtype=dt, device=dev)
+        g, beta = (torch.tensor(a, dtype=torch.float32, device=dev) for a in (x.g, x.beta))
+        # disjoint slot sets, cycled inside one replay so small batches do not just re-hit L2 (B22)
+        n_sets = max(1, min(8, S // B))
+        perm = torch.randperm(S, generator=gen)[: n_sets * B].view(n_sets, B).to(dev)
+        shape = dict(B=B, H_k=H_k, H_v=H_v, D_k=D, D_v=D, pool_slots=S, dtype=str(dt).replace("torch.", ""),
+                     slot_sets_per_replay=n_sets)
+        flops, nbytes = decode_flops(B, H_v, D, D), decode_bytes(B, H_k, H_v, D, D, e)
+
+        # accuracy on one call, on copies of the pool
+        p_tri, p_t = pool.clone(), pool.clone()
+        o_tri = tri.fused_recurrent_gated_delta_rule_update(q, k, v, g=g, beta=beta, state_pool=p_tri,
+                                                            slot_ids=perm[0])
+        err = None
+        if impls["torch"] is not None:
+            o_t = impls["torch"].fused_recurrent_gated_delta_rule_update(q, k, v, g=g, beta=beta, state_pool=p_t,
+                                                                         slot_ids=perm[0])
+            err = rel_rms(o_t, o_tri)
+            notes.append(f"decode B={B}: triton vs torch rel RMS o={err:.2e}, "
+                         f"state={rel_rms(p_t[perm[0]], p_tri[perm[0]]):.2e}")
+        del p_tri, p_t
+
+        def many(fn_one):
+            def run():
+                for i in range(n_sets):
+                    fn_one(perm[i])
+            return run
+
+        tri_run = many(lambda s: tri.fused_recurrent_gated_delta_rule_update(
+            q, k, v, g=g, beta=beta, state_pool=pool, slot_ids=s))
+        # graph replay for the Triton kernel (its wrapper never syncs); every implementation also eagerly, so the
+        # comparison with ops that cannot be captured (a host sync in the torch path) stays apples to apples.
+        # A failed capture can poison the CUDA context, so only the Triton op is captured.
+        cands = [("triton", tri_run, "", True), ("triton", tri_run, "eager", False)]
+        if impls["torch"] is not None and impls["time_torch"]:
+            cands.append(("torch", many(lambda s: impls["torch"].fused_recurrent_gated_delta_rule_update(
+                q, k, v, g=g, beta=beta, state_pool=pool, slot_ids=s)), "eager", False))
+        if impls["fla_rec"] is not None:
+            fla_rec = impls["fla_rec"]
+
+            def fla_one(s):  # fla has no slot pool: gather, run, scatter (a cost the in-place kernels avoid)
+                h0 = pool.index_select(0, s)
+                o, ht = fla_rec(q, k, v, g=g, beta=beta, initial_state=h0, output_final_state=True,
+                                use_qk_l2norm_in_kernel=True)
+                pool.index_copy_(0, s, ht)
+                return o
+            try:
+                fla_one(perm[0])
+                cands.append(("fla", many(fla_one), "eager; gather + fused_recurrent + scatter", False))
+            except Exception as exc:
+                notes.append(f"decode B={B}: fla call failed ({type(exc).__name__}: {str(exc)[:120]})")
+        for name, fn, how, graph in cands:
+            ms, timing = time_fn(fn, dev, iters=shapes["iters"], warmup=shapes["warmup"], graph=graph,
+                                 calls_per_replay=n_sets)
+            records.append(_record("gdn_decode_step", name, shape, ms, flops, nbytes, timing, how,
+                                   err if name == "triton" else None, None))
+
+
+def bench_conv_norm(dev, shapes, impls, records, notes):
+    import optimized.triton as tri
+
+    T, C, K, dt = shapes["T"], shapes["conv_dim"], 4, shapes["dtype"]
+    e = torch.tensor([], dtype=dt).element_size()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn((T, C), generator=gen).to(dev, dt)
+    w = (0.5 * torch.randn((C, K), generator=gen)).to(dev, dt)
+    shape = dict(T=T, C=C, K=K, dtype=str(dt).replace("torch.", ""))
+    y_tri, _ = tri.causal_conv1d(x, w)
+    err = None
+    cands = [("triton", lambda: tri.causal_conv1d(x, w))]
+    if impls["torch"] is not None:
+        y_t, _ = impls["conv"].causal_conv1d(x, w)
+        err = rel_rms(y_t, y_tri)
+        if impls["time_torch"]:
+            cands.append(("torch", lambda: impls["conv"].causal_conv1d(x, w)))
+    for name, fn in cands:
+        ms, timing = time_fn(fn, dev, iters=shapes["iters"], warmup=shapes["warmup"])
+        records.append(_record("causal_conv1d_prefill", name, shape, ms, 2 * K * C * T, 2 * T * C * e + C * K * e,
+                               timing, "", err if name == "triton" else None, None))
+    R, D = shapes["norm_rows"], shapes["D"]
+    xn = torch.randn((R, D), generator=gen).to(dev, dt)
+    zn = torch.randn((R, D), generator=gen).to(dev, dt)
+    wn = torch.randn((D,), generator=gen).to(dev, torch.float32)
+    y_tri = tri.gated_rms_norm(xn, zn, wn, 1e-6)
+    err = None
+    cands = [("triton", lambda: tri.gated_rms_norm(xn, zn, wn, 1e-6))]
+    if impls["torch"] is not None:
+        err = rel_rms(impls["norm"].gated_rms_norm(xn, zn, wn, 1e-6), y_tri)
+        if impls["time_torch"]:
+            cands.append(("torch", lambda: impls["norm"].gated_rms_norm(xn, zn, wn, 1e-6)))
+    shape = dict(rows=R, D=D, dtype=str(dt).replace("torch.", ""))
+    for name, fn in cands:
+        ms, timing = time_fn(fn, dev, iters=shapes["iters"], warmup=shapes["warmup"])
+        records.append(_record("gated_rms_norm", name, shape, ms, 8 * R * D, 3 * R * D * e + D * 4, timing, "",
+                               err if name == "triton" else None, None))
+
+
+PEAKS: dict = {}
+
+
+def _record(case, impl, shape, ms, flops, nbytes, timing, how, err_vs_torch, err_vs_fla):
+    tflops = flops / (ms * 1e-3) / 1e12 if ms > 0 else None
+    gbps = nbytes / (ms * 1e-3) / 1e9 if ms > 0 else None
+    pf, pb = PEAKS.get("bf16_matmul_tflops"), PEAKS.get("copy_gbps")
+    return {
+        "case": case, "impl": impl, "shape": shape, "ms": ms, "flops": flops, "bytes": nbytes,
+        "tflops": tflops, "gbps": gbps,
+        "frac_peak_tflops": (tflops / pf) if (pf and tflops) else None,
+        "frac_peak_gbps": (gbps / pb) if (pb and gbps) else None,
+        "timing": timing, "how": how, "rel_rms_vs_torch": err_vs_torch, "rel_rms_vs_fla": err_vs_fla,
+    }
+
+
+def _meta(dev, fla_version):
+    import triton
+
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except Exception:
+        commit = None
+    m = {
+        "python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
+        "cuda": torch.version.cuda, "device": str(dev), "git_commit": commit, "fla": fla_version,
+        "interpreter": os.environ.get("TRITON_INTERPRET") == "1", "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                          time.gmtime()),
+    }
+    if dev.type == "cuda":
+        p = torch.cuda.get_device_properties(dev)
+        m.update(gpu=p.name, sm_count=p.multi_processor_count, gpu_mem_gib=round(p.total_memory / 2 ** 30, 1),
+                 capability=f"{p.major}.{p.minor}")
+    return m
+
+
+def _table(records):
+    hdr = f"{'case':24s} {'impl':7s} {'shape':38s} {'ms':>9s} {'TFLOP/s':>8s} {'%pk':>5s} {'GB/s':>8s} {'%bw':>5s} " \
+          f"{'err/torch':>9s}  timing"
+    lines = [hdr, "-" * len(hdr)]
+    for r in records:
+        s = r["shape"]
+        sh = ",".join(f"{k}={v}" for k, v in s.items() if k in ("B", "T", "H_v", "D_k", "rows", "C", "dtype"))
+
+        def f(x, fmt):
+            return format(x, fmt) if x is not None else "-"
+        lines.append(f"{r['case']:24s} {r['impl']:7s} {sh[:38]:38s} {f(r['ms'], '9.4f')} {f(r['tflops'], '8.2f')} "
+                     f"{f(r['frac_peak_tflops'] and 100 * r['frac_peak_tflops'], '5.1f')} {f(r['gbps'], '8.1f')} "
+                     f"{f(r['frac_peak_gbps'] and 100 * r['frac_peak_gbps'], '5.1f')} "
+                     f"{f(r['rel_rms_vs_torch'], '9.1e')}  {r['timing'][:40]} {r['how'][:40]}")
+    return "\n".join(lines)
+
+
+def aot_check(arch):
+    """Compile every kernel for sm_<arch> with the real backend, no GPU needed (ptxas ships with Triton).
+    Catches what the interpreter cannot: lowering errors, shared-memory overflow, register spills."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler import compile as tcompile
+
+    import optimized.triton.conv as cv
+    import optimized.triton.gated_delta as gd
+    import optimized.triton.norm as nm
+
+    cuobj = Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    tgt = GPUTarget("cuda", arch, 32)
+    limit = 232448 if arch >= 90 else (166912 if arch >= 80 else 101376)  # max dynamic shared memory per block
+    dims = dict(H_K="i32", H_V="i32", D_K="i32", D_V="i32")
+    ok = True
+    for dt in ("fp32", "bf16"):
+        P = "*" + dt
+        prec = "ieee" if dt == "fp32" else "tf32"
+        jobs = [
+            (gd._gdn_chunk_prep_kernel, 8, 1,
+             dict(q_ptr=P, k_ptr=P, v_ptr=P, g_ptr="*fp32", beta_ptr="*fp32", chunk_ptr="*i32", w_ptr="*fp32",
+                  u_ptr="*fp32", aqk_ptr="*fp32", gcum_ptr="*fp32", scale="fp32", **dims),
+             dict(C=64, BS=16, BK=128, BVA=128, USE_L2=True, PREC=prec)),
+            (gd._gdn_chunk_state_output_kernel, 4, 2,
+             dict(q_ptr=P, k_ptr=P, w_ptr="*fp32", u_ptr="*fp32", aqk_ptr="*fp32", gcum_ptr="*fp32", cu_ptr="*i32",
+                  h0_ptr="*fp32", o_ptr=P, ht_ptr="*fp32", scale="fp32", **dims),
+             dict(C=64, BK=128, BV=32, USE_L2=True, HAS_H0=True, STORE_HT=True, PREC=prec)),
+            (gd._gdn_recurrent_kernel, 4, 3,
+             dict(q_ptr=P, k_ptr=P, v_ptr=P, g_ptr="*fp32", beta_ptr="*fp32", cu_ptr="*i32", h0_ptr="*fp32",
+                  o_ptr=P, ht_ptr="*fp32", scale="fp32", **dims),
+             dict(BK=128, BV=32, USE_L2=True, HAS_H0=True, STORE_HT=True)),
+            (gd._gdn_decode_kernel, 4, 3,
+             dict(q_ptr=P, k_ptr=P, v_ptr=P, g_ptr="*fp32", beta_ptr="*fp32", slot_ptr="*i64", pool_ptr="*fp32",
+                  o_ptr=P, scale="fp32", **dims),
+             dict(BK=128, BV=32, USE_L2=True)),
+            (cv._causal_conv1d_fwd_kernel, 4, 3,
+             dict(x_ptr=P, w_ptr=P, state_ptr=P, cu_ptr="*i32", y_ptr=P, C="i32"),
+             dict(K=4, BT=16, BC=128, HAS_STATE=True, SILU=True)),
+            (cv._causal_conv1d_state_kernel, 4, 3,
+             dict(x_ptr=P, state_ptr=P, cu_ptr="*i32", new_state_ptr=P, C="i32"),
+             dict(K=4, BC=128, BJ=4, HAS_STATE=True)),
+            (cv._causal_conv1d_update_kernel, 4, 3,
+             dict(x_ptr=P, w_ptr=P, pool_ptr=P, slot_ptr="*i64", y_ptr=P, C="i32"), dict(K=4, BC=256)),
+            (nm._gated_rms_norm_kernel, 4, 3,
+             dict(x_ptr=P, z_ptr=P, w_ptr="*fp32", y_ptr=P, R="i32", D="i32", eps="fp32"), dict(BR=16, BD=128)),
+        ]
+        for fn, warps, stages, sig, const in jobs:
+            t0 = time.time()
+            full = dict(sig)
+            full.update({name: "constexpr" for name in const})
+            try:
+                kern = tcompile(ASTSource(fn, full, constexprs=const), target=tgt,
+                                options={"num_warps": warps, "num_stages": stages})
+            except Exception as exc:
+                ok = False
+                print(f"FAIL {dt:4s} {fn.__name__}: {type(exc).__name__}: {str(exc)[:300]}")
+                continue
+            shared = kern.metadata.shared
+            usage = ""
+            if cuobj.exists() and "cubin" in kern.asm:
+                tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"qwen35_{fn.__name__}.cubin"
+                tmp.write_bytes(kern.asm["cubin"])
+                out = subprocess.run([str(cuobj), "-res-usage", str(tmp)], capture_output=True, text=True).stdout
+                usage = " ".join(w for line in out.splitlines() if "REG" in line for w in line.split()
+                                 if w.startswith(("REG:", "STACK:")))
+            flag = "ok  " if shared <= limit else "FAIL"
+            ok &= shared <= limit
+            print(f"{flag} {dt:4s} {fn.__name__:32s} warps={warps} stages={stages} shared={shared:6d} B "
+                  f"(limit {limit}) {usage}  [{time.time() - t0:.1f} s]", flush=True)
+    return ok
+
+
+def main():
+    args = ARGS
+    out = Path(args.out_opt or args.out or (ROOT / "results" / "gpu_bench.json"))
+    if args.aot_check:
+        sys.exit(0 if aot_check(args.arch) else 1)
+    dev = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
+    if dev.type != "cuda" and not args.dry_run:
+        print("gpu_bench: no CUDA device; use --dry-run for the CPU plumbing check", file=sys.stderr)
+        sys.exit(2)
+    notes = []
+    if args.dry_run:
+        notes.append("DRY RUN: CPU, Triton interpreter, tiny shapes; timings are meaningless")
+        shapes = dict(T=80, H_k=2, H_v=4, D=32, dtype=torch.float32, batches=(1, 2), pool=8, conv_dim=96,
+                      norm_rows=256, iters=1, warmup=0)
+    else:
+        shapes = dict(T=8192, H_k=16, H_v=48, D=128, dtype=torch.bfloat16, batches=(1, 32, 256), pool=512,
+                      conv_dim=2 * 16 * 128 + 48 * 128, norm_rows=8192 * 48, iters=30, warmup=5)
+    tg, tc, tn, why = _import_torch_path()
+    if why:
+        notes.append(why)
+    fla_chunk = fla_rec = fla_version = None
+    if args.skip_fla:
+        notes.append("flash-linear-attention skipped (--skip-fla)")
+    elif dev.type == "cuda":
+        fla_chunk, fla_rec, fla_version, why = _import_fla()
+        if why:
+            notes.append(why)
+    else:
+        notes.append("flash-linear-attention needs CUDA: skipped")
+    impls = dict(torch=tg, conv=tc, norm=tn, time_torch=not args.skip_torch, fla_chunk=fla_chunk, fla_rec=fla_rec)
+
+    t_start = time.time()
+    PEAKS.update(measure_peaks(dev, args.dry_run))
+    records: list = []
+    for name, fn in (("chunk prefill", bench_chunk), ("decode", bench_decode), ("conv + norm", bench_conv_norm)):
+        t0 = time.time()
+        try:
+            fn(dev, shapes, impls, records, notes)
+        except Exception as exc:  # keep going: one failing case must not hide the others
+            import traceback
+            traceback.print_exc()
+            notes.append(f"{name}: FAILED ({type(exc).__name__}: {str(exc)[:200]})")
+        print(f"[gpu_bench] {name}: {time.time() - t0:.1f} s", flush=True)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    result = {"kind": "gpu_bench", "schema": "qwen35.gpu_bench/1", "meta": _meta(dev, fla_version),
+              "peaks": PEAKS, "records": records, "notes": notes, "wall_s": time.time() - t_start}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+    print(_table(records))
+    print(f"peaks: {json.dumps(PEAKS, default=str)}")
+    for n_ in notes:
+        print("note:", n_)
+    print(f"[gpu_bench] wrote {out}")
+    failed = any("FAILED" in n_ for n_ in notes)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
