@@ -107,26 +107,29 @@ def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Read every tensor of one .safetensors file.
 
     Returns:
-        tensors: name -> array (BF16 decoded to float32; other dtypes as stored)
+        tensors: name -> array (BF16 decoded to float32; other dtypes as stored, as read-only views of the
+                 memory-mapped file: copy them before the file is rewritten)
         dtypes:  name -> stored safetensors dtype string ("BF16", "F32", ...)
     Raises:
         WeightLoadError naming the file if it is truncated, malformed or uses an unknown dtype.
     """
     path = Path(path)
-    data = path.read_bytes()
-    if len(data) < 8:
-        raise WeightLoadError(f"{path}: truncated safetensors file ({len(data)} bytes; no header)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if 8 + n > len(data):
+    size = path.stat().st_size
+    if size < 8:
+        raise WeightLoadError(f"{path}: truncated safetensors file ({size} bytes; no header)")
+    # Memory-mapped: tensors are views into the file until they are cast, so a large checkpoint is not held twice.
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    (n,) = struct.unpack("<Q", bytes(data[:8]))
+    if 8 + n > size:
         raise WeightLoadError(f"{path}: truncated safetensors file (header claims {n} bytes, file has "
-                              f"{len(data) - 8} after the length field)")
+                              f"{size - 8} after the length field)")
     try:
-        header = json.loads(data[8:8 + n].decode("utf-8"))
+        header = json.loads(bytes(data[8:8 + n]).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise WeightLoadError(f"{path}: malformed safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise WeightLoadError(f"{path}: malformed safetensors header (not a JSON object)")
-    body = memoryview(data)[8 + n:]
+    body = data[8 + n:]
     tensors, dtypes = {}, {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -145,7 +148,7 @@ def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         if e > len(body):
             raise WeightLoadError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte {e} of the "
                                   f"data section, which has only {len(body)} bytes")
-        arr = np.frombuffer(body[b:e], dtype=np_dtype).reshape(shape)
+        arr = body[b:e].view(np_dtype).reshape(shape)
         if st_dtype == "BF16":
             arr = bf16_to_float32(arr)
         tensors[name] = arr
@@ -477,10 +480,10 @@ def weights_from_state_dict(tensors: dict[str, np.ndarray], config: Qwen35Config
 
     def get(key: str) -> np.ndarray:
         wide = np.promote_types(dtype, np.float32) if key.endswith(FP32_KEPT_SUFFIXES) else dtype
-        arr = np.asarray(lm[key], dtype=wide)
+        arr = lm[key]
         if key.endswith("conv1d.weight") and arr.ndim == 3:
             arr = arr[:, 0, :]  # [C, 1, K] -> [C, K]
-        return np.ascontiguousarray(arr)
+        return np.array(arr, dtype=wide, order="C")  # always a copy: never a view into the mapped file
 
     layers = []
     for i, kind in enumerate(config.layer_types):
@@ -509,7 +512,7 @@ def weights_from_state_dict(tensors: dict[str, np.ndarray], config: Qwen35Config
     # Tied: HF points lm_head at the embedding; a stored lm_head.weight is then ignored.
     lm_head = embed if config.tie_word_embeddings else get("lm_head.weight")
     return ModelWeights(config=config, embed_tokens=embed, norm=get("norm.weight"), lm_head=lm_head, layers=layers,
-                        visual={k: np.asarray(v) for k, v in visual.items()}, prefix=prefix,
+                        visual={k: np.array(v) for k, v in visual.items()}, prefix=prefix,
                         source_dtypes=source_dtypes)
 
 
