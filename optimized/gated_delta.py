@@ -11,7 +11,7 @@ Version log (llm.c style, STYLE rule 11):
   v2  (this file) the chunks are processed in *groups* of a few chunks (all heads, all sequences of a step): each
       group's intra-chunk products are computed right before the group's sequential state steps, so every
       intermediate stays in cache.  The UT inverse T = (I + A)⁻¹ is a blocked inversion: 16×16 diagonal blocks by
-      forward substitution (15 tiny batched steps), merged by the block formula T21 = −T22·A21·T11, then
+      forward substitution (7 tiny batched steps on 8×8 blocks), merged by the block formula T21 = −T22·A21·T11, then
       [U | W] = T·[diag(β)V | diag(βγ)K̂] is one matmul.  W and q̃⊙γ are stacked so one bmm per chunk gives both
       W·S and (q̃⊙γ)·S.  Varlen sequences are laid out "step-major" (all sequences' j-th chunks adjacent, sequences
       sorted by chunk count) so that each sequential step is a contiguous slice of the chunk list and of the state.
@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 _L2_EPS = 1e-6  # x · (Σx² + 1e-6)^(-1/2), eps inside the sqrt (SPEC §8.2 step 7, PITFALLS B5)
-_BASE_BLOCK = 16  # diagonal block size of the blocked unit-lower-triangular inverse
+_BASE_BLOCK = 8  # diagonal block size of the blocked unit-lower-triangular inverse (8 and 16 time alike)
 
 
 def _empty(*shape, dtype, device):
@@ -180,11 +180,12 @@ def _forward_substitution_inverse(A: torch.Tensor) -> torch.Tensor:
 
 
 def unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
-    """(I + A)⁻¹ for A [M, C, C] strictly lower triangular (any C), by recursive 2×2 block inversion.
+    """(I + A)⁻¹ for the strictly lower part of A [M, C, C] (any C; the diagonal and upper part are never read),
+    by recursive 2×2 block inversion.
 
         [[L11, 0], [A21, L22]]⁻¹ = [[T11, 0], [−T22·A21·T11, T22]]
 
-    with 16×16 diagonal blocks done by forward substitution.  Both halves of a level are inverted in one batched
+    with 8×8 diagonal blocks done by forward substitution.  Both halves of a level are inverted in one batched
     call when they have the same size.
     """
     M, C, _ = A.shape
@@ -269,7 +270,6 @@ def chunk_gated_delta_rule(
     ob = _empty(n_blocks, C, H_v, D_v, dtype=v.dtype, device=dev)  # [n, C, H_v, D_v]
 
     ar = torch.arange(C, device=dev)
-    strict = ar[:, None] > ar[None, :]  # [C, C]
     lower_incl = ar[:, None] >= ar[None, :]  # [C, C]
     neg_inf = torch.tensor(-math.inf, dtype=cdt, device=dev)
 
@@ -304,8 +304,9 @@ def chunk_gated_delta_rule(
         k_in = kb[b0:b1].permute(0, 2, 1, 3)[:, :, None]
         if use_qk_l2norm:
             qf, kf = q_in.to(cdt), k_in.to(cdt)
-            q_mul = torch.rsqrt((qf * qf).sum(-1, keepdim=True) + _L2_EPS).mul_(scale)  # [n, H_k, 1, C, 1]
-            k_mul = torch.rsqrt((kf * kf).sum(-1, keepdim=True) + _L2_EPS)
+            # (Σx² + eps)^(-1/2) from one fused reduction (vector_norm), no squared temporary
+            q_mul = torch.linalg.vector_norm(qf, dim=-1, keepdim=True).square_().add_(_L2_EPS).rsqrt_().mul_(scale)
+            k_mul = torch.linalg.vector_norm(kf, dim=-1, keepdim=True).square_().add_(_L2_EPS).rsqrt_()
             ex = (-1, -1, r, -1, -1)  # broadcast over the r value heads of each key head
             torch.mul(qf.expand(ex), q_mul.expand(ex), out=KQ[:, :, :, C:])  # q̃ = q̂ · scale
             torch.mul(kf.expand(ex), k_mul.expand(ex), out=KQ[:, :, :, :C])  # k̂
@@ -320,7 +321,9 @@ def chunk_gated_delta_rule(
         # k̂_i·k̂_j and q̃_i·k̂_j in one product: [k̂; q̃] k̂ᵀ.
         P = torch.bmm(KQ, Kn.transpose(1, 2))  # [M, 2C, C]
         decay = torch.where(lower_incl, G[:, :, None] - G[:, None, :], neg_inf).exp_()  # e^{G_i−G_j}, 0 above (B6)
-        A = P[:, :C].mul_(decay).mul_(bf[:, :, None]).masked_fill_(~strict, 0.0)  # [M, C, C] strictly lower
+        # A = β_i (k̂_i·k̂_j) e^{G_i−G_j}; only its strictly lower part is ever read by `unit_lower_inverse` (the
+        # upper part is 0 through the decay; the diagonal is left as is), so no masking pass is needed.
+        A = P[:, :C].mul_(decay).mul_(bf[:, :, None])  # [M, C, C]
         Aqk = P[:, C:].mul_(decay)  # [M, C, C] (diagonal kept)
         Tinv = unit_lower_inverse(A)  # [M, C, C]  (I + A)⁻¹
 

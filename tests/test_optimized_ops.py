@@ -158,6 +158,8 @@ def test_unit_lower_inverse_any_size():
         Tinv = ogd.unit_lower_inverse(A)
         eye = torch.eye(C, dtype=torch.float64)
         assert torch.allclose(Tinv @ (eye + A), eye.expand(3, C, C), atol=1e-10), C
+        garbage = A + torch.triu(torch.randn(3, C, C, dtype=torch.float64))  # diagonal and upper part: never read
+        assert torch.equal(ogd.unit_lower_inverse(garbage), Tinv), C
 
 
 # ----------------------------------------------------------------------------------------------------------------
