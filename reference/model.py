@@ -542,3 +542,12 @@ class Qwen35Model:
             ids = [contexts[j].request_id for j in live]
             inputs.conv_states = inputs.recurrent_states = None
             inputs = self._build_inputs(ids, [np.array([t], np.int64) for t in nxt], np.ones(len(ids), np.int64))
+
+
+def __getattr__(name):
+    """`reference.model.TextAndVisionContext` (ARCHITECTURE.md) without importing the vision path eagerly."""
+    if name == "TextAndVisionContext":
+        from reference.multimodal import TextAndVisionContext
+
+        return TextAndVisionContext
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from reference.attention import AttentionWeights
-from reference.config import FULL, LINEAR, Qwen35Config
+from reference.config import LINEAR, Qwen35Config
 from reference.deltanet import DeltaNetWeights
 from reference.mlp import MoEWeights
 
