@@ -1,5 +1,7 @@
 """reference.model: the pipeline interface, its invariances and its errors (STYLE rule 8; PITFALLS B10–B12, B14).
 
+* a stateful hypothesis test interleaves prefill chunks, decode steps, releases and slot reuse across requests
+
 * chunked prefill of any split == one prefill == stateless logits (float64, to ~1e-12)
 * a request's logits do not depend on what else is in its batch
 * release then re-claim starts clean; slots are reused without leaking state
@@ -9,8 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test,
+)
 
 from _tolerance import assert_close
 from hf_checkpoints import make_hf_checkpoint
@@ -275,3 +280,57 @@ def test_model_inputs_packing(model):
     nxt = model.prepare_next_token_inputs(np.array([1, 2]), inputs)
     np.testing.assert_array_equal(nxt.position_ids, [[3, 1]] * 3)
     _release_all(model)
+
+
+class PipelineMachine(RuleBasedStateMachine):
+    """Random interleavings of prefill chunks, decode steps, releases and slot reuse across requests, checked at
+    every step against stateless logits of each request's whole history (no state ever reaches another request)."""
+
+    weights = None  # set by the fixture below (a checkpoint is written once per module)
+
+    @initialize()
+    def start(self):
+        self.m = Qwen35Model(PipelineMachine.weights, max_batch_size=3, return_logits="variable")
+        self.history: dict[str, list[int]] = {}
+        self.rng = np.random.default_rng(0)
+
+    @rule(data=st.data())
+    def step(self, data):
+        live = sorted(self.history)
+        candidates = live + [r for r in ("a", "b", "c", "d") if r not in self.history][:3 - len(live)]
+        ids = data.draw(st.lists(st.sampled_from(candidates), min_size=1, max_size=3, unique=True))
+        lengths = [data.draw(st.integers(1, 9)) for _ in ids]
+        new = {r: self.rng.integers(0, V, n).tolist() for r, n in zip(ids, lengths)}
+        out = self.m.execute(self.m.prepare_initial_token_inputs([TextContext(r, new[r]) for r in ids],
+                                                                 return_n_logits=lengths))
+        for r in ids:
+            self.history.setdefault(r, []).extend(new[r])
+            full = self.m.logits([self.history[r]])[0]
+            assert_close(f"request {r}", full[-len(new[r]):], out.logits_for(r), "f64_exact")
+
+    @rule(data=st.data())
+    def release(self, data):
+        if self.history:
+            r = data.draw(st.sampled_from(sorted(self.history)))
+            assert self.m.release(r)
+            del self.history[r]
+
+    @invariant()
+    def bookkeeping(self):
+        if hasattr(self, "m"):
+            assert sorted(self.m.active_requests) == sorted(self.history)
+            for r, h in self.history.items():
+                assert self.m.seq_len(r) == len(h) == self.m.kv_cache.seq_len(r)
+
+
+@pytest.fixture
+def pipeline_weights(ckpt):
+    from reference.weights import load_weights
+
+    PipelineMachine.weights = load_weights(ckpt)
+    yield
+    PipelineMachine.weights = None
+
+
+def test_pipeline_state_machine(pipeline_weights):
+    run_state_machine_as_test(PipelineMachine, settings=settings(settings(), stateful_step_count=12))
