@@ -218,3 +218,24 @@ def test_compare_command_includes_transformers(capsys):
     assert main(["compare", "--prompt-ids", "1,2,3,4,5,6,7,8", "--dtype", "float32"]) == 0
     out = capsys.readouterr().out
     assert "transformers" in out and "optimized (float32" in out and out.count("all points within tolerance") == 2
+
+
+# ---------------------------------------------------------------------------------------------------- docs
+def _links(md: Path) -> list[str]:
+    return [t for t in re.findall(r"\]\(([^)#\s]+)", md.read_text()) if "://" not in t]
+
+
+def test_docs_index_links_every_page_notebook_and_plot():
+    index = REPO / "docs" / "index.md"
+    links = _links(index)
+    pages = sorted(p.name for p in (REPO / "docs").glob("*.md") if p.name not in ("index.md", "TEAM_NOTES.md"))
+    unlinked = [p for p in pages if p not in links]
+    assert not unlinked, f"docs pages missing from docs/index.md: {unlinked}"
+    for nb in SOURCES:
+        assert f"../notebooks/{nb.stem}.ipynb" in links, nb.stem
+    # every link to something other than a sibling page must resolve (pages of other owners may still be pending)
+    for md in (index, REPO / "docs" / "how_to_add_a_kernel.md"):
+        for link in _links(md):
+            if link.endswith(".md") and "/" not in link:
+                continue
+            assert (md.parent / link).resolve().exists(), f"{md.name}: broken link {link}"
