@@ -7,9 +7,9 @@ what was tested.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -18,8 +18,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 NB_DIR = REPO / "notebooks"
-sys.path.insert(0, str(NB_DIR))
-import build  # noqa: E402  (notebooks/build.py)
+_spec = importlib.util.spec_from_file_location("qwen35_notebooks_build", NB_DIR / "build.py")
+build = importlib.util.module_from_spec(_spec)  # notebooks/build.py, loaded by path (no clash with PyPI `build`)
+_spec.loader.exec_module(build)
 
 SOURCES = build.sources()
 CELL_TIMEOUT_S = 180  # one cell; generous because the 2 CI cores are shared with other test files
