@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# The main job on the bundled default, from a fresh clone: creates .venv if needed, installs qwen35, runs it.
+# The main job on the bundled default, from a fresh clone: creates .venv if needed, installs qwen35, then generates
+# from the bundled demo checkpoint with the NumPy reference (prints text and tokens/s), and shows the demo's layer map
+# and the 27B memory budget.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
+.venv/bin/qwen35 generate
+echo
 .venv/bin/qwen35 info
 echo
 .venv/bin/qwen35 memory --preset 27b --memory 80GiB
