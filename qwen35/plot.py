@@ -326,8 +326,9 @@ def crossover_sweep(lengths=None, *, H_v: int = 16, D: int = 128, quick: bool = 
                     progress: bool = True) -> dict:
     """Time the chunked and the per-token forms of the gated delta rule for T = 1 … 2048 (one thread, fp32).
 
-    Implementations: optimized torch chunked / recurrent, reference NumPy chunked / per-token (float32).  Median of
-    `repeats` calls after one warm-up.  Written to results/crossover.json by `qwen35 plot --measure-crossover`.
+    Implementations: optimized torch chunked / recurrent, reference NumPy chunked / per-token (float32), and
+    transformers' torch chunked / recurrent fallbacks when transformers is installed.  Median of `repeats` calls
+    after one warm-up (one call for the slow ones from T = 512).  Written to results/crossover.json by `qwen35 plot --measure-crossover`.
     """
     import statistics
 
@@ -348,13 +349,22 @@ def crossover_sweep(lengths=None, *, H_v: int = 16, D: int = 128, quick: bool = 
         "reference NumPy per-token": lambda t, x: rgd.recurrent_gated_delta_rule(*x[:3], g=x[3], beta=x[4],
                                                                                  dtype=np.float32),
     }
+    try:  # transformers' own torch fallbacks (what runs when flash-linear-attention is missing; PITFALLS B21)
+        from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
+
+        impls["transformers torch chunked"] = lambda t, x: hf.torch_chunk_gated_delta_rule(
+            *t[:3], g=t[3], beta=t[4], chunk_size=64, output_final_state=True, use_qk_l2norm_in_kernel=True)
+        impls["transformers torch recurrent"] = lambda t, x: hf.torch_recurrent_gated_delta_rule(
+            *t[:3], g=t[3], beta=t[4], output_final_state=True, use_qk_l2norm_in_kernel=True)
+    except ImportError:
+        pass
     rows = []
     for T in tqdm(lengths, desc="chunk vs recurrent", disable=not progress, leave=False):
         d = gdn_inputs(T, 1, T, H_v, H_v, D, D)
         x = [d[n].astype(np.float32) for n in ("q", "k", "v", "g", "beta")]
         t = [torch.from_numpy(a) for a in x]
         for name, fn in impls.items():
-            reps = 1 if (name.startswith("reference") and T >= 512) else repeats
+            reps = 1 if (not name.startswith("optimized") and T >= 512) else repeats
             with torch.no_grad():
                 fn(t, x)  # warm-up
                 ts = []
@@ -365,7 +375,10 @@ def crossover_sweep(lengths=None, *, H_v: int = 16, D: int = 128, quick: bool = 
             rows.append({"impl": name, "T": T, "seconds": statistics.median(ts), "phase": "prefill",
                          "dtype": "float32"})
     meta = machine_info("cpu")
-    meta["dtype_note"] = f"float32, one thread, H_v = {H_v}, D_k = D_v = {D}, B = 1, chunk 64; median of {repeats}"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    meta["load_avg_1min"] = load
+    meta["dtype_note"] = (f"float32, one thread, H_v = {H_v}, D_k = D_v = {D}, B = 1, chunk 64; median of {repeats}; "
+                          f"load average {load:.1f} on {os.cpu_count()} CPUs at the end (shared machine: noisy)")
     return {"kind": "crossover", "schema": 1, "meta": meta, "rows": rows}
 
 
@@ -386,7 +399,8 @@ def plot_crossover(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: 
         raise ValueError("crossover JSON has no rows")
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     styles = {"optimized torch chunked": ("tab:blue", "-o"), "optimized torch recurrent": ("tab:orange", "-o"),
-              "reference NumPy chunked": ("0.45", "--s"), "reference NumPy per-token": ("0.7", "--s")}
+              "reference NumPy chunked": ("0.45", "--s"), "reference NumPy per-token": ("0.7", "--s"),
+              "transformers torch chunked": ("tab:purple", ":^"), "transformers torch recurrent": ("plum", ":^")}
     for name in dict.fromkeys(r["impl"] for r in rows):
         sel = sorted((r for r in rows if r["impl"] == name), key=lambda r: r["T"])
         col, st = styles.get(name, (None, "-o"))

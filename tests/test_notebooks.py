@@ -172,9 +172,9 @@ def test_crossover_sweep_times_every_form_and_plots(tmp_path):
 
     d = crossover_sweep((1, 8, 64), H_v=2, D=16, repeats=1, progress=False)
     impls = {r["impl"] for r in d["rows"]}
-    assert impls == {"optimized torch chunked", "optimized torch recurrent", "reference NumPy chunked",
-                     "reference NumPy per-token"}
-    assert all(r["seconds"] > 0 for r in d["rows"]) and len(d["rows"]) == 12
+    assert {"optimized torch chunked", "optimized torch recurrent", "reference NumPy chunked",
+            "reference NumPy per-token"} <= impls
+    assert all(r["seconds"] > 0 for r in d["rows"]) and len(d["rows"]) == 3 * len(impls)
     # crossover_point on a constructed case: recurrent linear in T, chunked flat
     fake = {"rows": [{"impl": "optimized torch chunked", "T": T, "seconds": 1.0} for T in (1, 8, 64)]
             + [{"impl": "optimized torch recurrent", "T": T, "seconds": T / 10} for T in (1, 8, 64)]}
