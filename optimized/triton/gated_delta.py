@@ -360,7 +360,8 @@ def _value_block(D_v: int, programs_without_split: int, device) -> int:
     if device.type != "cuda":
         return BV
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    while BV > 16 and programs_without_split * (pow2(D_v, 16) // BV) < 2 * sms:
+    # every extra D_v block re-reads W, Aqk, q and k: stop at 32 columns (≤ 4 blocks at D_v = 128)
+    while BV > 32 and programs_without_split * (pow2(D_v, 16) // BV) < 2 * sms:
         BV //= 2
     return BV
 
