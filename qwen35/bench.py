@@ -37,7 +37,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+# One thread for every BLAS, set before NumPy (OpenBLAS) or torch (MKL/OpenMP) start their thread pools; the
+# `qwen35 bench` command re-executes itself when NumPy was already loaded without these.
+SINGLE_THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+for _k, _v in SINGLE_THREAD_ENV.items():
+    os.environ.setdefault(_k, _v)
+
+import numpy as np  # noqa: E402
 
 SHARED_NOTE = ("measured on a 2-core machine shared with other engineers' jobs during this session; timings are "
                "medians, but the load was not controlled")

@@ -13,7 +13,23 @@ def add_arguments(parser):
                         help="comma-separated subset of gdn,decode,model (default: all)")
 
 
+def _reexec_single_threaded() -> None:
+    """NumPy's OpenBLAS reads OPENBLAS_NUM_THREADS once, at import; the CLI imported NumPy before this command ran.
+    So when the variables are not already 1, run the same command again in a fresh process with them set (a
+    multi-threaded reference would be an unfair comparison on this 1-thread benchmark)."""
+    import os
+    import sys
+
+    want = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    if all(os.environ.get(k) == v for k, v in want.items()) or os.environ.get("QWEN35_BENCH_REEXEC") == "1":
+        return
+    env = dict(os.environ, QWEN35_BENCH_REEXEC="1", **want)
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "qwen35.cli"] + sys.argv[1:], env)
+
+
 def run(args) -> int:
+    _reexec_single_threaded()
     from qwen35.bench import format_table, run_all, write_json
 
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
