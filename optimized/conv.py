@@ -141,11 +141,11 @@ def causal_conv1d_update(x, weight, *, conv_pool, slot_ids):
         raise ValueError(f"{who}: conv_pool must be [S, C={C}, K-1={K - 1}], got {tuple(conv_pool.shape)}")
     if not conv_pool.is_contiguous():
         raise ValueError(f"{who}: conv_pool must be contiguous (it is updated in place)")
-    _check_slots(slot_ids, B, conv_pool.shape[0], who)
+    ids = _check_slots(slot_ids, B, conv_pool.shape[0], who)
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     wc = w.to(cdt)
     y = torch.zeros(B, C, dtype=x.dtype, device=x.device)
-    for b0, s0, n in slot_runs(slot_ids):
+    for b0, s0, n in slot_runs(ids):
         pool = conv_pool[s0 : s0 + n]  # [n, C, K-1] a view: the pool itself is updated
         xb = x[b0 : b0 + n]
         acc = xb.to(cdt) * wc[:, K - 1]  # [n, C]

@@ -456,7 +456,7 @@ def slot_runs(slot_ids: torch.Tensor) -> list[tuple[int, int, int]]:
     Padding rows (slot −1) belong to no run.  Each run is processed as one contiguous view of the pool, so the
     pool is updated in place with no gather/scatter copies.
     """
-    ids = [int(s) for s in slot_ids.tolist()]
+    ids = [int(s) for s in (slot_ids.tolist() if hasattr(slot_ids, "tolist") else slot_ids)]
     runs: list[tuple[int, int, int]] = []
     b = 0
     while b < len(ids):
@@ -480,6 +480,7 @@ def _check_slots(slot_ids, B, S_pool, who):
         raise ValueError(f"{who}: slot ids must be in [0, {S_pool}) or -1 (padding), got {ids}")
     if len(set(valid)) != len(valid):
         raise ValueError(f"{who}: a slot appears twice in one batch: {ids}")
+    return ids
 
 
 def fused_recurrent_gated_delta_rule_update(
@@ -513,19 +514,18 @@ def fused_recurrent_gated_delta_rule_update(
         raise ValueError(f"{who}: state_pool must be [S, H_v={H_v}, D_k={D_k}, D_v={D_v}], got {tuple(state_pool.shape)}")
     if state_pool.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"{who}: state_pool must be fp32 (or float64), got {state_pool.dtype} (PITFALLS B8)")
-    _check_slots(slot_ids, B, state_pool.shape[0], who)
+    ids = _check_slots(slot_ids, B, state_pool.shape[0], who)
     cdt = state_pool.dtype
     scale = D_k ** -0.5 if scale is None else float(scale)
     r = H_v // H_k
     kq = torch.stack([k[:, 0], q[:, 0]], dim=2).to(cdt)  # [B, H_k, 2, D_k]  row 0 = k, row 1 = q
-    mult = torch.tensor([1.0, scale], dtype=cdt, device=kq.device)[:, None]  # [2, 1]  scale only q
-    if use_qk_l2norm:
-        mult = torch.rsqrt((kq * kq).sum(-1, keepdim=True) + _L2_EPS).mul_(mult)  # [B, H_k, 2, 1]
-    kq = kq * mult
+    if use_qk_l2norm:  # (Σx² + eps)^(-1/2) per row, from one fused reduction
+        kq = kq * torch.linalg.vector_norm(kq, dim=-1, keepdim=True).square_().add_(_L2_EPS).rsqrt_()
+    kq[:, :, 1].mul_(scale)  # q̃ = q̂ · scale
     if r > 1:
         kq = kq.repeat_interleave(r, dim=1)  # [B, H_v, 2, D_k]
     vf, gf, bf = v[:, 0].to(cdt), g[:, 0].to(cdt), beta[:, 0].to(cdt)
-    runs = slot_runs(slot_ids)
+    runs = slot_runs(ids)
     if len(runs) == 1 and runs[0][2] == B:  # the common case: one contiguous run, no padding
         b0, s0, n = runs[0]
         o = _token_step_kq(state_pool[s0 : s0 + n].view(n * H_v, D_k, D_v), kq.reshape(n * H_v, 2, D_k),
