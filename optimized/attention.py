@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from optimized.linear import linear
 from optimized.norms import rms_norm
 from optimized.rope import apply_partial_rope, inv_freq, mrope_cos_sin
 
@@ -133,9 +134,9 @@ def gated_attention(x, w: AttentionWeightsT, config, *, position_ids=None, cu_se
             raise ValueError(f"gated_attention: position_ids must be [3, T_total={T_total}], got {tuple(pos.shape)}")
 
     eps = config.rms_norm_eps
-    q, gate = split_q_gate(F.linear(x, w.q_proj), nh, hd)  # [T, nh, hd] each
-    k = F.linear(x, w.k_proj).view(T_total, nkv, hd)
-    v = F.linear(x, w.v_proj).view(T_total, nkv, hd)
+    q, gate = split_q_gate(linear(x, w.q_proj), nh, hd)  # [T, nh, hd] each
+    k = linear(x, w.k_proj).view(T_total, nkv, hd)
+    v = linear(x, w.v_proj).view(T_total, nkv, hd)
     q = rms_norm(q, w.q_norm, eps)  # norm before RoPE (SPEC §6 step 2)
     k = rms_norm(k, w.k_norm, eps)
     tdt = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -164,4 +165,4 @@ def gated_attention(x, w: AttentionWeightsT, config, *, position_ids=None, cu_se
     o = o.view(T_total, nh * hd)
     if getattr(config, "attn_output_gate", True):
         o = o * torch.sigmoid(gate.reshape(T_total, nh * hd))  # gate after attention, before o_proj (B2)
-    return F.linear(o, w.o_proj), new_kv
+    return linear(o, w.o_proj), new_kv

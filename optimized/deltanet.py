@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from optimized import backend as B
+from optimized.linear import linear
 
 __all__ = ["DeltaNetWeightsT", "gated_deltanet", "gated_deltanet_decode"]
 
@@ -53,7 +54,7 @@ class DeltaNetWeightsT:
 
 def _split_projection(x, w, config):
     """One matmul for qkv, z, b, a.  x [T, H] -> qkv [T, conv_dim], z [T, value_dim], b [T, H_v], a [T, H_v]."""
-    p = F.linear(x, w.in_proj_all)
+    p = linear(x, w.in_proj_all)
     C, Vd, Hv = config.conv_dim, config.value_dim, config.linear_num_value_heads
     return p[:, :C], p[:, C : C + Vd], p[:, C + Vd : C + Vd + Hv], p[:, C + Vd + Hv :]
 
@@ -81,7 +82,7 @@ def _output(o, z, w, config, backend):
     H_v, D_v = config.linear_num_value_heads, config.linear_value_head_dim
     y = B.gated_rms_norm(o.contiguous(), z.reshape(T, H_v, D_v).contiguous(), w.norm, config.rms_norm_eps,
                          backend=backend)
-    return F.linear(y.reshape(T, H_v * D_v), w.out_proj)
+    return linear(y.reshape(T, H_v * D_v), w.out_proj)
 
 
 def gated_deltanet(x, w: DeltaNetWeightsT, config, *, cu_seqlens=None, conv_state=None, recurrent_state=None,

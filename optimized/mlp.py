@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from optimized.linear import linear
+
 __all__ = ["swiglu_mlp", "MoEWeightsT", "sparse_moe_block", "route"]
 
 
@@ -23,12 +25,12 @@ def swiglu_mlp(x: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Tensor, 
     `gate_up` ([2·I, H] = gate rows then up rows), when given, replaces the two input products by one.
     """
     if gate_up is not None:
-        gu = F.linear(x, gate_up)
+        gu = linear(x, gate_up)
         I = gate_proj.shape[0]
         h = F.silu(gu[..., :I]) * gu[..., I:]
     else:
         h = F.silu(F.linear(x, gate_proj)) * F.linear(x, up_proj)
-    return F.linear(h, down_proj)
+    return linear(h, down_proj)
 
 
 @dataclass

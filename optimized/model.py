@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from optimized import backend as B
 from optimized.attention import AttentionWeightsT, KVCache, gated_attention
 from optimized.deltanet import DeltaNetWeightsT, gated_deltanet, gated_deltanet_decode
+from optimized.linear import linear
 from optimized.mlp import MoEWeightsT, sparse_moe_block, swiglu_mlp
 from optimized.norms import rms_norm
 from reference.config import LINEAR, Qwen35Config
@@ -354,7 +355,7 @@ class Qwen35Model:
         offs, counts = inputs.input_row_offsets, inputs.return_n_logits
         rows = torch.cat([torch.arange(offs[b + 1] - counts[b], offs[b + 1]) for b in range(len(reqs))]).to(
             self.device)
-        logits = F.linear(h.index_select(0, rows), self.lm_head)
+        logits = linear(h.index_select(0, rows), self.lm_head)
         return ModelOutputs(logits=logits, logit_offsets=[0] + list(itertools.accumulate(counts)),
                             request_ids=list(inputs.request_ids))
 

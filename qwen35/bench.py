@@ -88,6 +88,26 @@ def sgemm_rate(n: int = 2048, repeats: int = 5) -> dict:
     return {"n": n, "gflops": 2 * n ** 3 / t["median_s"] / 1e9, "best_gflops": 2 * n ** 3 / t["min_s"] / 1e9}
 
 
+def stream_bandwidth(mbytes: int = 256, repeats: int = 5) -> dict:
+    """Single-thread DRAM read bandwidth (GB/s): a sum over a float32 buffer far larger than the caches."""
+    torch = _single_thread()
+    x = torch.ones(mbytes * 1024 * 1024 // 4)
+    t = timeit(lambda: x.sum(), repeats=repeats)
+    return {"mbytes": mbytes, "read_gbps": x.numel() * 4 / t["median_s"] / 1e9}
+
+
+def decode_weight_bytes(config, dtype_bytes: int = 4) -> int:
+    """Bytes one decode step must stream: every linear weight once (the lm_head included), at `dtype_bytes` each."""
+    flops_per_token = model_prefill_flops(config, 1) - 2 * config.hidden_size * config.vocab_size
+    # model_prefill_flops(T=1) = 2·(linear weights) + tiny T-dependent terms; subtract them exactly:
+    c = config
+    gdn = c.num_linear_layers * gdn_chunk_flops(1, c.linear_num_value_heads, c.linear_key_head_dim,
+                                                c.linear_value_head_dim)
+    attn = c.num_full_layers * 2 * c.num_attention_heads * c.head_dim
+    linear_params = (flops_per_token - gdn - attn) // 2 + c.hidden_size * c.vocab_size
+    return int(linear_params * dtype_bytes)
+
+
 def machine_info() -> dict:
     torch = _single_thread()
     cpu = platform.processor() or ""
@@ -308,37 +328,39 @@ def write_random_checkpoint(directory, config, seed: int = 0) -> Path:
     return d
 
 
-def bench_model(*, quick=False, sgemm=None, log=print, prefill_T=None, decode_steps=None) -> dict:
+def bench_model(*, quick=False, sgemm=None, log=print, prefill_Ts=None, decode_steps=None) -> dict:
+    """Whole-model prefill (one request of T tokens, logits for its last position) and decode (B = 1, after a
+    128-token prompt), optimized vs transformers on the same random checkpoint.  The top-level `*_prefill` keys
+    hold the largest T; `prefill_by_T` holds every T."""
     torch = _single_thread()
     import optimized.model as OM
     from reference.context import TextContext
 
     cfg = bench_config()
-    T = prefill_T or (256 if quick else 1024)
+    Ts = tuple(prefill_Ts or ((256,) if quick else (256, 1024)))
     steps = decode_steps or (8 if quick else 32)
     out = {"geometry": "0.8B width (hidden 1024, I 3584, nh 8, nkv 2, hd 256, GDN 16x128 / 16x128), 4 layers "
                        "(L L L F), vocab 32768 (the real 248320 is replaced: random weights, stated), tied lm_head",
-           "prefill_T": T, "decode_steps": steps, "decode_context": 128}
-    flops = model_prefill_flops(cfg, T)
-    out["prefill_flops"] = flops
+           "decode_steps": steps, "decode_context": 128, "prefill_by_T": []}
+    reps = 2 if quick else 5
+    rng = np.random.default_rng(0)
+    toks = rng.integers(0, cfg.vocab_size, max(max(Ts), 128 + steps)).tolist()
     with tempfile.TemporaryDirectory() as tmp:
         path = write_random_checkpoint(Path(tmp) / "ckpt", cfg)
         model = OM.Qwen35Model.from_pretrained(path, max_batch_size=2, backend="torch")
-        toks = np.random.default_rng(0).integers(0, cfg.vocab_size, T).tolist()
-        ctx_toks = toks[:128]
         counter = iter(range(10 ** 9))
+        rows = {T: {"T": T, "flops": model_prefill_flops(cfg, T)} for T in Ts}
+        for T in Ts:
+            def opt_prefill(T=T):
+                rid = ("p", next(counter))
+                model.execute(model.prepare_initial_token_inputs([TextContext(rid, toks[:T])]))
+                model.release(rid)
 
-        def opt_prefill():
-            rid = ("p", next(counter))
-            model.execute(model.prepare_initial_token_inputs([TextContext(rid, toks)]))
-            model.release(rid)
-
-        reps = 2 if quick else 5
-        out["optimized_prefill"] = timeit(opt_prefill, repeats=reps)
+            rows[T]["optimized"] = timeit(opt_prefill, repeats=reps)
 
         def opt_decode():
             rid = ("d", next(counter))
-            inputs = model.prepare_initial_token_inputs([TextContext(rid, ctx_toks)])
+            inputs = model.prepare_initial_token_inputs([TextContext(rid, toks[:128])])
             model.execute(inputs)
             t0 = time.perf_counter()
             for i in range(steps):
@@ -362,12 +384,12 @@ def bench_model(*, quick=False, sgemm=None, log=print, prefill_T=None, decode_st
             out["hf_error"] = f"{type(exc).__name__}: {exc}"
         if hf is not None:
             ids = torch.tensor([toks])
+            for T in Ts:
+                def hf_prefill(T=T):
+                    with torch.no_grad():
+                        hf(input_ids=ids[:, :T], use_cache=True, logits_to_keep=1)
 
-            def hf_prefill():
-                with torch.no_grad():
-                    hf(input_ids=ids, use_cache=True, logits_to_keep=1)
-
-            out["hf_prefill"] = timeit(hf_prefill, repeats=max(1, reps - 1))
+                rows[T]["hf"] = timeit(hf_prefill, repeats=max(1, reps - 1))
 
             def hf_decode():
                 with torch.no_grad():
@@ -383,20 +405,32 @@ def bench_model(*, quick=False, sgemm=None, log=print, prefill_T=None, decode_st
             hf_decode()
             dts = [hf_decode() for _ in range(max(1, reps - 1))]
             out["hf_decode"] = {"median_s_per_token": statistics.median(dts) / steps, "repeats": len(dts)}
-    out["optimized_prefill"]["tok_per_s"] = T / out["optimized_prefill"]["median_s"]
-    out["optimized_prefill"]["gflops"] = flops / out["optimized_prefill"]["median_s"] / 1e9
+    for T in Ts:
+        r = rows[T]
+        for name in ("optimized", "hf"):
+            if name in r:
+                r[name]["tok_per_s"] = T / r[name]["median_s"]
+                r[name]["gflops"] = r["flops"] / r[name]["median_s"] / 1e9
+                if sgemm:
+                    r[name]["fraction_of_sgemm"] = r[name]["gflops"] / sgemm
+        if "hf" in r:
+            r["speedup_vs_hf"] = r["hf"]["median_s"] / r["optimized"]["median_s"]
+        out["prefill_by_T"].append(r)
+        log(f"  model prefill T={T}: optimized {r['optimized']['tok_per_s']:.0f} tok/s" + (
+            f", transformers {r['hf']['tok_per_s']:.0f} tok/s" if "hf" in r else ""))
+    big = rows[max(Ts)]
+    out["prefill_T"], out["prefill_flops"] = big["T"], big["flops"]
+    out["optimized_prefill"] = big["optimized"]
     out["optimized_decode"]["tok_per_s"] = 1 / out["optimized_decode"]["median_s_per_token"]
-    if sgemm:
-        out["optimized_prefill"]["fraction_of_sgemm"] = out["optimized_prefill"]["gflops"] / sgemm
-    if "hf_prefill" in out:
-        out["hf_prefill"]["tok_per_s"] = T / out["hf_prefill"]["median_s"]
-        out["hf_prefill"]["gflops"] = flops / out["hf_prefill"]["median_s"] / 1e9
+    if "hf" in big:
+        out["hf_prefill"] = big["hf"]
+        out["prefill_speedup_vs_hf"] = big["speedup_vs_hf"]
+    if "hf_decode" in out:
         out["hf_decode"]["tok_per_s"] = 1 / out["hf_decode"]["median_s_per_token"]
-        out["prefill_speedup_vs_hf"] = out["hf_prefill"]["median_s"] / out["optimized_prefill"]["median_s"]
         out["decode_speedup_vs_hf"] = out["hf_decode"]["median_s_per_token"] / out["optimized_decode"][
             "median_s_per_token"]
-    log(f"  model: prefill {out['optimized_prefill']['tok_per_s']:.0f} tok/s, decode "
-        f"{out['optimized_decode']['tok_per_s']:.1f} tok/s")
+    log(f"  model decode: optimized {out['optimized_decode']['tok_per_s']:.1f} tok/s" + (
+        f", transformers {out['hf_decode']['tok_per_s']:.1f} tok/s" if "hf_decode" in out else ""))
     return out
 
 
@@ -449,8 +483,13 @@ def run_all(*, quick: bool = False, parts=("gdn", "decode", "model"), log=print)
                                                log=log)
     if "decode" in parts:
         res["decode"] = bench_decode_step(quick=quick, log=log)
+    res["stream"] = stream_bandwidth(128 if quick else 512)
+    log(f"  DRAM read: {res['stream']['read_gbps']:.1f} GB/s")
     if "model" in parts:
         res["model"] = bench_model(quick=quick, sgemm=sg, log=log)
+        wb = decode_weight_bytes(bench_config())
+        res["model"]["decode_bytes_per_token"] = wb
+        res["model"]["decode_floor_tok_per_s"] = res["stream"]["read_gbps"] * 1e9 / wb
     res["sgemm_end"] = sgemm_rate(1024 if quick else 2048, repeats=3 if quick else 5)
     res["goals"] = goals_report(res)
     return res
@@ -462,6 +501,8 @@ def format_table(res: dict) -> str:
     sg = res["sgemm"]["gflops"]
     L.append(f"sgemm (1 thread, fp32, n={res['sgemm']['n']}): {sg:.1f} GFLOP/s at start, "
              f"{res.get('sgemm_end', {}).get('gflops', float('nan')):.1f} at end")
+    if "stream" in res:
+        L.append(f"DRAM read bandwidth (1 thread): {res['stream']['read_gbps']:.1f} GB/s")
     if "gdn_prefill" in res:
         L.append("")
         L.append("(a) gated delta rule prefill core, H_v=16, D=128, fp32, 1 thread  [ms; GF/s on chunked FLOPs; % sgemm]")
@@ -490,11 +531,17 @@ def format_table(res: dict) -> str:
         m = res["model"]
         L.append("")
         L.append(f"(c) whole model: {m['geometry']}")
-        L.append(f"  prefill T={m['prefill_T']} ({m['prefill_flops'] / 1e9:.1f} GFLOP): optimized "
-                 f"{m['optimized_prefill']['tok_per_s']:.0f} tok/s ({m['optimized_prefill']['gflops']:.1f} GF/s, "
-                 f"{100 * m['optimized_prefill'].get('fraction_of_sgemm', 0):.0f}% sgemm)" + (
-                     f"; transformers {m['hf_prefill']['tok_per_s']:.0f} tok/s ({m['hf_prefill']['gflops']:.1f} GF/s)"
-                     f" -> {m['prefill_speedup_vs_hf']:.2f}x" if "hf_prefill" in m else ""))
+        for r in m.get("prefill_by_T", []):
+            o = r["optimized"]
+            line = (f"  prefill T={r['T']} ({r['flops'] / 1e9:.1f} GFLOP): optimized {o['tok_per_s']:.0f} tok/s "
+                    f"({o['gflops']:.1f} GF/s, {100 * o.get('fraction_of_sgemm', 0):.0f}% sgemm)")
+            if "hf" in r:
+                line += (f"; transformers {r['hf']['tok_per_s']:.0f} tok/s ({r['hf']['gflops']:.1f} GF/s) -> "
+                         f"{r['speedup_vs_hf']:.2f}x")
+            L.append(line)
+        if "decode_floor_tok_per_s" in m:
+            L.append(f"  decode floor: {m['decode_bytes_per_token'] / 1e6:.0f} MB of fp32 weights per token at "
+                     f"{res['stream']['read_gbps']:.1f} GB/s -> at most {m['decode_floor_tok_per_s']:.1f} tok/s")
         L.append(f"  decode (context {m['decode_context']}, {m['decode_steps']} steps, B=1): optimized "
                  f"{m['optimized_decode']['tok_per_s']:.1f} tok/s" + (
                      f"; transformers {m['hf_decode']['tok_per_s']:.1f} tok/s -> {m['decode_speedup_vs_hf']:.2f}x"
