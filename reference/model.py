@@ -45,8 +45,8 @@ from reference.rope import decode_position_ids
 from reference.state_cache import GatedDeltaNetStateCache, KVCache, PoolFullError, UnknownRequestError
 from reference.weights import MLPWeights, ModelWeights, load_weights
 
-__all__ = ["Qwen35Model", "ModelInputs", "ModelOutputs", "TextContext", "RequestError", "PoolFullError",
-           "UnknownRequestError", "sample_next_token", "RETURN_LOGITS", "RETURN_HIDDEN_STATES"]
+__all__ = ["Qwen35Model", "ModelInputs", "ModelOutputs", "RequestSnapshot", "TextContext", "RequestError",
+           "PoolFullError", "UnknownRequestError", "sample_next_token", "RETURN_LOGITS", "RETURN_HIDDEN_STATES"]
 
 RETURN_LOGITS = ("last", "all", "variable")
 RETURN_HIDDEN_STATES = ("none", "last", "all")
@@ -69,6 +69,8 @@ class ModelInputs:
     recurrent_states:  list over linear layers of [B, H_v, D_k, D_v]      gathered from the pool
     start_lengths:     [B] tokens each request had consumed when these inputs were prepared
     image_token_indices / lm_image_embeddings: rows of `tokens` replaced by vision embeddings [n], [n, H]
+    epochs:            [B] each request's state epoch when these inputs were prepared (a claim or a `restore`
+                       starts a new epoch; `execute` refuses inputs of an older one)
     """
 
     tokens: np.ndarray
@@ -81,6 +83,7 @@ class ModelInputs:
     start_lengths: np.ndarray
     image_token_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     lm_image_embeddings: np.ndarray | None = None
+    epochs: np.ndarray | None = None
     executed: bool = False
 
     @property
@@ -114,11 +117,82 @@ class ModelOutputs:
 
 @dataclass
 class _Request:
-    """Per-request bookkeeping beyond the caches: tokens consumed, MRoPE offset, multimodal prompt positions."""
+    """Per-request bookkeeping beyond the caches.
+
+    length:     tokens consumed (committed by `execute`)
+    tokens:     the ids of those tokens, in order (len == length)
+    rope_delta: MRoPE offset of decode positions (SPEC §7.3)
+    mm:         reference.multimodal.MultimodalPrefill of the whole prompt, when it had pixels
+    prompt:     [P] the whole prompt given with the first context, when that context was a TextAndVisionContext;
+                later chunks must repeat its tokens[length:] (chunked prefill of an image prompt)
+    epoch:      bumped by claim and restore, so inputs prepared before a restore cannot run after it
+    """
 
     length: int = 0
+    tokens: list = field(default_factory=list)
     rope_delta: int = 0
-    mm: object | None = None  # reference.multimodal.MultimodalPrefill of the prompt, when it had pixels
+    mm: object | None = None
+    prompt: np.ndarray | None = None
+    epoch: int = 0
+
+
+@dataclass
+class RequestSnapshot:
+    """A deep copy of everything one request's future depends on (`Qwen35Model.snapshot` / `restore`).
+
+    Recurrent state cannot be truncated like a KV cache, so prefix caching (PITFALLS B16) and speculative
+    rollback (B17) keep copies of it: restore a snapshot, then replay the tokens after it.
+
+    request_id:       the request it was taken from (informational; restore may target any id)
+    length:           tokens consumed when it was taken
+    tokens:           [length] int64, the ids of those tokens (the prefix a prefix cache matches on)
+    conv_states:      list over linear layers of [conv_dim, K-1]  (last K-1 pre-activation inputs)
+    recurrent_states: list over linear layers of [H_v, D_k, D_v]
+    kv:               list over full-attention layers (KV-index order) of (k [length, H_kv, D_h], v)
+    rope_delta:       MRoPE offset of decode positions: token i (i >= prompt end) sits at i + rope_delta
+    mm:               the multimodal prompt (MultimodalPrefill: placeholder rows, embeddings, positions) or None
+    prompt:           [P] the whole prompt given with the first context (TextAndVisionContext), or None
+    No array is shared with the model: later steps of the request do not change a snapshot, and restoring
+    copies again, so one snapshot can be restored any number of times.
+    """
+
+    request_id: Hashable
+    length: int
+    tokens: np.ndarray
+    conv_states: list
+    recurrent_states: list
+    kv: list
+    rope_delta: int = 0
+    mm: object | None = None
+    prompt: np.ndarray | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the copied state (conv + recurrent + K/V)."""
+        return (sum(a.nbytes for a in self.conv_states) + sum(a.nbytes for a in self.recurrent_states)
+                + sum(k.nbytes + v.nbytes for k, v in self.kv))
+
+    def next_position_ids(self, num_tokens: int = 1) -> np.ndarray:
+        """[3, num_tokens] MRoPE positions of the next tokens after the snapshot (prompt positions while the
+        multimodal prompt is not consumed, then length + i + rope_delta)."""
+        return _chunk_inputs(self.mm, self.rope_delta, self.length, num_tokens)[2]
+
+
+def _chunk_inputs(mm, rope_delta: int, start: int, T: int):
+    """Tokens [start, start + T) of a request: (placeholder rows relative to `start` [n] | None, their vision
+    embeddings [n, H] | None, MRoPE position_ids [3, T]).
+
+    Inside a multimodal prompt the rows and positions are the prompt's slice (`MultimodalPrefill.chunk`, computed
+    once for the whole prompt); past its end (or without one) tokens sit at i + rope_delta on all three axes.  A
+    chunk may start or end anywhere, also inside a placeholder run, and may run past the prompt's end.
+    """
+    if mm is None or start >= mm.num_tokens:
+        return None, None, decode_position_ids(start, T, rope_delta)
+    end = min(start + T, mm.num_tokens)
+    rows, emb, pos = mm.chunk(start, end)
+    if start + T > end:
+        pos = np.concatenate([pos, decode_position_ids(end, start + T - end, rope_delta)], axis=1)
+    return rows, emb, pos
 
 
 def _has_vision(ctx) -> bool:
@@ -191,6 +265,7 @@ class Qwen35Model:
         self._requests: dict[Hashable, _Request] = {}
         self._vision_weights = None
         self._tmp_ids = itertools.count()
+        self._epochs = itertools.count(1)
 
     @classmethod
     def from_pretrained(cls, path, *, max_batch_size: int = 8, dtype=np.float64, return_logits: str = "last",
@@ -218,6 +293,83 @@ class Qwen35Model:
         self.kv_cache.release(request_id)
         return known
 
+    # ------------------------------------------------------------------ snapshots (prefix caching, rollback)
+    def snapshot(self, request_id) -> RequestSnapshot:
+        """A deep copy of the request's committed state: the conv and recurrent state of every linear layer, the
+        K/V of every full-attention layer, tokens consumed, MRoPE offset and multimodal prompt.
+
+        Taken between steps (what `execute` committed; inputs prepared but not executed are not part of it).
+        Raises UnknownRequestError for an id that is not live.
+        """
+        req = self._requests.get(request_id)
+        if req is None:
+            raise UnknownRequestError(f"snapshot of request {request_id!r}, which is not live")
+        conv, rec = self.state_cache.get_states([request_id])  # fresh copies [1, ...]
+        kv = [(k.copy(), v.copy()) for k, v in
+              (self.kv_cache.get([request_id], layer)[0] for layer in self.config.full_layer_indices)]
+        return RequestSnapshot(
+            request_id=request_id, length=req.length, tokens=np.array(req.tokens, dtype=np.int64).reshape(-1),
+            conv_states=[c[0].copy() for c in conv], recurrent_states=[r[0].copy() for r in rec], kv=kv,
+            rope_delta=req.rope_delta, mm=copy.deepcopy(req.mm),
+            prompt=None if req.prompt is None else req.prompt.copy())
+
+    def restore(self, request_id, snapshot: RequestSnapshot) -> None:
+        """Make `request_id` continue from `snapshot` (copied in; the snapshot stays reusable).
+
+        A live id keeps its slot and has its state overwritten; a new id claims a free slot (PoolFullError when
+        none is left).  The snapshot may come from another request id (a shared prefix).  Everything is checked
+        (layer counts, shapes, dtype, lengths) before any state changes.  Inputs prepared for `request_id`
+        before the restore are refused by `execute` afterwards.
+        """
+        if not isinstance(snapshot, RequestSnapshot):
+            raise TypeError(f"restore: expected a RequestSnapshot, got {type(snapshot).__name__}")
+        self._check_snapshot(request_id, snapshot)
+        if request_id not in self._requests:
+            self._check_capacity([request_id])
+        # --- checked: now commit ---
+        self.state_cache.claim(request_id)
+        self.kv_cache.claim(request_id)
+        self.state_cache.update_states([request_id], [c[None] for c in snapshot.conv_states],
+                                       [r[None] for r in snapshot.recurrent_states])  # copies into the pools
+        for layer, (k, v) in zip(self.config.full_layer_indices, snapshot.kv):
+            self.kv_cache.set([request_id], layer, [(k.copy(), v.copy())])
+        self._requests[request_id] = _Request(
+            length=int(snapshot.length), tokens=[int(t) for t in snapshot.tokens], rope_delta=int(snapshot.rope_delta),
+            mm=copy.deepcopy(snapshot.mm), prompt=None if snapshot.prompt is None else np.array(snapshot.prompt),
+            epoch=next(self._epochs))
+
+    def _check_snapshot(self, request_id, snap: RequestSnapshot) -> None:
+        def fail(msg):
+            raise RequestError(f"restore of request {request_id!r} from a snapshot of {snap.request_id!r}: {msg}")
+
+        c = self.config
+        n = int(snap.length)
+        if n < 0 or n > self.max_length:
+            fail(f"length {n} is outside [0, max_length {self.max_length}]")
+        if np.shape(snap.tokens) != (n,):
+            fail(f"tokens have shape {np.shape(snap.tokens)}, expected ({n},)")
+        if len(snap.conv_states) != c.num_linear_layers or len(snap.recurrent_states) != c.num_linear_layers:
+            fail(f"{len(snap.conv_states)} conv and {len(snap.recurrent_states)} recurrent states for "
+                 f"{c.num_linear_layers} linear layers")
+        if len(snap.kv) != c.num_full_layers:
+            fail(f"{len(snap.kv)} (k, v) pairs for {c.num_full_layers} full-attention layers")
+        kv_shape = (n, c.num_key_value_heads, c.head_dim)
+        for what, arrays, shape in (
+                ("conv state", snap.conv_states, self.state_cache.conv_pools[0].shape[1:] if c.num_linear_layers
+                 else None),
+                ("recurrent state", snap.recurrent_states,
+                 self.state_cache.recurrent_pools[0].shape[1:] if c.num_linear_layers else None),
+                ("k", [k for k, _ in snap.kv], kv_shape), ("v", [v for _, v in snap.kv], kv_shape)):
+            for i, a in enumerate(arrays):
+                if not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != self.dtype:
+                    fail(f"{what} {i} is {getattr(a, 'dtype', type(a).__name__)} {np.shape(a)}, this model needs "
+                         f"{self.dtype} {shape}")
+        if snap.prompt is not None and n > 0 and not np.array_equal(snap.tokens[:min(n, len(snap.prompt))],
+                                                                    np.asarray(snap.prompt)[:min(n, len(snap.prompt))]):
+            fail("its tokens do not start with its prompt")
+        if snap.mm is not None and snap.prompt is not None and snap.mm.num_tokens != len(snap.prompt):
+            fail(f"its multimodal prompt covers {snap.mm.num_tokens} tokens but the prompt has {len(snap.prompt)}")
+
     # ------------------------------------------------------------------ validation (touches nothing)
     def _check_tokens(self, request_id, tokens) -> np.ndarray:
         arr = as_token_array(tokens, request_id=request_id)
@@ -244,6 +396,24 @@ class Qwen35Model:
                 f"{len(new)} new request(s) {new[free:][:8]!r} do not fit: {len(self._requests)} of "
                 f"{self.max_batch_size} slots are live (max_batch_size); release finished requests first")
 
+    def _check_prompt_continuation(self, request_id, tokens: np.ndarray) -> None:
+        """A live request whose first context held its whole prompt (chunked prefill of an image prompt) must
+        continue with that prompt's next tokens; tokens past the prompt's end are free (decode)."""
+        req = self._requests.get(request_id)
+        if req is None or req.prompt is None or req.length >= req.prompt.size:
+            return
+        s = req.length
+        n = min(req.prompt.size - s, tokens.size)
+        want = req.prompt[s:s + n]
+        bad = np.flatnonzero(tokens[:n] != want)
+        if bad.size:
+            i = int(bad[0])
+            raise RequestError(
+                f"request {request_id!r}: token {int(tokens[i])} at position {i} of this chunk differs from its "
+                f"prompt, which holds {int(want[i])} at prompt position {s + i}; the request has consumed {s} of its "
+                f"{req.prompt.size} prompt tokens, so it must continue with prompt[{s}:] (given with its first "
+                "context)")
+
     def _return_counts(self, return_n_logits, seq_lens: np.ndarray, request_ids) -> np.ndarray:
         B = len(seq_lens)
         if self.return_logits == "all":
@@ -266,7 +436,9 @@ class Qwen35Model:
         """Pack a ragged batch of contexts, claim state for new requests and gather every request's state.
 
         A context whose request_id is live continues that request (its tokens are the next prefill chunk); a new
-        id starts from zero state.  Multimodal contexts (pixels) are accepted for a request's first chunk.
+        id starts from zero state.  Multimodal contexts (pixels) are accepted for a request's first chunk: their
+        tokens are the whole prompt, of which only tokens[:ctx.chunk_end] are processed now; the rest follows
+        as plain TextContexts (checked against the stored prompt).
         """
         if isinstance(contexts, TextContext):
             contexts = [contexts]
@@ -279,17 +451,27 @@ class Qwen35Model:
             if rid in seen:
                 raise RequestError(f"request {rid!r} appears twice in one batch")
             seen.add(rid)
-        token_arrays = []
+        token_arrays, prompts = [], {}
         for ctx in contexts:
-            arr = self._check_tokens(ctx.request_id, ctx.tokens)
-            self._check_length(ctx.request_id, arr.size)
-            if _has_vision(ctx):
-                if ctx.request_id in self._requests:
-                    raise RequestError(f"request {ctx.request_id!r} is live: pixels are accepted only with the "
-                                       "first chunk of a request (its whole prompt)")
-                if not self.config.is_multimodal:
-                    raise RequestError(f"request {ctx.request_id!r} carries pixels but the model "
+            rid = ctx.request_id
+            arr = self._check_tokens(rid, ctx.tokens)
+            chunk_end = getattr(ctx, "chunk_end", None)
+            if _has_vision(ctx) or chunk_end is not None:
+                # the first context of a request that carries its whole prompt (pixels and/or a chunk end)
+                if rid in self._requests:
+                    raise RequestError(f"request {rid!r} is live: pixels and chunk_end are accepted only with the "
+                                       "first context of a request (which holds the whole prompt); continue it "
+                                       "with TextContexts holding the next tokens")
+                if _has_vision(ctx) and not self.config.is_multimodal:
+                    raise RequestError(f"request {rid!r} carries pixels but the model "
                                        f"({self.config.model_type}) has no vision tower")
+                self._check_length(rid, arr.size)  # the whole prompt will be consumed
+                end = ctx.prompt_chunk_end() if chunk_end is not None else arr.size
+                prompts[rid] = arr.copy()  # our own copy: the caller may reuse its array
+                arr = arr[:end]
+            else:
+                self._check_length(rid, arr.size)
+                self._check_prompt_continuation(rid, arr)
             token_arrays.append(arr)
         seq_lens = np.array([a.size for a in token_arrays], dtype=np.int64)
         counts = self._return_counts(return_n_logits, seq_lens, ids)
@@ -302,7 +484,9 @@ class Qwen35Model:
             if rid not in self._requests:
                 self.state_cache.claim(rid)
                 self.kv_cache.claim(rid)
-                self._requests[rid] = _Request()
+                self._requests[rid] = _Request(epoch=next(self._epochs))
+        for rid, prompt in prompts.items():
+            self._requests[rid].prompt = prompt
         for rid, pre in mm.items():
             self._requests[rid].mm = pre
             self._requests[rid].rope_delta = int(pre.rope_delta)
@@ -322,8 +506,9 @@ class Qwen35Model:
                 raise UnknownRequestError(f"decode for request {rid!r}, which is not live (released, or never "
                                           "prefilled)")
         arrays = [self._check_tokens(rid, tokens[b:b + 1]) for b, rid in enumerate(ids)]
-        for rid in ids:
+        for rid, arr in zip(ids, arrays):
             self._check_length(rid, 1)
+            self._check_prompt_continuation(rid, arr)
         prev.conv_states = prev.recurrent_states = None
         return self._build_inputs(ids, arrays, np.ones(len(ids), dtype=np.int64))
 
@@ -334,23 +519,19 @@ class Qwen35Model:
         pos, rows, embs = [], [], []
         for b, rid in enumerate(ids):
             req = self._requests[rid]
-            s, T = int(starts[b]), int(seq_lens[b])
-            if req.mm is not None and s < req.mm.num_tokens:
-                if s + T > req.mm.num_tokens:
-                    raise RequestError(f"request {rid!r}: chunk crosses the end of its multimodal prompt")
-                r, e, p = req.mm.chunk(s, s + T)
+            r, e, p = _chunk_inputs(req.mm, req.rope_delta, int(starts[b]), int(seq_lens[b]))
+            if r is not None and len(r):
                 rows.append(r + offsets[b])
                 embs.append(e)
-                pos.append(p)
-            else:
-                pos.append(decode_position_ids(s, T, req.rope_delta))  # [3, T]: s + i + rope_delta
+            pos.append(p)  # [3, T]: the prompt's slice, then s + i + rope_delta
         conv, rec = self.state_cache.get_states(ids)  # gather: fresh [B, ...] copies
         return ModelInputs(
             tokens=np.concatenate(token_arrays).astype(np.int64), input_row_offsets=offsets, request_ids=list(ids),
             return_n_logits=counts, position_ids=np.concatenate(pos, axis=1).astype(np.int64),
             conv_states=conv, recurrent_states=rec, start_lengths=starts,
             image_token_indices=np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64),
-            lm_image_embeddings=np.concatenate(embs) if embs else None)
+            lm_image_embeddings=np.concatenate(embs) if embs else None,
+            epochs=np.array([self._requests[r].epoch for r in ids], dtype=np.int64))
 
     def execute(self, inputs: ModelInputs) -> ModelOutputs:
         """Run one step on prepared inputs, scatter the new states back, return the selected logits."""
@@ -362,6 +543,9 @@ class Qwen35Model:
         for b, rid in enumerate(inputs.request_ids):
             if rid not in self._requests:
                 raise UnknownRequestError(f"request {rid!r} was released after its inputs were prepared")
+            if inputs.epochs is not None and self._requests[rid].epoch != inputs.epochs[b]:
+                raise RequestError(f"request {rid!r} was restored from a snapshot (or released and claimed again) "
+                                   "after its inputs were prepared; prepare new inputs")
             if self._requests[rid].length != inputs.start_lengths[b]:
                 raise RequestError(f"request {rid!r} advanced since its inputs were prepared "
                                    f"({int(inputs.start_lengths[b])} -> {self._requests[rid].length} tokens)")
@@ -374,8 +558,10 @@ class Qwen35Model:
         self.state_cache.update_states(ids, conv, rec)
         for layer, kv in new_kv.items():
             self.kv_cache.set(ids, layer, kv)
+        off = inputs.input_row_offsets
         for b, rid in enumerate(ids):
             self._requests[rid].length += int(inputs.seq_lens[b])
+            self._requests[rid].tokens.extend(inputs.tokens[off[b]:off[b + 1]].tolist())
         inputs.executed = True
         return self._outputs(h, inputs.input_row_offsets, inputs.return_n_logits, ids)
 
@@ -454,13 +640,14 @@ class Qwen35Model:
             arr = self._check_tokens(rid, toks)
             if arr.size > self.max_length:
                 raise RequestError(f"request {rid!r} has {arr.size} tokens, more than max_length {self.max_length}")
-            if _has_vision(item):
-                pre = self._multimodal_prefill(item)
-                rows.append(pre.image_rows + offset)
-                embs.append(pre.embeddings)
-                pos.append(pre.position_ids)
-            else:
-                pos.append(decode_position_ids(0, arr.size))
+            end = item.prompt_chunk_end() if getattr(item, "chunk_end", None) is not None else arr.size
+            pre = self._multimodal_prefill(item) if _has_vision(item) else None
+            r, e, p = _chunk_inputs(pre, 0 if pre is None else pre.rope_delta, 0, end)  # tokens[:chunk_end]
+            arr = arr[:end]
+            if r is not None and len(r):
+                rows.append(r + offset)
+                embs.append(e)
+            pos.append(p)
             arrays.append(arr)
             offset += arr.size
         if not arrays:
@@ -504,6 +691,8 @@ class Qwen35Model:
                 if isinstance(p, TextContext):
                     ctx = copy.copy(p)
                     ctx.request_id = rid
+                    if getattr(ctx, "chunk_end", None) is not None:
+                        ctx.chunk_end = None  # generate prefills the whole prompt in one step
                 else:
                     ctx = TextContext(rid, p)
                 contexts.append(ctx)

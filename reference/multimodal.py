@@ -40,6 +40,12 @@ class TextAndVisionContext(TextContext):
         image_grid_thw:      [n_images, 3] (t, h, w) in patches (t = 1 for a still image).
         pixel_values_videos: [Σ t·h·w, C·T_p·P·P] patchified videos (None if none).
         video_grid_thw:      [n_videos, 3].
+        chunk_end:           chunked prefill of the prompt: process only tokens[:chunk_end] in this step (None:
+                             the whole prompt).  `tokens` is still the *whole* prompt, so the placeholders are
+                             checked, the tower runs and the MRoPE positions are computed once, for all of it; the
+                             caller then feeds tokens[chunk_end:] (in any number of pieces) as plain `TextContext`s
+                             of the same request id, which the model checks against the stored prompt.  Any
+                             1 <= chunk_end <= len(tokens) is valid, also inside a run of placeholders.
     `tokens` must already hold the expanded placeholders (`reference.image_processing.expand_vision_placeholders`).
     """
 
@@ -47,6 +53,7 @@ class TextAndVisionContext(TextContext):
     image_grid_thw: np.ndarray | None = None
     pixel_values_videos: np.ndarray | None = None
     video_grid_thw: np.ndarray | None = None
+    chunk_end: int | None = None
 
     def __post_init__(self):
         for pix, grid, what in ((self.pixel_values, self.image_grid_thw, "image"),
@@ -54,6 +61,19 @@ class TextAndVisionContext(TextContext):
             if (pix is None) != (grid is None):
                 raise ValueError(f"request {self.request_id!r}: {what} pixels and {what} grid_thw must be given "
                                  "together")
+        if self.chunk_end is not None:
+            self.prompt_chunk_end()  # validate now: a bad value is the caller's error, not the model's
+
+    def prompt_chunk_end(self) -> int:
+        """The end (exclusive) of the tokens to process in this step: `chunk_end`, or len(tokens) when None."""
+        n = len(self)
+        if self.chunk_end is None:
+            return n
+        end = self.chunk_end
+        if isinstance(end, (bool, np.bool_)) or not isinstance(end, (int, np.integer)) or not 1 <= end <= n:
+            raise ValueError(f"request {self.request_id!r}: chunk_end must be an int in [1, {n}] (the prompt has "
+                             f"{n} tokens), got {end!r}")
+        return int(end)
 
     @property
     def has_vision_inputs(self) -> bool:
