@@ -6,6 +6,7 @@
 | accuracy.json            | `qwen35 accuracy`              | accuracy.png, drift.png                      |
 | crossover.json           | `crossover_sweep()` (this file) | crossover.png  chunked vs per-token by T     |
 | docs/bench_cpu.json      | `qwen35 bench`                 | speed.png                                    |
+| gpu_bench.json           | `scripts/gpu_bench.py`         | gpu_kernels.png  Triton vs torch (vs fla) on a GPU |
 
 Every figure carries a footer with the machine, the versions and the dtypes read from the JSON's `meta`, so a
 plot never travels without the conditions it was measured under.  matplotlib runs headless (Agg).
@@ -426,6 +427,63 @@ def plot_crossover(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: 
     return _finish(fig, data.get("meta", {}), out_dir, stem, formats)
 
 
+# ------------------------------------------------------------------------------------------------ GPU kernels
+# scripts/gpu_bench.py (the Triton engineer's) writes {"kind": "gpu_bench", "meta", "peaks", "records", "notes"};
+# a record is {"case", "impl", "shape", "ms", "tflops", "gbps", "frac_peak_tflops", "frac_peak_gbps", "timing", "how"}.
+def plot_gpu_bench(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: str = "gpu_kernels"):
+    """Left: prefill-type kernels (chunked GDN, conv, norm), time per implementation with % of the measured peak.
+    Right: the decode step, µs per step vs batch, per implementation (CUDA-graph replay / eager)."""
+    recs = data.get("records") or []
+    if not recs:
+        raise ValueError("gpu_bench JSON has no records")
+    label = lambda r: r["impl"] + (f" ({r['how']})" if r.get("how") else "")  # noqa: E731
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    cases = [c for c in dict.fromkeys(r["case"] for r in recs) if c != "gdn_decode_step"]
+    impls = list(dict.fromkeys(label(r) for r in recs if r["case"] != "gdn_decode_step"))
+    width = 0.8 / max(1, len(impls))
+    colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(dict.fromkeys(label(r) for r in recs))}
+    for j, name in enumerate(impls):
+        for i, case in enumerate(cases):
+            r = next((r for r in recs if r["case"] == case and label(r) == name), None)
+            if r is None or not r.get("ms"):
+                continue
+            x = i + (j - (len(impls) - 1) / 2) * width
+            ax.bar(x, r["ms"], width, color=colors[name], label=name)  # duplicate labels merged below
+            frac = r.get("frac_peak_gbps") or r.get("frac_peak_tflops")
+            if frac:
+                ax.text(x, r["ms"], f"{100 * frac:.0f}%", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(cases)))
+    ax.set_xticklabels([c.replace("_", "\n", 1) for c in cases], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per call (label: % of measured peak)")
+    ax.set_title("Prefill-type kernels", fontsize=10)
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), fontsize=8)
+    ax.grid(True, axis="y", which="both", alpha=0.25)
+    dec = [r for r in recs if r["case"] == "gdn_decode_step" and r.get("ms")]
+    for name in dict.fromkeys(label(r) for r in dec):
+        sel = sorted((r for r in dec if label(r) == name), key=lambda r: r["shape"]["B"])
+        ax2.plot([r["shape"]["B"] for r in sel], [r["ms"] * 1e3 for r in sel], "-o", color=colors[name], label=name)
+    ax2.set_xscale("log", base=2)
+    ax2.set_yscale("log")
+    ax2.set_xlabel("batch (requests, one token each)")
+    ax2.set_ylabel("µs per decode step (one layer)")
+    ax2.set_title("Decode step on a slot pool (PITFALLS B22)", fontsize=10)
+    ax2.grid(True, which="both", alpha=0.25)
+    ax2.legend(fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    m = dict(data.get("meta") or {})
+    m["device_name"] = m.get("gpu") or f"{m.get('device', '?')}" + (" (Triton interpreter)" if m.get("interpreter")
+                                                                     else "")
+    m["date_utc"] = m.get("time_utc")
+    shapes = {r["case"]: r["shape"] for r in recs}
+    dt = next(iter(shapes.values())).get("dtype", "?")
+    notes = [n for n in data.get("notes", []) if "DRY RUN" in n]
+    m["dtype_note"] = f"activations {dt}, fp32 state; " + ("; ".join(notes) if notes else
+                                                          f"CUDA {m.get('cuda')}, fla {m.get('fla')}")
+    return _finish(fig, m, out_dir, stem, formats)
+
+
 # ------------------------------------------------------------------------------------------------ driver
 BENCH_LOCATIONS = ("docs/bench_cpu.json",)  # where `qwen35 bench` writes by default (besides results/)
 
@@ -455,6 +513,8 @@ def render_all(results_dir=RESULTS_DIR, out_dir=PLOTS_DIR, formats=("png", "svg"
             suffix = path.stem[len("accuracy"):] if path.stem.startswith("accuracy") else f"_{path.stem}"
             written += plot_accuracy(data, out_dir, formats, stem=f"accuracy{suffix}")
             written += plot_drift(data, out_dir, formats, stem=f"drift{suffix}")
+        elif kind == "gpu_bench":
+            written += plot_gpu_bench(data, out_dir, formats, stem=path.stem.replace("gpu_bench", "gpu_kernels"))
         elif kind == "crossover":
             written += plot_crossover(data, out_dir, formats, stem=path.stem)
         elif is_bench(data):

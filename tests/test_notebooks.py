@@ -240,3 +240,25 @@ def test_docs_index_links_every_page_notebook_and_plot():
             if link.endswith(".md") and "/" not in link:
                 continue
             assert (md.parent / link).resolve().exists(), f"{md.name}: broken link {link}"
+
+
+def test_gpu_bench_json_renders(tmp_path):
+    """The record format of scripts/gpu_bench.py (kind gpu_bench) becomes gpu_kernels.png/svg with its footer."""
+    from qwen35.plot import render_all
+
+    def rec(case, impl, how, ms, **shape):
+        return {"case": case, "impl": impl, "how": how, "ms": ms, "shape": {"dtype": "bfloat16", **shape},
+                "tflops": None, "gbps": 100.0, "frac_peak_tflops": None, "frac_peak_gbps": 0.5, "timing": "cuda events"}
+
+    data = {"kind": "gpu_bench", "meta": {"gpu": "NVIDIA H200", "torch": "2.x", "triton": "3.x", "cuda": "12.x",
+                                          "time_utc": "2026-01-01T00:00:00Z"},
+            "records": [rec("gdn_chunk_prefill", "triton", "", 1.5, T=8192), rec("gdn_chunk_prefill", "torch", "", 9.0,
+                                                                                  T=8192)]
+            + [rec("gdn_decode_step", "triton", how, 0.01 * B ** 0.5, B=B) for B in (1, 32, 256)
+               for how in ("cuda graph", "eager")],
+            "notes": []}
+    (tmp_path / "gpu_bench.json").write_text(json.dumps(data))
+    written = render_all(tmp_path, tmp_path / "plots", ("svg",), log=lambda *a: None)
+    svg = (tmp_path / "plots" / "gpu_kernels.svg").read_text()
+    assert "NVIDIA H200" in svg and "triton (cuda graph)" in svg and "bfloat16" in svg
+    assert {p.name for p in written} == {"memory.svg", "gpu_kernels.svg"}
