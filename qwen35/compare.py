@@ -137,7 +137,16 @@ class Comparison:
     def as_dict(self) -> dict:
         from dataclasses import asdict
 
-        return {"checkpoint": self.checkpoint, "num_tokens": self.num_tokens, "ok": self.ok,
+        from qwen35.accuracy import machine_info
+
+        try:
+            rel = str(Path(self.checkpoint).resolve().relative_to(Path(__file__).resolve().parent.parent))
+        except ValueError:
+            rel = self.checkpoint
+        return {"kind": "compare", "schema": 1, "meta": {**machine_info("cpu"), "checkpoint": rel,
+                                                         "dtype_note": "reference float64; each row's label says the "
+                                                                       "other side's dtype and backend"},
+                "checkpoint": rel, "num_tokens": self.num_tokens, "ok": self.ok,
                 "reports": {k: v.as_dict() for k, v in self.reports.items()},
                 "agreement": {k: asdict(v) for k, v in self.agreement.items()}, "skipped": self.skipped}
 

@@ -6,6 +6,7 @@
 | accuracy.json            | `qwen35 accuracy`              | accuracy.png, drift.png                      |
 | crossover.json           | `crossover_sweep()` (this file) | crossover.png  chunked vs per-token by T     |
 | docs/bench_cpu.json      | `qwen35 bench`                 | speed.png                                    |
+| compare_*.json           | `qwen35 compare --out`         | compare_*.png  error per layer vs float64    |
 | gpu_bench.json           | `scripts/gpu_bench.py`         | gpu_kernels.png  Triton vs torch (vs fla) on a GPU |
 
 Every figure carries a footer with the machine, the versions and the dtypes read from the JSON's `meta`, so a
@@ -427,6 +428,42 @@ def plot_crossover(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: 
     return _finish(fig, data.get("meta", {}), out_dir, stem, formats)
 
 
+# ------------------------------------------------------------------------------------------------ model compare
+def plot_compare(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: str = "compare"):
+    """Relative RMS error vs the float64 reference at every trace point (embedding … logits), one line per
+    implementation (`qwen35 compare --out`): how rounding grows through the residual stream."""
+    reports = data.get("reports") or {}
+    if not reports:
+        raise ValueError("compare JSON has no reports")
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    names = None
+    exact = []
+    for i, (label, rep) in enumerate(reports.items()):
+        rows = rep["rows"]
+        names = [r["name"] for r in rows]
+        y = [r["rel_rms"] if r["rel_rms"] > 0 else np.nan for r in rows]  # exact points: no mark on a log axis
+        exact += [f"{label}: {r['name']}" for r in rows if r["rel_rms"] == 0]
+        ax.plot(range(len(rows)), y, ("-o", "--s", ":^", "-.D")[i % 4], color=plt.cm.tab10(i), label=label, ms=6,
+                mfc="none" if i % 2 else None)
+        if rep.get("first_divergent"):
+            j = names.index(rep["first_divergent"])
+            ax.plot([j], [y[j]], "s", ms=13, mfc="none", mec="tab:red")
+        ax.axhline(rep["tolerance"], color=plt.cm.tab10(i), lw=0.8, ls=":")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, rotation=20, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("relative RMS error vs the float64 reference")
+    if exact:
+        ax.text(0.01, 0.62, "exactly 0 (not drawn): " + "; ".join(exact), transform=ax.transAxes, fontsize=7,
+                color="0.35")
+    ax.set_title(f"Whole model, layer by layer: {data.get('checkpoint')} ({data.get('num_tokens')} tokens); "
+                 "dotted: tolerance", fontsize=10)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return _finish(fig, data.get("meta", {}), out_dir, stem, formats)
+
+
 # ------------------------------------------------------------------------------------------------ GPU kernels
 # scripts/gpu_bench.py (the Triton engineer's) writes {"kind": "gpu_bench", "meta", "peaks", "records", "notes"};
 # a record is {"case", "impl", "shape", "ms", "tflops", "gbps", "frac_peak_tflops", "frac_peak_gbps", "timing", "how"}.
@@ -513,6 +550,8 @@ def render_all(results_dir=RESULTS_DIR, out_dir=PLOTS_DIR, formats=("png", "svg"
             suffix = path.stem[len("accuracy"):] if path.stem.startswith("accuracy") else f"_{path.stem}"
             written += plot_accuracy(data, out_dir, formats, stem=f"accuracy{suffix}")
             written += plot_drift(data, out_dir, formats, stem=f"drift{suffix}")
+        elif kind == "compare":
+            written += plot_compare(data, out_dir, formats, stem=path.stem)
         elif kind == "gpu_bench":
             written += plot_gpu_bench(data, out_dir, formats, stem=path.stem.replace("gpu_bench", "gpu_kernels"))
         elif kind == "crossover":

@@ -184,7 +184,7 @@ def test_crossover_sweep_times_every_form_and_plots(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- compare
-def test_compare_on_the_demo_matches_and_localizes_an_injected_bug(monkeypatch):
+def test_compare_on_the_demo_matches_and_localizes_an_injected_bug(monkeypatch, tmp_path):
     """`qwen35 compare`: the optimized model matches the reference on the demo; a bug injected into the optimized
     full-attention layer is reported at that layer, not before it."""
     import optimized.model as om
@@ -199,6 +199,12 @@ def test_compare_on_the_demo_matches_and_localizes_an_injected_bug(monkeypatch):
     assert [r.name for r in rep.rows][0] == "embedding" and rep.rows[-1].name == "logits"
     assert max(r.rel_rms for r in rep.rows) < 1e-4 and rep.rows[-1].rel_rms > 0  # fp32 vs fp64: small, not zero
     assert good.agreement[label].argmax_agree == 1.0
+    from qwen35.plot import plot_compare
+
+    d = json.loads(json.dumps(good.as_dict()))  # what `qwen35 compare --out` writes
+    assert d["kind"] == "compare" and d["meta"]["torch"]
+    svg = plot_compare(d, tmp_path, ("svg",))[0].read_text()
+    assert "layer 3 (full)" in svg and "optimized (float32" in svg
 
     real = om.gated_attention
     monkeypatch.setattr(om, "gated_attention", lambda *a, **k: (lambda y, kv: (1.01 * y, kv))(*real(*a, **k)))

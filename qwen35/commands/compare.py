@@ -30,6 +30,8 @@ def add_arguments(parser):
     parser.add_argument("--tolerance", type=float, default=None,
                         help="relative RMS tolerance per point (default 1e-4 for float32, 5e-2 for bfloat16)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--out", default=None, metavar="FILE",
+                        help="also write the JSON to FILE (e.g. results/compare_demo.json; `qwen35 plot` draws it)")
 
 
 def prompt_tokens(args, path, config) -> list[int]:
@@ -58,5 +60,11 @@ def run(args) -> int:
     tokens = prompt_tokens(args, path, config)
     result = compare_checkpoint(path, tokens, dtypes=tuple(args.dtype), backend=args.backend, device=args.device,
                                 with_hf=not args.no_hf, tolerance=args.tolerance)
-    print(json.dumps(result.as_dict(), indent=2) if args.json else result.format())
+    d = result.as_dict()
+    print(json.dumps(d, indent=2) if args.json else result.format())
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(d, indent=1) + "\n")
+        print(f"wrote {out}")
     return 0 if result.ok else 1
