@@ -573,3 +573,63 @@ def write_json(res: dict, path) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(res, indent=2, default=float))
     return p
+
+
+def markdown_tables(res: dict) -> str:
+    """docs/benchmarks.md's result tables, generated from a run_all JSON (so the doc never drifts from the data)."""
+    L = []
+    sg = res["sgemm"]["gflops"]
+    m = res["machine"]
+    L.append(f"Run of {m.get('date', '?')}: {m.get('cpu')} ({m.get('logical_cpus')} logical CPUs), torch {m.get('torch')}"
+             f" ({m.get('blas')}), NumPy {m.get('numpy')}, transformers {m.get('transformers')}, 1 thread, float32; "
+             f"load average at start {tuple(round(x, 2) for x in m.get('load_avg_at_start', ()))}.")
+    L.append(f"sgemm {sg:.1f} GFLOP/s (best of the medians {[round(x, 1) for x in res['sgemm'].get('gflops_medians', [sg])]}"
+             f"; {res.get('sgemm_end', {}).get('gflops', float('nan')):.1f} at the end of the run)" + (
+                 f"; DRAM read {res['stream']['read_gbps']:.1f} GB/s." if "stream" in res else "."))
+    if "gdn_prefill" in res:
+        L.append("")
+        L.append("| T | chunked GFLOP | floor (FLOP / sgemm) | optimized | transformers fallback | reference chunked | "
+                 "reference per-token | optimized vs transformers |")
+        L.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in res["gdn_prefill"]:
+            cells = []
+            for name in ("optimized", "hf_torch_fallback", "reference_chunked_f32", "reference_per_token_f32"):
+                x = r.get(name)
+                cells.append(f"{x['median_s'] * 1e3:.1f} ms · {x['gflops_on_chunked_flops']:.1f} GF/s · "
+                             f"{100 * x.get('fraction_of_sgemm', 0):.0f} %" if x else "—")
+            L.append(f"| {r['T']} | {r['flops_chunked'] / 1e9:.2f} | {r['flops_chunked'] / sg / 1e6:.0f} ms | "
+                     + " | ".join(cells) + f" | {r.get('speedup_vs_hf', float('nan')):.2f}× |")
+    if "decode" in res:
+        d = res["decode"]
+        L.append("")
+        L.append("| decode step, B = 1 | optimized | reference (NumPy, fp32) | speed-up |")
+        L.append("|---|---:|---:|---:|")
+        L.append(f"| gated delta rule only (H_v 16, D 128; in-place pool) | {d['kernel_optimized']['median_s'] * 1e6:.0f} µs"
+                 f" | {d['kernel_reference_f32']['median_s'] * 1e6:.0f} µs | {d['kernel_speedup']:.2f}× |")
+        L.append(f"| whole GDN layer (hidden {d['layer_hidden']}) | {d['layer_optimized']['median_s'] * 1e6:.0f} µs | "
+                 f"{d['layer_reference_f32']['median_s'] * 1e6:.0f} µs | {d['layer_speedup']:.2f}× |")
+    if "model" in res:
+        mm = res["model"]
+        L.append("")
+        L.append(f"Model: {mm['geometry']}.")
+        L.append("")
+        L.append("| phase | FLOP or bytes | floor | optimized | transformers | optimized vs transformers |")
+        L.append("|---|---:|---:|---:|---:|---:|")
+        for r in mm.get("prefill_by_T", []):
+            o, h = r["optimized"], r.get("hf")
+            L.append(f"| prefill T = {r['T']} | {r['flops'] / 1e9:.1f} GFLOP | {r['T'] / (r['flops'] / sg / 1e9):.0f} tok/s | "
+                     f"{o['tok_per_s']:.0f} tok/s ({100 * o.get('fraction_of_sgemm', 0):.0f} % sgemm) | "
+                     + (f"{h['tok_per_s']:.0f} tok/s ({100 * h.get('fraction_of_sgemm', 0):.0f} % sgemm) | "
+                        f"{r['speedup_vs_hf']:.2f}× |" if h else "— | — |"))
+        if "decode_floor_tok_per_s" in mm:
+            L.append(f"| decode, context {mm['decode_context']} | {mm['decode_bytes_per_token'] / 1e6:.0f} MB / token | "
+                     f"{mm['decode_floor_tok_per_s']:.1f} tok/s | {mm['optimized_decode']['tok_per_s']:.1f} tok/s | "
+                     + (f"{mm['hf_decode']['tok_per_s']:.1f} tok/s | {mm['decode_speedup_vs_hf']:.2f}× |"
+                        if "hf_decode" in mm else "— | — |"))
+    if res.get("goals"):
+        L.append("")
+        L.append("| goal (issue 5) | target | measured | |")
+        L.append("|---|---:|---:|---|")
+        for k, g in res["goals"].items():
+            L.append(f"| {k} | {g['target']} | {g['measured']:.2f} | {'met' if g['met'] else 'missed'} |")
+    return "\n".join(L)
