@@ -199,6 +199,45 @@ if triton_gd is not None:
     checks["hypothesis: Triton kernels within 1e-5"] = (max(t["worst"] for t in tried_triton), 1e-5)
 
 # %% [markdown]
+# The short causal conv in front of the rule has twins too (`optimized.conv`, `optimized.triton.conv`).  Same
+# check, on packed sequences of random lengths (including empty ones and ones shorter than the kernel) with a carried
+# conv state:
+
+# %%
+import optimized.conv as torch_conv
+from reference.conv import causal_conv1d as conv_oracle
+
+try:
+    import optimized.triton.conv as triton_conv
+except Exception:
+    triton_conv = None
+tried_conv = []
+
+
+@settings(max_examples=TRITON_EXAMPLES + 2, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(lengths=st.lists(st.integers(0, 9), min_size=1, max_size=3), C=st.sampled_from([5, 16, 33]),
+       K=st.sampled_from([2, 4]), seed=st.integers(0, 2**31 - 1))
+def check_conv_twins(lengths, C, K, seed):
+    rng = np.random.default_rng(seed)
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    x, w = rng.standard_normal((int(cu[-1]), C)), rng.standard_normal((C, K))
+    state = rng.standard_normal((len(lengths), C, K - 1))
+    y_ref, s_ref = conv_oracle(x, w, conv_state=state, cu_seqlens=cu)
+    worst = 0.0
+    for mod in [torch_conv] + ([triton_conv] if triton_conv is not None else []):
+        y, s = mod.causal_conv1d(to_t(x), to_t(w), conv_state=to_t(state), cu_seqlens=torch.tensor(cu))
+        worst = max(worst, error_metrics(y_ref, to_np(y))["rel_rms"] if y_ref.size else 0.0,
+                    error_metrics(s_ref, to_np(s))["rel_rms"])
+    tried_conv.append((lengths, C, K, worst))
+    assert worst <= 1e-5, f"lengths {lengths}, C {C}, K {K}: {worst:.2e}"
+
+
+check_conv_twins()
+print(f"{len(tried_conv)} conv examples (torch{' + Triton' if triton_conv else ''}) passed; worst rel. RMS error "
+      f"{max(t[3] for t in tried_conv):.1e}; lengths tried: {[t[0] for t in tried_conv]}")
+checks["hypothesis: conv twins within 1e-5"] = (max(t[3] for t in tried_conv), 1e-5)
+
+# %% [markdown]
 # ## 5. Decode: a state pool updated in place
 #
 # At decode time each request brings one token.  A server keeps every request's recurrent state in a **pool**
