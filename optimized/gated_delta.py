@@ -10,11 +10,13 @@ Version log (llm.c style, STYLE rule 11):
       (memory bound — each intermediate is 32–64 MB) against ~95 GFLOP/s for in-cache ones.
   v2  (this file) the chunks are processed in *groups* of a few chunks (all heads, all sequences of a step): each
       group's intra-chunk products are computed right before the group's sequential state steps, so every
-      intermediate stays in cache.  The UT inverse T = (I + A)⁻¹ is a blocked inversion: 16×16 diagonal blocks by
-      forward substitution (7 tiny batched steps on 8×8 blocks), merged by the block formula T21 = −T22·A21·T11, then
+      intermediate stays in cache.  The UT inverse T = (I + A)⁻¹ is a blocked inversion: 8×8 diagonal blocks by
+      forward substitution (7 tiny batched steps), merged by the block formula T21 = −T22·A21·T11, then
       [U | W] = T·[diag(β)V | diag(βγ)K̂] is one matmul.  W and q̃⊙γ are stacked so one bmm per chunk gives both
       W·S and (q̃⊙γ)·S.  Varlen sequences are laid out "step-major" (all sequences' j-th chunks adjacent, sequences
       sorted by chunk count) so that each sequential step is a contiguous slice of the chunk list and of the state.
+  v2.1 fused L2 reductions, no masking pass for A (only its strictly lower part is read), 8×8 base blocks; decode:
+      one read pass + one read-modify-write pass over the state (`mul_(α).addcmul_(k̂, u)`).
   Assumptions: fp32 arithmetic and fp32 state for fp32/bf16/fp16 inputs (float64 inputs compute in float64);
   the output has v's dtype; the final state is always fp32 (float64 for float64 inputs) — PITFALLS B8.
 
