@@ -80,7 +80,11 @@ def footer_text(meta: dict, extra: str = "") -> str:
 def _finish(fig, meta: dict, out_dir, stem: str, formats=("png", "svg"), extra: str = ""):
     """Add the footer and save as `out_dir/stem.<fmt>`; returns the paths.  out_dir=None: return the figure unsaved
     (notebooks display it)."""
-    fig.text(0.01, 0.005, footer_text(meta, extra), fontsize=7, color="0.35", ha="left", va="bottom")
+    import textwrap
+
+    width = int(fig.get_figwidth() * 16)  # characters of 7-pt text across the figure
+    text = "\n".join(textwrap.fill(line, width) for line in footer_text(meta, extra).splitlines())
+    fig.text(0.01, 0.005, text, fontsize=7, color="0.35", ha="left", va="bottom")
     if out_dir is None:
         return fig
     out_dir = Path(out_dir)
@@ -303,25 +307,29 @@ def plot_speed(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: str 
     ax.legend(fontsize=8)
     if model:
         a2 = axs[1]
-        labels, vals, cols = [], [], []
-        for phase in ("prefill", "decode"):
-            for impl, color in (("optimized", "tab:blue"), ("hf", "tab:purple")):
-                k = f"{impl}_{phase}"
-                if k in model and "tok_per_s" in model[k]:
-                    labels.append(f"{'optimized' if impl == 'optimized' else 'transformers'}\n{phase}")
-                    vals.append(model[k]["tok_per_s"])
-                    cols.append(color)
-        a2.bar(range(len(vals)), vals, color=cols)
-        for i, v in enumerate(vals):
-            a2.text(i, v, f"{v:,.0f}" if v >= 10 else f"{v:.1f}", ha="center", va="bottom", fontsize=8)
-        a2.set_xticks(range(len(vals)))
-        a2.set_xticklabels(labels, fontsize=8)
+        by_T = model.get("prefill_by_T") or []
+        for impl, name, color in (("optimized", "optimized torch", "tab:blue"), ("hf", "transformers", "tab:purple")):
+            pts = sorted((r["T"], r[impl]["tok_per_s"]) for r in by_T if impl in r and "tok_per_s" in r[impl])
+            if pts:
+                a2.plot(*zip(*pts), "-o", color=color, label=f"{name}, prefill", ms=5)
+            dec = model.get(f"{impl}_decode", {}).get("tok_per_s")
+            if dec:
+                a2.axhline(dec, color=color, ls="--", lw=1.2,
+                           label=f"{name}, decode ({dec:.1f} tok/s, context {model.get('decode_context', '?')})")
+        floor = model.get("decode_floor_tok_per_s")
+        if floor:
+            a2.axhline(floor, color="0.5", ls=":", lw=1, label=f"decode bound by weight streaming ({floor:.0f} tok/s)")
+        a2.set_xscale("log", base=2)
         a2.set_yscale("log")
-        a2.set_ylabel("tokens / s")
-        a2.set_title(f"Whole model ({str(model.get('geometry', ''))[:48]})", fontsize=9)
-        a2.grid(True, axis="y", which="both", alpha=0.25)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    return _finish(fig, bench_meta(data), out_dir, stem, formats)
+        a2.set_xlabel("prompt length T (tokens)")
+        a2.set_ylabel("tokens / s (whole model, batch 1)")
+        a2.set_title(f"Whole model ({str(model.get('geometry', '')).split('(')[0].strip()}, random weights), "
+                     "batch 1", fontsize=9)
+        a2.grid(True, which="both", alpha=0.25)
+        a2.legend(fontsize=7)
+    fig.tight_layout(rect=(0, 0.09, 1, 1))
+    extra = f"model: {model['geometry']}" if model and model.get("geometry") else ""
+    return _finish(fig, bench_meta(data), out_dir, stem, formats, extra=extra)
 
 
 def crossover_sweep(lengths=None, *, H_v: int = 16, D: int = 128, quick: bool = False, repeats: int = 3,

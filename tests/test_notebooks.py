@@ -117,8 +117,10 @@ def test_plot_renders_every_kind_with_its_footer(tmp_path, quick_accuracy):
              "sgemm": {"gflops": 50.0},
              "gdn_prefill": [{"T": T, "H_v": 16, "D": 128, "optimized": {"median_s": T * 2e-6},
                               "reference_chunked_f32": {"median_s": T * 5e-5}} for T in (512, 2048)],
-             "model": {"geometry": "tiny", "optimized_prefill": {"tok_per_s": 900.0},
-                       "hf_prefill": {"tok_per_s": 300.0}, "optimized_decode": {"tok_per_s": 50.0}}}
+             "model": {"geometry": "tiny (hidden 64), 4 layers", "decode_context": 128,
+                       "prefill_by_T": [{"T": T, "optimized": {"tok_per_s": 900.0}, "hf": {"tok_per_s": 300.0}}
+                                        for T in (256, 1024)],
+                       "optimized_decode": {"tok_per_s": 50.0}, "hf_decode": {"tok_per_s": 20.0}}}
     (res / "bench.json").write_text(json.dumps(bench))
     assert main(["plot", "--results", str(res), "--out", str(out)]) == 0
     for stem in ("memory", "accuracy", "drift", "speed"):
@@ -129,7 +131,8 @@ def test_plot_renders_every_kind_with_its_footer(tmp_path, quick_accuracy):
     svg = (out / "accuracy.svg").read_text()
     assert quick_accuracy["meta"]["torch"] in svg and "float64" in svg  # footer: versions; legend: dtypes
     assert "test machine" in (out / "speed.svg").read_text()
-    assert "reference NumPy, chunked" in (out / "speed.svg").read_text()
+    speed = (out / "speed.svg").read_text()
+    assert "reference NumPy, chunked" in speed and "transformers, decode (20.0 tok/s" in speed
     mem = json.loads((res / "memory.json").read_text())
     assert mem["kind"] == "memory" and "27b" in mem["presets"]
 
