@@ -534,7 +534,7 @@ BENCH_LOCATIONS = ("docs/bench_cpu.json",)  # where `qwen35 bench` writes by def
 
 
 def render_all(results_dir=RESULTS_DIR, out_dir=PLOTS_DIR, formats=("png", "svg"), refresh_memory: bool = True,
-               measure_crossover: bool = False, log=print) -> list[Path]:
+               measure_crossover: bool = False, include_bench: bool = True, log=print) -> list[Path]:
     """(Re)compute results/memory.json (and results/crossover.json if asked), then render every JSON in
     `results_dir` whose kind is known, plus the bench JSON at its default location."""
     results_dir, out_dir = Path(results_dir), Path(out_dir)
@@ -547,7 +547,7 @@ def render_all(results_dir=RESULTS_DIR, out_dir=PLOTS_DIR, formats=("png", "svg"
         write_json(crossover_sweep(), results_dir / "crossover.json")
         log(f"wrote {results_dir / 'crossover.json'}")
     paths = sorted(results_dir.glob("*.json"))
-    if results_dir.resolve() == RESULTS_DIR.resolve():
+    if include_bench and results_dir.resolve() == RESULTS_DIR.resolve():
         paths += [REPO / p for p in BENCH_LOCATIONS if (REPO / p).exists()]
     for path in paths:
         data = load_json(path)
