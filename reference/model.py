@@ -15,6 +15,11 @@ moves by the documented gather/scatter design: `prepare_*` claims slots and *gat
 inputs, `execute` runs the layers on those copies and *scatters* the outputs back (3 x max_batch x per_req bytes
 at peak; see docs/state_cache.md).
 
+An image prompt may be prefilled in chunks too: its first context (`TextAndVisionContext`) holds the whole prompt
+and `chunk_end`; the tower and the MRoPE positions are computed once, and later chunks (plain TextContexts) are
+checked against the stored prompt.  `snapshot(id)` / `restore(id, snap)` copy a request's whole state out and
+back in (prefix caching, speculative rollback: docs/state_cache.md).
+
 Errors, not corruption: every request is validated (ids, token range, empty, length limit, capacity, released
 ids) before any state is touched, and `execute` writes states only after the whole forward pass succeeded.
 
@@ -125,6 +130,7 @@ class _Request:
     mm:         reference.multimodal.MultimodalPrefill of the whole prompt, when it had pixels
     prompt:     [P] the whole prompt given with the first context, when that context was a TextAndVisionContext;
                 later chunks must repeat its tokens[length:] (chunked prefill of an image prompt)
+                (mm and prompt are dropped once the prompt is consumed: decode needs only rope_delta)
     epoch:      bumped by claim and restore, so inputs prepared before a restore cannot run after it
     """
 
@@ -150,8 +156,10 @@ class RequestSnapshot:
     recurrent_states: list over linear layers of [H_v, D_k, D_v]
     kv:               list over full-attention layers (KV-index order) of (k [length, H_kv, D_h], v)
     rope_delta:       MRoPE offset of decode positions: token i (i >= prompt end) sits at i + rope_delta
-    mm:               the multimodal prompt (MultimodalPrefill: placeholder rows, embeddings, positions) or None
-    prompt:           [P] the whole prompt given with the first context (TextAndVisionContext), or None
+    mm:               the multimodal prompt (MultimodalPrefill: placeholder rows, embeddings, positions) while
+                      the request is still inside it, else None
+    prompt:           [P] the whole prompt given with the first context (TextAndVisionContext) while the
+                      request is still inside it, else None
     No array is shared with the model: later steps of the request do not change a snapshot, and restoring
     copies again, so one snapshot can be restored any number of times.
     """
@@ -560,8 +568,11 @@ class Qwen35Model:
             self.kv_cache.set(ids, layer, kv)
         off = inputs.input_row_offsets
         for b, rid in enumerate(ids):
-            self._requests[rid].length += int(inputs.seq_lens[b])
-            self._requests[rid].tokens.extend(inputs.tokens[off[b]:off[b + 1]].tolist())
+            req = self._requests[rid]
+            req.length += int(inputs.seq_lens[b])
+            req.tokens.extend(inputs.tokens[off[b]:off[b + 1]].tolist())
+            if req.prompt is not None and req.length >= req.prompt.size:
+                req.prompt = req.mm = None  # prompt consumed: decode needs only rope_delta (frees the embeddings)
         inputs.executed = True
         return self._outputs(h, inputs.input_row_offsets, inputs.return_n_logits, ids)
 

@@ -208,8 +208,10 @@ def test_greedy_continuation_after_a_chunked_prompt_equals_one_shot(ckpt, hf):
     m.execute(inputs)
     inputs = m.prepare_initial_token_inputs([TextContext("c", toks[5:])])  # ends at the prompt's end
     logits = m.execute(inputs).logits
-    delta = m.snapshot("c").rope_delta
-    assert delta < 0
+    snap = m.snapshot("c")
+    delta = mm_module.plan_multimodal_prefill(TextAndVisionContext("c", toks, **kw), CFG).rope_delta
+    assert snap.rope_delta == delta < 0
+    assert snap.mm is None and snap.prompt is None  # prompt consumed: only rope_delta is kept
     got = []
     for i in range(n_new):
         assert_close(f"logits before token {i}", full[T - 1 + i:T + i], logits, "f64_exact")
