@@ -372,9 +372,10 @@ class Qwen35Model:
                 if not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != self.dtype:
                     fail(f"{what} {i} is {getattr(a, 'dtype', type(a).__name__)} {np.shape(a)}, this model needs "
                          f"{self.dtype} {shape}")
-        if snap.prompt is not None and n > 0 and not np.array_equal(snap.tokens[:min(n, len(snap.prompt))],
-                                                                    np.asarray(snap.prompt)[:min(n, len(snap.prompt))]):
-            fail("its tokens do not start with its prompt")
+        if snap.prompt is not None:
+            m = min(n, len(snap.prompt))
+            if not np.array_equal(np.asarray(snap.tokens)[:m], np.asarray(snap.prompt)[:m]):
+                fail("its tokens and its prompt disagree")
         if snap.mm is not None and snap.prompt is not None and snap.mm.num_tokens != len(snap.prompt):
             fail(f"its multimodal prompt covers {snap.mm.num_tokens} tokens but the prompt has {len(snap.prompt)}")
 
