@@ -19,6 +19,7 @@ Metrics (PITFALLS B24): relative RMS error ‖ref − got‖₂ / ‖ref‖₂, 
 
     qwen35 accuracy                 # lengths 64..4096, 2048 decode steps  -> results/accuracy.json
     qwen35 accuracy --quick         # small sizes (seconds), for tests and CI
+    qwen35 accuracy --backend triton --device cuda --out results/accuracy_triton.json    # the Triton kernels
 """
 from __future__ import annotations
 
@@ -130,6 +131,23 @@ def machine_info(device: str = "cpu") -> dict:
 
 # ------------------------------------------------------------------------------------------------ experiments
 _TORCH_DTYPES = ("float32", "bfloat16")
+BACKENDS = ("torch", "triton")
+
+
+def _ops(backend: str, device: str):
+    """(chunk, recurrent, decode update) of the requested backend, resolved (and logged) by optimized.backend.
+
+    Returns the implementation label ("optimized-torch" / "optimized-triton") and the three functions; asking for
+    "triton" where it cannot run (no CUDA and no TRITON_INTERPRET=1) is an error here, not a silent fallback.
+    """
+    from optimized import backend as B
+
+    got = B.resolve_backend(backend, device)
+    if got != backend:
+        raise RuntimeError(f"backend {backend!r} is not available on {device} (resolved to {got!r}); for Triton on "
+                           "a CPU set TRITON_INTERPRET=1 (slow: use small --lengths and --steps)")
+    names = ("chunk_gated_delta_rule", "recurrent_gated_delta_rule", "fused_recurrent_gated_delta_rule_update")
+    return f"optimized-{got}", tuple(B.get_op(n, backend, device) for n in names)
 
 
 def _to_torch(x, dtype, device):
@@ -146,15 +164,16 @@ def _round_trip(x, dtype) -> np.ndarray:
 
 
 def accuracy_by_length(lengths=FULL_LENGTHS, *, shape=None, seed: int = 0, chunk_size: int = 64,
-                       dtypes=_TORCH_DTYPES, device: str = "cpu", progress: bool = True) -> list[dict]:
+                       dtypes=_TORCH_DTYPES, device: str = "cpu", backend: str = "torch",
+                       progress: bool = True) -> list[dict]:
     """Rows {T, form, impl, dtype, rel_rms, max_abs, nmse_db, seconds} for the output o and the final state."""
     import torch
     from tqdm.auto import tqdm
 
-    import optimized.gated_delta as opt
     from reference.gated_delta import chunk_gated_delta_rule as ref_chunk
     from reference.gated_delta import recurrent_gated_delta_rule as ref_rec
 
+    impl, (opt_chunk, opt_rec, _) = _ops(backend, device)
     shape = dict(DEFAULT_SHAPE if shape is None else shape)
     rows = []
     jobs = [(T, dt) for T in lengths for dt in dtypes]
@@ -173,8 +192,7 @@ def accuracy_by_length(lengths=FULL_LENGTHS, *, shape=None, seed: int = 0, chunk
                 rows.append({"T": T, "form": "chunk", "impl": "reference", "dtype": "float64", "tensor": what,
                              "seconds": sec, **error_metrics(r, gt)})
         tq = {n: _to_torch(xin[n], dt if n in ("q", "k", "v") else "float32", device) for n in xin}
-        for form, fn, extra in (("chunk", opt.chunk_gated_delta_rule, {"chunk_size": chunk_size}),
-                                ("recurrent", opt.recurrent_gated_delta_rule, {})):
+        for form, fn, extra in (("chunk", opt_chunk, {"chunk_size": chunk_size}), ("recurrent", opt_rec, {})):
             with torch.no_grad():
                 t0 = time.perf_counter()
                 o, s = fn(tq["q"], tq["k"], tq["v"], g=tq["g"], beta=tq["beta"], **extra)
@@ -182,13 +200,14 @@ def accuracy_by_length(lengths=FULL_LENGTHS, *, shape=None, seed: int = 0, chunk
                     torch.cuda.synchronize()
                 sec = time.perf_counter() - t0
             for what, r, gt in (("o", o_ref, o), ("final_state", s_ref, s)):
-                rows.append({"T": T, "form": form, "impl": "optimized-torch", "dtype": dt, "tensor": what,
+                rows.append({"T": T, "form": form, "impl": impl, "dtype": dt, "tensor": what,
                              "seconds": sec, **error_metrics(r, gt.detach().double().cpu().numpy())})
     return rows
 
 
 def decode_drift(steps: int = FULL_STEPS, *, shape=None, seed: int = 1, gate_normalizer: float = 16.0,
-                 input_dtype: str = "bfloat16", device: str = "cpu", progress: bool = True) -> dict:
+                 input_dtype: str = "bfloat16", device: str = "cpu", backend: str = "torch",
+                 progress: bool = True) -> dict:
     """Relative RMS error of each decode step's output vs float64, for an fp32 state and a bf16-rounded state.
 
     Slow decay (g = logsigmoid(·)/16, mean ≈ −0.05: the state remembers ~20 tokens or more, and masked steps keep
@@ -197,9 +216,9 @@ def decode_drift(steps: int = FULL_STEPS, *, shape=None, seed: int = 1, gate_nor
     import torch
     from tqdm.auto import tqdm
 
-    import optimized.gated_delta as opt
     from reference.gated_delta import recurrent_gated_delta_rule as ref_rec
 
+    impl, (_, _, decode_update) = _ops(backend, device)
     shape = dict(DEFAULT_SHAPE if shape is None else shape)
     B, H_k, H_v, D_k, D_v = (shape[n] for n in ("B", "H_k", "H_v", "D_k", "D_v"))
     B = max(B, 4)  # a few independent requests, so each step's error is an average over more than one row
@@ -219,7 +238,7 @@ def decode_drift(steps: int = FULL_STEPS, *, shape=None, seed: int = 1, gate_nor
         bar = tqdm(range(steps), desc=f"decode drift ({state_dtype} state)", disable=not progress, leave=False)
         with torch.no_grad():
             for t in bar:
-                o = opt.fused_recurrent_gated_delta_rule_update(
+                o = decode_update(
                     tq["q"][:, t:t + 1], tq["k"][:, t:t + 1], tq["v"][:, t:t + 1], g=tq["g"][:, t:t + 1],
                     beta=tq["beta"][:, t:t + 1], state_pool=pool, slot_ids=slots)  # [B, 1, H_v, D_v]
                 if state_dtype == "bfloat16":  # the state is stored in bf16 between steps
@@ -227,7 +246,7 @@ def decode_drift(steps: int = FULL_STEPS, *, shape=None, seed: int = 1, gate_nor
                 errs[t] = error_metrics(o_ref[:, t], o[:, 0].double().cpu().numpy())["rel_rms"]
         curves[state_dtype] = errs
     return {
-        "steps": steps, "input_dtype": input_dtype, "input_carrier": "float32", "output_dtype": "float32",
+        "steps": steps, "impl": impl, "input_dtype": input_dtype, "input_carrier": "float32", "output_dtype": "float32",
         "gate_normalizer": gate_normalizer, "batch": B,
         "rel_rms": {k: v.tolist() for k, v in curves.items()},
         "summary": {k: {"first_64_mean": float(np.mean(v[:64])), "last_64_mean": float(np.mean(v[-64:])),
@@ -236,23 +255,26 @@ def decode_drift(steps: int = FULL_STEPS, *, shape=None, seed: int = 1, gate_nor
 
 
 def run_accuracy(*, quick: bool = False, lengths=None, steps: int | None = None, device: str = "cpu",
-                 seed: int = 0, progress: bool = True) -> dict:
+                 backend: str = "torch", seed: int = 0, progress: bool = True) -> dict:
     """Both experiments -> one JSON-ready dict (kind "accuracy")."""
     lengths = tuple(lengths) if lengths else (QUICK_LENGTHS if quick else FULL_LENGTHS)
     steps = steps if steps is not None else (QUICK_STEPS if quick else FULL_STEPS)
     shape = dict(DEFAULT_SHAPE)
     t0 = time.perf_counter()
-    by_length = accuracy_by_length(lengths, shape=shape, seed=seed, device=device, progress=progress)
-    drift = decode_drift(steps, shape=shape, seed=seed + 1, device=device, progress=progress)
+    by_length = accuracy_by_length(lengths, shape=shape, seed=seed, device=device, backend=backend,
+                                   progress=progress)
+    drift = decode_drift(steps, shape=shape, seed=seed + 1, device=device, backend=backend, progress=progress)
     # A long-memory regime too (mean g ≈ −0.003: a horizon of a few hundred tokens, like slow-decay heads).
     drift_slow = decode_drift(steps, shape=shape, seed=seed + 2, gate_normalizer=256.0, device=device,
-                              progress=progress)
+                              backend=backend, progress=progress)
     return {
         "kind": "accuracy",
         "schema": 1,
         "meta": {
             **machine_info(device),
             "quick": quick,
+            "backend": backend,
+            "interpreter": os.environ.get("TRITON_INTERPRET") == "1" and backend == "triton",
             "shape": shape,
             "chunk_size": 64,
             "oracle": "reference.gated_delta.recurrent_gated_delta_rule, float64, on the same rounded inputs",

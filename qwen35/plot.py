@@ -187,6 +187,7 @@ def plot_memory(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg")) -> list[P
 
 # ------------------------------------------------------------------------------------------------ accuracy
 _FORM_COLORS = {("optimized-torch", "chunk"): "tab:blue", ("optimized-torch", "recurrent"): "tab:orange",
+                ("optimized-triton", "chunk"): "tab:cyan", ("optimized-triton", "recurrent"): "tab:red",
                 ("reference", "chunk"): "0.5"}
 _DTYPE_STYLE = {"float32": "-o", "bfloat16": "--s", "float64": ":^"}
 

@@ -271,3 +271,19 @@ def test_gpu_bench_json_renders(tmp_path):
     svg = (tmp_path / "plots" / "gpu_kernels.svg").read_text()
     assert "NVIDIA H200" in svg and "triton (cuda graph)" in svg and "bfloat16" in svg
     assert {p.name for p in written} == {"memory.svg", "gpu_kernels.svg"}
+
+
+@pytest.mark.triton
+def test_accuracy_runs_the_triton_kernels_through_the_interpreter():
+    """`qwen35 accuracy --backend triton`: the Triton twins measured against the oracle (interpreter on CPU)."""
+    from qwen35.accuracy import accuracy_by_length, decode_drift
+
+    rows = accuracy_by_length((17,), shape=dict(B=1, H_k=1, H_v=2, D_k=16, D_v=16), backend="triton", chunk_size=16,
+                              progress=False)
+    tri = [r for r in rows if r["impl"] == "optimized-triton"]
+    assert {(r["form"], r["dtype"]) for r in tri} == {("chunk", "float32"), ("recurrent", "float32"),
+                                                     ("chunk", "bfloat16"), ("recurrent", "bfloat16")}
+    for r in tri:
+        assert r["rel_rms"] <= (1e-5 if r["dtype"] == "float32" else 1e-2), r
+    d = decode_drift(4, shape=dict(B=1, H_k=1, H_v=2, D_k=16, D_v=16), backend="triton", progress=False)
+    assert d["impl"] == "optimized-triton" and max(d["rel_rms"]["float32"]) < 1e-5

@@ -199,6 +199,27 @@ if triton_gd is not None:
     checks["hypothesis: Triton kernels within 1e-5"] = (max(t["worst"] for t in tried_triton), 1e-5)
 
 # %% [markdown]
+# **A trap of the interpreter, measured.**  Run both twins with bfloat16 q, k, v (fp32 state and arithmetic inside,
+# bf16 output).  The torch twin's error is the rounding of the output to bf16, ≈ 1.7·10⁻³.  Under the interpreter the
+# Triton twin shows about twice that: the interpreter converts fp32 → bf16 by *truncation* (Triton 3.9), where a GPU
+# (and torch) round to nearest — a truncation error is uniform on [0, 1 ulp) instead of [−½, ½), so its RMS is 2×.
+# The kernel is not at fault; the bf16 budget of a Triton test run on CPU must allow for it, and the real number
+# comes from `qwen35 accuracy --backend triton --device cuda` on a GPU.
+
+# %%
+xb = gdn_inputs(seed=3, B=1, T=40, H_k=1, H_v=2, D_k=16, D_v=16)
+o_ref_b, _ = oracle(*(to_np(to_t(xb[n], torch.bfloat16)) for n in ("q", "k", "v")), g=xb["g"], beta=xb["beta"])
+bf16_err = {}
+for name, mod in [("torch", torch_gd)] + ([("triton", triton_gd)] if triton_gd is not None else []):
+    o_b, _ = mod.chunk_gated_delta_rule(*(to_t(xb[n], torch.bfloat16) for n in ("q", "k", "v")), g=to_t(xb["g"]),
+                                        beta=to_t(xb["beta"]), chunk_size=16)
+    bf16_err[name] = error_metrics(o_ref_b, to_np(o_b))["rel_rms"]
+    print(f"{name:>6} chunked, bf16 q/k/v: rel. RMS error {bf16_err[name]:.2e}")
+    checks[f"{name} bf16 within the bf16 budget"] = (bf16_err[name], 1e-2)
+if "triton" in bf16_err and os.environ.get("TRITON_INTERPRET") == "1":
+    print(f"ratio triton/torch = {bf16_err['triton'] / bf16_err['torch']:.2f} (≈ 2: truncation vs round-to-nearest)")
+
+# %% [markdown]
 # The short causal conv in front of the rule has twins too (`optimized.conv`, `optimized.triton.conv`).  Same
 # check, on packed sequences of random lengths (including empty ones and ones shorter than the kernel) with a carried
 # conv state:

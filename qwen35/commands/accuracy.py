@@ -14,9 +14,12 @@ def add_arguments(parser):
                         help="sequence lengths (default 64 256 1024 4096)")
     parser.add_argument("--steps", type=int, default=None, help="decode steps of the drift curve (default 2048)")
     parser.add_argument("--device", default="cpu", help="torch device for the optimized path (default cpu)")
+    parser.add_argument("--backend", default="torch", choices=["torch", "triton"],
+                        help="optimized implementation: the torch ops (default) or the Triton kernels (a CUDA "
+                             "device, or TRITON_INTERPRET=1 on CPU with small sizes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, metavar="FILE",
-                        help="JSON file (default results/accuracy.json, or results/accuracy_quick.json with --quick)")
+                        help="JSON file (default results/accuracy[_triton][_quick].json)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -24,8 +27,9 @@ def run(args) -> int:
     from qwen35.accuracy import RESULTS_DIR, accuracy_table, run_accuracy, write_json
 
     data = run_accuracy(quick=args.quick, lengths=args.lengths, steps=args.steps, device=args.device,
-                        seed=args.seed, progress=not args.no_progress)
-    out = Path(args.out) if args.out else RESULTS_DIR / ("accuracy_quick.json" if args.quick else "accuracy.json")
+                        backend=args.backend, seed=args.seed, progress=not args.no_progress)
+    default = "accuracy" + ("" if args.backend == "torch" else f"_{args.backend}") + ("_quick" if args.quick else "")
+    out = Path(args.out) if args.out else RESULTS_DIR / f"{default}.json"
     write_json(data, out)
     m = data["meta"]
     print(f"accuracy vs the float64 oracle on {m['device_name']} (torch {m['torch']}, numpy {m['numpy']}); "
