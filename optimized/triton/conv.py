@@ -241,3 +241,9 @@ def causal_conv1d_update(x, weight, *, conv_pool, slot_ids):
         x.contiguous(), w, conv_pool, slot_ids.contiguous(), y, C, K=K, BC=BC, num_warps=4,
     )
     return y
+
+
+if __name__ == "__main__":  # validate against the float64 oracle, then time (STYLE rule 11; docs/triton_kernels.md)
+    from optimized.triton._selfcheck import main
+
+    main("conv")

@@ -424,7 +424,9 @@ def chunk_gated_delta_rule(
         ht if ht is not None else w, scale,
         H_K=H_k, H_V=H_v, D_K=D_k, D_V=D_v, C=C, BK=BK, BV=BV,
         USE_L2=bool(use_qk_l2norm), HAS_H0=h0 is not None, STORE_HT=ht is not None, PREC=PREC,
-        num_warps=4, num_stages=2,  # 3 stages of fp32 W/U/q/k tiles need 287 KB of shared memory (> 227 KB)
+        # software pipelining keeps the next chunk's tiles in shared memory: 3 stages need 287 KB at D_k = 128 and
+        # 2 stages 295 KB at D_k = 256 (sm_90 allows 227 KB; measured with scripts/gpu_bench.py --aot-check)
+        num_warps=4, num_stages=2 if BK <= 128 else 1,
     )
     return o, ht
 
@@ -522,3 +524,9 @@ def fused_recurrent_gated_delta_rule_update(
         num_warps=4,
     )
     return o
+
+
+if __name__ == "__main__":  # validate against the float64 oracle, then time (STYLE rule 11; docs/triton_kernels.md)
+    from optimized.triton._selfcheck import main
+
+    main("gated_delta")

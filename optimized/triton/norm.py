@@ -81,3 +81,9 @@ def gated_rms_norm(x, z, weight, eps=1e-6):
         x.contiguous(), z.contiguous(), weight.contiguous(), y, R, D, float(eps), BR=BR, BD=BD, num_warps=4,
     )
     return y
+
+
+if __name__ == "__main__":  # validate against the float64 oracle, then time (STYLE rule 11; docs/triton_kernels.md)
+    from optimized.triton._selfcheck import main
+
+    main("norm")
