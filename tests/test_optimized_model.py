@@ -152,3 +152,27 @@ def test_refuses_batch_that_cannot_fit(pair, monkeypatch):
     with pytest.raises(RuntimeError, match="does not fit"):
         m._size_pool(1000)
     assert m._size_pool(None) == m.memory_report["max_batch_allowed"] >= 1
+
+
+@pytest.mark.triton
+def test_triton_backend_model_matches_torch(pair, monkeypatch):
+    """backend='triton' through the model (prefill + in-place decode) under the Triton interpreter == torch."""
+    import optimized.backend as backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if not backend.triton_available():
+        pytest.skip("optimized.triton does not import here")
+    d, _, opt = pair
+    tri = OM.Qwen35Model.from_pretrained(d, max_batch_size=2, backend="triton")
+    assert tri.backend == "triton"
+    toks = _prompt(40, 20)
+    outs = []
+    for m in (opt, tri):
+        inputs = m.prepare_initial_token_inputs([TextContext("t", toks[:18])])
+        first = m.execute(inputs).logits
+        inputs = m.prepare_next_token_inputs([toks[18]], inputs)
+        second = m.execute(inputs).logits
+        m.release("t")
+        outs.append((first, second))
+    for a, b in zip(outs[0], outs[1]):
+        assert_close("triton vs torch logits", a, b, 1e-4)
