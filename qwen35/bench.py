@@ -318,34 +318,12 @@ def bench_config(vocab_size: int = 32768, num_layers: int = 4):
 
 
 def write_random_checkpoint(directory, config, seed: int = 0) -> Path:
-    """config.json + model.safetensors with random, trained-looking float32 weights (HF names, `model.` prefix)."""
-    from reference.weights import expected_lm_shapes, write_safetensors
+    """config.json + model.safetensors with random, trained-looking float32 weights (reference.checkpoint's
+    writer: HF names, loadable by transformers and reference.weights alike)."""
+    from reference.checkpoint import write_checkpoint
 
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for name, shape in expected_lm_shapes(config).items():
-        if name.endswith("A_log"):
-            a = np.log(rng.uniform(1.0, 8.0, shape))
-        elif name.endswith("dt_bias"):
-            a = rng.uniform(0.5, 1.5, shape)
-        elif name.endswith("linear_attn.norm.weight"):
-            a = 1.0 + 0.1 * rng.standard_normal(shape)
-        elif name.endswith("norm.weight"):
-            a = 0.1 * rng.standard_normal(shape)
-        elif name.endswith("embed_tokens.weight"):
-            a = rng.standard_normal(shape)
-        elif name.endswith("conv1d.weight"):
-            a = (rng.standard_normal(shape) / np.sqrt(shape[-1]))[:, None, :]  # PyTorch depthwise [C, 1, K]
-        else:
-            a = rng.standard_normal(shape) / np.sqrt(shape[-1])
-        full = name if name.startswith("lm_head") else "model." + name
-        tensors[full] = a.astype(np.float32)
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    write_safetensors(d / "model.safetensors", tensors)
-    cfg = config.to_hf_dict()
-    cfg.setdefault("architectures", ["Qwen3_5ForCausalLM"])
-    (d / "config.json").write_text(json.dumps(cfg, indent=2))
+    write_checkpoint(d, config, seed=seed)
     return d
 
 
