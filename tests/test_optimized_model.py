@@ -176,3 +176,23 @@ def test_triton_backend_model_matches_torch(pair, monkeypatch):
         outs.append((first, second))
     for a, b in zip(outs[0], outs[1]):
         assert_close("triton vs torch logits", a, b, 1e-4)
+
+
+def test_bench_flop_and_byte_formulas_match_the_checkpoint_shapes():
+    """qwen35.bench's FLOP / byte counts agree with the tensor shapes reference.weights expects."""
+    from qwen35.bench import bench_config, decode_weight_bytes, gdn_chunk_flops, model_prefill_flops
+    from reference.weights import expected_lm_shapes
+
+    assert gdn_chunk_flops(1, 1, 128, 128, 64) == 180_224
+    assert gdn_chunk_flops(4096, 16, 128, 128) == 4096 * 16 * 180_224
+    cfg = bench_config()
+    shapes = expected_lm_shapes(cfg)
+    matrices = sum(int(np.prod(s)) for n, s in shapes.items()
+                   if len(s) == 2 and "embed_tokens" not in n and "conv1d" not in n)
+    head = cfg.hidden_size * cfg.vocab_size  # tied: the embedding is the lm_head
+    T = 7
+    extra = (cfg.num_linear_layers * gdn_chunk_flops(T, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                                                     cfg.linear_value_head_dim)
+             + cfg.num_full_layers * 2 * T * T * cfg.num_attention_heads * cfg.head_dim)
+    assert model_prefill_flops(cfg, T) == 2 * T * matrices + 2 * head + extra
+    assert decode_weight_bytes(cfg) == 4 * (matrices + head)
