@@ -331,8 +331,8 @@ def chunk_gated_delta_rule(
 
         gamma = G.exp()  # [M, C]
         RHS = RHS_buf[:M]
-        torch.mul(vb[b0:b1].permute(0, 2, 1, 3), bb[b0:b1].permute(0, 2, 1)[..., None],
-                  out=RHS[:, :, :D_v].view(n, H_v, C, D_v))  # diag(β) V
+        torch.mul(vb[b0:b1].to(cdt).permute(0, 2, 1, 3), bf.view(n, H_v, C, 1),
+                  out=RHS[:, :, :D_v].view(n, H_v, C, D_v))  # diag(β) V, in fp32 also for bf16 inputs
         torch.mul(Kn, (bf * gamma)[:, :, None], out=RHS[:, :, D_v:])  # diag(βγ) K̂
         UW = torch.bmm(Tinv, RHS, out=UW_buf[:M])  # [M, C, D_v + D_k]  U | W
         U = UW[:, :, :D_v]  # [M, C, D_v]
