@@ -501,3 +501,29 @@ def test_chunk_gdn_fp32_27b_shape_cuda():
     """fp32 at the 27B layer shape: IEEE fp32 dots keep the 1e-5 budget on the GPU (no TF32)."""
     arrs, cu = _gdn_case(13, B=1, T=300, H_k=16, H_v=48, D_k=128, D_v=128)
     _check_gdn(chunk_gated_delta_rule, arrs, cu, chunk_size=64)
+
+
+# ------------------------------------------------------------------------------------------------- launch fallback
+def test_state_kernel_launch_falls_back_when_out_of_resources():
+    """GPUs with less shared memory than sm_90 refuse big pipelined variants at launch (OutOfResources): the
+    wrapper must retry with fewer stages, then narrower D_v blocks, and re-raise only when nothing fits."""
+    from triton.runtime.errors import OutOfResources
+
+    from optimized.triton import gated_delta as gdm
+
+    cuda = torch.device("cuda")  # only .type is read: no GPU needed
+    assert gdm._state_kernel_configs(128, 128, cuda) == [(64, 2), (64, 1), (32, 2), (32, 1), (16, 2), (16, 1)]
+    assert gdm._state_kernel_configs(32, 256, cuda) == [(32, 1), (16, 1)]
+    assert gdm._state_kernel_configs(128, 128, torch.device("cpu")) == [(128, 1)]
+    tried = []
+
+    def launch(bv, stages):
+        tried.append((bv, stages))
+        if bv * stages > 64:  # pretend only small variants fit
+            raise OutOfResources(300000, 101376, "shared memory")
+        return "launched"
+
+    assert gdm._launch_first_fitting(gdm._state_kernel_configs(128, 128, cuda), launch) == "launched"
+    assert tried == [(64, 2), (64, 1)]
+    with pytest.raises(OutOfResources):
+        gdm._launch_first_fitting([(64, 2)], launch)

@@ -366,6 +366,39 @@ def _value_block(D_v: int, programs_without_split: int, device) -> int:
     return BV
 
 
+def _state_kernel_configs(BV: int, BK: int, device) -> list[tuple[int, int]]:
+    """(BV, num_stages) to try, best first, for `_gdn_chunk_state_output_kernel`.
+
+    Software pipelining keeps the next chunk's tiles in shared memory.  Measured with ptxas for sm_90
+    (scripts/gpu_bench.py --aot-check): D_k = 128 needs 164 KB at BV = 32 and 2 stages, 197 KB at BV = 64, 262 KB at
+    BV = 128 (over sm_90's 227 KB), 287 KB with 3 stages; D_k = 256 needs 295 KB with 2 stages, 123 KB with 1.
+    So cap BV at 64 (32 for D_k = 256), and if a GPU with less shared memory (sm_80: 163 KB, sm_86/89: 99 KB) still
+    refuses the launch, fall back to fewer stages, then to narrower BV."""
+    if device.type != "cuda":
+        return [(BV, 1)]
+    bv = min(BV, 64 if BK <= 128 else 32)
+    stages = (2, 1) if BK <= 128 else (1,)
+    cfgs = []
+    while True:
+        cfgs += [(bv, st) for st in stages]
+        if bv <= 16:
+            return cfgs
+        bv //= 2
+
+
+def _launch_first_fitting(configs, launch):
+    """Call launch(*config) for the first config the GPU accepts (Triton raises OutOfResources at launch time,
+    before anything runs, when a compiled variant needs more shared memory or registers than the device has)."""
+    from triton.runtime.errors import OutOfResources
+
+    for i, cfg in enumerate(configs):
+        try:
+            return launch(*cfg)
+        except OutOfResources:
+            if i == len(configs) - 1:
+                raise
+
+
 def chunk_gated_delta_rule(
     q, k, v, *, g, beta, scale=None, initial_state=None, output_final_state=True, use_qk_l2norm=True,
     cu_seqlens=None, chunk_size=64,
@@ -417,17 +450,18 @@ def chunk_gated_delta_rule(
         )
     else:  # no tokens at all: kernel 2 still copies h0 to the final state
         w = u = aqk = gcum = torch.zeros(1, dtype=torch.float32, device=dev)
-    BV = _value_block(D_v, N * H_v, dev)
     cu_t = torch.tensor(cu, dtype=torch.int32, device=dev)
-    _gdn_chunk_state_output_kernel[(N, H_v, triton.cdiv(D_v, BV))](
-        q2, k2, w, u, aqk, gcum, cu_t, h0 if h0 is not None else w, o.view(T_all, H_v, D_v),
-        ht if ht is not None else w, scale,
-        H_K=H_k, H_V=H_v, D_K=D_k, D_V=D_v, C=C, BK=BK, BV=BV,
-        USE_L2=bool(use_qk_l2norm), HAS_H0=h0 is not None, STORE_HT=ht is not None, PREC=PREC,
-        # software pipelining keeps the next chunk's tiles in shared memory: 3 stages need 287 KB at D_k = 128 and
-        # 2 stages 295 KB at D_k = 256 (sm_90 allows 227 KB; measured with scripts/gpu_bench.py --aot-check)
-        num_warps=4, num_stages=2 if BK <= 128 else 1,
-    )
+
+    def launch(BV, stages):
+        _gdn_chunk_state_output_kernel[(N, H_v, triton.cdiv(D_v, BV))](
+            q2, k2, w, u, aqk, gcum, cu_t, h0 if h0 is not None else w, o.view(T_all, H_v, D_v),
+            ht if ht is not None else w, scale,
+            H_K=H_k, H_V=H_v, D_K=D_k, D_V=D_v, C=C, BK=BK, BV=BV,
+            USE_L2=bool(use_qk_l2norm), HAS_H0=h0 is not None, STORE_HT=ht is not None, PREC=PREC,
+            num_warps=4, num_stages=stages,
+        )
+
+    _launch_first_fitting(_state_kernel_configs(_value_block(D_v, N * H_v, dev), BK, dev), launch)
     return o, ht
 
 
