@@ -21,6 +21,8 @@ v1 (this file)
     sequence boundary (PITFALLS B13); the tail chunk's G_C is read at the last *valid* token and padded rows load
     k = q = v = g = β = 0 (PITFALLS B15).  e^{Gi−Gj} is only evaluated on the lower triangle (the argument is
     masked to 0 before exp, so no inf·0 = NaN upstairs; PITFALLS B6).
+  The sequential kernel's D_v block is capped at 64 on a GPU (shared memory of the pipelined tiles, measured with
+  ptxas for sm_90), with a launch-time fallback to fewer stages / narrower blocks on GPUs that refuse a variant.
   Head counts and widths are runtime arguments (only block sizes and flags are constexpr), so one compiled
   variant serves every shape with the same power-of-two block sizes (few recompiles on a GPU).
   Assumes: D_k ≤ 256 and D_v ≤ 256 (whole rows in registers; BK = next_pow2(D_k) ≥ 16), chunk_size ∈ {16, 32,
