@@ -652,3 +652,32 @@ def markdown_tables(res: dict) -> str:
         for k, g in res["goals"].items():
             L.append(f"| {k} | {g['target']} | {g['measured']:.2f} | {'met' if g['met'] else 'missed'} |")
     return "\n".join(L)
+
+
+def gpu_markdown(data: dict) -> str:
+    """docs/benchmarks.md's GPU rows from the JSON of scripts/gpu_bench.py (schema qwen35.gpu_bench/1)."""
+    if data.get("kind") != "gpu_bench":
+        raise ValueError("not a scripts/gpu_bench.py JSON (kind != 'gpu_bench')")
+    m, pk = data.get("meta", {}), data.get("peaks", {})
+
+    def f(x, fmt):
+        return "—" if x is None else format(x, fmt)
+
+    L = [f"Run of {m.get('time_utc', '?')}: {m.get('gpu', m.get('device', '?'))} (SMs {m.get('sm_count', '?')}), "
+         f"torch {m.get('torch')}, triton {m.get('triton')}, CUDA {m.get('cuda')}, fla {m.get('fla')}, commit "
+         f"{str(m.get('git_commit'))[:10]}; peaks: bf16 matmul {f(pk.get('bf16_matmul_tflops'), '.0f')} TFLOP/s, "
+         f"copy {f(pk.get('copy_gbps'), '.0f')} GB/s.", "",
+         "| case | impl | shape | ms | TFLOP/s (% peak) | GB/s (% copy) | rel. RMS vs torch | vs fla |",
+         "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in data.get("records", []):
+        sh = r.get("shape")
+        sh = ", ".join(f"{k}={v}" for k, v in sh.items()) if isinstance(sh, dict) else str(sh)
+        pt = r.get("frac_peak_tflops")
+        pg = r.get("frac_peak_gbps")
+        L.append(f"| {r.get('case')} | {r.get('impl')} | {sh} | {f(r.get('ms'), '.4f')} | "
+                 f"{f(r.get('tflops'), '.2f')} ({f(pt and 100 * pt, '.0f')} %) | "
+                 f"{f(r.get('gbps'), '.0f')} ({f(pg and 100 * pg, '.0f')} %) | "
+                 f"{f(r.get('rel_rms_vs_torch'), '.1e')} | {f(r.get('rel_rms_vs_fla'), '.1e')} |")
+    for n in data.get("notes", []):
+        L.append(f"\nnote: {n}")
+    return "\n".join(L)

@@ -196,3 +196,31 @@ def test_bench_flop_and_byte_formulas_match_the_checkpoint_shapes():
              + cfg.num_full_layers * 2 * T * T * cfg.num_attention_heads * cfg.head_dim)
     assert model_prefill_flops(cfg, T) == 2 * T * matrices + 2 * head + extra
     assert decode_weight_bytes(cfg) == 4 * (matrices + head)
+
+
+def test_bench_gpu_rows_from_gpu_bench_json(tmp_path, capsys):
+    """`qwen35 bench --gpu-json FILE` renders scripts/gpu_bench.py's records (schema qwen35.gpu_bench/1)."""
+    import json
+
+    from qwen35.commands import bench as cmd
+
+    data = {"kind": "gpu_bench", "schema": "qwen35.gpu_bench/1",
+            "meta": {"gpu": "NVIDIA H200", "sm_count": 132, "torch": "2.x", "triton": "3.x", "cuda": "12",
+                     "time_utc": "2026-11-28T00:00:00Z", "git_commit": "abc"},
+            "peaks": {"bf16_matmul_tflops": 700.0, "copy_gbps": 4000.0},
+            "records": [{"case": "gdn_decode_step", "impl": "triton", "shape": {"B": 256}, "ms": 0.05,
+                         "tflops": None, "gbps": 3000.0, "frac_peak_tflops": None, "frac_peak_gbps": 0.75,
+                         "rel_rms_vs_torch": 1e-7, "rel_rms_vs_fla": None}],
+            "notes": ["fla not importable"]}
+    f = tmp_path / "gpu.json"
+    f.write_text(json.dumps(data))
+
+    class Args:
+        gpu_json = str(f)
+
+    assert cmd.run(Args()) == 0
+    out = capsys.readouterr().out
+    assert "NVIDIA H200" in out and "| gdn_decode_step | triton | B=256 | 0.0500 |" in out and "(75 %)" in out
+    with pytest.raises(ValueError):
+        f.write_text(json.dumps({"kind": "other"}))
+        cmd.run(Args())

@@ -11,6 +11,9 @@ def add_arguments(parser):
     parser.add_argument("--out", default="docs/bench_cpu.json", help="JSON output file (default docs/bench_cpu.json)")
     parser.add_argument("--parts", default="gdn,decode,model",
                         help="comma-separated subset of gdn,decode,model (default: all)")
+    parser.add_argument("--gpu-json", default=None, metavar="FILE",
+                        help="instead of running anything, print docs/benchmarks.md's GPU rows from the JSON of "
+                             "scripts/gpu_bench.py")
 
 
 def _reexec_single_threaded() -> None:
@@ -29,6 +32,14 @@ def _reexec_single_threaded() -> None:
 
 
 def run(args) -> int:
+    if getattr(args, "gpu_json", None):
+        import json
+        from pathlib import Path
+
+        from qwen35.bench import gpu_markdown
+
+        print(gpu_markdown(json.loads(Path(args.gpu_json).read_text())))
+        return 0
     _reexec_single_threaded()
     from qwen35.bench import format_table, run_all, write_json
 
