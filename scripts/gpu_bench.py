@@ -13,7 +13,8 @@ Cases (issue 8; PITFALLS B21, B22):
   * the decode step at batch 1 / 32 / 256 on a 512-slot fp32 state pool; the Triton kernel timed under CUDA-graph
     replay and eagerly, the others eagerly; the calls of one timed run are spread over disjoint slot sets so small
     batches do not just re-hit L2 (B22);
-  * the causal conv1d prefill (8192 × conv_dim 10240) and the gated RMSNorm (8192·48 rows of 128).
+  * the causal conv1d prefill (8192 × conv_dim 10240) and the gated RMSNorm (8192·48 rows of 128);
+  * the chunk / per-token crossover: both Triton forms at T ∈ {1, 4, 16, 64, 256, 1024, 4096} (B21).
 Each row reports ms, achieved TFLOP/s and GB/s from the explicit formulas below, their fraction of the measured
 peaks, and the relative RMS difference of the output against the torch path (and fla) on the same inputs.
 
@@ -245,6 +246,31 @@ def bench_chunk(dev, shapes, impls, records, notes):
     if ref_o is not None:
         notes.append(f"chunk prefill: triton vs torch rel RMS o={rel_rms(ref_o, o_tri):.2e}, "
                      f"final_state={rel_rms(ht_t, ht_tri):.2e}")
+
+
+def bench_crossover(dev, shapes, impls, records, notes):
+    """Chunked vs per-token Triton kernels over T (one sequence, the same heads): where the chunk form starts to win
+    (PITFALLS B21: fla switches at T <= 64; a decode step must never go through the chunk path)."""
+    from tests._factory import gdn_inputs
+    import optimized.triton as tri
+
+    H_k, H_v, D, dt = shapes["H_k"], shapes["H_v"], shapes["D"], shapes["dtype"]
+    e = torch.tensor([], dtype=dt).element_size()
+    for T in shapes["crossover_T"]:
+        x = gdn_inputs(T, 1, T, H_k, H_v, D, D, with_h0=False)
+        q, k = (torch.tensor(a, dtype=dt, device=dev) for a in (x.q, x.k))
+        v = torch.tensor(x.v, dtype=dt, device=dev)
+        g, beta = (torch.tensor(a, dtype=torch.float32, device=dev) for a in (x.g, x.beta))
+        o_c, _ = tri.chunk_gated_delta_rule(q, k, v, g=g, beta=beta)
+        o_r, _ = tri.recurrent_gated_delta_rule(q, k, v, g=g, beta=beta)
+        err = rel_rms(o_r, o_c)
+        shape = dict(B=1, T=T, H_k=H_k, H_v=H_v, D_k=D, D_v=D, dtype=str(dt).replace("torch.", ""))
+        for name, fn in (("triton_chunk", lambda: tri.chunk_gated_delta_rule(q, k, v, g=g, beta=beta)),
+                         ("triton_recurrent", lambda: tri.recurrent_gated_delta_rule(q, k, v, g=g, beta=beta))):
+            ms, timing = time_fn(fn, dev, iters=max(1, shapes["iters"] // 3), warmup=min(2, shapes["warmup"]))
+            records.append(_record("gdn_crossover", name, shape, ms, chunk_flops(T, H_v, D, D),
+                                   chunk_bytes(T, 1, H_k, H_v, D, D, e), timing, "chunk vs recurrent rel RMS in err",
+                                   err, None))
 
 
 def bench_decode(dev, shapes, impls, records, notes):
@@ -496,10 +522,11 @@ def main():
     if args.dry_run:
         notes.append("DRY RUN: CPU, Triton interpreter, tiny shapes; timings are meaningless")
         shapes = dict(T=80, H_k=2, H_v=4, D=32, dtype=torch.float32, batches=(1, 2), pool=8, conv_dim=96,
-                      norm_rows=256, iters=1, warmup=0)
+                      norm_rows=256, iters=1, warmup=0, crossover_T=(1, 20))
     else:
         shapes = dict(T=8192, H_k=16, H_v=48, D=128, dtype=torch.bfloat16, batches=(1, 32, 256), pool=512,
-                      conv_dim=2 * 16 * 128 + 48 * 128, norm_rows=8192 * 48, iters=30, warmup=5)
+                      conv_dim=2 * 16 * 128 + 48 * 128, norm_rows=8192 * 48, iters=30, warmup=5,
+                      crossover_T=(1, 4, 16, 64, 256, 1024, 4096))
     tg, tc, tn, why = _import_torch_path()
     if why:
         notes.append(why)
@@ -517,7 +544,8 @@ def main():
     t_start = time.time()
     PEAKS.update(measure_peaks(dev, args.dry_run))
     records: list = []
-    for name, fn in (("chunk prefill", bench_chunk), ("decode", bench_decode), ("conv + norm", bench_conv_norm)):
+    for name, fn in (("chunk prefill", bench_chunk), ("decode", bench_decode), ("conv + norm", bench_conv_norm),
+                     ("chunk/recurrent crossover", bench_crossover)):
         t0 = time.time()
         try:
             fn(dev, shapes, impls, records, notes)
