@@ -223,29 +223,30 @@ def bench_chunk(dev, shapes, impls, records, notes):
         return tri.chunk_gated_delta_rule(q, k, v, g=g, beta=beta, output_final_state=True)
 
     o_tri, ht_tri = run_tri()
-    ref_o = None
+    ref_o = ht_t = None
     if impls["torch"] is not None:
-        o_t, ht_t = impls["torch"].chunk_gated_delta_rule(q, k, v, g=g, beta=beta, output_final_state=True)
-        ref_o = o_t
-    cands = [("triton", run_tri, o_tri, "")]
-    if impls["torch"] is not None and impls["time_torch"]:
-        cands.append(("torch", lambda: impls["torch"].chunk_gated_delta_rule(q, k, v, g=g, beta=beta,
-                                                                             output_final_state=True), ref_o, ""))
-    if impls["fla_chunk"] is not None:
+        ref_o, ht_t = impls["torch"].chunk_gated_delta_rule(q, k, v, g=g, beta=beta, output_final_state=True)
+    cands = []
+    if impls["phase"] == "main":
+        cands.append(("triton", run_tri, o_tri, ""))
+        if impls["torch"] is not None and impls["time_torch"]:
+            cands.append(("torch", lambda: impls["torch"].chunk_gated_delta_rule(
+                q, k, v, g=g, beta=beta, output_final_state=True), ref_o, ""))
+        if ref_o is not None:
+            notes.append(f"chunk prefill: triton vs torch rel RMS o={rel_rms(ref_o, o_tri):.2e}, "
+                         f"final_state={rel_rms(ht_t, ht_tri):.2e}")
+    elif impls["fla_chunk"] is not None:  # the fla phase runs last: its autotuning may be slow
         try:
             fn, o_f, how = _fla_chunk_call(impls["fla_chunk"], q, k, v, g, beta, H_v)
             cands.append(("fla", fn, o_f, how))
+            notes.append(f"chunk prefill: triton vs fla rel RMS o={rel_rms(o_f, o_tri):.2e}")
         except Exception as exc:
             notes.append(f"chunk prefill: fla call failed ({type(exc).__name__}: {str(exc)[:120]})")
-    fla_o = next((out for name, _, out, _ in cands if name == "fla"), None)
     for name, fn, out, how in cands:
         ms, timing = time_fn(fn, dev, iters=shapes["iters"], warmup=shapes["warmup"])
         records.append(_record("gdn_chunk_prefill", name, shape, ms, flops, nbytes, timing, how,
                                None if ref_o is None else rel_rms(ref_o, out),
-                               rel_rms(fla_o, out) if (fla_o is not None and name == "triton") else None))
-    if ref_o is not None:
-        notes.append(f"chunk prefill: triton vs torch rel RMS o={rel_rms(ref_o, o_tri):.2e}, "
-                     f"final_state={rel_rms(ht_t, ht_tri):.2e}")
+                               rel_rms(out, o_tri) if name != "triton" else None))
 
 
 def bench_crossover(dev, shapes, impls, records, notes):
@@ -295,17 +296,18 @@ def bench_decode(dev, shapes, impls, records, notes):
         flops, nbytes = decode_flops(B, H_v, D, D), decode_bytes(B, H_k, H_v, D, D, e)
 
         # accuracy on one call, on copies of the pool
-        p_tri, p_t = pool.clone(), pool.clone()
+        p_tri = pool.clone()
         o_tri = tri.fused_recurrent_gated_delta_rule_update(q, k, v, g=g, beta=beta, state_pool=p_tri,
                                                             slot_ids=perm[0])
         err = None
-        if impls["torch"] is not None:
+        if impls["torch"] is not None and impls["phase"] == "main":
+            p_t = pool.clone()
             o_t = impls["torch"].fused_recurrent_gated_delta_rule_update(q, k, v, g=g, beta=beta, state_pool=p_t,
                                                                          slot_ids=perm[0])
             err = rel_rms(o_t, o_tri)
             notes.append(f"decode B={B}: triton vs torch rel RMS o={err:.2e}, "
                          f"state={rel_rms(p_t[perm[0]], p_tri[perm[0]]):.2e}")
-        del p_tri, p_t
+            del p_t
 
         def many(fn_one):
             def run():
@@ -313,34 +315,52 @@ def bench_decode(dev, shapes, impls, records, notes):
                     fn_one(perm[i])
             return run
 
-        tri_run = many(lambda s: tri.fused_recurrent_gated_delta_rule_update(
-            q, k, v, g=g, beta=beta, state_pool=pool, slot_ids=s))
-        # graph replay for the Triton kernel (its wrapper never syncs); every implementation also eagerly, so the
-        # comparison with ops that cannot be captured (a host sync in the torch path) stays apples to apples.
-        # A failed capture can poison the CUDA context, so only the Triton op is captured.
-        cands = [("triton", tri_run, "", True), ("triton", tri_run, "eager", False)]
-        if impls["torch"] is not None and impls["time_torch"]:
-            cands.append(("torch", many(lambda s: impls["torch"].fused_recurrent_gated_delta_rule_update(
-                q, k, v, g=g, beta=beta, state_pool=pool, slot_ids=s)), "eager", False))
-        if impls["fla_rec"] is not None:
+        cands = []
+        if impls["phase"] == "main":
+            tri_run = many(lambda s: tri.fused_recurrent_gated_delta_rule_update(
+                q, k, v, g=g, beta=beta, state_pool=pool, slot_ids=s))
+            # graph replay for the Triton kernel (its wrapper never syncs); every implementation also eagerly, so
+            # the comparison with ops that cannot be captured (a host sync in the torch path) stays apples to
+            # apples.  A failed capture can poison the CUDA context, so only the Triton op is captured.
+            cands += [("triton", tri_run, "", True, err), ("triton", tri_run, "eager", False, err)]
+            if impls["torch"] is not None and impls["time_torch"]:
+                cands.append(("torch", many(lambda s: impls["torch"].fused_recurrent_gated_delta_rule_update(
+                    q, k, v, g=g, beta=beta, state_pool=pool, slot_ids=s)), "eager", False, None))
+        elif impls["fla_rec"] is not None:
             fla_rec = impls["fla_rec"]
+            r = H_v // H_k
+            qr, kr = q.repeat_interleave(r, dim=2), k.repeat_interleave(r, dim=2)
+            gva = {"native": (q, k), "repeated": (qr, kr)}
+            mode = []
 
-            def fla_one(s):  # fla has no slot pool: gather, run, scatter (a cost the in-place kernels avoid)
-                h0 = pool.index_select(0, s)
-                o, ht = fla_rec(q, k, v, g=g, beta=beta, initial_state=h0, output_final_state=True,
-                                use_qk_l2norm_in_kernel=True)
-                pool.index_copy_(0, s, ht)
+            def fla_one(s, target=pool):  # fla has no slot pool: gather, run, scatter (the in-place kernels don't)
+                qq, kk = gva[mode[0]]
+                o, ht = fla_rec(qq, kk, v, g=g, beta=beta, initial_state=target.index_select(0, s),
+                                output_final_state=True, use_qk_l2norm_in_kernel=True)
+                target.index_copy_(0, s, ht.to(target.dtype))
                 return o
             try:
-                fla_one(perm[0])
-                cands.append(("fla", many(fla_one), "eager; gather + fused_recurrent + scatter", False))
+                p_f = pool.clone()
+                for m in ("native", "repeated"):  # older fla versions need q/k repeated to the value heads
+                    mode[:] = [m]
+                    try:
+                        o_f = fla_one(perm[0], p_f)
+                        break
+                    except Exception:
+                        if m == "repeated":
+                            raise
+                notes.append(f"decode B={B}: fla ({mode[0]} GVA) vs triton rel RMS o={rel_rms(o_f, o_tri):.2e}, "
+                             f"state={rel_rms(p_f[perm[0]], p_tri[perm[0]]):.2e}")
+                del p_f
+                cands.append(("fla", many(fla_one), f"eager; gather + fused_recurrent + scatter; {mode[0]} GVA",
+                              False, None))
             except Exception as exc:
                 notes.append(f"decode B={B}: fla call failed ({type(exc).__name__}: {str(exc)[:120]})")
-        for name, fn, how, graph in cands:
+        del p_tri
+        for name, fn, how, graph, e_t in cands:
             ms, timing = time_fn(fn, dev, iters=shapes["iters"], warmup=shapes["warmup"], graph=graph,
                                  calls_per_replay=n_sets)
-            records.append(_record("gdn_decode_step", name, shape, ms, flops, nbytes, timing, how,
-                                   err if name == "triton" else None, None))
+            records.append(_record("gdn_decode_step", name, shape, ms, flops, nbytes, timing, how, e_t, None))
 
 
 def bench_conv_norm(dev, shapes, impls, records, notes):
@@ -385,7 +405,7 @@ def bench_conv_norm(dev, shapes, impls, records, notes):
 PEAKS: dict = {}
 
 
-def _record(case, impl, shape, ms, flops, nbytes, timing, how, err_vs_torch, err_vs_fla):
+def _record(case, impl, shape, ms, flops, nbytes, timing, how, err_vs_torch, err_vs_triton):
     tflops = flops / (ms * 1e-3) / 1e12 if ms > 0 else None
     gbps = nbytes / (ms * 1e-3) / 1e9 if ms > 0 else None
     pf, pb = PEAKS.get("bf16_matmul_tflops"), PEAKS.get("copy_gbps")
@@ -394,7 +414,7 @@ def _record(case, impl, shape, ms, flops, nbytes, timing, how, err_vs_torch, err
         "tflops": tflops, "gbps": gbps,
         "frac_peak_tflops": (tflops / pf) if (pf and tflops) else None,
         "frac_peak_gbps": (gbps / pb) if (pb and gbps) else None,
-        "timing": timing, "how": how, "rel_rms_vs_torch": err_vs_torch, "rel_rms_vs_fla": err_vs_fla,
+        "timing": timing, "how": how, "rel_rms_vs_torch": err_vs_torch, "rel_rms_vs_triton": err_vs_triton,
     }
 
 
@@ -533,7 +553,7 @@ def main():
     fla_chunk = fla_rec = fla_version = None
     if args.skip_fla:
         notes.append("flash-linear-attention skipped (--skip-fla)")
-    elif dev.type == "cuda":
+    elif dev.type == "cuda" or os.environ.get("QWEN35_BENCH_FLA_ON_CPU") == "1":  # the latter: plumbing tests
         fla_chunk, fla_rec, fla_version, why = _import_fla()
         if why:
             notes.append(why)
@@ -544,9 +564,21 @@ def main():
     t_start = time.time()
     PEAKS.update(measure_peaks(dev, args.dry_run))
     records: list = []
-    for name, fn in (("chunk prefill", bench_chunk), ("decode", bench_decode), ("conv + norm", bench_conv_norm),
-                     ("chunk/recurrent crossover", bench_crossover)):
+    phases = [("chunk prefill", bench_chunk, "main"), ("decode", bench_decode, "main"),
+              ("conv + norm", bench_conv_norm, "main"), ("chunk/recurrent crossover", bench_crossover, "main")]
+    if fla_chunk is not None:  # last: fla's autotuning can take a while, and a timeout must not cost the rest
+        phases += [("fla chunk prefill", bench_chunk, "fla"), ("fla decode", bench_decode, "fla")]
+
+    def write(complete):
+        result = {"kind": "gpu_bench", "schema": "qwen35.gpu_bench/1", "complete": complete,
+                  "meta": _meta(dev, fla_version), "peaks": PEAKS, "records": records, "notes": notes,
+                  "wall_s": time.time() - t_start}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, default=str))
+
+    for name, fn, phase in phases:
         t0 = time.time()
+        impls["phase"] = phase
         try:
             fn(dev, shapes, impls, records, notes)
         except Exception as exc:  # keep going: one failing case must not hide the others
@@ -556,10 +588,8 @@ def main():
         print(f"[gpu_bench] {name}: {time.time() - t0:.1f} s", flush=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    result = {"kind": "gpu_bench", "schema": "qwen35.gpu_bench/1", "meta": _meta(dev, fla_version),
-              "peaks": PEAKS, "records": records, "notes": notes, "wall_s": time.time() - t_start}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str))
+        write(complete=False)  # partial results survive a timeout
+    write(complete=True)
     print(_table(records))
     print(f"peaks: {json.dumps(PEAKS, default=str)}")
     for n_ in notes:
