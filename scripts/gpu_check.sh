@@ -9,11 +9,14 @@
 #
 # Usage:   bash scripts/gpu_check.sh [OUT_JSON]          (default results/gpu_bench.json)
 # Needs:   a CUDA GPU and a Python with torch + triton (any recent versions).  Installs nothing, needs no network.
-#          pytest and hypothesis are optional: without pytest the tests are skipped (gpu_bench.py still cross-checks
-#          every Triton result against the torch path); without hypothesis only the explicit test tables run.
-# Knobs:   PYTHON=/path/to/python   GPU_CHECK_TEST_TIMEOUT=300   GPU_CHECK_BENCH_TIMEOUT=300
+#          pytest and hypothesis are optional: without pytest the per-kernel self-checks run instead
+#          (`python -m optimized.triton.<file>`: fp32 + bf16 vs the float64 oracle), and gpu_bench.py cross-checks
+#          every Triton result against the torch path; without hypothesis only the explicit test tables run.
+# Knobs:   PYTHON=/path/to/python   GPU_CHECK_BUDGET=540 (s, whole script)   GPU_CHECK_TEST_TIMEOUT=240
+#          GPU_CHECK_OPT_TEST_TIMEOUT=120   GPU_CHECK_BENCH_TIMEOUT=(what is left of the budget, >= 120)
 #          GPU_CHECK_SKIP_TESTS=1   GPU_CHECK_SKIP_BENCH=1   GPU_CHECK_BENCH_ARGS="--skip-fla"
-# Expected runtime on an H100/H200: ~2-5 min (mostly Triton compiles; re-runs hit the Triton cache).
+# Expected runtime on an H100/H200: ~3-6 min (mostly Triton compiles; re-runs hit the Triton cache); capped at
+# GPU_CHECK_BUDGET (9 min) by per-step timeouts.
 # Exit status: 0 when every step that ran passed; 2 without CUDA; 1 otherwise.
 set -u -o pipefail
 
@@ -50,8 +53,12 @@ export CI=true                      # bounded hypothesis profile (10 examples pe
 export QWEN35_RUN_SLOW=1            # the @slow cases are cheap once compiled
 export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"
 export PYTHONDONTWRITEBYTECODE=1
-TEST_TIMEOUT="${GPU_CHECK_TEST_TIMEOUT:-300}"
-BENCH_TIMEOUT="${GPU_CHECK_BENCH_TIMEOUT:-300}"
+# Time budget: the whole script stays under GPU_CHECK_BUDGET seconds (default 540 = 9 min); each step gets its own
+# cap, and the benchmarks get whatever is left (at least 120 s; they write partial JSON after every case anyway).
+BUDGET="${GPU_CHECK_BUDGET:-540}"
+TEST_TIMEOUT="${GPU_CHECK_TEST_TIMEOUT:-240}"
+OPT_TEST_TIMEOUT="${GPU_CHECK_OPT_TEST_TIMEOUT:-120}"
+BENCH_TIMEOUT="${GPU_CHECK_BENCH_TIMEOUT:-}"
 TO=""
 if command -v timeout >/dev/null 2>&1; then TO="timeout"; fi
 with_timeout() { local s="$1"; shift; if [ -n "$TO" ]; then timeout --kill-after=20 "$s" "$@"; else "$@"; fi; }
@@ -127,7 +134,7 @@ else
     with_timeout "$TEST_TIMEOUT" "$PY" -m pytest "${PYTEST_ARGS[@]}" --collect-only "${OPT_FILES[@]}" | tail -n 1
     rc_opt=$?
   elif [ ${#OPT_FILES[@]} -gt 0 ]; then
-    with_timeout "$TEST_TIMEOUT" "$PY" -m pytest "${PYTEST_ARGS[@]}" --junitxml=results/gpu_check_optimized.xml \
+    with_timeout "$OPT_TEST_TIMEOUT" "$PY" -m pytest "${PYTEST_ARGS[@]}" --junitxml=results/gpu_check_optimized.xml \
       "${OPT_FILES[@]}"
     rc_opt=$?
   fi
@@ -136,7 +143,11 @@ fi
 if [ "${GPU_CHECK_SKIP_BENCH:-0}" = "1" ]; then
   echo "== benchmarks skipped (GPU_CHECK_SKIP_BENCH=1)"
 else
-  echo "== GPU benchmarks -> $OUT"
+  if [ -z "$BENCH_TIMEOUT" ]; then
+    BENCH_TIMEOUT=$(( BUDGET - ($(date +%s) - T0) ))
+    if [ "$BENCH_TIMEOUT" -lt 120 ]; then BENCH_TIMEOUT=120; fi
+  fi
+  echo "== GPU benchmarks -> $OUT (time limit ${BENCH_TIMEOUT} s)"
   # shellcheck disable=SC2086
   DRY_ARG=""; [ $DRY -eq 1 ] && DRY_ARG="--dry-run"
   # shellcheck disable=SC2086
