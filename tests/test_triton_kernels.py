@@ -61,7 +61,7 @@ from optimized.triton import (  # noqa: E402
     poison_outputs,
     recurrent_gated_delta_rule,
 )
-from optimized.triton._common import alloc  # noqa: E402
+from optimized.triton._common import alloc, force_blocks  # noqa: E402
 
 cuda_only = pytest.mark.skipif(not ON_GPU, reason="bf16 is only meaningful on a CUDA GPU (the interpreter "
                                                   "computes bf16 arithmetic wrongly); run scripts/gpu_check.sh")
@@ -365,6 +365,30 @@ def test_wrappers_reject_bad_shapes():
                 state_pool=torch.zeros((2, 4, 16, 16), device=DEV), slot_ids=torch.tensor([2], device=DEV))
     with pytest.raises(ValueError, match="weight must be"):
         gated_rms_norm(torch.zeros((2, 8), device=DEV), torch.zeros((2, 8), device=DEV), torch.zeros(7, device=DEV))
+
+
+# ------------------------------------------------------------------------------------------------- GPU tilings
+# Off the GPU the wrappers pick one big block per program (the interpreter's cost is per program); on a GPU they
+# split D_v across programs and tile tokens/channels.  Force those tilings here — with ragged last tiles — so the
+# index arithmetic of every multi-program path is checked on CPU too.
+def test_gdn_split_value_blocks():
+    arrs, cu = _gdn_case(14, lengths=[1, 37, 70], H_k=1, H_v=2, D_k=24, D_v=40)  # D_v = 40: blocks 16, 16, 8 (+8 masked)
+    with force_blocks(gdn_bv=16):
+        _check_gdn(chunk_gated_delta_rule, arrs, cu, chunk_size=32)
+        _check_gdn(recurrent_gated_delta_rule, arrs, cu)
+        _check_decode(15, 3, 5, 1, 2, 24, 40, [4, -1, 0])
+
+
+def test_conv_and_norm_small_tiles():
+    with force_blocks(conv_bt=16, conv_bc=16, conv_update_bc=16, norm_br=4):
+        _check_conv(16, [1, 2, 37, 0, 20], 40, 4, True, "silu")  # 3 channel tiles (16, 16, 8), 3 token tiles
+        _check_conv_update(17, 3, 5, 40, 4, [2, -1, 4])
+        rng = np.random.default_rng(18)
+        x, z = _round(rng.standard_normal((7, 24))), _round(rng.standard_normal((7, 24)))  # 7 rows: tiles 4 + 3
+        w = _round(rng.standard_normal(24))
+        with poison_outputs():
+            y = gated_rms_norm(_t(x), _t(z), _t(w), 1e-6)
+        assert_close("y", ref_norms.gated_rms_norm(x, z, w, 1e-6), y, "f32")
 
 
 # ------------------------------------------------------------------------------------------------- hypothesis

@@ -13,9 +13,30 @@ import os
 import torch
 import triton
 
-__all__ = ["alloc", "poison_outputs", "interpreting", "check_device", "pow2", "cu_seqlens_list"]
+__all__ = ["alloc", "poison_outputs", "force_blocks", "block", "interpreting", "check_device", "pow2",
+           "cu_seqlens_list"]
 
 _poison_depth = 0
+_forced_blocks: dict = {}
+
+
+@contextlib.contextmanager
+def force_blocks(**sizes):
+    """Test hook: override the wrappers' block sizes (gdn_bv, conv_bt, conv_bc, conv_update_bc, norm_br) inside the
+    block, so the GPU's tilings (D_v split across programs, several token/channel tiles, ragged last tiles) also
+    run under the interpreter, where the wrappers otherwise pick one big block."""
+    old = dict(_forced_blocks)
+    _forced_blocks.update(sizes)
+    try:
+        yield
+    finally:
+        _forced_blocks.clear()
+        _forced_blocks.update(old)
+
+
+def block(name: str, default: int) -> int:
+    """The block size a wrapper uses: `default`, unless a test forces one with `force_blocks`."""
+    return int(_forced_blocks.get(name, default))
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from optimized.triton._common import alloc, check_device, cu_seqlens_list, pow2
+from optimized.triton._common import alloc, block, check_device, cu_seqlens_list, pow2
 
 __all__ = ["causal_conv1d", "causal_conv1d_update"]
 
@@ -185,9 +185,10 @@ def causal_conv1d(x, weight, *, conv_state=None, cu_seqlens=None, activation="si
     cu_t = torch.tensor(cu, dtype=torch.int32, device=dev)
     max_len = max(b - a for a, b in zip(cu, cu[1:]))
     on_gpu = dev.type == "cuda"
-    BC = min(pow2(C, 16), 128 if on_gpu else 512)
+    BC = block("conv_bc", min(pow2(C, 16), 128 if on_gpu else 512))
     if max_len > 0:
-        BT = min(pow2(max_len, 16), 16 if on_gpu else 128)  # GPU: 16×128 tiles compile without spills (sm_90)
+        # GPU: 16×128 tiles compile without spills (sm_90); the interpreter prefers few, big programs
+        BT = block("conv_bt", min(pow2(max_len, 16), 16 if on_gpu else 128))
         _causal_conv1d_fwd_kernel[(N, triton.cdiv(max_len, BT), triton.cdiv(C, BC))](
             x2, w, state if state is not None else x2, cu_t, y.view(total, C), C,
             K=K, BT=BT, BC=BC, HAS_STATE=state is not None, SILU=silu, num_warps=4,
@@ -236,7 +237,7 @@ def causal_conv1d_update(x, weight, *, conv_pool, slot_ids):
     if B == 0:
         return y
     # BC ≥ 32·num_warps: each channel belongs to exactly one thread, so the in-place shift cannot race.
-    BC = 256 if dev.type == "cuda" else min(pow2(C, 16), 1024)
+    BC = block("conv_update_bc", 256 if dev.type == "cuda" else min(pow2(C, 16), 1024))
     _causal_conv1d_update_kernel[(B, triton.cdiv(C, BC))](
         x.contiguous(), w, conv_pool, slot_ids.contiguous(), y, C, K=K, BC=BC, num_warps=4,
     )

@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from optimized.triton._common import alloc, check_device, cu_seqlens_list, pow2
+from optimized.triton._common import alloc, block, check_device, cu_seqlens_list, pow2
 
 __all__ = [
     "chunk_gated_delta_rule",
@@ -360,7 +360,7 @@ def _value_block(D_v: int, programs_without_split: int, device) -> int:
     split D_v until there are enough programs to fill the SMs (the state columns are independent)."""
     BV = pow2(D_v, 16)
     if device.type != "cuda":
-        return BV
+        return block("gdn_bv", BV)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     # every extra D_v block re-reads W, Aqk, q and k: stop at 32 columns (≤ 4 blocks at D_v = 128)
     while BV > 32 and programs_without_split * (pow2(D_v, 16) // BV) < 2 * sms:
@@ -552,7 +552,7 @@ def fused_recurrent_gated_delta_rule_update(
     if B == 0:
         return o
     BK = pow2(D_k, 16)
-    BV = min(pow2(D_v, 16), 32) if dev.type == "cuda" else pow2(D_v, 16)
+    BV = block("gdn_bv", min(pow2(D_v, 16), 32) if dev.type == "cuda" else pow2(D_v, 16))
     _gdn_decode_kernel[(B, H_v, triton.cdiv(D_v, BV))](
         q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous(), slot_ids.contiguous(),
         state_pool, o, scale,

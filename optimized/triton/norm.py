@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from optimized.triton._common import alloc, check_device, pow2
+from optimized.triton._common import alloc, block, check_device, pow2
 
 __all__ = ["gated_rms_norm"]
 
@@ -77,6 +77,7 @@ def gated_rms_norm(x, z, weight, eps=1e-6):
         BR = max(1, min(16, 4096 // BD))
     else:
         BR = max(1, min(pow2(R), 16384 // BD))
+    BR = block("norm_br", BR)
     _gated_rms_norm_kernel[(triton.cdiv(R, BR),)](
         x.contiguous(), z.contiguous(), weight.contiguous(), y, R, D, float(eps), BR=BR, BD=BD, num_warps=4,
     )
