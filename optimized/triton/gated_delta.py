@@ -7,7 +7,7 @@ v1 (this file)
       1. `_gdn_chunk_prep_kernel`   grid (chunks, H_v), fully parallel.  Per chunk of C tokens: G = cumsum(g),
          A = strict_lower(β k̂k̂ᵀ ⊙ e^{Gi−Gj}), the UT inverse T = (I + A)⁻¹ by *blocked* forward substitution
          (right-looking elimination inside the 16×16 diagonal blocks, then the strictly block-lower part folded in
-         with a Horner/Neumann product of C/16 − 1 matmuls, exact because that part is nilpotent),
+         by a Neumann series evaluated with Horner — C/16 matmuls in all, exact because that part is nilpotent),
          W = T·diag(β e^G)·K̂, U = T·diag(β)·V, and Aqk = tril_incl(q̃k̂ᵀ ⊙ e^{Gi−Gj}).  Scratch is fp32 and
          token-indexed ([T_total, H_v, ·]) so chunks of packed sequences need no padding.
       2. `_gdn_chunk_state_output_kernel`  grid (N, H_v, D_v/BV), sequential over the chunks of one sequence,
@@ -20,7 +20,7 @@ v1 (this file)
   * varlen: chunk table (start, end) per chunk built on the host from cu_seqlens, so a chunk never crosses a
     sequence boundary (PITFALLS B13); the tail chunk's G_C is read at the last *valid* token and padded rows load
     k = q = v = g = β = 0 (PITFALLS B15).  e^{Gi−Gj} is only evaluated on the lower triangle (the argument is
-    masked to 0 before exp, so no inf·0 = NaN upstairs; PITFALLS B6).
+    masked to 0 before exp, so the upper triangle can never make an inf that a mask turns into NaN; PITFALLS B6).
   The sequential kernel's D_v block is capped at 64 on a GPU (shared memory of the pipelined tiles, measured with
   ptxas for sm_90), with a launch-time fallback to fewer stages / narrower blocks on GPUs that refuse a variant.
   Head counts and widths are runtime arguments (only block sizes and flags are constexpr), so one compiled
