@@ -55,9 +55,6 @@ SHARED_NOTE = ("measured on a 2-core machine shared with other engineers' jobs d
 
 
 def _single_thread():
-    # Transparent huge pages for PyTorch's large CPU allocations (a documented c10 setting, read at allocation
-    # time): it removes ~4 KiB page-fault costs on every fresh multi-MB buffer, for every contender in this process.
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
@@ -121,7 +118,9 @@ def machine_info() -> dict:
     info = {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch": torch.__version__, "numpy": np.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "blas": "MKL" if torch.backends.mkl.is_available() else "?", "note": SHARED_NOTE,
-            "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+            "env": {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                                   "THP_MEM_ALLOC_ENABLE", "MALLOC_MMAP_THRESHOLD_",
+                                                   "MALLOC_TRIM_THRESHOLD_")},
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:
         import transformers
