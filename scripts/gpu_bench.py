@@ -240,6 +240,7 @@ def bench_chunk(dev, shapes, impls, records, notes):
             fn, o_f, how = _fla_chunk_call(impls["fla_chunk"], q, k, v, g, beta, H_v)
             cands.append(("fla", fn, o_f, how))
             notes.append(f"chunk prefill: triton vs fla rel RMS o={rel_rms(o_f, o_tri):.2e}")
+            _set_vs_fla(records, "gdn_chunk_prefill", None, rel_rms(o_f, o_tri))
         except Exception as exc:
             notes.append(f"chunk prefill: fla call failed ({type(exc).__name__}: {str(exc)[:120]})")
     for name, fn, out, how in cands:
@@ -322,7 +323,7 @@ def bench_decode(dev, shapes, impls, records, notes):
             # graph replay for the Triton kernel (its wrapper never syncs); every implementation also eagerly, so
             # the comparison with ops that cannot be captured (a host sync in the torch path) stays apples to
             # apples.  A failed capture can poison the CUDA context, so only the Triton op is captured.
-            cands += [("triton", tri_run, "", True, err), ("triton", tri_run, "eager", False, err)]
+            cands += [("triton", tri_run, "CUDA-graph replay", True, err), ("triton-eager", tri_run, "eager", False, err)]
             if impls["torch"] is not None and impls["time_torch"]:
                 cands.append(("torch", many(lambda s: impls["torch"].fused_recurrent_gated_delta_rule_update(
                     q, k, v, g=g, beta=beta, state_pool=pool, slot_ids=s)), "eager", False, None))
@@ -351,6 +352,7 @@ def bench_decode(dev, shapes, impls, records, notes):
                             raise
                 notes.append(f"decode B={B}: fla ({mode[0]} GVA) vs triton rel RMS o={rel_rms(o_f, o_tri):.2e}, "
                              f"state={rel_rms(p_f[perm[0]], p_tri[perm[0]]):.2e}")
+                _set_vs_fla(records, "gdn_decode_step", B, rel_rms(o_f, o_tri))
                 del p_f
                 cands.append(("fla", many(fla_one), f"eager; gather + fused_recurrent + scatter; {mode[0]} GVA",
                               False, None))
@@ -405,6 +407,13 @@ def bench_conv_norm(dev, shapes, impls, records, notes):
 PEAKS: dict = {}
 
 
+def _set_vs_fla(records, case, B, err):
+    """Fill `rel_rms_vs_fla` of the Triton rows of a case (the fla phase runs after them)."""
+    for r in records:
+        if r["case"] == case and r["impl"].startswith("triton") and (B is None or r["shape"].get("B") == B):
+            r["rel_rms_vs_fla"] = err
+
+
 def _record(case, impl, shape, ms, flops, nbytes, timing, how, err_vs_torch, err_vs_triton):
     tflops = flops / (ms * 1e-3) / 1e12 if ms > 0 else None
     gbps = nbytes / (ms * 1e-3) / 1e9 if ms > 0 else None
@@ -415,6 +424,7 @@ def _record(case, impl, shape, ms, flops, nbytes, timing, how, err_vs_torch, err
         "frac_peak_tflops": (tflops / pf) if (pf and tflops) else None,
         "frac_peak_gbps": (gbps / pb) if (pb and gbps) else None,
         "timing": timing, "how": how, "rel_rms_vs_torch": err_vs_torch, "rel_rms_vs_triton": err_vs_triton,
+        "rel_rms_vs_fla": None,  # Triton rows: filled by the fla phase when fla is importable
     }
 
 
