@@ -323,7 +323,8 @@ def bench_decode(dev, shapes, impls, records, notes):
             # graph replay for the Triton kernel (its wrapper never syncs); every implementation also eagerly, so
             # the comparison with ops that cannot be captured (a host sync in the torch path) stays apples to
             # apples.  A failed capture can poison the CUDA context, so only the Triton op is captured.
-            cands += [("triton", tri_run, "CUDA-graph replay", True, err), ("triton-eager", tri_run, "eager", False, err)]
+            cands += [("triton", tri_run, "CUDA-graph replay", True, err),
+                      ("triton-eager", tri_run, "eager", False, err)]
             if impls["torch"] is not None and impls["time_torch"]:
                 cands.append(("torch", many(lambda s: impls["torch"].fused_recurrent_gated_delta_rule_update(
                     q, k, v, g=g, beta=beta, state_pool=pool, slot_ids=s)), "eager", False, None))
