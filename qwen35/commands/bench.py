@@ -11,34 +11,39 @@ def add_arguments(parser):
     parser.add_argument("--out", default="docs/bench_cpu.json", help="JSON output file (default docs/bench_cpu.json)")
     parser.add_argument("--parts", default="gdn,decode,model",
                         help="comma-separated subset of gdn,decode,model (default: all)")
-    parser.add_argument("--default-allocator", action="store_true",
-                        help="keep glibc's and torch's default large-buffer allocation (no MALLOC_* / THP settings)")
+    parser.add_argument("--tuned-allocator", action="store_true",
+                        help="run with large-buffer reuse (glibc MALLOC_MMAP/TRIM_THRESHOLD_ = 4 GiB, torch "
+                             "THP_MEM_ALLOC_ENABLE=1) for every contender; default: the allocators' defaults")
     parser.add_argument("--gpu-json", default=None, metavar="FILE",
                         help="instead of running anything, print docs/benchmarks.md's GPU rows from the JSON of "
                              "scripts/gpu_bench.py")
 
 
-# The process environment of a benchmark run.  One thread for every BLAS.  And the allocator settings that keep
-# large CPU buffers from being page-faulted in afresh on every call: glibc returns freed blocks >= 32 MiB to the
-# OS, so a 32 MiB output costs ~8,000 page faults per call (≈ 45 ms at T = 4096 on this KVM guest); raising the
-# mmap/trim thresholds makes freed blocks reusable, and THP_MEM_ALLOC_ENABLE gives torch's large buffers huge
-# pages.  These apply to every contender in the process alike (optimized, transformers, reference).
-BENCH_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-             "THP_MEM_ALLOC_ENABLE": "1", "MALLOC_MMAP_THRESHOLD_": str(2 ** 32), "MALLOC_TRIM_THRESHOLD_": str(2 ** 32)}
+# The process environment of a benchmark run: one thread for every BLAS.  With --tuned-allocator also the settings
+# that keep large CPU buffers from being page-faulted in afresh on every call: glibc returns freed blocks >= 32 MiB
+# to the OS, so a 32 MiB output costs ~8,000 page faults per call (≈ 45 ms at T = 4096 on this KVM guest); raising
+# the mmap/trim thresholds makes freed blocks reusable, and THP_MEM_ALLOC_ENABLE gives torch's large buffers huge
+# pages.  They apply to every contender in the process alike (and help the transformers fallback more than us).
+THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+ALLOCATOR_ENV = {"THP_MEM_ALLOC_ENABLE": "1", "MALLOC_MMAP_THRESHOLD_": str(2 ** 32),
+                 "MALLOC_TRIM_THRESHOLD_": str(2 ** 32)}
 
 
-def _reexec(default_allocator: bool) -> None:
+def _reexec(tuned_allocator: bool) -> None:
     """NumPy's OpenBLAS reads OPENBLAS_NUM_THREADS once, at import, and glibc reads MALLOC_* at process start; the
-    CLI has already started and imported NumPy.  So when the variables are not set, run the same command again in a
-    fresh process with them (a multi-threaded reference would be an unfair comparison on a 1-thread benchmark)."""
+    CLI has already started and imported NumPy.  So when the variables are not as wanted, run the same command
+    again in a fresh process with them (a multi-threaded reference would be unfair on a 1-thread benchmark)."""
     import os
     import sys
 
-    want = {k: v for k, v in BENCH_ENV.items()
-            if not (default_allocator and k.startswith(("MALLOC_", "THP_")))}
-    if all(os.environ.get(k) == v for k, v in want.items()) or os.environ.get("QWEN35_BENCH_REEXEC") == "1":
+    if os.environ.get("QWEN35_BENCH_REEXEC") == "1":
         return
-    env = dict(os.environ, QWEN35_BENCH_REEXEC="1", **want)
+    want = dict(THREAD_ENV, **(ALLOCATOR_ENV if tuned_allocator else {}))
+    drop = [] if tuned_allocator else [k for k in ALLOCATOR_ENV if k in os.environ]
+    if all(os.environ.get(k) == v for k, v in want.items()) and not drop:
+        return
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(want, QWEN35_BENCH_REEXEC="1")
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable, "-m", "qwen35.cli"] + sys.argv[1:], env)
 
@@ -52,7 +57,7 @@ def run(args) -> int:
 
         print(gpu_markdown(json.loads(Path(args.gpu_json).read_text())))
         return 0
-    _reexec(getattr(args, "default_allocator", False))
+    _reexec(getattr(args, "tuned_allocator", False))
     from qwen35.bench import format_table, run_all, write_json
 
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
