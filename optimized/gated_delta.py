@@ -17,6 +17,8 @@ Version log (llm.c style, STYLE rule 11):
       sorted by chunk count) so that each sequential step is a contiguous slice of the chunk list and of the state.
   v2.1 fused L2 reductions, no masking pass for A (only its strictly lower part is read), 8×8 base blocks; decode:
       one read pass + one read-modify-write pass over the state (`mul_(α).addcmul_(k̂, u)`).
+  v2.2 q/k inverse norms from one streaming reduction over the token-major input (−4 %); every per-group
+      temporary in a buffer reused across groups.
   Assumptions: fp32 arithmetic and fp32 state for fp32/bf16/fp16 inputs (float64 inputs compute in float64);
   the output has v's dtype; the final state is always fp32 (float64 for float64 inputs) — PITFALLS B8.
 
@@ -268,12 +270,19 @@ def chunk_gated_delta_rule(
     vb = lay.to_blocks(v.reshape(tok, H_v, D_v))  # [n, C, H_v, D_v]
     gb = lay.to_blocks(g.reshape(tok, H_v))  # [n, C, H_v]
     bb = lay.to_blocks(beta.reshape(tok, H_v))  # [n, C, H_v]
+    if use_qk_l2norm:
+        # (Σx² + eps)^(-1/2) per token and key head, from one streaming reduction over the contiguous token-major
+        # input (cheaper than reducing the head-major strided views group by group); padded rows get 0.
+        def inv_norm(x, mult):
+            r = torch.linalg.vector_norm(x.reshape(tok, H_k, D_k).to(cdt), dim=-1).square_().add_(_L2_EPS).rsqrt_()
+            return lay.to_blocks(r.mul_(mult) if mult != 1.0 else r)  # [n, C, H_k]
+
+        q_inv, k_inv = inv_norm(q, scale), inv_norm(k, 1.0)
     n_blocks = lay.n_blocks
     ob = _empty(n_blocks, C, H_v, D_v, dtype=v.dtype, device=dev)  # [n, C, H_v, D_v]
 
     ar = torch.arange(C, device=dev)
     lower_incl = ar[:, None] >= ar[None, :]  # [C, C]
-    neg_inf = torch.tensor(-math.inf, dtype=cdt, device=dev)
 
     group = _group_chunks(H_v, C, max(D_k, D_v))
     # Per-group scratch, allocated once for the largest group and reused (sliced to the group's size).
@@ -294,6 +303,14 @@ def chunk_gated_delta_rule(
     UW_buf = _empty(Mmax, C, D_v + D_k, dtype=cdt, device=dev)  # [U | W]
     WQ_buf = _empty(Mmax, 2 * C, D_k, dtype=cdt, device=dev)  # rows [W ; q̃⊙γ]
     O_buf = _empty(Mmax, C, D_v, dtype=cdt, device=dev)
+    # The remaining per-group temporaries also live in buffers reused by every group: the same addresses stay in
+    # cache from one group to the next, and no fresh allocation (or page fault) happens inside the loop.
+    P_buf = _empty(Mmax, 2 * C, C, dtype=cdt, device=dev)  # [k̂; q̃] k̂ᵀ
+    D_buf = _empty(Mmax, C, C, dtype=cdt, device=dev)  # e^{G_i − G_j}
+    Kd_buf = _empty(Mmax, C, D_k, dtype=cdt, device=dev)  # k̂ e^{G_C − G}
+    PS_buf = _empty(N * H_v, 2 * C, D_v, dtype=cdt, device=dev)  # per step: [W; q̃⊙γ] S
+    Vn_buf = _empty(N * H_v, C, D_v, dtype=cdt, device=dev)  # per step: V_new
+    upper = ~lower_incl  # [C, C]
 
     for j, j1 in groups:
         b0, b1 = lay.offset[j], lay.offset[j1]
@@ -306,9 +323,8 @@ def chunk_gated_delta_rule(
         k_in = kb[b0:b1].permute(0, 2, 1, 3)[:, :, None]
         if use_qk_l2norm:
             qf, kf = q_in.to(cdt), k_in.to(cdt)
-            # (Σx² + eps)^(-1/2) from one fused reduction (vector_norm), no squared temporary
-            q_mul = torch.linalg.vector_norm(qf, dim=-1, keepdim=True).square_().add_(_L2_EPS).rsqrt_().mul_(scale)
-            k_mul = torch.linalg.vector_norm(kf, dim=-1, keepdim=True).square_().add_(_L2_EPS).rsqrt_()
+            q_mul = q_inv[b0:b1].permute(0, 2, 1)[:, :, None, :, None]  # [n, H_k, 1, C, 1]  scale / ‖q‖
+            k_mul = k_inv[b0:b1].permute(0, 2, 1)[:, :, None, :, None]  # 1 / ‖k‖
             ex = (-1, -1, r, -1, -1)  # broadcast over the r value heads of each key head
             torch.mul(qf.expand(ex), q_mul.expand(ex), out=KQ[:, :, :, C:])  # q̃ = q̂ · scale
             torch.mul(kf.expand(ex), k_mul.expand(ex), out=KQ[:, :, :, :C])  # k̂
@@ -321,8 +337,9 @@ def chunk_gated_delta_rule(
         bf = bb[b0:b1].to(cdt).permute(0, 2, 1).reshape(M, C)  # [M, C]
 
         # k̂_i·k̂_j and q̃_i·k̂_j in one product: [k̂; q̃] k̂ᵀ.
-        P = torch.bmm(KQ, Kn.transpose(1, 2))  # [M, 2C, C]
-        decay = torch.where(lower_incl, G[:, :, None] - G[:, None, :], neg_inf).exp_()  # e^{G_i−G_j}, 0 above (B6)
+        P = torch.bmm(KQ, Kn.transpose(1, 2), out=P_buf[:M])  # [M, 2C, C]
+        decay = torch.sub(G[:, :, None], G[:, None, :], out=D_buf[:M])  # [M, C, C]  G_i − G_j
+        decay.masked_fill_(upper, -math.inf).exp_()  # e^{G_i−G_j} on/below the diagonal, 0 above (B6)
         # A = β_i (k̂_i·k̂_j) e^{G_i−G_j}; only its strictly lower part is ever read by `unit_lower_inverse` (the
         # upper part is 0 through the decay; the diagonal is left as is), so no masking pass is needed.
         A = P[:, :C].mul_(decay).mul_(bf[:, :, None])  # [M, C, C]
@@ -341,7 +358,7 @@ def chunk_gated_delta_rule(
         WQ[:, :C] = UW[:, :, D_v:]
         torch.mul(Qs, gamma[:, :, None], out=WQ[:, C:])
         G_last = G[:, -1:]  # [M, 1]
-        Kd = Kn * (G_last - G).exp_()[:, :, None]  # [M, C, D_k]  k̂_j e^{G_C − G_j}
+        Kd = torch.mul(Kn, (G_last - G).exp_()[:, :, None], out=Kd_buf[:M])  # [M, C, D_k]  k̂_j e^{G_C − G_j}
         chunk_decay = G_last.exp().view(n, H_v)  # [n, H_v]
         og = O_buf[:M]  # [M, C, D_v]
 
@@ -351,8 +368,9 @@ def chunk_gated_delta_rule(
             c0 = lay.offset[jj] - b0
             sl = slice(c0 * H_v, (c0 + na) * H_v)
             Sv = S[:na].view(na * H_v, D_k, D_v)  # [na·H_v, D_k, D_v]  (a view of the rank-ordered state)
-            PS = torch.bmm(WQ[sl], Sv)  # [na·H_v, 2C, D_v]  W·S ; (q̃⊙γ)·S
-            Vn = torch.sub(U[sl], PS[:, :C])  # [na·H_v, C, D_v]  V_new = U − W S
+            m = na * H_v
+            PS = torch.bmm(WQ[sl], Sv, out=PS_buf[:m])  # [na·H_v, 2C, D_v]  W·S ; (q̃⊙γ)·S
+            Vn = torch.sub(U[sl], PS[:, :C], out=Vn_buf[:m])  # [na·H_v, C, D_v]  V_new = U − W S
             torch.baddbmm(PS[:, C:], Aqk[sl], Vn, out=og[sl])  # O = (q̃⊙γ)S + Aqk V_new
             Sv.mul_(chunk_decay[c0 : c0 + na].reshape(-1, 1, 1))
             Sv.baddbmm_(Kd[sl].transpose(1, 2), Vn)  # S ← e^{G_C} S + (K̂ ⊙ e^{G_C−G})ᵀ V_new
