@@ -44,7 +44,7 @@ from optimized.norms import rms_norm
 from reference.config import LINEAR, Qwen35Config
 from reference.context import TextContext, as_token_array
 from reference.memory import FALLBACK_MAX_BATCH, infer_optimal_batch_size, state_bytes_per_request
-from reference.model import RequestError, sample_next_token
+from reference.model import RequestError, _has_vision, sample_next_token
 from reference.rope import decode_position_ids
 from reference.state_cache import PoolFullError, UnknownRequestError
 from reference.weights import MLPWeights, load_weights
@@ -115,11 +115,6 @@ class _Request:
     slot: int
     length: int = 0
     kv: list = field(default_factory=list)  # one KVCache per full-attention layer
-
-
-def _has_vision(ctx) -> bool:
-    return bool(getattr(ctx, "has_vision_inputs", False)) or any(
-        getattr(ctx, a, None) is not None for a in ("pixel_values", "pixel_values_videos"))
 
 
 class Qwen35Model:
