@@ -17,15 +17,28 @@ What differs from the reference (which keeps MAX's documented gather/scatter des
 * On CUDA, `max_batch_size=None` sizes the pool with `reference.memory.infer_optimal_batch_size(..., rule=
   "in_place")` from `torch.cuda.mem_get_info` (the documented fallback of 32 when the query fails), and a
   requested batch that does not fit is refused at start with a message that gives the numbers.
-* Config, weight loading / name mapping, memory sizing, TextContext and token sampling come from `reference`.
-* Text only: contexts with pixels are refused with a clear error (the vision tower runs in `reference`).
+* Config, weight loading / name mapping, memory sizing, TextContext, token sampling, the multimodal plan
+  (placeholder checks, MRoPE positions) and `RequestSnapshot` come from `reference`.
 
-Not atomic: a decode step mutates the pools while it runs, so an exception inside `execute` can leave the
-requests of that batch half-advanced (the reference commits only after success).  Release them after an error.
+Multimodal prompts (`TextAndVisionContext`), as in reference.model: the first context of a request holds the whole
+prompt; the PyTorch vision tower (`optimized.vision.VisionTower`, built once per model from the `model.visual.*`
+weights, on the model's device and dtype) runs once for it through `optimized.vision.multimodal_prefill_inputs`;
+each prefill chunk (`chunk_end`, then plain TextContexts checked against the stored prompt) writes its rows of the
+vision embeddings over the placeholder rows and uses its slice of the prompt's MRoPE positions; decode continues at
+tokens-so-far + rope_delta on all three axes.
+
+Errors, not corruption: `prepare_*`, `execute`, `snapshot` and `restore` validate everything (ids, token range,
+lengths, capacity, released ids, epochs, stored prompts, snapshot shapes) before any state changes.  Inside
+`execute`, a prefill chunk writes its final states into the pools only after the whole forward pass (and the
+logits) succeeded, and K/V appends are rolled back on an exception, so a failed prefill leaves every request as
+it was.  A decode step updates the pools in place layer by layer (that is the point of the in-place design), so an
+exception in the middle of one marks the requests of that batch as broken (any later use raises; release them);
+every other request is untouched.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,13 +57,13 @@ from optimized.norms import rms_norm
 from reference.config import LINEAR, Qwen35Config
 from reference.context import TextContext, as_token_array
 from reference.memory import FALLBACK_MAX_BATCH, infer_optimal_batch_size, state_bytes_per_request
-from reference.model import RequestError, _has_vision, sample_next_token
+from reference.model import RequestError, RequestSnapshot, _has_vision, sample_next_token
 from reference.rope import decode_position_ids
 from reference.state_cache import PoolFullError, UnknownRequestError
 from reference.weights import MLPWeights, load_weights
 
-__all__ = ["Qwen35Model", "ModelInputs", "ModelOutputs", "TextContext", "RequestError", "PoolFullError",
-           "UnknownRequestError", "STATE_RULE"]
+__all__ = ["Qwen35Model", "ModelInputs", "ModelOutputs", "RequestSnapshot", "TextContext", "RequestError",
+           "PoolFullError", "UnknownRequestError", "STATE_RULE"]
 
 STATE_RULE = "in_place"
 RETURN_LOGITS = ("last", "all", "variable")
@@ -61,7 +74,10 @@ class ModelInputs:
     """One step's packed inputs.
 
     tokens [total] int64, input_row_offsets [B+1], request_ids, return_n_logits [B], position_ids [3, total],
-    slot_ids [B] (state-pool rows of the requests — no gathered state copies), start_lengths [B].
+    slot_ids [B] (state-pool rows of the requests — no gathered state copies), start_lengths [B],
+    image_token_indices [n] (rows of `tokens` whose embeddings are replaced) and lm_image_embeddings [n, H]
+    (the vision embeddings, model dtype) or None, epochs [B] (each request's epoch when prepared: a claim or a
+    `restore` starts a new one, and `execute` refuses inputs of an older one), host_tokens (a host copy of tokens).
     """
 
     tokens: torch.Tensor
@@ -71,6 +87,10 @@ class ModelInputs:
     position_ids: torch.Tensor
     slot_ids: torch.Tensor
     start_lengths: list
+    image_token_indices: torch.Tensor | None = None
+    lm_image_embeddings: torch.Tensor | None = None
+    epochs: list | None = None
+    host_tokens: np.ndarray | None = None
     executed: bool = False
 
     @property
@@ -112,9 +132,34 @@ class _Layer:
 
 @dataclass
 class _Request:
+    """slot: state-pool row; length / tokens: consumed so far; kv: one KVCache per full-attention layer;
+    rope_delta: MRoPE offset of positions past the prompt; mm: the prompt's MultimodalPrefill (torch embeddings)
+    and prompt: [P] the whole prompt of a first TextAndVisionContext (both dropped once consumed); epoch: bumped
+    by claim and restore; broken: why the state is unusable (a decode step failed half-way), else None."""
+
     slot: int
     length: int = 0
-    kv: list = field(default_factory=list)  # one KVCache per full-attention layer
+    kv: list = field(default_factory=list)
+    tokens: list = field(default_factory=list)
+    rope_delta: int = 0
+    mm: object | None = None
+    prompt: np.ndarray | None = None
+    epoch: int = 0
+    broken: str | None = None
+
+
+def _prompt_slice(mm, rope_delta: int, start: int, T: int):
+    """Tokens [start, start + T) of a request: (placeholder rows relative to `start` [n] int64 | None, their
+    embeddings [n, H] (a view of mm.embeddings) | None, MRoPE positions [3, T] int64) — reference.model's
+    `_chunk_inputs` with a contiguous slice of the ascending rows instead of a mask."""
+    if mm is None or start >= mm.num_tokens:
+        return None, None, decode_position_ids(start, T, rope_delta)
+    end = min(start + T, mm.num_tokens)
+    i0, i1 = (int(i) for i in np.searchsorted(mm.image_rows, [start, end]))
+    pos = mm.position_ids[:, start:end]
+    if start + T > end:  # the chunk runs past the prompt: those tokens sit at i + rope_delta
+        pos = np.concatenate([pos, decode_position_ids(end, start + T - end, rope_delta)], axis=1)
+    return mm.image_rows[i0:i1] - start, mm.embeddings[i0:i1], pos
 
 
 class Qwen35Model:
@@ -154,6 +199,8 @@ class Qwen35Model:
         self._free = list(range(S - 1, -1, -1))  # pop() hands out slot 0 first
         self._requests: dict[Hashable, _Request] = {}
         self._tmp_ids = itertools.count()
+        self._epochs = itertools.count(1)
+        self._vision_tower = None  # built on the first request with pixels (optimized.vision.VisionTower)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -173,6 +220,7 @@ class Qwen35Model:
         self.embed_tokens = self._t(w.embed_tokens)
         self.norm = self._t(w.norm, torch.float32)
         self.lm_head = self.embed_tokens if w.lm_head is w.embed_tokens else self._t(w.lm_head)
+        self._visual_weights = dict(getattr(w, "visual", None) or {})  # model.visual.* (NumPy), until the tower
         self.layers = []
         for lw in w.layers:
             if lw.layer_type == LINEAR:
@@ -220,6 +268,7 @@ class Qwen35Model:
                 "to size it automatically).")
         return requested
 
+
     # ------------------------------------------------------------------ bookkeeping
     @property
     def active_requests(self) -> list:
@@ -237,19 +286,22 @@ class Qwen35Model:
         self._free.append(req.slot)
         return True
 
+    def _new_kv(self) -> list:
+        c = self.config
+        return [KVCache(c.num_key_value_heads, c.head_dim, dtype=self.dtype, device=self.device)
+                for _ in range(c.num_full_layers)]
+
     def _claim(self, rid) -> _Request:
         if not self._free:
             raise PoolFullError(f"no free state slot for request {rid!r} (max_batch_size={self.max_batch_size})")
         slot = self._free.pop()
         for p in self.conv_pools + self.state_pools:
             p[slot].zero_()  # a fresh request starts from zero state
-        c = self.config
-        kv = [KVCache(c.num_key_value_heads, c.head_dim, dtype=self.dtype, device=self.device)
-              for _ in range(c.num_full_layers)]
-        req = _Request(slot=slot, kv=kv)
+        req = _Request(slot=slot, kv=self._new_kv(), epoch=next(self._epochs))
         self._requests[rid] = req
         return req
 
+    # ------------------------------------------------------------------ validation (touches nothing)
     def _check_tokens(self, request_id, tokens) -> np.ndarray:
         arr = as_token_array(tokens, request_id=request_id)
         if arr.size == 0:
@@ -259,9 +311,43 @@ class Qwen35Model:
             i = int(np.flatnonzero(bad)[0])
             raise RequestError(f"request {request_id!r}: token id {int(arr[i])} at position {i} is outside the "
                                f"vocabulary [0, {self.config.vocab_size})")
-        if self.seq_len(request_id) + arr.size > self.max_length:
-            raise RequestError(f"request {request_id!r} would exceed max_length {self.max_length}")
         return arr
+
+    def _check_length(self, request_id, new_tokens: int) -> None:
+        total = self.seq_len(request_id) + new_tokens
+        if total > self.max_length:
+            raise RequestError(f"request {request_id!r} would hold {total} tokens ({self.seq_len(request_id)} "
+                               f"consumed + {new_tokens} new), more than max_length {self.max_length}")
+
+    def _check_usable(self, request_id) -> None:
+        req = self._requests.get(request_id)
+        if req is not None and req.broken is not None:
+            raise RequestError(f"request {request_id!r} cannot continue: {req.broken}; release it")
+
+    def _check_capacity(self, request_ids) -> None:
+        new = [r for r in request_ids if r not in self._requests]
+        if len(new) > len(self._free):
+            raise PoolFullError(
+                f"{len(new)} new request(s) {new[len(self._free):][:8]!r} do not fit: {len(self._requests)} of "
+                f"{self.max_batch_size} slots are live (max_batch_size); release finished requests first")
+
+    def _check_prompt_continuation(self, request_id, tokens: np.ndarray) -> None:
+        """While a request is inside the prompt of its first TextAndVisionContext, new tokens must be that
+        prompt's next tokens (tokens past its end are free) — reference.model's rule and message."""
+        req = self._requests.get(request_id)
+        if req is None or req.prompt is None or req.length >= req.prompt.size:
+            return
+        s = req.length
+        n = min(req.prompt.size - s, tokens.size)
+        want = req.prompt[s:s + n]
+        bad = np.flatnonzero(tokens[:n] != want)
+        if bad.size:
+            i = int(bad[0])
+            raise RequestError(
+                f"request {request_id!r}: token {int(tokens[i])} at position {i} of this chunk differs from its "
+                f"prompt, which holds {int(want[i])} at prompt position {s + i}; the request has consumed {s} of its "
+                f"{req.prompt.size} prompt tokens, so it must continue with prompt[{s}:] (given with its first "
+                "context)")
 
     def _return_counts(self, return_n_logits, seq_lens, request_ids) -> list:
         Bn = len(seq_lens)
@@ -279,9 +365,39 @@ class Qwen35Model:
                 raise RequestError(f"request {rid!r}: return_n_logits = {int(n)} must be between 1 and {int(T)}")
         return [int(n) for n in counts]
 
+    # ------------------------------------------------------------------ the vision path
+    def vision_tower(self):
+        """The PyTorch vision tower on the model's device and dtype, built on first use from the checkpoint's
+        `model.visual.*` tensors (which are then dropped from the host: the tower holds the only copy)."""
+        if self._vision_tower is None:
+            from optimized.vision import VisionTower  # lazy: only pixels need it
+
+            if not self.config.is_multimodal or self.config.vision_config is None:
+                raise RequestError(f"the model ({self.config.model_type}) has no vision tower")
+            self._vision_tower = VisionTower.from_state_dict(self._visual_weights, self.config.vision_config,
+                                                             device=self.device, dtype=self.dtype)
+            self._visual_weights = {}
+        return self._vision_tower
+
+    def _multimodal_prefill(self, ctx):
+        """MultimodalPrefill of a whole prompt: the placeholder checks and MRoPE plan (reference), the tower once
+        (optimized.vision), embeddings as a tensor on the model's device and dtype."""
+        from optimized.vision import multimodal_prefill_inputs
+
+        from reference.multimodal import plan_multimodal_prefill
+
+        plan_multimodal_prefill(ctx, self.config)  # placeholder / pixel checks before the tower is even built
+        pre = multimodal_prefill_inputs(ctx, self.vision_tower(), self.config)
+        return dataclasses.replace(pre, embeddings=pre.embeddings.to(device=self.device, dtype=self.dtype))
+
     # ------------------------------------------------------------------ the pipeline interface
     def prepare_initial_token_inputs(self, contexts: Sequence[TextContext], return_n_logits=1) -> ModelInputs:
-        """Pack a ragged batch; claim slots for new requests (a live id continues: chunked prefill)."""
+        """Pack a ragged batch; claim slots for new requests (a live id continues: chunked prefill).
+
+        A `TextAndVisionContext` (pixels and/or `chunk_end`) starts a request with its whole prompt, of which
+        tokens[:chunk_end] run now; the vision tower runs here, once.  Later chunks are TextContexts holding the
+        prompt's next tokens (checked).  Everything is validated before any slot is claimed.
+        """
         if isinstance(contexts, TextContext):
             contexts = [contexts]
         contexts = list(contexts)
@@ -290,22 +406,46 @@ class Qwen35Model:
         ids = [c.request_id for c in contexts]
         if len(set(ids)) != len(ids):
             raise RequestError(f"a request appears twice in one batch: {ids}")
+        arrays, prompts = [], {}
         for ctx in contexts:
-            if _has_vision(ctx):
-                raise RequestError(f"request {ctx.request_id!r} carries pixels: the optimized model is text-only "
-                                   "(run multimodal prompts through reference.model)")
-        arrays = [self._check_tokens(c.request_id, c.tokens) for c in contexts]
+            rid = ctx.request_id
+            self._check_usable(rid)
+            arr = self._check_tokens(rid, ctx.tokens)
+            chunk_end = getattr(ctx, "chunk_end", None)
+            if _has_vision(ctx) or chunk_end is not None:
+                if rid in self._requests:
+                    raise RequestError(f"request {rid!r} is live: pixels and chunk_end are accepted only with the "
+                                       "first context of a request (which holds the whole prompt); continue it "
+                                       "with TextContexts holding the next tokens")
+                if _has_vision(ctx) and not self.config.is_multimodal:
+                    raise RequestError(f"request {rid!r} carries pixels but the model "
+                                       f"({self.config.model_type}) has no vision tower")
+                self._check_length(rid, arr.size)  # the whole prompt will be consumed
+                end = ctx.prompt_chunk_end() if chunk_end is not None else arr.size
+                prompts[rid] = arr.copy()  # our own copy: the caller may reuse its array
+                arr = arr[:end]
+            else:
+                self._check_length(rid, arr.size)
+                self._check_prompt_continuation(rid, arr)
+            arrays.append(arr)
         counts = self._return_counts(return_n_logits, [a.size for a in arrays], ids)
-        new = [r for r in ids if r not in self._requests]
-        if len(new) > len(self._free):
-            raise PoolFullError(f"{len(new)} new request(s) do not fit: {len(self._requests)} of "
-                                f"{self.max_batch_size} slots are live; release finished requests first")
-        for rid in new:
-            self._claim(rid)
+        self._check_capacity(ids)
+        # The tower (placeholder checks first) can still fail on bad pixels: nothing has been claimed yet.
+        mm = {ctx.request_id: self._multimodal_prefill(ctx) for ctx in contexts if _has_vision(ctx)}
+        # --- validated: from here on, state changes ---
+        for rid in ids:
+            if rid not in self._requests:
+                self._claim(rid)
+        for rid, prompt in prompts.items():
+            self._requests[rid].prompt = prompt
+        for rid, pre in mm.items():
+            self._requests[rid].mm = pre
+            self._requests[rid].rope_delta = int(pre.rope_delta)
         return self._build_inputs(ids, arrays, counts)
 
     def prepare_next_token_inputs(self, next_tokens, prev: ModelInputs) -> ModelInputs:
-        """Inputs for one decode step: token b continues request prev.request_ids[b]."""
+        """Inputs for one decode step: token b continues request prev.request_ids[b] (validated; no state
+        changes)."""
         if isinstance(next_tokens, torch.Tensor):
             next_tokens = next_tokens.detach().cpu().numpy()
         tokens = np.asarray(next_tokens).reshape(-1)
@@ -314,43 +454,89 @@ class Qwen35Model:
             raise RequestError(f"prepare_next_token_inputs: {tokens.shape[0]} next tokens for {len(ids)} requests")
         for rid in ids:
             if rid not in self._requests:
-                raise UnknownRequestError(f"decode for request {rid!r}, which is not live")
+                raise UnknownRequestError(f"decode for request {rid!r}, which is not live (released, or never "
+                                          "prefilled)")
+            self._check_usable(rid)
         arrays = [self._check_tokens(rid, tokens[b:b + 1]) for b, rid in enumerate(ids)]
+        for rid, arr in zip(ids, arrays):
+            self._check_length(rid, 1)
+            self._check_prompt_continuation(rid, arr)
         return self._build_inputs(ids, arrays, [1] * len(ids))
 
     def _build_inputs(self, ids, arrays, counts) -> ModelInputs:
         lens = [a.size for a in arrays]
         offsets = [0] + list(itertools.accumulate(lens))
-        starts = [self._requests[r].length for r in ids]
-        pos = np.concatenate([decode_position_ids(s, n, 0) for s, n in zip(starts, lens)], axis=1)
+        reqs = [self._requests[r] for r in ids]
+        starts = [r.length for r in reqs]
+        pos, rows, embs = [], [], []
+        for b, req in enumerate(reqs):
+            r, e, p = _prompt_slice(req.mm, req.rope_delta, starts[b], lens[b])
+            if r is not None and r.size:
+                rows.append(r + offsets[b])
+                embs.append(e)
+            pos.append(p)
+        host = np.concatenate(arrays).astype(np.int64)
+        pos = pos[0] if len(pos) == 1 else np.concatenate(pos, axis=1)
         return ModelInputs(
-            tokens=torch.as_tensor(np.concatenate(arrays).astype(np.int64), device=self.device),
+            tokens=torch.as_tensor(host, device=self.device),
             input_row_offsets=offsets, request_ids=list(ids), return_n_logits=list(counts),
             position_ids=torch.as_tensor(pos.astype(np.int64), device=self.device),
-            slot_ids=torch.tensor([self._requests[r].slot for r in ids], dtype=torch.long, device=self.device),
-            start_lengths=starts)
+            slot_ids=torch.tensor([r.slot for r in reqs], dtype=torch.long, device=self.device),
+            start_lengths=starts,
+            image_token_indices=torch.as_tensor(np.concatenate(rows), device=self.device) if rows else None,
+            lm_image_embeddings=torch.cat(embs) if embs else None,
+            epochs=[r.epoch for r in reqs], host_tokens=host)
 
     @torch.inference_mode()
     def execute(self, inputs: ModelInputs) -> ModelOutputs:
-        """Run one step: states updated in place in the pools, K/V appended; returns the selected logits."""
+        """Run one step: states updated in place in the pools, K/V appended; returns the selected logits.
+
+        Validated first (executed twice, released, restored / re-claimed since, advanced since).  A prefill
+        chunk commits its final states only after the forward pass and the logits succeeded.
+        """
         if inputs.executed:
             raise RequestError("these inputs were already executed; prepare new ones")
         for b, rid in enumerate(inputs.request_ids):
             req = self._requests.get(rid)
             if req is None:
                 raise UnknownRequestError(f"request {rid!r} was released after its inputs were prepared")
+            self._check_usable(rid)
+            if inputs.epochs is not None and req.epoch != inputs.epochs[b]:
+                raise RequestError(f"request {rid!r} was restored from a snapshot (or released and claimed again) "
+                                   "after its inputs were prepared; prepare new inputs")
             if req.length != inputs.start_lengths[b] or req.slot != int(inputs.slot_ids[b]):
-                raise RequestError(f"request {rid!r} advanced since its inputs were prepared")
+                raise RequestError(f"request {rid!r} advanced since its inputs were prepared "
+                                   f"({inputs.start_lengths[b]} -> {req.length} tokens)")
         reqs = [self._requests[r] for r in inputs.request_ids]
-        h = self._forward(inputs.tokens, inputs.input_row_offsets, inputs.position_ids, inputs.slot_ids,
-                          [r.kv for r in reqs], inputs.is_decode)
+        kv_lens = [[kv.length for kv in r.kv] for r in reqs]
+        writes = []  # prefill: (pool, final states) committed after success
+        try:
+            h = self._forward(inputs.tokens, inputs.input_row_offsets, inputs.position_ids, inputs.slot_ids,
+                              [r.kv for r in reqs], inputs.is_decode, image_rows=inputs.image_token_indices,
+                              image_emb=inputs.lm_image_embeddings, writes=writes)
+            offs, counts = inputs.input_row_offsets, inputs.return_n_logits
+            rows = torch.cat([torch.arange(offs[b + 1] - counts[b], offs[b + 1]) for b in range(len(reqs))]).to(
+                self.device)
+            logits = linear(h.index_select(0, rows), self.lm_head)
+        except BaseException as exc:
+            for r, lens in zip(reqs, kv_lens):  # K/V: drop what this step appended
+                for kv, n in zip(r.kv, lens):
+                    kv.length = n
+            if inputs.is_decode:  # the in-place decode update may have run on some layers
+                for r in reqs:
+                    r.broken = f"a decode step failed half-way ({type(exc).__name__}: {exc})"
+            raise
+        # --- everything computed: commit ---
+        for pool, slots, new in writes:
+            pool.index_copy_(0, slots, new.to(pool.dtype))
+        host = inputs.host_tokens if inputs.host_tokens is not None else inputs.tokens.cpu().numpy()
+        offs = inputs.input_row_offsets
         for b, r in enumerate(reqs):
             r.length += inputs.seq_lens[b]
+            r.tokens.extend(host[offs[b]:offs[b + 1]].tolist())
+            if r.prompt is not None and r.length >= r.prompt.size:
+                r.prompt = r.mm = None  # prompt consumed: decode needs only rope_delta (frees the embeddings)
         inputs.executed = True
-        offs, counts = inputs.input_row_offsets, inputs.return_n_logits
-        rows = torch.cat([torch.arange(offs[b + 1] - counts[b], offs[b + 1]) for b in range(len(reqs))]).to(
-            self.device)
-        logits = linear(h.index_select(0, rows), self.lm_head)
         return ModelOutputs(logits=logits, logit_offsets=[0] + list(itertools.accumulate(counts)),
                             request_ids=list(inputs.request_ids))
 
@@ -360,13 +546,19 @@ class Qwen35Model:
             return swiglu_mlp(m, mlp["gate_proj"], mlp["up_proj"], mlp["down_proj"], gate_up=mlp["gate_up"])
         return sparse_moe_block(m, mlp, self.config)
 
-    def _forward(self, tokens, offsets, position_ids, slot_ids, kv_lists, is_decode, stateless=False):
+    def _forward(self, tokens, offsets, position_ids, slot_ids, kv_lists, is_decode, stateless=False,
+                 image_rows=None, image_emb=None, writes=None):
         """Layers over packed tokens; returns the final-normed hidden states [total, H].
 
         stateless: zero initial states, nothing written to the pools (model.logits).
+        image_rows [n] / image_emb [n, H]: embedding rows replaced by vision embeddings.
+        writes: a list receiving the prefill chunk's (pool, slot_ids, final states) to commit later; None writes
+        them into the pools right away.
         """
         c, eps, bk = self.config, self.config.rms_norm_eps, self.backend
         x = self.embed_tokens.index_select(0, tokens)  # [total, H]
+        if image_rows is not None and image_rows.numel():
+            x.index_copy_(0, image_rows, image_emb.to(x.dtype))  # vision embeddings replace the placeholders
         cu = torch.tensor(offsets, dtype=torch.long)
         full_i = 0
         for i, layer in enumerate(self.layers):
@@ -384,8 +576,11 @@ class Qwen35Model:
                     y, cs, rs = gated_deltanet(a, layer.mixer, c, cu_seqlens=cu, backend=bk,
                                                conv_state=cp.index_select(0, slot_ids),
                                                recurrent_state=sp.index_select(0, slot_ids))
-                    cp.index_copy_(0, slot_ids, cs.to(cp.dtype))
-                    sp.index_copy_(0, slot_ids, rs.to(sp.dtype))
+                    if writes is None:
+                        cp.index_copy_(0, slot_ids, cs.to(cp.dtype))
+                        sp.index_copy_(0, slot_ids, rs.to(sp.dtype))
+                    else:
+                        writes += [(cp, slot_ids, cs), (sp, slot_ids, rs)]
             else:
                 y, _ = gated_attention(a, layer.mixer, c, position_ids=position_ids, cu_seqlens=offsets,
                                        kv_caches=[kv[full_i] for kv in kv_lists])
@@ -394,38 +589,143 @@ class Qwen35Model:
             x = x + self._mlp(rms_norm(x, layer.post_attention_layernorm, eps), layer.mlp)
         return rms_norm(x, self.norm, eps)
 
+    # ------------------------------------------------------------------ snapshots (prefix caching, rollback)
+    def snapshot(self, request_id) -> RequestSnapshot:
+        """A deep copy of the request's committed state (reference.model.RequestSnapshot, with torch tensors on
+        the model's device): the slot's conv and recurrent rows of every linear layer (copied out of the in-place
+        pools), the K/V of every full-attention layer, tokens consumed and their ids, rope_delta, and the
+        multimodal prompt while the request is inside it.  Nothing is shared with the model."""
+        req = self._requests.get(request_id)
+        if req is None:
+            raise UnknownRequestError(f"snapshot of request {request_id!r}, which is not live")
+        self._check_usable(request_id)
+        n = req.length
+        mm = None
+        if req.mm is not None:
+            mm = dataclasses.replace(req.mm, image_rows=req.mm.image_rows.copy(),
+                                     embeddings=req.mm.embeddings.clone(), position_ids=req.mm.position_ids.copy())
+        return RequestSnapshot(
+            request_id=request_id, length=n, tokens=np.array(req.tokens, dtype=np.int64).reshape(-1),
+            conv_states=[p[req.slot].clone() for p in self.conv_pools],
+            recurrent_states=[p[req.slot].clone() for p in self.state_pools],
+            kv=[(kv.k[:n].clone(), kv.v[:n].clone()) for kv in req.kv], rope_delta=int(req.rope_delta), mm=mm,
+            prompt=None if req.prompt is None else req.prompt.copy())
+
+    def restore(self, request_id, snapshot: RequestSnapshot) -> None:
+        """Make `request_id` continue from `snapshot` (copied in; the snapshot stays reusable).
+
+        A live id keeps its slot and has its state overwritten; a new id claims a free slot (PoolFullError when
+        none is left).  Everything is checked first (nothing changes on an error).  Inputs prepared for
+        `request_id` before the restore are refused by `execute` afterwards (a new epoch).
+        """
+        if not isinstance(snapshot, RequestSnapshot):
+            raise TypeError(f"restore: expected a RequestSnapshot, got {type(snapshot).__name__}")
+        self._check_snapshot(request_id, snapshot)
+        if request_id not in self._requests:
+            self._check_capacity([request_id])
+        # --- checked: now commit ---
+        req = self._requests.get(request_id)
+        if req is None:
+            req = self._claim(request_id)
+        for pool, st in zip(self.conv_pools + self.state_pools, snapshot.conv_states + snapshot.recurrent_states):
+            pool[req.slot].copy_(st)
+        req.kv = self._new_kv()
+        for kv, (k, v) in zip(req.kv, snapshot.kv):
+            kv.append(k, v)  # copies into the cache's own buffers
+        mm = snapshot.mm
+        if mm is not None:
+            mm = dataclasses.replace(mm, image_rows=np.array(mm.image_rows), position_ids=np.array(mm.position_ids),
+                                     embeddings=mm.embeddings.to(device=self.device, dtype=self.dtype, copy=True))
+        req.length, req.tokens = int(snapshot.length), [int(t) for t in np.asarray(snapshot.tokens)]
+        req.rope_delta, req.mm = int(snapshot.rope_delta), mm
+        req.prompt = None if snapshot.prompt is None else np.array(snapshot.prompt, dtype=np.int64)
+        req.epoch, req.broken = next(self._epochs), None
+
+    def _check_snapshot(self, request_id, snap: RequestSnapshot) -> None:
+        def fail(msg):
+            raise RequestError(f"restore of request {request_id!r} from a snapshot of {snap.request_id!r}: {msg}")
+
+        c = self.config
+        n = int(snap.length)
+        if n < 0 or n > self.max_length:
+            fail(f"length {n} is outside [0, max_length {self.max_length}]")
+        if np.shape(snap.tokens) != (n,):
+            fail(f"tokens have shape {np.shape(snap.tokens)}, expected ({n},)")
+        if len(snap.conv_states) != c.num_linear_layers or len(snap.recurrent_states) != c.num_linear_layers:
+            fail(f"{len(snap.conv_states)} conv and {len(snap.recurrent_states)} recurrent states for "
+                 f"{c.num_linear_layers} linear layers")
+        if len(snap.kv) != c.num_full_layers:
+            fail(f"{len(snap.kv)} (k, v) pairs for {c.num_full_layers} full-attention layers")
+        kv_shape = (n, c.num_key_value_heads, c.head_dim)
+        checks = [("conv state", a, tuple(self.conv_pools[0].shape[1:]), self.dtype) for a in snap.conv_states]
+        checks += [("recurrent state", a, tuple(self.state_pools[0].shape[1:]), torch.float32)
+                   for a in snap.recurrent_states]
+        checks += [(what, a, kv_shape, self.dtype) for kv in snap.kv for what, a in zip("kv", kv)]
+        for what, a, shape, dt in checks:
+            if not (torch.is_tensor(a) and tuple(a.shape) == shape and a.dtype == dt
+                    and a.device.type == self.device.type):
+                desc = (f"{a.dtype} {tuple(a.shape)} on {a.device}" if torch.is_tensor(a)
+                        else f"{type(a).__name__} {np.shape(a)}")
+                fail(f"a {what} is {desc}, this model needs a torch tensor {dt} {shape} on {self.device}")
+        if snap.prompt is not None:
+            m = min(n, len(snap.prompt))
+            if not np.array_equal(np.asarray(snap.tokens)[:m], np.asarray(snap.prompt)[:m]):
+                fail("its tokens and its prompt disagree")
+        if snap.mm is not None:
+            if snap.prompt is None or snap.mm.num_tokens != len(snap.prompt):
+                fail("its multimodal prompt does not cover its stored prompt")
+            e = snap.mm.embeddings
+            if not torch.is_tensor(e) or tuple(e.shape) != (len(snap.mm.image_rows), c.hidden_size):
+                fail(f"its vision embeddings are {type(e).__name__} {tuple(np.shape(e))}, expected a tensor "
+                     f"[{len(snap.mm.image_rows)}, {c.hidden_size}]")
+
     # ------------------------------------------------------------------ conveniences
     @torch.inference_mode()
     def logits(self, batch) -> list[torch.Tensor]:
-        """Stateless all-position logits [T_b, V] per sequence (token lists or TextContexts); no live state used."""
+        """Stateless all-position logits [T_b, V] per sequence (token lists or contexts, with pixels too; a
+        context's `chunk_end` is honoured); no live state used or changed."""
         if isinstance(batch, TextContext) or (len(batch) and np.ndim(batch[0]) == 0
                                                and not isinstance(batch[0], TextContext)):
             batch = [batch]
-        arrays = []
+        arrays, items = [], []
         for b, item in enumerate(batch):
-            if _has_vision(item):
-                raise RequestError("the optimized model is text-only (pixels given)")
             rid = item.request_id if isinstance(item, TextContext) else f"batch[{b}]"
-            arr = as_token_array(item.tokens if isinstance(item, TextContext) else item, request_id=rid)
-            if arr.size == 0 or arr.min() < 0 or arr.max() >= self.config.vocab_size:
-                raise RequestError(f"request {rid!r}: empty or out-of-vocabulary tokens")
+            arr = self._check_tokens(rid, item.tokens if isinstance(item, TextContext) else item)
+            if arr.size > self.max_length:
+                raise RequestError(f"request {rid!r} has {arr.size} tokens, more than max_length {self.max_length}")
+            if _has_vision(item) and not self.config.is_multimodal:
+                raise RequestError(f"request {rid!r} carries pixels but the model ({self.config.model_type}) has "
+                                   "no vision tower")
             arrays.append(arr)
+            items.append(item)
         if not arrays:
             raise RequestError("logits: empty batch")
+        rows, embs, pos, offset = [], [], [], 0
+        for b, (item, arr) in enumerate(zip(items, arrays)):
+            end = item.prompt_chunk_end() if getattr(item, "chunk_end", None) is not None else arr.size
+            pre = self._multimodal_prefill(item) if _has_vision(item) else None
+            r, e, p = _prompt_slice(pre, 0 if pre is None else pre.rope_delta, 0, end)  # tokens[:chunk_end]
+            arrays[b] = arr[:end]
+            if r is not None and r.size:
+                rows.append(r + offset)
+                embs.append(e)
+            pos.append(p)
+            offset += end
         lens = [a.size for a in arrays]
         offsets = [0] + list(itertools.accumulate(lens))
-        pos = np.concatenate([decode_position_ids(0, n, 0) for n in lens], axis=1)
-        c = self.config
-        kv = [[KVCache(c.num_key_value_heads, c.head_dim, dtype=self.dtype, device=self.device)
-               for _ in range(c.num_full_layers)] for _ in arrays]
-        h = self._forward(torch.as_tensor(np.concatenate(arrays).astype(np.int64), device=self.device), offsets,
-                          torch.as_tensor(pos, device=self.device), None, kv, False, stateless=True)
+        kv = [self._new_kv() for _ in arrays]
+        dev = self.device
+        h = self._forward(torch.as_tensor(np.concatenate(arrays).astype(np.int64), device=dev), offsets,
+                          torch.as_tensor(np.concatenate(pos, axis=1).astype(np.int64), device=dev), None, kv, False,
+                          stateless=True, image_rows=torch.as_tensor(np.concatenate(rows), device=dev) if rows
+                          else None, image_emb=torch.cat(embs) if embs else None)
         logits = F.linear(h, self.lm_head)
         return [logits[offsets[b]:offsets[b + 1]] for b in range(len(arrays))]
 
     def generate(self, prompts, max_new_tokens: int = 16, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, stop_token_ids=None) -> list[list[int]]:
-        """Generate up to max_new_tokens per prompt (one prefill, then decode steps); returns the new ids."""
+        """Generate up to max_new_tokens per prompt (token lists or contexts, with pixels too; one prefill of
+        each whole prompt, then decode steps); returns the new ids."""
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if isinstance(prompts, TextContext) or (len(prompts) and np.ndim(prompts[0]) == 0
@@ -448,6 +748,8 @@ class Qwen35Model:
                 rid = ("__generate__", next(self._tmp_ids))
                 ctx = copy.copy(p) if isinstance(p, TextContext) else TextContext(rid, p)
                 ctx.request_id = rid
+                if getattr(ctx, "chunk_end", None) is not None:
+                    ctx.chunk_end = None  # generate prefills the whole prompt in one step
                 contexts.append(ctx)
             saved, self.return_logits = self.return_logits, "last"
             try:
