@@ -776,3 +776,12 @@ class Qwen35Model:
                 for ctx in contexts:
                     self.release(ctx.request_id)
         return results
+
+
+def __getattr__(name):
+    """`optimized.model.TextAndVisionContext` (reference.multimodal's) without importing the vision path eagerly."""
+    if name == "TextAndVisionContext":
+        from reference.multimodal import TextAndVisionContext
+
+        return TextAndVisionContext
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -129,6 +129,34 @@ def test_memory_rule_and_errors(pair):
         opt.prepare_next_token_inputs([3], inputs)
 
 
+def test_snapshot_rollback_and_failed_calls_change_nothing(pair):
+    """Text requests: restore rolls a request back (bitwise replay; stale inputs refused); failing prepare calls
+    leave the pools and every live request as they were (tests/test_optimized_multimodal.py has the full set)."""
+    _, _, opt = pair
+    toks = _prompt(50, 40)
+    opt.execute(opt.prepare_initial_token_inputs([TextContext("s", toks[:20])]))
+    snap = opt.snapshot("s")
+    inputs = opt.prepare_initial_token_inputs([TextContext("s", toks[20:])])
+    want = opt.execute(inputs).logits
+    inputs = opt.prepare_next_token_inputs([5], inputs)
+    opt.execute(inputs)
+    stale = opt.prepare_next_token_inputs([6], inputs)
+    opt.restore("s", snap)  # roll back 21 tokens
+    assert opt.seq_len("s") == 20
+    with pytest.raises(OM.RequestError, match="'s' was restored"):
+        opt.execute(stale)
+    got = opt.execute(opt.prepare_initial_token_inputs([TextContext("s", toks[20:])])).logits
+    assert torch.equal(got, want)
+    pools = [p.clone() for p in opt.conv_pools + opt.state_pools]
+    for bad in ([TextContext("n", [1]), TextContext("s", [V])], [TextContext("n", [1]), TextContext("s", [])],
+                [TextContext("n", [1]), TextContext("n", [2])]):
+        with pytest.raises(OM.RequestError):
+            opt.prepare_initial_token_inputs(bad)
+    assert opt.active_requests == ["s"] and opt.seq_len("s") == 40
+    assert all(torch.equal(a, b) for a, b in zip(pools, opt.conv_pools + opt.state_pools))
+    opt.release("s")
+
+
 def test_bf16_model_tracks_reference(pair):
     d, ref, _ = pair
     opt = OM.Qwen35Model.from_pretrained(d, max_batch_size=2, dtype=torch.bfloat16, backend="torch")
