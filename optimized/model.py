@@ -163,10 +163,11 @@ def _prompt_slice(mm, rope_delta: int, start: int, T: int):
 
 
 class Qwen35Model:
-    """Qwen3.5 language model (dense or MoE) in PyTorch, float32 or bfloat16, CPU or CUDA.
+    """Qwen3.5 (dense or MoE, text-only or multimodal) in PyTorch, float32 or bfloat16, CPU or CUDA.
 
     Args:
-        weights: reference.weights.ModelWeights (NumPy; converted here).
+        weights: reference.weights.ModelWeights (NumPy; converted here; `weights.visual` builds the vision tower on
+            the first request with pixels).
         device, dtype: where and in which dtype the weights and activations live (the recurrent state is fp32).
         backend: "auto" | "torch" | "triton" (see optimized.backend; QWEN35_BACKEND overrides "auto").
         max_batch_size: state-pool slots; None = sized from free device memory (CUDA) or the fallback 32.
