@@ -57,6 +57,13 @@ def summary(config) -> dict:
     return d
 
 
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3f} {unit}"
+    return str(n)
+
+
 def run(args) -> int:
     config, label = load_config(args)
     s = summary(config)
@@ -83,7 +90,7 @@ def run(args) -> int:
         print(f"  vision tower: depth {v['depth']}, width {v['hidden_size']}, {v['num_heads']} heads, "
               f"patch {v['patch_size']}, merge {v['spatial_merge_size']}x{v['spatial_merge_size']} -> "
               f"{v['out_hidden_size']}")
-    print(f"  parameters {s['parameters'] / 1e9:.3f} B; weights {format_bytes(s['weight_bytes_bf16'])} in bf16; "
+    print(f"  parameters {_count(s['parameters'])}; weights {format_bytes(s['weight_bytes_bf16'])} in bf16; "
           f"state per request {format_bytes(s['state_bytes_per_request_bf16'])} in bf16")
     print("\n  layer  type              cache")
     for row in s["layer_map"]:
