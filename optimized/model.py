@@ -18,7 +18,9 @@ What differs from the reference (which keeps MAX's documented gather/scatter des
   "in_place")` from `torch.cuda.mem_get_info` (the documented fallback of 32 when the query fails), and a
   requested batch that does not fit is refused at start with a message that gives the numbers.
 * Config, weight loading / name mapping, memory sizing, TextContext, token sampling, the multimodal plan
-  (placeholder checks, MRoPE positions) and `RequestSnapshot` come from `reference`.
+  (placeholder checks, MRoPE positions, per-chunk slices), `RequestSnapshot` and the request checks
+  (`reference.model.RequestChecks`: tokens, lengths, capacity, prompt continuation, return counts) come from
+  `reference`.
 
 Multimodal prompts (`TextAndVisionContext`), as in reference.model: the first context of a request holds the whole
 prompt; the PyTorch vision tower (`optimized.vision.VisionTower`, built once per model from the `model.visual.*`
@@ -37,7 +39,6 @@ every other request is untouched.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 from dataclasses import dataclass, field
@@ -55,10 +56,10 @@ from optimized.linear import linear
 from optimized.mlp import MoEWeightsT, sparse_moe_block, swiglu_mlp
 from optimized.norms import rms_norm
 from reference.config import LINEAR, Qwen35Config
-from reference.context import TextContext, as_token_array
+from reference.context import TextContext
 from reference.memory import FALLBACK_MAX_BATCH, infer_optimal_batch_size, state_bytes_per_request
-from reference.model import RequestError, RequestSnapshot, _has_vision, sample_next_token
-from reference.rope import decode_position_ids
+from reference.model import (RequestChecks, RequestError, RequestSnapshot, _as_batch, _chunk_inputs,
+                             _generate_context, _has_vision, _stop_ids, sample_next_token)
 from reference.state_cache import PoolFullError, UnknownRequestError
 from reference.weights import MLPWeights, load_weights
 
@@ -148,21 +149,7 @@ class _Request:
     broken: str | None = None
 
 
-def _prompt_slice(mm, rope_delta: int, start: int, T: int):
-    """Tokens [start, start + T) of a request: (placeholder rows relative to `start` [n] int64 | None, their
-    embeddings [n, H] (a view of mm.embeddings) | None, MRoPE positions [3, T] int64) — reference.model's
-    `_chunk_inputs` with a contiguous slice of the ascending rows instead of a mask."""
-    if mm is None or start >= mm.num_tokens:
-        return None, None, decode_position_ids(start, T, rope_delta)
-    end = min(start + T, mm.num_tokens)
-    i0, i1 = (int(i) for i in np.searchsorted(mm.image_rows, [start, end]))
-    pos = mm.position_ids[:, start:end]
-    if start + T > end:  # the chunk runs past the prompt: those tokens sit at i + rope_delta
-        pos = np.concatenate([pos, decode_position_ids(end, start + T - end, rope_delta)], axis=1)
-    return mm.image_rows[i0:i1] - start, mm.embeddings[i0:i1], pos
-
-
-class Qwen35Model:
+class Qwen35Model(RequestChecks):
     """Qwen3.5 (dense or MoE, text-only or multimodal) in PyTorch, float32 or bfloat16, CPU or CUDA.
 
     Args:
@@ -270,15 +257,7 @@ class Qwen35Model:
         return requested
 
 
-    # ------------------------------------------------------------------ bookkeeping
-    @property
-    def active_requests(self) -> list:
-        return list(self._requests)
-
-    def seq_len(self, request_id) -> int:
-        r = self._requests.get(request_id)
-        return 0 if r is None else r.length
-
+    # ------------------------------------------------------------------ bookkeeping (and RequestChecks)
     def release(self, request_id) -> bool:
         """Free the request's slot and KV cache; unknown ids are a no-op (returns False)."""
         req = self._requests.pop(request_id, None)
@@ -303,68 +282,10 @@ class Qwen35Model:
         return req
 
     # ------------------------------------------------------------------ validation (touches nothing)
-    def _check_tokens(self, request_id, tokens) -> np.ndarray:
-        arr = as_token_array(tokens, request_id=request_id)
-        if arr.size == 0:
-            raise RequestError(f"request {request_id!r} has no tokens (an empty request cannot be run)")
-        bad = (arr < 0) | (arr >= self.config.vocab_size)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise RequestError(f"request {request_id!r}: token id {int(arr[i])} at position {i} is outside the "
-                               f"vocabulary [0, {self.config.vocab_size})")
-        return arr
-
-    def _check_length(self, request_id, new_tokens: int) -> None:
-        total = self.seq_len(request_id) + new_tokens
-        if total > self.max_length:
-            raise RequestError(f"request {request_id!r} would hold {total} tokens ({self.seq_len(request_id)} "
-                               f"consumed + {new_tokens} new), more than max_length {self.max_length}")
-
     def _check_usable(self, request_id) -> None:
         req = self._requests.get(request_id)
         if req is not None and req.broken is not None:
             raise RequestError(f"request {request_id!r} cannot continue: {req.broken}; release it")
-
-    def _check_capacity(self, request_ids) -> None:
-        new = [r for r in request_ids if r not in self._requests]
-        if len(new) > len(self._free):
-            raise PoolFullError(
-                f"{len(new)} new request(s) {new[len(self._free):][:8]!r} do not fit: {len(self._requests)} of "
-                f"{self.max_batch_size} slots are live (max_batch_size); release finished requests first")
-
-    def _check_prompt_continuation(self, request_id, tokens: np.ndarray) -> None:
-        """While a request is inside the prompt of its first TextAndVisionContext, new tokens must be that
-        prompt's next tokens (tokens past its end are free) — reference.model's rule and message."""
-        req = self._requests.get(request_id)
-        if req is None or req.prompt is None or req.length >= req.prompt.size:
-            return
-        s = req.length
-        n = min(req.prompt.size - s, tokens.size)
-        want = req.prompt[s:s + n]
-        bad = np.flatnonzero(tokens[:n] != want)
-        if bad.size:
-            i = int(bad[0])
-            raise RequestError(
-                f"request {request_id!r}: token {int(tokens[i])} at position {i} of this chunk differs from its "
-                f"prompt, which holds {int(want[i])} at prompt position {s + i}; the request has consumed {s} of its "
-                f"{req.prompt.size} prompt tokens, so it must continue with prompt[{s}:] (given with its first "
-                "context)")
-
-    def _return_counts(self, return_n_logits, seq_lens, request_ids) -> list:
-        Bn = len(seq_lens)
-        if self.return_logits == "all":
-            return list(seq_lens)
-        counts = np.asarray(return_n_logits, dtype=np.int64)
-        if counts.ndim == 0:
-            counts = np.full(Bn, int(counts), dtype=np.int64)
-        elif self.return_logits != "variable":
-            raise RequestError("per-request return_n_logits needs return_logits='variable'")
-        if counts.shape != (Bn,):
-            raise RequestError(f"return_n_logits has {counts.shape[0]} entries for {Bn} requests")
-        for rid, n, T in zip(request_ids, counts, seq_lens):
-            if not 1 <= n <= T:
-                raise RequestError(f"request {rid!r}: return_n_logits = {int(n)} must be between 1 and {int(T)}")
-        return [int(n) for n in counts]
 
     # ------------------------------------------------------------------ the vision path
     def vision_tower(self):
@@ -399,36 +320,7 @@ class Qwen35Model:
         tokens[:chunk_end] run now; the vision tower runs here, once.  Later chunks are TextContexts holding the
         prompt's next tokens (checked).  Everything is validated before any slot is claimed.
         """
-        if isinstance(contexts, TextContext):
-            contexts = [contexts]
-        contexts = list(contexts)
-        if not contexts:
-            raise RequestError("prepare_initial_token_inputs: empty batch (no contexts)")
-        ids = [c.request_id for c in contexts]
-        if len(set(ids)) != len(ids):
-            raise RequestError(f"a request appears twice in one batch: {ids}")
-        arrays, prompts = [], {}
-        for ctx in contexts:
-            rid = ctx.request_id
-            self._check_usable(rid)
-            arr = self._check_tokens(rid, ctx.tokens)
-            chunk_end = getattr(ctx, "chunk_end", None)
-            if _has_vision(ctx) or chunk_end is not None:
-                if rid in self._requests:
-                    raise RequestError(f"request {rid!r} is live: pixels and chunk_end are accepted only with the "
-                                       "first context of a request (which holds the whole prompt); continue it "
-                                       "with TextContexts holding the next tokens")
-                if _has_vision(ctx) and not self.config.is_multimodal:
-                    raise RequestError(f"request {rid!r} carries pixels but the model "
-                                       f"({self.config.model_type}) has no vision tower")
-                self._check_length(rid, arr.size)  # the whole prompt will be consumed
-                end = ctx.prompt_chunk_end() if chunk_end is not None else arr.size
-                prompts[rid] = arr.copy()  # our own copy: the caller may reuse its array
-                arr = arr[:end]
-            else:
-                self._check_length(rid, arr.size)
-                self._check_prompt_continuation(rid, arr)
-            arrays.append(arr)
+        contexts, ids, arrays, prompts = self._check_contexts(contexts)
         counts = self._return_counts(return_n_logits, [a.size for a in arrays], ids)
         self._check_capacity(ids)
         # The tower (placeholder checks first) can still fail on bad pixels: nothing has been claimed yet.
@@ -449,19 +341,7 @@ class Qwen35Model:
         changes)."""
         if isinstance(next_tokens, torch.Tensor):
             next_tokens = next_tokens.detach().cpu().numpy()
-        tokens = np.asarray(next_tokens).reshape(-1)
-        ids = list(prev.request_ids)
-        if tokens.shape[0] != len(ids):
-            raise RequestError(f"prepare_next_token_inputs: {tokens.shape[0]} next tokens for {len(ids)} requests")
-        for rid in ids:
-            if rid not in self._requests:
-                raise UnknownRequestError(f"decode for request {rid!r}, which is not live (released, or never "
-                                          "prefilled)")
-            self._check_usable(rid)
-        arrays = [self._check_tokens(rid, tokens[b:b + 1]) for b, rid in enumerate(ids)]
-        for rid, arr in zip(ids, arrays):
-            self._check_length(rid, 1)
-            self._check_prompt_continuation(rid, arr)
+        ids, arrays = self._check_next_tokens(next_tokens, prev)
         return self._build_inputs(ids, arrays, [1] * len(ids))
 
     def _build_inputs(self, ids, arrays, counts) -> ModelInputs:
@@ -471,7 +351,7 @@ class Qwen35Model:
         starts = [r.length for r in reqs]
         pos, rows, embs = [], [], []
         for b, req in enumerate(reqs):
-            r, e, p = _prompt_slice(req.mm, req.rope_delta, starts[b], lens[b])
+            r, e, p = _chunk_inputs(req.mm, req.rope_delta, starts[b], lens[b])
             if r is not None and r.size:
                 rows.append(r + offsets[b])
                 embs.append(e)
@@ -480,7 +360,7 @@ class Qwen35Model:
         pos = pos[0] if len(pos) == 1 else np.concatenate(pos, axis=1)
         return ModelInputs(
             tokens=torch.as_tensor(host, device=self.device),
-            input_row_offsets=offsets, request_ids=list(ids), return_n_logits=list(counts),
+            input_row_offsets=offsets, request_ids=list(ids), return_n_logits=[int(n) for n in counts],
             position_ids=torch.as_tensor(pos.astype(np.int64), device=self.device),
             slot_ids=torch.tensor([r.slot for r in reqs], dtype=torch.long, device=self.device),
             start_lengths=starts,
@@ -685,27 +565,15 @@ class Qwen35Model:
     def logits(self, batch) -> list[torch.Tensor]:
         """Stateless all-position logits [T_b, V] per sequence (token lists or contexts, with pixels too; a
         context's `chunk_end` is honoured); no live state used or changed."""
-        if isinstance(batch, TextContext) or (len(batch) and np.ndim(batch[0]) == 0
-                                               and not isinstance(batch[0], TextContext)):
-            batch = [batch]
-        arrays, items = [], []
-        for b, item in enumerate(batch):
-            rid = item.request_id if isinstance(item, TextContext) else f"batch[{b}]"
-            arr = self._check_tokens(rid, item.tokens if isinstance(item, TextContext) else item)
-            if arr.size > self.max_length:
-                raise RequestError(f"request {rid!r} has {arr.size} tokens, more than max_length {self.max_length}")
-            if _has_vision(item) and not self.config.is_multimodal:
-                raise RequestError(f"request {rid!r} carries pixels but the model ({self.config.model_type}) has "
-                                   "no vision tower")
-            arrays.append(arr)
-            items.append(item)
+        items = _as_batch(batch)
+        arrays = [self._check_stateless_item(b, item) for b, item in enumerate(items)]  # all checked first
         if not arrays:
             raise RequestError("logits: empty batch")
         rows, embs, pos, offset = [], [], [], 0
         for b, (item, arr) in enumerate(zip(items, arrays)):
             end = item.prompt_chunk_end() if getattr(item, "chunk_end", None) is not None else arr.size
             pre = self._multimodal_prefill(item) if _has_vision(item) else None
-            r, e, p = _prompt_slice(pre, 0 if pre is None else pre.rope_delta, 0, end)  # tokens[:chunk_end]
+            r, e, p = _chunk_inputs(pre, 0 if pre is None else pre.rope_delta, 0, end)  # tokens[:chunk_end]
             arrays[b] = arr[:end]
             if r is not None and r.size:
                 rows.append(r + offset)
@@ -729,11 +597,8 @@ class Qwen35Model:
         each whole prompt, then decode steps); returns the new ids."""
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if isinstance(prompts, TextContext) or (len(prompts) and np.ndim(prompts[0]) == 0
-                                                 and not isinstance(prompts[0], TextContext)):
-            prompts = [prompts]
-        stop = set() if stop_token_ids is None else (
-            {int(stop_token_ids)} if np.ndim(stop_token_ids) == 0 else {int(t) for t in stop_token_ids})
+        prompts = _as_batch(prompts)
+        stop = _stop_ids(stop_token_ids)
         rng = np.random.default_rng(seed)
         results: list[list[int]] = [[] for _ in prompts]
         if max_new_tokens == 0:
@@ -743,15 +608,7 @@ class Qwen35Model:
             raise PoolFullError(f"generate: all {self.max_batch_size} slots are held by live requests")
         for g0 in range(0, len(prompts), free):
             group = list(range(g0, min(g0 + free, len(prompts))))
-            contexts = []
-            for i in group:
-                p = prompts[i]
-                rid = ("__generate__", next(self._tmp_ids))
-                ctx = copy.copy(p) if isinstance(p, TextContext) else TextContext(rid, p)
-                ctx.request_id = rid
-                if getattr(ctx, "chunk_end", None) is not None:
-                    ctx.chunk_end = None  # generate prefills the whole prompt in one step
-                contexts.append(ctx)
+            contexts = [_generate_context(prompts[i], ("__generate__", next(self._tmp_ids))) for i in group]
             saved, self.return_logits = self.return_logits, "last"
             try:
                 inputs = self.prepare_initial_token_inputs(contexts, return_n_logits=1)

@@ -208,6 +208,187 @@ def _has_vision(ctx) -> bool:
         getattr(ctx, a, None) is not None for a in ("pixel_values", "pixel_values_videos"))
 
 
+def _as_batch(batch) -> list:
+    """`batch` as a list of sequences: one context or one token list becomes a batch of one."""
+    if isinstance(batch, TextContext) or (len(batch) and np.ndim(batch[0]) == 0
+                                          and not isinstance(batch[0], TextContext)):
+        return [batch]
+    return list(batch)
+
+
+def _stop_ids(stop_token_ids) -> set:
+    """`generate`'s stop_token_ids (None, one id or several) as a set of ints."""
+    if stop_token_ids is None:
+        return set()
+    return {int(stop_token_ids)} if np.ndim(stop_token_ids) == 0 else {int(t) for t in stop_token_ids}
+
+
+def _generate_context(prompt, request_id) -> TextContext:
+    """A private context for `generate`: a copy of `prompt` (a context or a token list) under `request_id`,
+    without a chunk end (generate prefills the whole prompt in one step)."""
+    ctx = copy.copy(prompt) if isinstance(prompt, TextContext) else TextContext(request_id, prompt)
+    ctx.request_id = request_id
+    if getattr(ctx, "chunk_end", None) is not None:
+        ctx.chunk_end = None
+    return ctx
+
+
+class RequestChecks:
+    """Request validation shared by both pipeline models (this module's and optimized.model's); it changes nothing.
+
+    The host class provides `config`, `max_length`, `max_batch_size`, `return_logits` and `_requests` (request id
+    -> an object with `length`, the tokens consumed, and `prompt`, the whole prompt of a first
+    TextAndVisionContext or None).
+    """
+
+    @property
+    def active_requests(self) -> list:
+        return list(self._requests)
+
+    def seq_len(self, request_id) -> int:
+        """Tokens the request has consumed so far (0 for an unknown id)."""
+        r = self._requests.get(request_id)
+        return 0 if r is None else r.length
+
+    def _check_usable(self, request_id) -> None:
+        """Raise if the request's state cannot be used.  The reference commits state only after a whole step
+        succeeded, so its requests are always usable; optimized.model overrides this (a failed in-place decode)."""
+
+    def _check_tokens(self, request_id, tokens) -> np.ndarray:
+        """tokens as a [T] int64 array, non-empty and inside the vocabulary (errors name the request)."""
+        arr = as_token_array(tokens, request_id=request_id)
+        if arr.size == 0:
+            raise RequestError(f"request {request_id!r} has no tokens (an empty request cannot be run)")
+        bad = (arr < 0) | (arr >= self.config.vocab_size)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise RequestError(f"request {request_id!r}: token id {int(arr[i])} at position {i} is outside the "
+                               f"vocabulary [0, {self.config.vocab_size})")
+        return arr
+
+    def _check_length(self, request_id, new_tokens: int) -> None:
+        total = self.seq_len(request_id) + new_tokens
+        if total > self.max_length:
+            raise RequestError(f"request {request_id!r} would hold {total} tokens ({self.seq_len(request_id)} "
+                               f"consumed + {new_tokens} new), more than max_length {self.max_length}")
+
+    def _check_capacity(self, request_ids) -> None:
+        new = [r for r in request_ids if r not in self._requests]
+        free = self.max_batch_size - len(self._requests)
+        if len(new) > free:
+            raise PoolFullError(
+                f"{len(new)} new request(s) {new[free:][:8]!r} do not fit: {len(self._requests)} of "
+                f"{self.max_batch_size} slots are live (max_batch_size); release finished requests first")
+
+    def _check_prompt_continuation(self, request_id, tokens: np.ndarray) -> None:
+        """A live request whose first context held its whole prompt (chunked prefill of an image prompt) must
+        continue with that prompt's next tokens; tokens past the prompt's end are free (decode)."""
+        req = self._requests.get(request_id)
+        if req is None or req.prompt is None or req.length >= req.prompt.size:
+            return
+        s = req.length
+        n = min(req.prompt.size - s, tokens.size)
+        want = req.prompt[s:s + n]
+        bad = np.flatnonzero(tokens[:n] != want)
+        if bad.size:
+            i = int(bad[0])
+            raise RequestError(
+                f"request {request_id!r}: token {int(tokens[i])} at position {i} of this chunk differs from its "
+                f"prompt, which holds {int(want[i])} at prompt position {s + i}; the request has consumed {s} of its "
+                f"{req.prompt.size} prompt tokens, so it must continue with prompt[{s}:] (given with its first "
+                "context)")
+
+    def _return_counts(self, return_n_logits, seq_lens, request_ids) -> np.ndarray:
+        """[B] int64 logits returned per request, checked against `return_logits` and each request's new tokens."""
+        seq_lens = np.asarray(seq_lens, dtype=np.int64)
+        B = len(seq_lens)
+        if self.return_logits == "all":
+            return seq_lens
+        counts = np.asarray(return_n_logits, dtype=np.int64)
+        if counts.ndim == 0:
+            counts = np.full(B, int(counts), dtype=np.int64)
+        elif self.return_logits != "variable":
+            raise RequestError("per-request return_n_logits needs return_logits='variable'")
+        if counts.shape != (B,):
+            raise RequestError(f"return_n_logits has {counts.shape[0]} entries for {B} requests")
+        for rid, n, T in zip(request_ids, counts, seq_lens):
+            if not 1 <= n <= T:
+                raise RequestError(f"request {rid!r}: return_n_logits = {int(n)} must be between 1 and its "
+                                   f"{int(T)} new tokens")
+        return counts
+
+    def _check_contexts(self, contexts) -> tuple[list, list, list, dict]:
+        """Validate a prefill batch: (contexts, request ids, token arrays to run now [T_b], {id: whole prompt}).
+
+        A context whose id is live continues that request (checked against its stored prompt).  Pixels or a
+        chunk_end are accepted only with a request's first context, which holds the whole prompt; only
+        tokens[:chunk_end] run now.
+        """
+        if isinstance(contexts, TextContext):
+            contexts = [contexts]
+        contexts = list(contexts)
+        if not contexts:
+            raise RequestError("prepare_initial_token_inputs: empty batch (no contexts)")
+        ids = [c.request_id for c in contexts]
+        seen = set()
+        for rid in ids:
+            if rid in seen:
+                raise RequestError(f"request {rid!r} appears twice in one batch")
+            seen.add(rid)
+        arrays, prompts = [], {}
+        for ctx in contexts:
+            rid = ctx.request_id
+            self._check_usable(rid)
+            arr = self._check_tokens(rid, ctx.tokens)
+            chunk_end = getattr(ctx, "chunk_end", None)
+            if _has_vision(ctx) or chunk_end is not None:
+                # the first context of a request that carries its whole prompt (pixels and/or a chunk end)
+                if rid in self._requests:
+                    raise RequestError(f"request {rid!r} is live: pixels and chunk_end are accepted only with the "
+                                       "first context of a request (which holds the whole prompt); continue it "
+                                       "with TextContexts holding the next tokens")
+                if _has_vision(ctx) and not self.config.is_multimodal:
+                    raise RequestError(f"request {rid!r} carries pixels but the model "
+                                       f"({self.config.model_type}) has no vision tower")
+                self._check_length(rid, arr.size)  # the whole prompt will be consumed
+                end = ctx.prompt_chunk_end() if chunk_end is not None else arr.size
+                prompts[rid] = arr.copy()  # our own copy: the caller may reuse its array
+                arr = arr[:end]
+            else:
+                self._check_length(rid, arr.size)
+                self._check_prompt_continuation(rid, arr)
+            arrays.append(arr)
+        return contexts, ids, arrays, prompts
+
+    def _check_next_tokens(self, next_tokens, prev) -> tuple[list, list]:
+        """Validate one decode step (token b continues prev.request_ids[b]): (request ids, token arrays [1])."""
+        tokens = np.asarray(next_tokens).reshape(-1)
+        ids = list(prev.request_ids)
+        if tokens.shape[0] != len(ids):
+            raise RequestError(f"prepare_next_token_inputs: {tokens.shape[0]} next tokens for {len(ids)} requests")
+        for rid in ids:
+            if rid not in self._requests:
+                raise UnknownRequestError(f"decode for request {rid!r}, which is not live (released, or never "
+                                          "prefilled)")
+            self._check_usable(rid)
+        arrays = [self._check_tokens(rid, tokens[b:b + 1]) for b, rid in enumerate(ids)]
+        for rid, arr in zip(ids, arrays):
+            self._check_length(rid, 1)
+            self._check_prompt_continuation(rid, arr)
+        return ids, arrays
+
+    def _check_stateless_item(self, b, item) -> np.ndarray:
+        """One sequence of a stateless `logits` batch (a token list or a context): its token array."""
+        rid = item.request_id if isinstance(item, TextContext) else f"batch[{b}]"
+        arr = self._check_tokens(rid, item.tokens if isinstance(item, TextContext) else item)
+        if arr.size > self.max_length:
+            raise RequestError(f"request {rid!r} has {arr.size} tokens, more than max_length {self.max_length}")
+        if _has_vision(item) and not self.config.is_multimodal:
+            raise RequestError(f"request {rid!r} carries pixels but the model ({self.config.model_type}) has "
+                               "no vision tower")
+        return arr
+
+
 def sample_next_token(logits: np.ndarray, *, temperature: float = 0.0, top_k: int | None = None,
                       top_p: float | None = None, rng: np.random.Generator | None = None) -> int:
     """One token from a logit row [V].
@@ -238,7 +419,7 @@ def sample_next_token(logits: np.ndarray, *, temperature: float = 0.0, top_k: in
     return int(order[rng.choice(len(order), p=p)])
 
 
-class Qwen35Model:
+class Qwen35Model(RequestChecks):
     """Qwen3.5 language model (dense or MoE; multimodal checkpoints through their text path plus vision hook).
 
     Args:
@@ -284,16 +465,7 @@ class Qwen35Model:
         return cls(weights, max_batch_size=max_batch_size, dtype=dtype, return_logits=return_logits,
                    return_hidden_states=return_hidden_states, max_length=max_length)
 
-    # ------------------------------------------------------------------ bookkeeping
-    @property
-    def active_requests(self) -> list:
-        return list(self._requests)
-
-    def seq_len(self, request_id) -> int:
-        """Tokens the request has consumed so far (0 for an unknown id)."""
-        r = self._requests.get(request_id)
-        return 0 if r is None else r.length
-
+    # ------------------------------------------------------------------ bookkeeping (and RequestChecks)
     def release(self, request_id) -> bool:
         """Free the request's state slot and KV cache.  Unknown ids are a no-op (returns False), as in MAX."""
         known = self._requests.pop(request_id, None) is not None
@@ -379,67 +551,6 @@ class Qwen35Model:
         if snap.mm is not None and snap.prompt is not None and snap.mm.num_tokens != len(snap.prompt):
             fail(f"its multimodal prompt covers {snap.mm.num_tokens} tokens but the prompt has {len(snap.prompt)}")
 
-    # ------------------------------------------------------------------ validation (touches nothing)
-    def _check_tokens(self, request_id, tokens) -> np.ndarray:
-        arr = as_token_array(tokens, request_id=request_id)
-        if arr.size == 0:
-            raise RequestError(f"request {request_id!r} has no tokens (an empty request cannot be run)")
-        bad = (arr < 0) | (arr >= self.config.vocab_size)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise RequestError(f"request {request_id!r}: token id {int(arr[i])} at position {i} is outside the "
-                               f"vocabulary [0, {self.config.vocab_size})")
-        return arr
-
-    def _check_length(self, request_id, new_tokens: int) -> None:
-        total = self.seq_len(request_id) + new_tokens
-        if total > self.max_length:
-            raise RequestError(f"request {request_id!r} would hold {total} tokens ({self.seq_len(request_id)} "
-                               f"consumed + {new_tokens} new), more than max_length {self.max_length}")
-
-    def _check_capacity(self, request_ids) -> None:
-        new = [r for r in request_ids if r not in self._requests]
-        free = self.max_batch_size - len(self._requests)
-        if len(new) > free:
-            raise PoolFullError(
-                f"{len(new)} new request(s) {new[free:][:8]!r} do not fit: {len(self._requests)} of "
-                f"{self.max_batch_size} slots are live (max_batch_size); release finished requests first")
-
-    def _check_prompt_continuation(self, request_id, tokens: np.ndarray) -> None:
-        """A live request whose first context held its whole prompt (chunked prefill of an image prompt) must
-        continue with that prompt's next tokens; tokens past the prompt's end are free (decode)."""
-        req = self._requests.get(request_id)
-        if req is None or req.prompt is None or req.length >= req.prompt.size:
-            return
-        s = req.length
-        n = min(req.prompt.size - s, tokens.size)
-        want = req.prompt[s:s + n]
-        bad = np.flatnonzero(tokens[:n] != want)
-        if bad.size:
-            i = int(bad[0])
-            raise RequestError(
-                f"request {request_id!r}: token {int(tokens[i])} at position {i} of this chunk differs from its "
-                f"prompt, which holds {int(want[i])} at prompt position {s + i}; the request has consumed {s} of its "
-                f"{req.prompt.size} prompt tokens, so it must continue with prompt[{s}:] (given with its first "
-                "context)")
-
-    def _return_counts(self, return_n_logits, seq_lens: np.ndarray, request_ids) -> np.ndarray:
-        B = len(seq_lens)
-        if self.return_logits == "all":
-            return seq_lens.astype(np.int64)
-        counts = np.asarray(return_n_logits, dtype=np.int64)
-        if counts.ndim == 0:
-            counts = np.full(B, int(counts), dtype=np.int64)
-        elif self.return_logits != "variable":
-            raise RequestError("per-request return_n_logits needs return_logits='variable'")
-        if counts.shape != (B,):
-            raise RequestError(f"return_n_logits has {counts.shape[0]} entries for {B} requests")
-        for rid, n, T in zip(request_ids, counts, seq_lens):
-            if not 1 <= n <= T:
-                raise RequestError(f"request {rid!r}: return_n_logits = {int(n)} must be between 1 and its "
-                                   f"{int(T)} new tokens")
-        return counts
-
     # ------------------------------------------------------------------ the pipeline interface
     def prepare_initial_token_inputs(self, contexts: Sequence[TextContext], return_n_logits=1) -> ModelInputs:
         """Pack a ragged batch of contexts, claim state for new requests and gather every request's state.
@@ -449,39 +560,7 @@ class Qwen35Model:
         tokens are the whole prompt, of which only tokens[:ctx.chunk_end] are processed now; the rest follows
         as plain TextContexts (checked against the stored prompt).
         """
-        if isinstance(contexts, TextContext):
-            contexts = [contexts]
-        contexts = list(contexts)
-        if not contexts:
-            raise RequestError("prepare_initial_token_inputs: empty batch (no contexts)")
-        ids = [c.request_id for c in contexts]
-        seen = set()
-        for rid in ids:
-            if rid in seen:
-                raise RequestError(f"request {rid!r} appears twice in one batch")
-            seen.add(rid)
-        token_arrays, prompts = [], {}
-        for ctx in contexts:
-            rid = ctx.request_id
-            arr = self._check_tokens(rid, ctx.tokens)
-            chunk_end = getattr(ctx, "chunk_end", None)
-            if _has_vision(ctx) or chunk_end is not None:
-                # the first context of a request that carries its whole prompt (pixels and/or a chunk end)
-                if rid in self._requests:
-                    raise RequestError(f"request {rid!r} is live: pixels and chunk_end are accepted only with the "
-                                       "first context of a request (which holds the whole prompt); continue it "
-                                       "with TextContexts holding the next tokens")
-                if _has_vision(ctx) and not self.config.is_multimodal:
-                    raise RequestError(f"request {rid!r} carries pixels but the model "
-                                       f"({self.config.model_type}) has no vision tower")
-                self._check_length(rid, arr.size)  # the whole prompt will be consumed
-                end = ctx.prompt_chunk_end() if chunk_end is not None else arr.size
-                prompts[rid] = arr.copy()  # our own copy: the caller may reuse its array
-                arr = arr[:end]
-            else:
-                self._check_length(rid, arr.size)
-                self._check_prompt_continuation(rid, arr)
-            token_arrays.append(arr)
+        contexts, ids, token_arrays, prompts = self._check_contexts(contexts)
         seq_lens = np.array([a.size for a in token_arrays], dtype=np.int64)
         counts = self._return_counts(return_n_logits, seq_lens, ids)
         self._check_capacity(ids)
@@ -506,18 +585,7 @@ class Qwen35Model:
 
         The previous inputs' gathered states are dropped first (MAX does the same to avoid a third copy).
         """
-        tokens = np.asarray(next_tokens).reshape(-1)
-        ids = list(prev.request_ids)
-        if tokens.shape[0] != len(ids):
-            raise RequestError(f"prepare_next_token_inputs: {tokens.shape[0]} next tokens for {len(ids)} requests")
-        for rid in ids:
-            if rid not in self._requests:
-                raise UnknownRequestError(f"decode for request {rid!r}, which is not live (released, or never "
-                                          "prefilled)")
-        arrays = [self._check_tokens(rid, tokens[b:b + 1]) for b, rid in enumerate(ids)]
-        for rid, arr in zip(ids, arrays):
-            self._check_length(rid, 1)
-            self._check_prompt_continuation(rid, arr)
+        ids, arrays = self._check_next_tokens(next_tokens, prev)
         prev.conv_states = prev.recurrent_states = None
         return self._build_inputs(ids, arrays, np.ones(len(ids), dtype=np.int64))
 
@@ -641,17 +709,10 @@ class Qwen35Model:
 
         Uses zero initial state and no cache, and touches no live request.
         """
-        if isinstance(batch, TextContext) or (len(batch) and np.ndim(batch[0]) == 0
-                                               and not isinstance(batch[0], TextContext)):
-            batch = [batch]
         arrays, rows, embs, pos = [], [], [], []
         offset = 0
-        for b, item in enumerate(batch):
-            rid = item.request_id if isinstance(item, TextContext) else f"batch[{b}]"
-            toks = item.tokens if isinstance(item, TextContext) else item
-            arr = self._check_tokens(rid, toks)
-            if arr.size > self.max_length:
-                raise RequestError(f"request {rid!r} has {arr.size} tokens, more than max_length {self.max_length}")
+        for b, item in enumerate(_as_batch(batch)):
+            arr = self._check_stateless_item(b, item)
             end = item.prompt_chunk_end() if getattr(item, "chunk_end", None) is not None else arr.size
             pre = self._multimodal_prefill(item) if _has_vision(item) else None
             r, e, p = _chunk_inputs(pre, 0 if pre is None else pre.rope_delta, 0, end)  # tokens[:chunk_end]
@@ -684,11 +745,8 @@ class Qwen35Model:
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if isinstance(prompts, TextContext) or (len(prompts) and np.ndim(prompts[0]) == 0
-                                                 and not isinstance(prompts[0], TextContext)):
-            prompts = [prompts]
-        stop = set() if stop_token_ids is None else (
-            {int(stop_token_ids)} if np.ndim(stop_token_ids) == 0 else {int(t) for t in stop_token_ids})
+        prompts = _as_batch(prompts)
+        stop = _stop_ids(stop_token_ids)
         rng = np.random.default_rng(seed)
         results: list[list[int]] = [[] for _ in prompts]
         free = self.max_batch_size - len(self._requests)
@@ -696,18 +754,7 @@ class Qwen35Model:
             raise PoolFullError(f"generate: all {self.max_batch_size} slots are held by live requests")
         for g0 in range(0, len(prompts), free):
             group = list(range(g0, min(g0 + free, len(prompts))))
-            contexts = []
-            for i in group:
-                p = prompts[i]
-                rid = ("__generate__", next(self._tmp_ids))
-                if isinstance(p, TextContext):
-                    ctx = copy.copy(p)
-                    ctx.request_id = rid
-                    if getattr(ctx, "chunk_end", None) is not None:
-                        ctx.chunk_end = None  # generate prefills the whole prompt in one step
-                else:
-                    ctx = TextContext(rid, p)
-                contexts.append(ctx)
+            contexts = [_generate_context(prompts[i], ("__generate__", next(self._tmp_ids))) for i in group]
             try:
                 self._generate_group(contexts, [results[i] for i in group], max_new_tokens, temperature, top_k,
                                      top_p, rng, stop)

@@ -104,8 +104,9 @@ class MultimodalPrefill:
         """The slice for prefill chunk tokens [start, end): (rows relative to `start`, embeddings, position_ids)."""
         if not 0 <= start <= end <= self.num_tokens:
             raise ValueError(f"chunk [{start}, {end}) is outside the prompt of {self.num_tokens} tokens")
-        sel = (self.image_rows >= start) & (self.image_rows < end)
-        return self.image_rows[sel] - start, self.embeddings[sel], self.position_ids[:, start:end]
+        i0, i1 = (int(i) for i in np.searchsorted(self.image_rows, [start, end]))  # rows are ascending
+        # a contiguous slice: a view, and it works whether `embeddings` is a NumPy array or a torch tensor
+        return self.image_rows[i0:i1] - start, self.embeddings[i0:i1], self.position_ids[:, start:end]
 
     def decode_position_ids(self, past_len: int, num_tokens: int = 1) -> np.ndarray:
         """[3, num_tokens] positions of tokens appended after `past_len` tokens (past the prompt)."""
