@@ -19,27 +19,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from optimized._checks import conv_shapes, conv_update_shapes, conv_weight, silu_flag
 from optimized.gated_delta import _check_slots, slot_runs
 
 __all__ = ["causal_conv1d", "causal_conv1d_update"]
-
-
-def _conv_weight(who, weight: torch.Tensor) -> torch.Tensor:
-    if weight.dim() == 3:  # PyTorch depthwise layout [C, 1, K] (SPEC §8.1: stored rank unconfirmed)
-        if weight.shape[1] != 1:
-            raise ValueError(f"{who}: a 3-D weight must be [C, 1, K], got {tuple(weight.shape)}")
-        weight = weight[:, 0, :]
-    if weight.dim() != 2 or weight.shape[1] < 1:
-        raise ValueError(f"{who}: weight must be [C, K] or [C, 1, K], got {tuple(weight.shape)}")
-    return weight
-
-
-def _silu_flag(who, activation) -> bool:
-    if activation in ("silu", "swish"):
-        return True
-    if activation is None or activation == "identity":
-        return False
-    raise ValueError(f"{who}: unknown activation {activation!r} (use 'silu' or None)")
 
 
 def causal_conv1d(x, weight, *, conv_state=None, cu_seqlens=None, activation="silu"):
@@ -56,29 +39,11 @@ def causal_conv1d(x, weight, *, conv_state=None, cu_seqlens=None, activation="si
         new_conv_state: [N, C, K-1] (the last K-1 pre-activation inputs, oldest first)
     """
     who = "causal_conv1d"
-    if x.dim() not in (2, 3):
-        raise ValueError(f"{who}: x must be [T_total, C] or [B, T, C], got {tuple(x.shape)}")
-    w = _conv_weight(who, weight)
+    w = conv_weight(who, weight)
+    silu = silu_flag(who, activation)
+    B, T, cu, N = conv_shapes(who, x, w, conv_state, cu_seqlens)
     C, K = w.shape
-    if x.shape[-1] != C:
-        raise ValueError(f"{who}: x has {x.shape[-1]} channels but weight has C={C}")
-    silu = _silu_flag(who, activation)
-    if x.dim() == 3:
-        B, T = x.shape[0], x.shape[1]
-        if cu_seqlens is not None and B != 1:
-            raise ValueError(f"{who}: with cu_seqlens, x must hold one packed row, got batch {B}")
-    else:
-        B, T = 1, x.shape[0]
     total = B * T
-    if cu_seqlens is None:
-        cu = [b * T for b in range(B + 1)]
-    else:
-        cu = [int(c) for c in (cu_seqlens.tolist() if hasattr(cu_seqlens, "tolist") else cu_seqlens)]
-        if len(cu) < 2 or cu[0] != 0 or cu[-1] != total or any(b < a for a, b in zip(cu, cu[1:])):
-            raise ValueError(f"{who}: cu_seqlens must rise from 0 to the packed length {total}, got {cu}")
-    N = len(cu) - 1
-    if conv_state is not None and tuple(conv_state.shape) != (N, C, K - 1):
-        raise ValueError(f"{who}: conv_state must be [N={N}, C={C}, K-1={K - 1}], got {tuple(conv_state.shape)}")
     dev = x.device
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     state_dtype = conv_state.dtype if conv_state is not None else x.dtype
@@ -130,17 +95,8 @@ def causal_conv1d_update(x, weight, *, conv_pool, slot_ids):
         y: [B, C] in x's dtype
     """
     who = "causal_conv1d_update"
-    if x.dim() != 2:
-        raise ValueError(f"{who}: x must be [B, C], got {tuple(x.shape)}")
-    w = _conv_weight(who, weight)
-    C, K = w.shape
-    B = x.shape[0]
-    if x.shape[1] != C:
-        raise ValueError(f"{who}: x has {x.shape[1]} channels but weight has C={C}")
-    if conv_pool.dim() != 3 or tuple(conv_pool.shape[1:]) != (C, K - 1):
-        raise ValueError(f"{who}: conv_pool must be [S, C={C}, K-1={K - 1}], got {tuple(conv_pool.shape)}")
-    if not conv_pool.is_contiguous():
-        raise ValueError(f"{who}: conv_pool must be contiguous (it is updated in place)")
+    w = conv_weight(who, weight)
+    B, C, K = conv_update_shapes(who, x, w, conv_pool)
     ids = _check_slots(slot_ids, B, conv_pool.shape[0], who)
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     wc = w.to(cdt)

@@ -32,6 +32,8 @@ import math
 
 import torch
 
+from optimized._checks import check_initial_state, cu_seqlens_list, gdn_shapes
+
 __all__ = [
     "chunk_gated_delta_rule",
     "recurrent_gated_delta_rule",
@@ -63,20 +65,8 @@ def l2_norm(x: torch.Tensor, eps: float = _L2_EPS) -> torch.Tensor:
 
 
 def _check(q, k, v, g, beta, who):
-    if q.dim() != 4:
-        raise ValueError(f"{who}: q must be [B, T, H_k, D_k], got {tuple(q.shape)}")
-    B, T, H_k, D_k = q.shape
-    if tuple(k.shape) != tuple(q.shape):
-        raise ValueError(f"{who}: k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.dim() != 4 or tuple(v.shape[:2]) != (B, T):
-        raise ValueError(f"{who}: v must be [B={B}, T={T}, H_v, D_v], got {tuple(v.shape)}")
-    H_v = v.shape[2]
-    if H_k == 0 or H_v % H_k != 0:
-        raise ValueError(f"{who}: value heads H_v={H_v} must be a multiple of key heads H_k={H_k}")
-    for name, a in (("g", g), ("beta", beta)):
-        if tuple(a.shape) != (B, T, H_v):
-            raise ValueError(f"{who}: {name} must be [B={B}, T={T}, H_v={H_v}], got {tuple(a.shape)}")
-    return B, T, H_k, D_k, H_v, v.shape[3]
+    """(B, T, H_k, D_k, H_v, D_v) of the shared signature (optimized._checks, the Triton twins' checks too)."""
+    return gdn_shapes(who, q, k, v, g, beta)
 
 
 def _lengths(B, T, cu_seqlens, who) -> list[int]:
@@ -85,20 +75,14 @@ def _lengths(B, T, cu_seqlens, who) -> list[int]:
         return [T] * B
     if B != 1:
         raise ValueError(f"{who}: with cu_seqlens the batch must be 1 (packed sequences), got B={B}")
-    cu = [int(c) for c in (cu_seqlens.tolist() if hasattr(cu_seqlens, "tolist") else cu_seqlens)]
-    if len(cu) < 2 or cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:])):
-        raise ValueError(f"{who}: cu_seqlens must start at 0, be non-decreasing and end at T={T}, got {cu}")
+    cu = cu_seqlens_list(cu_seqlens, T, who)
     return [b - a for a, b in zip(cu, cu[1:])]
 
 
 def _initial_state(initial_state, N, H_v, D_k, D_v, cdtype, device, who):
     if initial_state is None:
         return torch.zeros(N, H_v, D_k, D_v, dtype=cdtype, device=device)
-    if tuple(initial_state.shape) != (N, H_v, D_k, D_v):
-        raise ValueError(
-            f"{who}: initial_state must be [N={N}, H_v={H_v}, D_k={D_k}, D_v={D_v}] (K-major), "
-            f"got {tuple(initial_state.shape)}"
-        )
+    check_initial_state(who, initial_state, N, H_v, D_k, D_v)
     return initial_state.to(device=device, dtype=cdtype, copy=True)
 
 

@@ -13,6 +13,8 @@ import os
 import torch
 import triton
 
+from optimized._checks import cu_seqlens_list  # shared with the torch twins; re-exported here
+
 __all__ = ["alloc", "poison_outputs", "force_blocks", "block", "interpreting", "check_device", "pow2",
            "cu_seqlens_list"]
 
@@ -83,17 +85,3 @@ def check_device(who: str, *tensors) -> torch.device:
 def pow2(n: int, lo: int = 1) -> int:
     """Smallest power of two >= max(n, lo) (Triton block sizes must be powers of two)."""
     return max(lo, triton.next_power_of_2(max(int(n), 1)))
-
-
-def cu_seqlens_list(cu_seqlens, total: int, who: str) -> list[int]:
-    """Validate cu_seqlens [N+1] (0 … total, non-decreasing) and return it as host ints (one device sync)."""
-    if isinstance(cu_seqlens, torch.Tensor):
-        if cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
-            raise ValueError(f"{who}: cu_seqlens must be a 1-D integer tensor [N+1], got {cu_seqlens.dtype} "
-                             f"{tuple(cu_seqlens.shape)}")
-        cu = [int(c) for c in cu_seqlens.tolist()]
-    else:
-        cu = [int(c) for c in cu_seqlens]
-    if len(cu) < 2 or cu[0] != 0 or cu[-1] != total or any(b < a for a, b in zip(cu, cu[1:])):
-        raise ValueError(f"{who}: cu_seqlens must rise from 0 to the packed length {total} with N >= 1, got {cu}")
-    return cu

@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from optimized.triton._common import alloc, block, check_device, cu_seqlens_list, pow2
+from optimized._checks import conv_shapes, conv_update_shapes, conv_weight, silu_flag
+from optimized.triton._common import alloc, block, check_device, pow2
 
 __all__ = ["causal_conv1d", "causal_conv1d_update"]
 
@@ -129,12 +130,8 @@ def _causal_conv1d_update_kernel(
 
 
 def _conv_weight(who, weight):
-    if weight.dim() == 3:  # PyTorch depthwise layout [C, 1, K] (SPEC §8.1: stored rank unconfirmed)
-        if weight.shape[1] != 1:
-            raise ValueError(f"{who}: a 3-D weight must be [C, 1, K], got {tuple(weight.shape)}")
-        weight = weight[:, 0, :]
-    if weight.dim() != 2 or weight.shape[1] < 1:
-        raise ValueError(f"{who}: weight must be [C, K] or [C, 1, K], got {tuple(weight.shape)}")
+    """The shared [C, K] weight check (optimized._checks), plus this kernel's tap limit; contiguous."""
+    weight = conv_weight(who, weight)
     if weight.shape[1] > 8:
         raise ValueError(f"{who}: the Triton kernel unrolls the taps: K <= 8, got K={weight.shape[1]}")
     return weight.contiguous()
@@ -154,29 +151,11 @@ def causal_conv1d(x, weight, *, conv_state=None, cu_seqlens=None, activation="si
         new_conv_state: [N, C, K-1] (the last K-1 pre-activation inputs, oldest first), conv_state's dtype or x's
     """
     who = "causal_conv1d"
-    if x.dim() not in (2, 3):
-        raise ValueError(f"{who}: x must be [T_total, C] or [B, T, C], got {tuple(x.shape)}")
     w = _conv_weight(who, weight)
+    silu = silu_flag(who, activation)
+    B, T, cu, N = conv_shapes(who, x, w, conv_state, cu_seqlens)
     C, K = w.shape
-    if x.shape[-1] != C:
-        raise ValueError(f"{who}: x has {x.shape[-1]} channels but weight has C={C}")
-    if activation in ("silu", "swish"):
-        silu = True
-    elif activation is None or activation == "identity":
-        silu = False
-    else:
-        raise ValueError(f"{who}: unknown activation {activation!r} (use 'silu' or None)")
-    if x.dim() == 3:
-        B, T = x.shape[0], x.shape[1]
-        if cu_seqlens is not None and B != 1:
-            raise ValueError(f"{who}: with cu_seqlens, x must hold one packed row, got batch {B}")
-    else:
-        B, T = 1, x.shape[0]
     total = B * T
-    cu = [b * T for b in range(B + 1)] if cu_seqlens is None else cu_seqlens_list(cu_seqlens, total, who)
-    N = len(cu) - 1
-    if conv_state is not None and tuple(conv_state.shape) != (N, C, K - 1):
-        raise ValueError(f"{who}: conv_state must be [N={N}, C={C}, K-1={K - 1}], got {tuple(conv_state.shape)}")
     dev = check_device(who, x, w, conv_state)
     x2 = x.contiguous().view(total, C)
     state = conv_state.contiguous() if conv_state is not None else None
@@ -213,17 +192,8 @@ def causal_conv1d_update(x, weight, *, conv_pool, slot_ids):
         y: [B, C] in x's dtype
     """
     who = "causal_conv1d_update"
-    if x.dim() != 2:
-        raise ValueError(f"{who}: x must be [B, C], got {tuple(x.shape)}")
     w = _conv_weight(who, weight)
-    C, K = w.shape
-    B = x.shape[0]
-    if x.shape[1] != C:
-        raise ValueError(f"{who}: x has {x.shape[1]} channels but weight has C={C}")
-    if conv_pool.dim() != 3 or tuple(conv_pool.shape[1:]) != (C, K - 1):
-        raise ValueError(f"{who}: conv_pool must be [S, C={C}, K-1={K - 1}], got {tuple(conv_pool.shape)}")
-    if not conv_pool.is_contiguous():
-        raise ValueError(f"{who}: conv_pool must be contiguous (it is updated in place)")
+    B, C, K = conv_update_shapes(who, x, w, conv_pool)
     if slot_ids.dim() != 1 or slot_ids.shape[0] != B or slot_ids.is_floating_point():
         raise ValueError(f"{who}: slot_ids must be an integer tensor [B={B}], got {slot_ids.dtype} "
                          f"{tuple(slot_ids.shape)}")

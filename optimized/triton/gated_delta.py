@@ -47,7 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-from optimized.triton._common import alloc, block, check_device, cu_seqlens_list, pow2
+from optimized._checks import check_initial_state, cu_seqlens_list, gdn_shapes
+from optimized.triton._common import alloc, block, check_device, pow2
 
 __all__ = [
     "chunk_gated_delta_rule",
@@ -320,19 +321,7 @@ def _validate(who, q, k, v, g, beta, initial_state, cu_seqlens):
     for name, t in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{who}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if q.dim() != 4:
-        raise ValueError(f"{who}: q must be [B, T, H_k, D_k], got {tuple(q.shape)}")
-    B, T, H_k, D_k = q.shape
-    if tuple(k.shape) != tuple(q.shape):
-        raise ValueError(f"{who}: k must have the shape of q {tuple(q.shape)} = [B, T, H_k, D_k], got {tuple(k.shape)}")
-    if v.dim() != 4 or tuple(v.shape[:2]) != (B, T):
-        raise ValueError(f"{who}: v must be [B={B}, T={T}, H_v, D_v], got {tuple(v.shape)}")
-    H_v, D_v = v.shape[2], v.shape[3]
-    if H_k == 0 or H_v % H_k != 0:
-        raise ValueError(f"{who}: value heads H_v={H_v} must be a multiple of key heads H_k={H_k}")
-    for name, t in (("g", g), ("beta", beta)):
-        if tuple(t.shape) != (B, T, H_v):
-            raise ValueError(f"{who}: {name} must be [B={B}, T={T}, H_v={H_v}], got {tuple(t.shape)}")
+    B, T, H_k, D_k, H_v, D_v = gdn_shapes(who, q, k, v, g, beta)
     if D_k > 256 or D_v > 256:
         raise ValueError(f"{who}: the Triton kernels hold whole head rows in registers: D_k, D_v <= 256, "
                          f"got D_k={D_k}, D_v={D_v}")
@@ -343,9 +332,7 @@ def _validate(who, q, k, v, g, beta, initial_state, cu_seqlens):
             raise ValueError(f"{who}: with cu_seqlens the batch must be 1 (packed sequences), got B={B}")
         cu = cu_seqlens_list(cu_seqlens, T, who)
     N = len(cu) - 1
-    if initial_state is not None and tuple(initial_state.shape) != (N, H_v, D_k, D_v):
-        raise ValueError(f"{who}: initial_state must be [N={N}, H_v={H_v}, D_k={D_k}, D_v={D_v}] (K-major), "
-                         f"got {tuple(initial_state.shape)}")
+    check_initial_state(who, initial_state, N, H_v, D_k, D_v)
     check_device(who, q, k, v, g, beta, initial_state)
     return B, T, H_k, H_v, D_k, D_v, cu, N
 
