@@ -4,22 +4,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ._common import DEMO_DIR
+from ._common import add_checkpoint_prompt_arguments, checkpoint_dir, prompt_tokens
 
 NAME = "compare"
 HELP = ("compare the float64 reference with the optimized model (float32 and/or bfloat16) and with transformers "
         "when installed, on a checkpoint (default: the bundled demo): error per layer and for the logits, first "
         "diverging layer highlighted")
 
-DEFAULT_PROMPT = "Hello, Qwen3.5! The quick brown fox jumps over the lazy dog."
-
-
 def add_arguments(parser):
-    parser.add_argument("--model", default=None, metavar="DIR",
-                        help="a Hugging Face Qwen3.5 checkpoint directory (default: the bundled demo)")
-    g = parser.add_mutually_exclusive_group()
-    g.add_argument("--prompt", default=None, help="prompt text (tokenized with the checkpoint's tokenizer)")
-    g.add_argument("--prompt-ids", default=None, metavar="IDS", help="comma-separated token ids")
+    g = add_checkpoint_prompt_arguments(parser)
     g.add_argument("--length", type=int, default=None, help="N random token ids (seeded) instead of a prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
@@ -34,28 +27,11 @@ def add_arguments(parser):
                         help="also write the JSON to FILE (e.g. results/compare_demo.json; `qwen35 plot` draws it)")
 
 
-def prompt_tokens(args, path, config) -> list[int]:
-    import numpy as np
-
-    from qwen35.tokenizer import ByteTokenizer, load_tokenizer
-
-    if args.length is not None:
-        return np.random.default_rng(args.seed).integers(0, config.vocab_size, args.length).tolist()
-    if args.prompt_ids is not None:
-        return [int(t) for t in args.prompt_ids.replace(" ", "").split(",") if t]
-    tok = load_tokenizer(path)
-    if isinstance(tok, ByteTokenizer) and config.vocab_size < tok.vocab_size:
-        return np.random.default_rng(args.seed).integers(0, config.vocab_size, 32).tolist()
-    return tok.encode(args.prompt or DEFAULT_PROMPT)
-
-
 def run(args) -> int:
     from qwen35.compare import compare_checkpoint
     from reference.config import Qwen35Config
 
-    path = Path(args.model) if args.model else DEMO_DIR
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path} has no config.json (expected a Hugging Face Qwen3.5 checkpoint directory)")
+    path = checkpoint_dir(args)
     config = Qwen35Config.from_pretrained(path)
     tokens = prompt_tokens(args, path, config)
     result = compare_checkpoint(path, tokens, dtypes=tuple(args.dtype), backend=args.backend, device=args.device,

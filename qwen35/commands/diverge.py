@@ -11,21 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import DEMO_DIR
+from ._common import add_checkpoint_prompt_arguments, checkpoint_dir, prompt_tokens
 
 NAME = "diverge"
 HELP = ("layer-wise divergence report, reference (float64) vs Hugging Face transformers (float32, eager): max and "
         "mean |diff| per layer and the first layer that differs")
 
-DEFAULT_PROMPT = "Hello, Qwen3.5! The quick brown fox jumps over the lazy dog."
-
-
 def add_arguments(parser):
-    parser.add_argument("--model", default=None, metavar="DIR",
-                        help="a Hugging Face Qwen3.5 checkpoint directory (default: the bundled demo)")
-    g = parser.add_mutually_exclusive_group()
-    g.add_argument("--prompt", default=None, help="prompt text (tokenized with the checkpoint's tokenizer)")
-    g.add_argument("--prompt-ids", default=None, metavar="IDS", help="comma-separated token ids")
+    add_checkpoint_prompt_arguments(parser)
     parser.add_argument("--length", type=int, default=None,
                         help="use N random token ids (seeded) instead of a prompt")
     parser.add_argument("--seed", type=int, default=0)
@@ -92,23 +85,11 @@ def divergence_vs_hf(path, tokens, *, dtype=np.float64, tolerance: float = 1e-4,
 
 
 def run(args) -> int:
-    from qwen35.tokenizer import ByteTokenizer, load_tokenizer
     from reference.config import Qwen35Config
 
-    path = Path(args.model) if args.model else DEMO_DIR
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path} has no config.json (expected a Hugging Face Qwen3.5 checkpoint directory)")
+    path = checkpoint_dir(args)
     config = Qwen35Config.from_pretrained(path)
-    if args.length is not None:
-        tokens = np.random.default_rng(args.seed).integers(0, config.vocab_size, args.length).tolist()
-    elif args.prompt_ids is not None:
-        tokens = [int(t) for t in args.prompt_ids.replace(" ", "").split(",") if t]
-    else:
-        tok = load_tokenizer(path)
-        if isinstance(tok, ByteTokenizer) and config.vocab_size < tok.vocab_size:
-            tokens = np.random.default_rng(args.seed).integers(0, config.vocab_size, 32).tolist()
-        else:
-            tokens = tok.encode(args.prompt or DEFAULT_PROMPT)
+    tokens = prompt_tokens(args, path, config)
     report = divergence_vs_hf(path, tokens, dtype=np.dtype(args.dtype), tolerance=args.tolerance)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))

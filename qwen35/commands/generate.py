@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import DEMO_DIR
+from ._common import checkpoint_dir
 
 NAME = "generate"
 HELP = ("generate text from a Qwen3.5 checkpoint directory (default: the bundled demo model) on the NumPy "
@@ -51,9 +51,7 @@ def run(args) -> int:
     from qwen35.tokenizer import ByteTokenizer, load_tokenizer
     from reference.config import Qwen35Config
 
-    path = Path(args.model) if args.model else DEMO_DIR
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path} has no config.json (expected a Hugging Face Qwen3.5 checkpoint directory)")
+    path = checkpoint_dir(args)
     config = Qwen35Config.from_pretrained(path)
     tokenizer = load_tokenizer(path)
     if args.prompt_ids is not None:
