@@ -15,10 +15,21 @@ from optimized.backend import (
     recurrent_gated_delta_rule,
     resolve_backend,
 )
-from optimized.model import ModelInputs, ModelOutputs, Qwen35Model, TextContext
+from optimized.model import ModelInputs, ModelOutputs, Qwen35Model, RequestSnapshot, TextContext
 
 __all__ = [
-    "Qwen35Model", "ModelInputs", "ModelOutputs", "TextContext", "resolve_backend",
+    "Qwen35Model", "ModelInputs", "ModelOutputs", "TextContext", "TextAndVisionContext", "RequestSnapshot",
+    "resolve_backend",
     "chunk_gated_delta_rule", "recurrent_gated_delta_rule", "fused_recurrent_gated_delta_rule_update",
     "causal_conv1d", "causal_conv1d_update", "gated_rms_norm",
 ]
+
+
+def __getattr__(name):
+    """`optimized.TextAndVisionContext` (reference.multimodal's, as in reference.model) without importing the vision
+    path eagerly."""
+    if name == "TextAndVisionContext":
+        from reference.multimodal import TextAndVisionContext
+
+        return TextAndVisionContext
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
