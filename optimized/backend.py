@@ -148,7 +148,17 @@ def _dev(*tensors):
 
 def chunk_gated_delta_rule(q, k, v, *, g, beta, scale=None, initial_state=None, output_final_state=True,
                            use_qk_l2norm=True, cu_seqlens=None, chunk_size=64, backend="auto"):
-    """Chunked gated delta rule (shared signature, ARCHITECTURE.md) on the chosen backend."""
+    """Chunked gated delta rule (shared signature, ARCHITECTURE.md) on the chosen backend.
+
+    Args:
+        q, k:          [B, T, H_k, D_k]
+        v:             [B, T, H_v, D_v]
+        g, beta:       [B, T, H_v] (g: log-space decay, <= 0)
+        initial_state: [N, H_v, D_k, D_v] (K-major) or None (zeros)
+        cu_seqlens:    [N+1] or None (then N = B)
+    Returns:
+        o [B, T, H_v, D_v], final_state [N, H_v, D_k, D_v] fp32 (None unless output_final_state)
+    """
     fn = get_op("chunk_gated_delta_rule", backend, _dev(q))
     return fn(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state,
               output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm, cu_seqlens=cu_seqlens,
@@ -157,7 +167,11 @@ def chunk_gated_delta_rule(q, k, v, *, g, beta, scale=None, initial_state=None, 
 
 def recurrent_gated_delta_rule(q, k, v, *, g, beta, scale=None, initial_state=None, output_final_state=True,
                                use_qk_l2norm=True, cu_seqlens=None, backend="auto"):
-    """Per-token gated delta rule (shared signature) on the chosen backend."""
+    """Per-token gated delta rule (shared signature) on the chosen backend.
+
+    Args / Returns: as `chunk_gated_delta_rule` (q, k [B, T, H_k, D_k]; v [B, T, H_v, D_v]; g, beta [B, T, H_v];
+    states [N, H_v, D_k, D_v]), without chunk_size.
+    """
     fn = get_op("recurrent_gated_delta_rule", backend, _dev(q))
     return fn(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state,
               output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm, cu_seqlens=cu_seqlens)
@@ -165,25 +179,60 @@ def recurrent_gated_delta_rule(q, k, v, *, g, beta, scale=None, initial_state=No
 
 def fused_recurrent_gated_delta_rule_update(q, k, v, *, g, beta, state_pool, slot_ids, scale=None,
                                             use_qk_l2norm=True, backend="auto"):
-    """One decode token per row, state pool updated in place at slot_ids (TEAM_NOTES contract)."""
+    """One decode token per row, state pool updated in place at slot_ids (TEAM_NOTES contract).
+
+    Args:
+        q, k:       [B, 1, H_k, D_k]
+        v:          [B, 1, H_v, D_v]
+        g, beta:    [B, 1, H_v]
+        state_pool: [S, H_v, D_k, D_v] fp32, updated in place (only the rows named in slot_ids)
+        slot_ids:   [B] int; -1 = padding row (output zeros, no slot touched)
+    Returns:
+        o: [B, 1, H_v, D_v]
+    """
     fn = get_op("fused_recurrent_gated_delta_rule_update", backend, _dev(q))
     return fn(q, k, v, g=g, beta=beta, state_pool=state_pool, slot_ids=slot_ids, scale=scale,
               use_qk_l2norm=use_qk_l2norm)
 
 
 def causal_conv1d(x, weight, *, conv_state=None, cu_seqlens=None, activation="silu", backend="auto"):
-    """Causal depthwise conv1d (+ SiLU) with a carried state, on the chosen backend."""
+    """Causal depthwise conv1d (+ SiLU) with a carried state, on the chosen backend.
+
+    Args:
+        x:          [T_total, C] or [B, T, C]
+        weight:     [C, K_conv] or [C, 1, K_conv]
+        conv_state: [N, C, K_conv-1] or None (zeros); not modified
+        cu_seqlens: [N+1] or None
+    Returns:
+        y (shape of x), new_conv_state [N, C, K_conv-1] (the last K_conv-1 pre-activation inputs, oldest first)
+    """
     fn = get_op("causal_conv1d", backend, _dev(x))
     return fn(x, weight, conv_state=conv_state, cu_seqlens=cu_seqlens, activation=activation)
 
 
 def causal_conv1d_update(x, weight, *, conv_pool, slot_ids, backend="auto"):
-    """One decode token per row, conv pool shifted in place at slot_ids, SiLU applied."""
+    """One decode token per row, conv pool shifted in place at slot_ids, SiLU applied.
+
+    Args:
+        x:         [B, C]
+        weight:    [C, K_conv] or [C, 1, K_conv]
+        conv_pool: [S, C, K_conv-1], updated in place (only the rows named in slot_ids)
+        slot_ids:  [B] int; -1 = padding row (output zeros, no slot touched)
+    Returns:
+        y: [B, C]
+    """
     fn = get_op("causal_conv1d_update", backend, _dev(x))
     return fn(x, weight, conv_pool=conv_pool, slot_ids=slot_ids)
 
 
 def gated_rms_norm(x, z, weight, eps=1e-6, *, backend="auto"):
-    """GDN output norm (plain weight, norm before the silu(z) gate) on the chosen backend."""
+    """GDN output norm (plain weight, norm before the silu(z) gate) on the chosen backend.
+
+    Args:
+        x, z:   [..., D]
+        weight: [D]
+    Returns:
+        [..., D] in x's dtype
+    """
     fn = get_op("gated_rms_norm", backend, _dev(x))
     return fn(x, z, weight, eps)

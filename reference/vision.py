@@ -456,7 +456,15 @@ def vision_attention(x: np.ndarray, w: VisionBlockWeights, num_heads: int, cos: 
 
 def vision_block(x: np.ndarray, w: VisionBlockWeights, num_heads: int, cos: np.ndarray, sin: np.ndarray,
                  cu_seqlens: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    """Pre-norm ViT block: x + Attn(LN1(x)), then + MLP(LN2(x)) with gelu_pytorch_tanh."""
+    """Pre-norm ViT block: x + Attn(LN1(x)), then + MLP(LN2(x)) with gelu_pytorch_tanh.
+
+    Args:
+        x:          [N, D] patch embeddings of all images / frames, packed
+        cos, sin:   [N, D_h] the 2-D rotary tables (D_h = D / num_heads)
+        cu_seqlens: [F + 1] boundaries of the attention segments (one per image / frame)
+    Returns:
+        [N, D]
+    """
     x = x + vision_attention(layer_norm(x, w.norm1_weight, w.norm1_bias, eps), w, num_heads, cos, sin, cu_seqlens)
     hmid = gelu_tanh(layer_norm(x, w.norm2_weight, w.norm2_bias, eps) @ w.fc1_weight.T + w.fc1_bias)  # [N, I]
     return x + hmid @ w.fc2_weight.T + w.fc2_bias
