@@ -148,8 +148,6 @@ def gdn_chunk_flops(T: int, H_v: int, D_k: int, D_v: int, C: int = 64) -> int:
 
 def model_prefill_flops(config, T: int) -> int:
     """FLOPs of one prefill of T tokens through the language model, logits for the last position only."""
-    from reference.memory import parameter_counts  # noqa: F401  (kept for the reader: the same weights)
-
     c = config
     H = c.hidden_size
     lin = 0

@@ -18,7 +18,6 @@ plot never travels without the conditions it was measured under.  matplotlib run
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
