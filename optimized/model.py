@@ -165,7 +165,7 @@ class Qwen35Model(RequestChecks):
     def __init__(self, weights, *, device="cpu", dtype=torch.float32, backend="auto", max_batch_size=None,
                  return_logits: str = "last", max_length: int | None = None):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+            raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
         if return_logits not in RETURN_LOGITS:
             raise ValueError(f"return_logits must be one of {RETURN_LOGITS}, got {return_logits!r}")
         self.config: Qwen35Config = weights.config
@@ -255,7 +255,6 @@ class Qwen35Model(RequestChecks):
                 f"{free:,} free bytes, which allows at most {allowed} requests. Lower max_batch_size (or pass None "
                 "to size it automatically).")
         return requested
-
 
     # ------------------------------------------------------------------ bookkeeping (and RequestChecks)
     def release(self, request_id) -> bool:
