@@ -376,6 +376,7 @@ class Qwen35Model(RequestChecks):
         """
         if inputs.executed:
             raise RequestError("these inputs were already executed; prepare new ones")
+        slots = inputs.slot_ids.tolist()  # one host copy (not one device sync per request)
         for b, rid in enumerate(inputs.request_ids):
             req = self._requests.get(rid)
             if req is None:
@@ -384,7 +385,7 @@ class Qwen35Model(RequestChecks):
             if inputs.epochs is not None and req.epoch != inputs.epochs[b]:
                 raise RequestError(f"request {rid!r} was restored from a snapshot (or released and claimed again) "
                                    "after its inputs were prepared; prepare new inputs")
-            if req.length != inputs.start_lengths[b] or req.slot != int(inputs.slot_ids[b]):
+            if req.length != inputs.start_lengths[b] or req.slot != slots[b]:
                 raise RequestError(f"request {rid!r} advanced since its inputs were prepared "
                                    f"({inputs.start_lengths[b]} -> {req.length} tokens)")
         reqs = [self._requests[r] for r in inputs.request_ids]
