@@ -522,21 +522,10 @@ class Qwen35Model(RequestChecks):
         req.prompt = None if snapshot.prompt is None else np.array(snapshot.prompt, dtype=np.int64)
         req.epoch, req.broken = next(self._epochs), None
 
-    def _check_snapshot(self, request_id, snap: RequestSnapshot) -> None:
-        def fail(msg):
-            raise RequestError(f"restore of request {request_id!r} from a snapshot of {snap.request_id!r}: {msg}")
-
+    def _check_snapshot_tensors(self, snap: RequestSnapshot, n: int, fail) -> None:
+        """Each state of `snap` (n tokens) is a torch tensor of this model's shape, dtype and device type (the
+        recurrent state fp32), and its vision embeddings, if any, a tensor [n_img_rows, H]."""
         c = self.config
-        n = int(snap.length)
-        if n < 0 or n > self.max_length:
-            fail(f"length {n} is outside [0, max_length {self.max_length}]")
-        if np.shape(snap.tokens) != (n,):
-            fail(f"tokens have shape {np.shape(snap.tokens)}, expected ({n},)")
-        if len(snap.conv_states) != c.num_linear_layers or len(snap.recurrent_states) != c.num_linear_layers:
-            fail(f"{len(snap.conv_states)} conv and {len(snap.recurrent_states)} recurrent states for "
-                 f"{c.num_linear_layers} linear layers")
-        if len(snap.kv) != c.num_full_layers:
-            fail(f"{len(snap.kv)} (k, v) pairs for {c.num_full_layers} full-attention layers")
         kv_shape = (n, c.num_key_value_heads, c.head_dim)
         checks = [("conv state", a, tuple(self.conv_pools[0].shape[1:]), self.dtype) for a in snap.conv_states]
         checks += [("recurrent state", a, tuple(self.state_pools[0].shape[1:]), torch.float32)
@@ -548,13 +537,7 @@ class Qwen35Model(RequestChecks):
                 desc = (f"{a.dtype} {tuple(a.shape)} on {a.device}" if torch.is_tensor(a)
                         else f"{type(a).__name__} {np.shape(a)}")
                 fail(f"a {what} is {desc}, this model needs a torch tensor {dt} {shape} on {self.device}")
-        if snap.prompt is not None:
-            m = min(n, len(snap.prompt))
-            if not np.array_equal(np.asarray(snap.tokens)[:m], np.asarray(snap.prompt)[:m]):
-                fail("its tokens and its prompt disagree")
         if snap.mm is not None:
-            if snap.prompt is None or snap.mm.num_tokens != len(snap.prompt):
-                fail("its multimodal prompt does not cover its stored prompt")
             e = snap.mm.embeddings
             if not torch.is_tensor(e) or tuple(e.shape) != (len(snap.mm.image_rows), c.hidden_size):
                 fail(f"its vision embeddings are {type(e).__name__} {tuple(np.shape(e))}, expected a tensor "

@@ -238,7 +238,7 @@ class RequestChecks:
 
     The host class provides `config`, `max_length`, `max_batch_size`, `return_logits` and `_requests` (request id
     -> an object with `length`, the tokens consumed, and `prompt`, the whole prompt of a first
-    TextAndVisionContext or None).
+    TextAndVisionContext or None), and `_check_snapshot_tensors(snap, n, fail)` for its own array type.
     """
 
     @property
@@ -376,6 +376,35 @@ class RequestChecks:
             self._check_length(rid, 1)
             self._check_prompt_continuation(rid, arr)
         return ids, arrays
+
+    def _check_snapshot(self, request_id, snap) -> None:
+        """A RequestSnapshot fits this model (layer counts, lengths, prompt); the host class checks its arrays in
+        `_check_snapshot_tensors(snap, n, fail)` (NumPy in the reference, torch tensors in optimized)."""
+        def fail(msg):
+            raise RequestError(f"restore of request {request_id!r} from a snapshot of {snap.request_id!r}: {msg}")
+
+        c = self.config
+        n = int(snap.length)
+        if n < 0 or n > self.max_length:
+            fail(f"length {n} is outside [0, max_length {self.max_length}]")
+        if np.shape(snap.tokens) != (n,):
+            fail(f"tokens have shape {np.shape(snap.tokens)}, expected ({n},)")
+        if len(snap.conv_states) != c.num_linear_layers or len(snap.recurrent_states) != c.num_linear_layers:
+            fail(f"{len(snap.conv_states)} conv and {len(snap.recurrent_states)} recurrent states for "
+                 f"{c.num_linear_layers} linear layers")
+        if len(snap.kv) != c.num_full_layers:
+            fail(f"{len(snap.kv)} (k, v) pairs for {c.num_full_layers} full-attention layers")
+        self._check_snapshot_tensors(snap, n, fail)
+        if snap.prompt is not None:
+            m = min(n, len(snap.prompt))
+            if not np.array_equal(np.asarray(snap.tokens)[:m], np.asarray(snap.prompt)[:m]):
+                fail("its tokens and its prompt disagree")
+        if snap.mm is not None:
+            if snap.prompt is None:
+                fail("it holds a multimodal prompt but no stored prompt")
+            if snap.mm.num_tokens != len(snap.prompt):
+                fail(f"its multimodal prompt covers {snap.mm.num_tokens} tokens but the prompt has "
+                     f"{len(snap.prompt)}")
 
     def _check_stateless_item(self, b, item) -> np.ndarray:
         """One sequence of a stateless `logits` batch (a token list or a context): its token array."""
@@ -518,21 +547,9 @@ class Qwen35Model(RequestChecks):
             mm=copy.deepcopy(snapshot.mm), prompt=None if snapshot.prompt is None else np.array(snapshot.prompt),
             epoch=next(self._epochs))
 
-    def _check_snapshot(self, request_id, snap: RequestSnapshot) -> None:
-        def fail(msg):
-            raise RequestError(f"restore of request {request_id!r} from a snapshot of {snap.request_id!r}: {msg}")
-
+    def _check_snapshot_tensors(self, snap: RequestSnapshot, n: int, fail) -> None:
+        """Each state array of `snap` (n tokens) is a NumPy array of this model's shape and dtype."""
         c = self.config
-        n = int(snap.length)
-        if n < 0 or n > self.max_length:
-            fail(f"length {n} is outside [0, max_length {self.max_length}]")
-        if np.shape(snap.tokens) != (n,):
-            fail(f"tokens have shape {np.shape(snap.tokens)}, expected ({n},)")
-        if len(snap.conv_states) != c.num_linear_layers or len(snap.recurrent_states) != c.num_linear_layers:
-            fail(f"{len(snap.conv_states)} conv and {len(snap.recurrent_states)} recurrent states for "
-                 f"{c.num_linear_layers} linear layers")
-        if len(snap.kv) != c.num_full_layers:
-            fail(f"{len(snap.kv)} (k, v) pairs for {c.num_full_layers} full-attention layers")
         kv_shape = (n, c.num_key_value_heads, c.head_dim)
         for what, arrays, shape in (
                 ("conv state", snap.conv_states, self.state_cache.conv_pools[0].shape[1:] if c.num_linear_layers
@@ -544,12 +561,6 @@ class Qwen35Model(RequestChecks):
                 if not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != self.dtype:
                     fail(f"{what} {i} is {getattr(a, 'dtype', type(a).__name__)} {np.shape(a)}, this model needs "
                          f"{self.dtype} {shape}")
-        if snap.prompt is not None:
-            m = min(n, len(snap.prompt))
-            if not np.array_equal(np.asarray(snap.tokens)[:m], np.asarray(snap.prompt)[:m]):
-                fail("its tokens and its prompt disagree")
-        if snap.mm is not None and snap.prompt is not None and snap.mm.num_tokens != len(snap.prompt):
-            fail(f"its multimodal prompt covers {snap.mm.num_tokens} tokens but the prompt has {len(snap.prompt)}")
 
     # ------------------------------------------------------------------ the pipeline interface
     def prepare_initial_token_inputs(self, contexts: Sequence[TextContext], return_n_logits=1) -> ModelInputs:
