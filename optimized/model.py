@@ -307,8 +307,8 @@ class Qwen35Model(RequestChecks):
 
         from reference.multimodal import plan_multimodal_prefill
 
-        plan_multimodal_prefill(ctx, self.config)  # placeholder / pixel checks before the tower is even built
-        pre = multimodal_prefill_inputs(ctx, self.vision_tower(), self.config)
+        plan = plan_multimodal_prefill(ctx, self.config)  # placeholder / pixel checks before the tower is built
+        pre = multimodal_prefill_inputs(ctx, self.vision_tower(), self.config, plan=plan)  # (planned once)
         return dataclasses.replace(pre, embeddings=pre.embeddings.to(device=self.device, dtype=self.dtype))
 
     # ------------------------------------------------------------------ the pipeline interface

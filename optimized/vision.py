@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from reference.multimodal import MultimodalPrefill, plan_multimodal_prefill
+from reference.multimodal import MultimodalPlan, MultimodalPrefill, plan_multimodal_prefill
 from reference.vision import VisionInputs, check_grid_thw, num_patches, vision_inputs
 
 __all__ = ["VisionTower", "vision_rope_cos_sin", "multimodal_prefill_inputs"]
@@ -155,14 +155,18 @@ class VisionTower:
         return F.linear(y, self.m_fc2_w, self.m_fc2_b)  # [N/m², H_out]
 
 
-def multimodal_prefill_inputs(ctx, tower: VisionTower | None, config) -> MultimodalPrefill:
+def multimodal_prefill_inputs(ctx, tower: VisionTower | None, config, *,
+                              plan: MultimodalPlan | None = None) -> MultimodalPrefill:
     """The optimized twin of `reference.multimodal.multimodal_prefill_inputs`.
 
     Validation, placeholder rows and MRoPE positions come from `reference.multimodal.plan_multimodal_prefill`
-    (one owner); only the tower runs here.  `embeddings` is a tensor [n, H] on the tower's device and dtype,
-    `image_rows` / `position_ids` stay NumPy int64 (host-side, as the model packs them).
+    (one owner); only the tower runs here.  `plan`: that function's result for `ctx` when the caller already has
+    it (the model plans before it builds the tower), so it is not computed twice.  `embeddings` is a tensor [n, H]
+    on the tower's device and dtype, `image_rows` / `position_ids` stay NumPy int64 (host-side, as the model packs
+    them).
     """
-    plan = plan_multimodal_prefill(ctx, config)
+    if plan is None:
+        plan = plan_multimodal_prefill(ctx, config)
     if plan.inputs and tower is None:
         raise ValueError(f"request {getattr(ctx, 'request_id', '?')!r} carries pixels but no vision tower was given")
     if not plan.inputs:
