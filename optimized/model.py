@@ -375,7 +375,7 @@ class Qwen35Model(RequestChecks):
         chunk commits its final states only after the forward pass and the logits succeeded.
         """
         if inputs.executed:
-            raise RequestError("these inputs were already executed; prepare new ones")
+            raise RequestError(f"these inputs (requests {inputs.request_ids!r}) were already executed; prepare new ones")
         slots = inputs.slot_ids.tolist()  # one host copy (not one device sync per request)
         for b, rid in enumerate(inputs.request_ids):
             req = self._requests.get(rid)

@@ -127,7 +127,8 @@ class VisionTower:
                            vc.spatial_merge_size)
         inp = inputs if inputs is not None else vision_inputs(g, vc)
         if not np.array_equal(inp.grid_thw, g):
-            raise ValueError("precomputed vision inputs were built for a different grid_thw")
+            raise ValueError(f"precomputed vision inputs were built for a different grid_thw "
+                             f"({np.asarray(inp.grid_thw).tolist()}, not {g.tolist()})")
         pv = torch.as_tensor(pixel_values).to(device=self.device, dtype=self.dtype)
         N = num_patches(g)
         if tuple(pv.shape) != (N, vc.patch_dim):

@@ -194,7 +194,7 @@ class Qwen35Config:
                 raise ConfigError(
                     f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_experts ({self.num_experts})")
             if self.shared_expert_intermediate_size < 0:
-                raise ConfigError("shared_expert_intermediate_size must be >= 0")
+                raise ConfigError(f"shared_expert_intermediate_size must be >= 0, got {self.shared_expert_intermediate_size}")
             # Every layer of a Qwen3.5 MoE model is MoE; HF's MoE config has no intermediate_size (SPEC §2.7).
             object.__setattr__(self, "intermediate_size", 0)
         else:
@@ -241,7 +241,7 @@ class Qwen35Config:
         if self.is_multimodal and self.vision_config is None:
             raise ConfigError(f"model_type {self.model_type!r} is multimodal but vision_config is missing")
         if self.vision_config is not None and not isinstance(self.vision_config, VisionConfig):
-            raise ConfigError("vision_config must be a VisionConfig")
+            raise ConfigError(f"vision_config must be a VisionConfig, got {type(self.vision_config).__name__}")
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported (Qwen3.5 uses 'silu')")
 
@@ -343,7 +343,7 @@ class Qwen35Config:
     def from_hf_dict(cls, d: Mapping[str, Any]) -> "Qwen35Config":
         """Build from a Hugging Face `config.json` dict (any of the four model types)."""
         if not isinstance(d, Mapping):
-            raise ConfigError("config must be a mapping (the parsed config.json)")
+            raise ConfigError(f"config must be a mapping (the parsed config.json), got {type(d).__name__}")
         model_type = d.get("model_type")
         if model_type not in MODEL_TYPES:
             raise ConfigError(f"model_type {model_type!r} is not a Qwen3.5 type; expected one of {MODEL_TYPES}")

@@ -624,7 +624,8 @@ class Qwen35Model(RequestChecks):
     def execute(self, inputs: ModelInputs) -> ModelOutputs:
         """Run one step on prepared inputs, scatter the new states back, return the selected logits."""
         if inputs.executed:
-            raise RequestError("these inputs were already executed; prepare new ones (prepare_next_token_inputs)")
+            raise RequestError(f"these inputs (requests {inputs.request_ids!r}) were already executed; prepare new ones "
+                               "(prepare_next_token_inputs)")
         if inputs.conv_states is None:
             raise RequestError("these inputs' gathered states were dropped (prepare_next_token_inputs was called "
                                "on them); execute the newer inputs")

@@ -348,7 +348,8 @@ def get_rope_index(
         if types.shape != ids.shape:
             raise ValueError(f"mm_token_type_ids shape {types.shape} != input_ids shape {ids.shape}")
         if not np.isin(types, (TEXT, IMAGE, VIDEO)).all():
-            raise ValueError("mm_token_type_ids must only hold 0 (text), 1 (image) or 2 (video)")
+            raise ValueError(f"mm_token_type_ids must only hold 0 (text), 1 (image) or 2 (video), got "
+                             f"{sorted(set(np.unique(types).tolist()) - {TEXT, IMAGE, VIDEO})}")
     else:
         if image_token_id is None and config is not None:
             image_token_id = getattr(config, "image_token_id", None)

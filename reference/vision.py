@@ -505,7 +505,8 @@ def vision_tower(pixel_values, grid_thw, weights: VisionWeights, vision_config, 
     dt = _float_dtype(weights.dtype if dtype is None else dtype)
     inp = inputs if inputs is not None else vision_inputs(grid_thw, vc, dtype=dt)
     if inputs is not None and not np.array_equal(inputs.grid_thw, check_grid_thw(grid_thw, vc.spatial_merge_size)):
-        raise ValueError("precomputed vision inputs were built for a different grid_thw")
+        raise ValueError(f"precomputed vision inputs were built for a different grid_thw "
+                         f"({np.asarray(inputs.grid_thw).tolist()}, not {np.asarray(grid_thw).tolist()})")
     pv = np.asarray(pixel_values)
     N = num_patches(inp.grid_thw)
     if pv.ndim != 2 or pv.shape != (N, vc.patch_dim):
