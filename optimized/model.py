@@ -231,6 +231,12 @@ class Qwen35Model(RequestChecks):
         return state_bytes_per_request(self.config, "float32", conv_dtype=conv)
 
     def _size_pool(self, requested) -> int:
+        """Pool slots: `requested` (checked against free CUDA memory) or, for None, what the in-place rule allows
+        (FALLBACK_MAX_BATCH when free memory is unknown).  Fills `self.memory_report`."""
+        if requested is not None:
+            requested = int(requested)
+            if requested < 1:
+                raise ValueError(f"max_batch_size must be >= 1, got {requested}")
         per_req = self.state_bytes_per_request()
         free = None
         if self.device.type == "cuda":
@@ -238,16 +244,15 @@ class Qwen35Model(RequestChecks):
                 free = int(torch.cuda.mem_get_info(self.device)[0])
             except Exception:  # a failed query: the documented fallback
                 free = None
-        if self.config.num_linear_layers == 0:
-            return int(requested or 1)
+        if self.config.num_linear_layers == 0:  # no Gated DeltaNet state: nothing to size
+            self.memory_report = {"rule": STATE_RULE, "state_bytes_per_request": per_req, "free_bytes": free,
+                                  "max_batch_allowed": None}
+            return requested or 1
         allowed = infer_optimal_batch_size(self.config, free, rule=STATE_RULE, state_dtype="float32")
         self.memory_report = {"rule": STATE_RULE, "state_bytes_per_request": per_req, "free_bytes": free,
                               "max_batch_allowed": allowed}
         if requested is None:
             return allowed if free is not None else FALLBACK_MAX_BATCH
-        requested = int(requested)
-        if requested < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {requested}")
         if free is not None and requested > allowed:
             raise RuntimeError(
                 f"max_batch_size={requested} does not fit on {self.device}: each request holds {per_req:,} bytes of "
