@@ -519,6 +519,7 @@ def derive_layer_types(num_layers: int, interval: int) -> tuple[str, ...]:
 
 
 def preset_names() -> list[str]:
+    """The presets in reference/presets/ (published sizes, smallest first; any others after, sorted)."""
     order = ["0.8b", "2b", "4b", "9b", "27b", "35b-a3b", "122b-a10b", "397b-a17b"]
     have = {p.stem for p in PRESET_DIR.glob("*.json")}
     return [n for n in order if n in have] + sorted(have - set(order))

@@ -67,11 +67,13 @@ def recurrent_state_shape(config: Qwen35Config) -> tuple[int, int, int]:
 
 
 def conv_state_bytes_per_layer(config: Qwen35Config, dtype="bfloat16", conv_columns: int | None = None) -> int:
+    """Bytes of one request's conv state [conv_dim, K_conv-1] (or `conv_columns` columns) in one linear layer."""
     c, k = conv_state_shape(config, conv_columns)
     return c * k * dtype_bytes(dtype)
 
 
 def recurrent_state_bytes_per_layer(config: Qwen35Config, dtype="bfloat16") -> int:
+    """Bytes of one request's recurrent state [H_v, D_k, D_v] in one linear layer."""
     h, dk, dv = recurrent_state_shape(config)
     return h * dk * dv * dtype_bytes(dtype)
 
@@ -270,6 +272,7 @@ def parse_bytes(text: str | int) -> int:
 
 
 def format_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB' (binary units, one decimal)."""
     for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= size:
             return f"{n / size:.1f} {unit}"
