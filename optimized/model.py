@@ -553,21 +553,7 @@ class Qwen35Model(RequestChecks):
     def logits(self, batch) -> list[torch.Tensor]:
         """Stateless all-position logits [T_b, V] per sequence (token lists or contexts, with pixels too; a
         context's `chunk_end` is honoured); no live state used or changed."""
-        items = _as_batch(batch)
-        arrays = [self._check_stateless_item(b, item) for b, item in enumerate(items)]  # all checked first
-        if not arrays:
-            raise RequestError("logits: empty batch")
-        rows, embs, pos, offset = [], [], [], 0
-        for b, (item, arr) in enumerate(zip(items, arrays)):
-            end = item.prompt_chunk_end() if getattr(item, "chunk_end", None) is not None else arr.size
-            pre = self._multimodal_prefill(item) if _has_vision(item) else None
-            r, e, p = _chunk_inputs(pre, 0 if pre is None else pre.rope_delta, 0, end)  # tokens[:chunk_end]
-            arrays[b] = arr[:end]
-            if r is not None and r.size:
-                rows.append(r + offset)
-                embs.append(e)
-            pos.append(p)
-            offset += end
+        arrays, rows, embs, pos = self._stateless_batch(batch)  # checked, then the vision tower (if pixels)
         lens = [a.size for a in arrays]
         offsets = [0] + list(itertools.accumulate(lens))
         kv = [self._new_kv() for _ in arrays]

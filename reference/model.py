@@ -238,7 +238,8 @@ class RequestChecks:
 
     The host class provides `config`, `max_length`, `max_batch_size`, `return_logits` and `_requests` (request id
     -> an object with `length`, the tokens consumed, and `prompt`, the whole prompt of a first
-    TextAndVisionContext or None), and `_check_snapshot_tensors(snap, n, fail)` for its own array type.
+    TextAndVisionContext or None), `_multimodal_prefill(ctx)` and `_check_snapshot_tensors(snap, n, fail)` for
+    its own array type.
     """
 
     @property
@@ -405,6 +406,30 @@ class RequestChecks:
             if snap.mm.num_tokens != len(snap.prompt):
                 fail(f"its multimodal prompt covers {snap.mm.num_tokens} tokens but the prompt has "
                      f"{len(snap.prompt)}")
+
+    def _stateless_batch(self, batch) -> tuple[list, list, list, list]:
+        """Validate and pack a stateless `logits` batch (token lists or contexts, one of them alone allowed).
+
+        Returns (token arrays [T_b] (a context's tokens[:chunk_end]), placeholder rows into the packed tokens [n_b]
+        and their vision embeddings [n_b, H] for each sequence with pixels, MRoPE positions [3, T_b] per
+        sequence).  Every sequence is checked before any vision tower runs (the host's `_multimodal_prefill`).
+        """
+        items = _as_batch(batch)
+        arrays = [self._check_stateless_item(b, item) for b, item in enumerate(items)]
+        if not arrays:
+            raise RequestError("logits: empty batch")
+        rows, embs, pos, offset = [], [], [], 0
+        for b, (item, arr) in enumerate(zip(items, arrays)):
+            end = item.prompt_chunk_end() if getattr(item, "chunk_end", None) is not None else arr.size
+            pre = self._multimodal_prefill(item) if _has_vision(item) else None
+            r, e, p = _chunk_inputs(pre, 0 if pre is None else pre.rope_delta, 0, end)  # tokens[:chunk_end]
+            arrays[b] = arr[:end]
+            if r is not None and len(r):
+                rows.append(r + offset)
+                embs.append(e)
+            pos.append(p)
+            offset += end
+        return arrays, rows, embs, pos
 
     def _check_stateless_item(self, b, item) -> np.ndarray:
         """One sequence of a stateless `logits` batch (a token list or a context): its token array."""
@@ -721,22 +746,7 @@ class Qwen35Model(RequestChecks):
 
         Uses zero initial state and no cache, and touches no live request.
         """
-        arrays, rows, embs, pos = [], [], [], []
-        offset = 0
-        for b, item in enumerate(_as_batch(batch)):
-            arr = self._check_stateless_item(b, item)
-            end = item.prompt_chunk_end() if getattr(item, "chunk_end", None) is not None else arr.size
-            pre = self._multimodal_prefill(item) if _has_vision(item) else None
-            r, e, p = _chunk_inputs(pre, 0 if pre is None else pre.rope_delta, 0, end)  # tokens[:chunk_end]
-            arr = arr[:end]
-            if r is not None and len(r):
-                rows.append(r + offset)
-                embs.append(e)
-            pos.append(p)
-            arrays.append(arr)
-            offset += arr.size
-        if not arrays:
-            raise RequestError("logits: empty batch")
+        arrays, rows, embs, pos = self._stateless_batch(batch)
         B = len(arrays)
         offsets = np.concatenate([[0], np.cumsum([a.size for a in arrays])]).astype(np.int64)
         conv = [np.zeros((B,) + p.shape[1:], self.dtype) for p in self.state_cache.conv_pools]
