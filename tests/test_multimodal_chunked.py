@@ -21,46 +21,15 @@ from hypothesis import strategies as st
 
 import reference.multimodal as mm_module
 from reference.context import TextContext
-from reference.image_processing import expand_vision_placeholders
 from reference.model import Qwen35Model, RequestError
 from reference.multimodal import TextAndVisionContext
+from tests._mm_cases import CFG, IMG, VE, hf_kwargs, inside_placeholder_runs, prompt_case
 from tests._tolerance import assert_close
-from tests.hf_checkpoints import load_hf_model, make_hf_checkpoint, tiny_config
+from tests.hf_checkpoints import load_hf_model, make_hf_checkpoint
 
 torch = pytest.importorskip("torch")
 
-CFG = tiny_config("multimodal")
-IMG, VID, VS, VE = CFG.image_token_id, CFG.video_token_id, CFG.vision_start_token_id, CFG.vision_end_token_id
-
-
-def _pixels(grid, seed):
-    n = int(np.prod(np.asarray(grid).reshape(-1, 3), axis=1).sum())
-    return np.random.default_rng(seed).standard_normal((n, CFG.vision_config.patch_dim)).astype(np.float32)
-
-
-def _case(name):
-    """(prompt tokens, TextAndVisionContext pixel kwargs)."""
-    if name == "two-images":
-        grid = np.array([[1, 4, 8], [1, 6, 2]])  # 8 and 3 merged tokens
-        toks = [4, 5, VS, IMG, VE, 8, VS, IMG, VE, 9, 10, 11]
-        return expand_vision_placeholders(toks, CFG, grid, None), dict(pixel_values=_pixels(grid, 2),
-                                                                       image_grid_thw=grid)
-    if name == "video":
-        grid = np.array([[2, 4, 4]])  # two temporal patches: two runs of 4 placeholders
-        toks = [3, 4, VID, 12, 13]
-        return expand_vision_placeholders(toks, CFG, None, grid), dict(pixel_values_videos=_pixels(grid, 3),
-                                                                       video_grid_thw=grid)
-    raise KeyError(name)
-
-
-CASES = {name: _case(name) for name in ("two-images", "video")}
-
-
-def _inside_placeholder_runs(toks):
-    """Split points k (chunk [0, k), [k, ...)) with placeholders on both sides: inside a run."""
-    t = np.asarray(toks)
-    ph = np.isin(t, [IMG, VID])
-    return [k for k in range(1, len(t)) if ph[k - 1] and ph[k]]
+CASES = {name: prompt_case(name) for name in ("two-images", "video")}
 
 
 @pytest.fixture(scope="module")
@@ -78,20 +47,12 @@ def model(ckpt):
     return Qwen35Model.from_pretrained(ckpt, max_batch_size=4, return_logits="all")
 
 
-def _hf_kwargs(toks, kw):
-    ids = torch.tensor([toks])
-    types = torch.zeros_like(ids)  # HF computes MRoPE positions from mm_token_type_ids
-    types[ids == IMG] = 1
-    types[ids == VID] = 2
-    return dict(input_ids=ids, mm_token_type_ids=types, **{k: torch.from_numpy(np.asarray(v)) for k, v in kw.items()})
-
-
 @pytest.fixture(scope="module")
 def hf_logits(hf):
     out = {}
     with torch.no_grad():
         for name, (toks, kw) in CASES.items():
-            out[name] = hf(**_hf_kwargs(toks, kw), use_cache=False).logits[0].double().numpy()
+            out[name] = hf(**hf_kwargs(toks, kw), use_cache=False).logits[0].double().numpy()
     return out
 
 
@@ -136,7 +97,7 @@ def test_hf_and_one_shot_agree(hf_logits, one_shot):
 def test_any_split_equals_one_shot_and_hf(model, hf_logits, one_shot, name, data):
     toks, kw = CASES[name]
     T = len(toks)
-    inside = data.draw(st.sampled_from(_inside_placeholder_runs(toks)), label="cut inside a placeholder run")
+    inside = data.draw(st.sampled_from(inside_placeholder_runs(toks)), label="cut inside a placeholder run")
     cuts = data.draw(st.lists(st.integers(1, T - 1), max_size=4), label="other cuts")
     bounds = sorted({0, T, inside, *cuts})
     _release_all(model)
@@ -200,7 +161,7 @@ def test_greedy_continuation_after_a_chunked_prompt_equals_one_shot(ckpt, hf):
     m = Qwen35Model.from_pretrained(ckpt, max_batch_size=2)  # last-position logits
     want = m.generate([TextAndVisionContext("g", toks, **kw)], max_new_tokens=n_new)[0]
     with torch.no_grad():
-        hf_out = hf.generate(**_hf_kwargs(toks, kw), max_new_tokens=n_new, do_sample=False, min_new_tokens=n_new)
+        hf_out = hf.generate(**hf_kwargs(toks, kw), max_new_tokens=n_new, do_sample=False, min_new_tokens=n_new)
     assert want == hf_out[0, T:].tolist()
     full = m.logits([TextAndVisionContext("x", toks + want, **kw)])[0]  # one stateless pass over prompt + output
 
@@ -266,7 +227,7 @@ def _assert_unchanged(before, after):
 def test_mismatched_continuation_raises_and_changes_nothing(model, one_shot):
     toks, kw = CASES["two-images"]
     _release_all(model)
-    k = _inside_placeholder_runs(toks)[2]
+    k = inside_placeholder_runs(toks)[2]
     first = model.prepare_initial_token_inputs([TextAndVisionContext("m", toks, chunk_end=k, **kw)])
     model.execute(first)
     model.execute(model.prepare_initial_token_inputs([TextContext("other", [1, 2, 3])]))
@@ -316,7 +277,7 @@ def test_text_prompt_with_chunk_end_is_checked_too(model):
 def test_snapshot_inside_an_image_run_resumes_in_another_request(model, one_shot):
     toks, kw = CASES["two-images"]
     _release_all(model)
-    k = _inside_placeholder_runs(toks)[0]
+    k = inside_placeholder_runs(toks)[0]
     first = _run_chunked(model, "src", toks, kw, [0, k])
     snap = model.snapshot("src")
     assert snap.length == k and snap.mm is not None and snap.prompt is not None

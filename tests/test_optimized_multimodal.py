@@ -27,59 +27,25 @@ from hypothesis import strategies as st
 import optimized.model as OM
 import reference.model as RM
 from reference.context import TextContext
-from reference.image_processing import expand_vision_placeholders
 from reference.multimodal import TextAndVisionContext, plan_multimodal_prefill
+from tests._mm_cases import CFG, IMG, hf_kwargs, inside_placeholder_runs, prompt_case
 from tests._tolerance import assert_close, rel_rms
-from tests.hf_checkpoints import load_hf_model, make_hf_checkpoint, tiny_config
+from tests.hf_checkpoints import load_hf_model, make_hf_checkpoint
 
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
 
-CFG = tiny_config("multimodal")
-IMG, VID, VS, VE = CFG.image_token_id, CFG.video_token_id, CFG.vision_start_token_id, CFG.vision_end_token_id
 MAX_LEN = 96
 # fp32 chunked vs fp32 one-shot (same engine, different chunking): measured ≤ 3e-6 relative RMS
 CHUNK_BUDGET = 2e-5
 
-
-def _pixels(grid, seed):
-    n = int(np.prod(np.asarray(grid).reshape(-1, 3), axis=1).sum())
-    return np.random.default_rng(seed).standard_normal((n, CFG.vision_config.patch_dim)).astype(np.float32)
-
-
-def _case(name):
-    """(prompt tokens with expanded placeholders, TextAndVisionContext pixel kwargs)."""
-    if name == "one-image":
-        grid = np.array([[1, 6, 4]])
-        toks = [1, 2, 3, VS, IMG, VE, 5, 6, 7]
-        return expand_vision_placeholders(toks, CFG, grid, None), dict(pixel_values=_pixels(grid, 1),
-                                                                       image_grid_thw=grid)
-    if name == "two-images":
-        grid = np.array([[1, 4, 8], [1, 6, 2]])  # different grids: 8 and 3 merged tokens
-        toks = [4, 5, VS, IMG, VE, 8, VS, IMG, VE, 9, 10, 11]
-        return expand_vision_placeholders(toks, CFG, grid, None), dict(pixel_values=_pixels(grid, 2),
-                                                                       image_grid_thw=grid)
-    if name == "video":
-        grid = np.array([[2, 4, 4]])  # two temporal patches: two runs of 4 placeholders
-        toks = [3, 4, VID, 12, 13]
-        return expand_vision_placeholders(toks, CFG, None, grid), dict(pixel_values_videos=_pixels(grid, 3),
-                                                                       video_grid_thw=grid)
-    raise KeyError(name)
-
-
 NAMES = ("one-image", "two-images", "video")
-CASES = {name: _case(name) for name in NAMES}
+CASES = {name: prompt_case(name) for name in NAMES}
 
 
 def _ctx(rid, name, **extra):
     toks, kw = CASES[name]
     return TextAndVisionContext(rid, list(toks), **kw, **extra)
-
-
-def _inside_placeholder_runs(toks):
-    t = np.asarray(toks)
-    ph = np.isin(t, [IMG, VID])
-    return [k for k in range(1, len(t)) if ph[k - 1] and ph[k]]
 
 
 @pytest.fixture(scope="module")
@@ -101,14 +67,6 @@ def opt(ckpt):
 @pytest.fixture(scope="module")
 def hf(ckpt):
     return load_hf_model(ckpt)
-
-
-def _hf_kwargs(toks, kw):
-    ids = torch.tensor([toks])
-    types = torch.zeros_like(ids)  # HF computes MRoPE positions from mm_token_type_ids
-    types[ids == IMG] = 1
-    types[ids == VID] = 2
-    return dict(input_ids=ids, mm_token_type_ids=types, **{k: torch.from_numpy(np.asarray(v)) for k, v in kw.items()})
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +148,7 @@ def _assert_unchanged(before, after):
 def test_logits_match_reference_and_hf(hf, ref_one_shot, opt_one_shot, name):
     toks, kw = CASES[name]
     with torch.no_grad():
-        want = hf(**_hf_kwargs(toks, kw), use_cache=False).logits[0].double().numpy()
+        want = hf(**hf_kwargs(toks, kw), use_cache=False).logits[0].double().numpy()
     got = opt_one_shot[name]
     assert got.dtype == torch.float32 and got.shape == (len(toks), CFG.vocab_size)
     assert_close(f"optimized vs float64 reference ({name})", ref_one_shot[name], got, "f32_logits")
@@ -232,7 +190,7 @@ def test_greedy_generation_after_an_image_matches_reference_and_hf(ref, opt, hf,
     toks, kw = CASES[name]
     n_new = 6
     with torch.no_grad():
-        out = hf.generate(**_hf_kwargs(toks, kw), max_new_tokens=n_new, do_sample=False, min_new_tokens=n_new)
+        out = hf.generate(**hf_kwargs(toks, kw), max_new_tokens=n_new, do_sample=False, min_new_tokens=n_new)
     want = out[0, len(toks):].tolist()
     assert ref.generate([_ctx("g", name)], max_new_tokens=n_new)[0] == want
     assert opt.generate([_ctx("g", name)], max_new_tokens=n_new)[0] == want
@@ -263,7 +221,7 @@ def test_moe_checkpoint_and_bf16(tmp_path, ckpt, ref_one_shot):
 def test_any_split_equals_one_shot(opt, ref_one_shot, opt_one_shot, name, data):
     toks, _ = CASES[name]
     T = len(toks)
-    inside = data.draw(st.sampled_from(_inside_placeholder_runs(toks)), label="cut inside a placeholder run")
+    inside = data.draw(st.sampled_from(inside_placeholder_runs(toks)), label="cut inside a placeholder run")
     cuts = data.draw(st.lists(st.integers(1, T - 1), max_size=4), label="other cuts")
     bounds = sorted({0, T, inside, *cuts})
     _release_all(opt)
@@ -393,7 +351,7 @@ def test_rollback_of_speculative_tokens_equals_processing_j_directly(opt, k, dat
 def test_a_snapshot_is_independent_of_the_pools(opt, opt_one_shot):
     _release_all(opt)
     toks, _ = CASES["two-images"]
-    k = _inside_placeholder_runs(toks)[1]
+    k = inside_placeholder_runs(toks)[1]
     first = _run_chunked(opt, "a", "two-images", [0, k])
     snap = opt.snapshot("a")
     assert snap.mm is not None and snap.prompt is not None and snap.length == k
@@ -472,7 +430,7 @@ def test_restore_checks_first_and_refuses_stale_inputs(ckpt, ref, opt):
 def test_failing_calls_leave_every_request_bit_identical(opt, opt_one_shot):
     _release_all(opt)
     toks, kw = CASES["two-images"]
-    k = _inside_placeholder_runs(toks)[2]
+    k = inside_placeholder_runs(toks)[2]
     first = _run_chunked(opt, "m", "two-images", [0, k])
     inputs = opt.prepare_initial_token_inputs([TextContext("txt", [1, 2, 3])])
     opt.execute(inputs)
@@ -546,7 +504,7 @@ def test_an_exception_inside_the_forward_pass(opt, opt_one_shot, monkeypatch):
     batch were updated in place on some layers, so those requests are marked broken; all others untouched."""
     _release_all(opt)
     toks, _ = CASES["two-images"]
-    k = _inside_placeholder_runs(toks)[0]
+    k = inside_placeholder_runs(toks)[0]
     first = _run_chunked(opt, "m", "two-images", [0, k])
     _step(opt, "other", [1, 2, 3])
     before = _everything(opt)
@@ -596,7 +554,7 @@ def test_triton_backend_on_a_chunked_image_prompt(ckpt, opt, monkeypatch):
     tri = OM.Qwen35Model.from_pretrained(ckpt, max_batch_size=1, return_logits="all", backend="triton")
     assert tri.backend == "triton"
     toks, _ = CASES["one-image"]
-    k = _inside_placeholder_runs(toks)[2]
+    k = inside_placeholder_runs(toks)[2]
     outs = []
     for m in (opt, tri):
         _release_all(m)
