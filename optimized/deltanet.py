@@ -85,6 +85,21 @@ def _output(o, z, w, config, backend):
     return linear(y.reshape(T, H_v * D_v), w.out_proj)
 
 
+# Prefills whose longest sequence has at most this many tokens run the per-token form under mode="auto": the
+# chunked form pays for a whole chunk however short the input is (one C = 64 chunk: ~7 ms at H_v = 16, D = 128 on
+# one CPU core), the recurrent form ~0.16 ms per token.  Measured crossover on CPU: T ≈ 40 (results/crossover.json,
+# `qwen35 plot --measure-crossover`); fla switches at 64 on GPUs (PITFALLS B21).  Short chunks are common: the tail
+# of a chunked prefill, speculative verification, a few tokens appended to a live request.
+RECURRENT_MAX_TOKENS = 32
+
+
+def _max_seq_len(x, cu_seqlens) -> int:
+    if cu_seqlens is None:
+        return x.shape[0]
+    cu = cu_seqlens.tolist() if hasattr(cu_seqlens, "tolist") else list(cu_seqlens)
+    return max((b - a for a, b in zip(cu[:-1], cu[1:])), default=0)
+
+
 def gated_deltanet(x, w: DeltaNetWeightsT, config, *, cu_seqlens=None, conv_state=None, recurrent_state=None,
                    mode: str = "chunk", chunk_size: int = 64, backend="auto"):
     """One GDN layer over packed sequences (same contract as reference.deltanet.gated_deltanet).
@@ -93,12 +108,15 @@ def gated_deltanet(x, w: DeltaNetWeightsT, config, *, cu_seqlens=None, conv_stat
         x:               [T_total, H]  (input_layernorm already applied)
         cu_seqlens:      [N+1] or None
         conv_state:      [N, conv_dim, K-1] or None;  recurrent_state: [N, H_v, D_k, D_v] (fp32) or None
-        mode:            "chunk" | "recurrent"
+        mode:            "chunk" | "recurrent" | "auto" (recurrent when the longest sequence has at most
+                         RECURRENT_MAX_TOKENS tokens, chunked otherwise; the two agree to fp32 rounding)
     Returns:
         y [T_total, H], conv_state [N, conv_dim, K-1], recurrent_state [N, H_v, D_k, D_v] (fp32)
     """
-    if mode not in ("chunk", "recurrent"):
-        raise ValueError(f"gated_deltanet: mode must be 'chunk' or 'recurrent', got {mode!r}")
+    if mode not in ("chunk", "recurrent", "auto"):
+        raise ValueError(f"gated_deltanet: mode must be 'chunk', 'recurrent' or 'auto', got {mode!r}")
+    if mode == "auto":
+        mode = "recurrent" if _max_seq_len(x, cu_seqlens) <= RECURRENT_MAX_TOKENS else "chunk"
     qkv, z, b, a = _split_projection(x, w, config)
     mixed, conv_state = B.causal_conv1d(qkv, w.conv1d, conv_state=conv_state, cu_seqlens=cu_seqlens,
                                         activation="silu", backend=backend)

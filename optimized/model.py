@@ -453,13 +453,13 @@ class Qwen35Model(RequestChecks):
                 li = c.linear_layer_index(i)
                 cp, sp = self.conv_pools[li], self.state_pools[li]
                 if stateless:
-                    y, _, _ = gated_deltanet(a, layer.mixer, c, cu_seqlens=cu, backend=bk)
+                    y, _, _ = gated_deltanet(a, layer.mixer, c, cu_seqlens=cu, mode="auto", backend=bk)
                 elif is_decode:
                     y = gated_deltanet_decode(a, layer.mixer, c, conv_pool=cp, state_pool=sp, slot_ids=slot_ids,
                                               backend=bk)
                 else:
                     # prefill chunk: the slots' states are the kernel's initial state; the final ones go back
-                    y, cs, rs = gated_deltanet(a, layer.mixer, c, cu_seqlens=cu, backend=bk,
+                    y, cs, rs = gated_deltanet(a, layer.mixer, c, cu_seqlens=cu, mode="auto", backend=bk,
                                                conv_state=cp.index_select(0, slot_ids),
                                                recurrent_state=sp.index_select(0, slot_ids))
                     if writes is None:

@@ -33,6 +33,7 @@ import reference.attention as ratt
 from _factory import gdn_inputs
 from _tolerance import assert_close, rel_rms
 from optimized import attention as oatt
+from optimized.deltanet import RECURRENT_MAX_TOKENS
 from reference.checkpoint import random_state_dict
 from reference.config import Qwen35Config
 from reference.context import TextContext
@@ -254,12 +255,16 @@ def test_b21_prefill_runs_chunked_decode_runs_fused_and_the_path_is_logged(tiny_
         model = OM.Qwen35Model(tiny_weights, backend="auto", max_batch_size=2)
     assert any("torch ops on cpu" in r.getMessage() for r in caplog.records), "the backend choice is not logged"
     n_linear = model.config.num_linear_layers
-    inputs = model.prepare_initial_token_inputs([TextContext("a", [1, 2, 3, 4, 5]), TextContext("b", [6, 7])])
-    model.execute(inputs)
+    long = [1 + i % 90 for i in range(RECURRENT_MAX_TOKENS + 1)]
+    inputs = model.prepare_initial_token_inputs([TextContext("a", long), TextContext("b", [6, 7])])
+    model.execute(inputs)  # the longest sequence is past the crossover: the chunked form
     assert calls == ["chunk_gated_delta_rule"] * n_linear, calls
     calls.clear()
     model.execute(model.prepare_next_token_inputs([8, 9], inputs))
     assert calls == ["fused_recurrent_gated_delta_rule_update"] * n_linear, calls
+    calls.clear()  # short prefill chunks (≤ RECURRENT_MAX_TOKENS) take the per-token form, not a padded chunk
+    model.execute(model.prepare_initial_token_inputs([TextContext("a", [1, 2, 3, 4, 5]), TextContext("b", [3, 4])]))
+    assert calls == ["recurrent_gated_delta_rule"] * n_linear, calls
 
 
 # ---------------------------------------------------------------------------------------------------------- B24
