@@ -28,7 +28,7 @@ if settings is not None:
     # `ci`: bounded, deterministic; `dev`: deeper.  Select with HYPOTHESIS_PROFILE=dev|ci (CI=true picks ci).
     settings.register_profile(
         "ci",
-        max_examples=10,
+        max_examples=25,
         deadline=None,
         derandomize=True,
         print_blob=True,
