@@ -179,7 +179,7 @@ def recurrent_gated_delta_rule(q, k, v, *, g, beta, scale=None, initial_state=No
 
 def fused_recurrent_gated_delta_rule_update(q, k, v, *, g, beta, state_pool, slot_ids, scale=None,
                                             use_qk_l2norm=True, backend="auto"):
-    """One decode token per row, state pool updated in place at slot_ids (TEAM_NOTES contract).
+    """One decode token per row, state pool updated in place at slot_ids (the contract in docs/optimized.md).
 
     Args:
         q, k:       [B, 1, H_k, D_k]

@@ -124,7 +124,7 @@ def test_prefill_then_decode_equals_hf_cache_step_by_step(pair):
 @pytest.mark.parametrize("pair", ["multimodal"], indirect=True)
 def test_image_prompt_through_the_vision_hook(pair):
     """A prompt with one image: vision embeddings replace the placeholders, MRoPE positions and rope_delta
-    drive prefill and decode (TEAM_NOTES model/vision contract)."""
+    drive prefill and decode (the model/vision contract of docs/pipeline_api.md)."""
     import torch
 
     from reference.multimodal import TextAndVisionContext
