@@ -58,7 +58,8 @@ from optimized.norms import rms_norm
 from reference.config import LINEAR, Qwen35Config
 from reference.context import TextContext
 from reference.memory import FALLBACK_MAX_BATCH, infer_optimal_batch_size, state_bytes_per_request
-from reference.model import (RequestChecks, RequestError, RequestSnapshot, _as_batch, _chunk_inputs,
+# ModelOutputs is the reference's container; here its logits / hidden_states are torch tensors on the model's device.
+from reference.model import (ModelOutputs, RequestChecks, RequestError, RequestSnapshot, _as_batch, _chunk_inputs,
                              _generate_context, _has_vision, _stop_ids, sample_next_token)
 from reference.state_cache import PoolFullError, UnknownRequestError
 from reference.weights import MLPWeights, load_weights
@@ -106,20 +107,6 @@ class ModelInputs:
     @property
     def is_decode(self) -> bool:
         return all(n == 1 for n in self.seq_lens)
-
-
-@dataclass
-class ModelOutputs:
-    """logits [Σ n_b, V] torch tensor; request b's rows are logits[logit_offsets[b]:logit_offsets[b+1]]."""
-
-    logits: torch.Tensor
-    logit_offsets: list
-    request_ids: list
-    hidden_states: torch.Tensor | None = None
-
-    def logits_for(self, request_id) -> torch.Tensor:
-        b = self.request_ids.index(request_id)
-        return self.logits[self.logit_offsets[b]:self.logit_offsets[b + 1]]
 
 
 @dataclass

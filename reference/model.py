@@ -108,7 +108,7 @@ class ModelInputs:
 class ModelOutputs:
     """logits [Σ n_b, V] (request b's rows are logits[logit_offsets[b]:logit_offsets[b+1]], oldest first);
     hidden_states: None, [B, H] (each request's last token) or [total, H] (every token): the final-normed
-    hidden state that feeds lm_head."""
+    hidden state that feeds lm_head.  optimized.Qwen35Model returns the same container holding torch tensors."""
 
     logits: np.ndarray
     logit_offsets: np.ndarray
