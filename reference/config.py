@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from reference.errors import ConfigError
+
 LINEAR = "linear_attention"
 FULL = "full_attention"
 LAYER_TYPES = (LINEAR, FULL)
@@ -34,10 +36,6 @@ MODEL_TYPES = MULTIMODAL_MODEL_TYPES + TEXT_MODEL_TYPES
 MOE_MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text")
 
 PRESET_DIR = Path(__file__).parent / "presets"
-
-
-class ConfigError(ValueError):
-    """A config value is missing, inconsistent or out of range; the message names the field."""
 
 
 def default_mrope_section(num_freqs: int) -> tuple[int, int, int]:

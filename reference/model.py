@@ -44,6 +44,7 @@ from reference.attention import gated_attention
 from reference.config import LINEAR, Qwen35Config
 from reference.context import TextContext, as_token_array
 from reference.deltanet import gated_deltanet
+from reference.errors import RequestError
 from reference.mlp import sparse_moe_block, swiglu_mlp
 from reference.norms import rms_norm
 from reference.rope import decode_position_ids
@@ -55,10 +56,6 @@ __all__ = ["Qwen35Model", "ModelInputs", "ModelOutputs", "RequestSnapshot", "Tex
 
 RETURN_LOGITS = ("last", "all", "variable")
 RETURN_HIDDEN_STATES = ("none", "last", "all")
-
-
-class RequestError(ValueError):
-    """A request cannot be run as given (bad tokens, empty, too long, duplicated...); names the request."""
 
 
 @dataclass

@@ -30,24 +30,10 @@ from typing import Hashable, Sequence
 import numpy as np
 
 from reference.config import Qwen35Config
+from reference.errors import PoolFullError, StateCacheError, UnknownRequestError
 from reference.memory import conv_state_shape, recurrent_state_shape
 
 __all__ = ["StateCacheError", "PoolFullError", "UnknownRequestError", "GatedDeltaNetStateCache", "KVCache"]
-
-
-class StateCacheError(RuntimeError):
-    """A state-cache operation was refused; the message names the request(s)."""
-
-
-class PoolFullError(StateCacheError):
-    """claim() found no free slot: max_batch_size requests are already live."""
-
-
-class UnknownRequestError(StateCacheError, KeyError):
-    """An operation named a request that holds no slot (never claimed, or released)."""
-
-    def __str__(self) -> str:  # KeyError would print the repr of the message
-        return str(self.args[0]) if self.args else ""
 
 
 def _check_ids(request_ids: Sequence[Hashable], what: str) -> list:

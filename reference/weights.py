@@ -37,6 +37,7 @@ import numpy as np
 from reference.attention import AttentionWeights
 from reference.config import LINEAR, Qwen35Config
 from reference.deltanet import DeltaNetWeights
+from reference.errors import CheckpointError, WeightLoadError
 from reference.mlp import MoEWeights
 
 __all__ = [
@@ -52,24 +53,6 @@ VISION_PREFIX = "model.visual."
 SKIPPED_PREFIXES = ("mtp.",)
 # Kept in float32 or wider whatever the requested dtype (SPEC §4.2, §14.6; PITFALLS B23).
 FP32_KEPT_SUFFIXES = ("linear_attn.A_log", "linear_attn.dt_bias", "linear_attn.norm.weight")
-
-
-class WeightLoadError(ValueError):
-    """A checkpoint does not fit the config.  Carries every problem at once.
-
-    Attributes:
-        missing:     expected names not in the checkpoint (full checkpoint names, prefix included)
-        unexpected:  checkpoint names nothing uses
-        mis_shaped:  list of (name, expected shape, found shape)
-        wrong_dtype: list of (name, found dtype) for non-float tensors
-    """
-
-    def __init__(self, message: str, *, missing=(), unexpected=(), mis_shaped=(), wrong_dtype=()):
-        self.missing = list(missing)
-        self.unexpected = list(unexpected)
-        self.mis_shaped = list(mis_shaped)
-        self.wrong_dtype = list(wrong_dtype)
-        super().__init__(message)
 
 
 # ----------------------------------------------------------------------------------------------------------------
