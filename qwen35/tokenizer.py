@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from reference.errors import CheckpointError
+
 __all__ = ["ByteTokenizer", "HFTokenizer", "load_tokenizer", "byte_tokenizer_json", "BYTE_SPECIAL_TOKENS",
            "bytes_to_unicode"]
 
@@ -92,18 +94,29 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A checkpoint's `tokenizer.json`, through the `tokenizers` library (no transformers needed)."""
+    """A checkpoint's `tokenizer.json`, through the `tokenizers` library (no transformers needed).  A file that
+    cannot be read, is not JSON, or that `tokenizers` rejects raises CheckpointError naming the file; so does a
+    `tokenizer_config.json` that is not a JSON object or whose eos_token is neither a string nor {"content": ...}."""
 
     def __init__(self, directory):
         from tokenizers import Tokenizer
 
         directory = Path(directory)
-        self._tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        path = directory / "tokenizer.json"
+        spec = _read_json(path)
+        try:
+            self._tok = Tokenizer.from_str(spec)
+        except Exception as e:  # the tokenizers library raises a bare Exception for a spec it rejects
+            raise CheckpointError(f"{path}: not a tokenizer.json the tokenizers library accepts ({e})") from None
         cfg_path = directory / "tokenizer_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        cfg = json.loads(_read_json(cfg_path)) if cfg_path.exists() else {}
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{cfg_path}: expected a JSON object, got a {type(cfg).__name__}")
         eos = cfg.get("eos_token")
         if isinstance(eos, dict):
             eos = eos.get("content")
+        if eos is not None and not isinstance(eos, str):
+            raise CheckpointError(f"{cfg_path}: eos_token must be a string or {{\"content\": string}}, got {eos!r}")
         self.eos_token = eos
         self._eos_ids = []
         if eos is not None and self._tok.token_to_id(eos) is not None:
@@ -125,6 +138,19 @@ class HFTokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+
+def _read_json(path: Path) -> str:
+    """The text of a JSON file, checked to parse; CheckpointError naming the file if it cannot be read or parsed."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    return text
 
 
 def load_tokenizer(directory=None):

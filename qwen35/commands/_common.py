@@ -1,10 +1,13 @@
 """Helpers shared by the subcommands: choosing a config from --preset / --model / the bundled demo, the checkpoint
-directory and the prompt of the commands that run a model."""
+directory, the prompt and the checkpoint loading of the commands that run a model.  Every user error here is a
+`Qwen35Error` (UsageError, ConfigError, CheckpointError) whose message names the flag or the file."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from reference.config import Qwen35Config, preset_names
+
+from ._validate import UsageError, nonnegative_int, positive_int, token_ids
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 
@@ -15,14 +18,32 @@ def add_config_arguments(parser, default_preset: str | None = None) -> None:
                    help=f"a published size ({', '.join(preset_names())})"
                         + (f"; default {default_preset}" if default_preset else ""))
     g.add_argument("--model", default=None, metavar="DIR",
-                   help="a Hugging Face Qwen3.5 checkpoint directory (its config.json)")
+                   help="a Hugging Face Qwen3.5 checkpoint directory (its config.json), or a config.json file")
     parser.set_defaults(_default_preset=default_preset)
+
+
+def read_config(path, flag: str = "--model") -> Qwen35Config:
+    """The Qwen35Config of a checkpoint directory (its config.json) or of a config.json file; a missing path, a
+    config.json that is not a file or cannot be read is a UsageError naming `flag` (bad JSON or fields: ConfigError).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{flag} {p}: no such file or directory (expected a Hugging Face Qwen3.5 checkpoint "
+                         "directory with a config.json)")
+    f = p / "config.json" if p.is_dir() else p
+    if not f.is_file():
+        raise UsageError(f"{flag} {p}: {f} {'is not a file' if f.exists() else 'does not exist'} (expected a Hugging "
+                         "Face Qwen3.5 checkpoint directory with a config.json)")
+    try:
+        return Qwen35Config.from_json_file(f)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{flag} {p}: cannot read {f} ({getattr(e, 'strerror', None) or e})") from None
 
 
 def load_config(args) -> tuple[Qwen35Config, str]:
     """(config, label) from --model, --preset, the subcommand's default preset, or the bundled demo."""
     if getattr(args, "model", None):
-        return Qwen35Config.from_pretrained(args.model), str(args.model)
+        return read_config(args.model), str(args.model)
     name = getattr(args, "preset", None) or getattr(args, "_default_preset", None)
     if name:
         return Qwen35Config.preset(name), f"preset {name}"
@@ -34,29 +55,70 @@ def load_config(args) -> tuple[Qwen35Config, str]:
 DEFAULT_PROMPT = "Hello, Qwen3.5! The quick brown fox jumps over the lazy dog."
 
 
+def add_model_argument(parser, help_text: str) -> None:
+    parser.add_argument("--model", default=None, metavar="DIR", help=help_text)
+
+
+def add_prompt_ids_argument(group, help_text: str = "comma-separated token ids") -> None:
+    group.add_argument("--prompt-ids", default=None, metavar="IDS", type=token_ids, help=help_text)
+
+
+def add_allow_nonfinite_argument(parser) -> None:
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="load a checkpoint even if a tensor holds NaN or inf (default: refuse it, naming the "
+                             "tensor)")
+
+
 def add_checkpoint_prompt_arguments(parser):
-    """--model DIR and the mutually exclusive --prompt / --prompt-ids; returns that group (a command may add
-    --length to it)."""
-    parser.add_argument("--model", default=None, metavar="DIR",
-                        help="a Hugging Face Qwen3.5 checkpoint directory (default: the bundled demo)")
+    """--model DIR, --allow-nonfinite, --seed and the mutually exclusive --prompt / --prompt-ids / --length;
+    returns that group."""
+    add_model_argument(parser, "a Hugging Face Qwen3.5 checkpoint directory (default: the bundled demo)")
+    add_allow_nonfinite_argument(parser)
     g = parser.add_mutually_exclusive_group()
     g.add_argument("--prompt", default=None, help="prompt text (tokenized with the checkpoint's tokenizer)")
-    g.add_argument("--prompt-ids", default=None, metavar="IDS", help="comma-separated token ids")
+    add_prompt_ids_argument(g)
+    g.add_argument("--length", type=positive_int, default=None,
+                   help="N random token ids (seeded by --seed) instead of a prompt")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of --length's ids (default 0)")
     return g
 
 
 def checkpoint_dir(args) -> Path:
-    """--model DIR or the bundled demo; it must hold a config.json."""
-    path = Path(args.model) if args.model else DEMO_DIR
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path} has no config.json (expected a Hugging Face Qwen3.5 checkpoint directory)")
+    """--model DIR or the bundled demo: an existing directory holding a config.json file (UsageError if not)."""
+    if not args.model:
+        return DEMO_DIR
+    path = Path(args.model)
+    if not path.exists():
+        raise UsageError(f"--model {path}: no such directory (expected a Hugging Face Qwen3.5 checkpoint directory "
+                         "with config.json and safetensors)")
+    if not path.is_dir():
+        raise UsageError(f"--model {path}: is a file, not a directory (expected a Hugging Face Qwen3.5 checkpoint "
+                         "directory with config.json and safetensors)")
+    config = path / "config.json"
+    if not config.is_file():
+        raise UsageError(f"--model {path}: {config} {'is not a file' if config.exists() else 'does not exist'} "
+                         "(expected a Hugging Face Qwen3.5 checkpoint directory)")
     return path
+
+
+def check_token_ids(ids, config: Qwen35Config, source: str) -> list[int]:
+    """The prompt `ids` as ints, after checking that there is at least one and that each is in the vocabulary
+    0..vocab_size-1; `source` names where they came from (a flag or the tokenizer) in the UsageError."""
+    ids = [int(t) for t in ids]
+    if not ids:
+        raise UsageError(f"{source}: the prompt is empty (it has no tokens)")
+    bad = [(i, t) for i, t in enumerate(ids) if not 0 <= t < config.vocab_size]
+    if bad:
+        i, t = bad[0]
+        raise UsageError(f"{source}: token id {t} (position {i}{f', and {len(bad) - 1} more' if len(bad) > 1 else ''})"
+                         f" is outside the model's vocabulary 0..{config.vocab_size - 1}")
+    return ids
 
 
 def prompt_tokens(args, path, config) -> list[int]:
     """The prompt's token ids: --length N random ids (seeded by --seed), --prompt-ids, or --prompt (default
     DEFAULT_PROMPT) through the checkpoint's tokenizer; 32 random ids when only the byte tokenizer is there and the
-    vocabulary is too small for it."""
+    vocabulary is too small for it.  Checked against the vocabulary."""
     import numpy as np
 
     from qwen35.tokenizer import ByteTokenizer, load_tokenizer
@@ -64,8 +126,22 @@ def prompt_tokens(args, path, config) -> list[int]:
     if args.length is not None:
         return np.random.default_rng(args.seed).integers(0, config.vocab_size, args.length).tolist()
     if args.prompt_ids is not None:
-        return [int(t) for t in args.prompt_ids.replace(" ", "").split(",") if t]
+        return check_token_ids(args.prompt_ids, config, "--prompt-ids")
     tok = load_tokenizer(path)
     if isinstance(tok, ByteTokenizer) and config.vocab_size < tok.vocab_size:
         return np.random.default_rng(args.seed).integers(0, config.vocab_size, 32).tolist()
-    return tok.encode(args.prompt or DEFAULT_PROMPT)
+    return check_token_ids(tok.encode(DEFAULT_PROMPT if args.prompt is None else args.prompt), config, "--prompt (tokenized)")
+
+
+def load_kwargs(args, loader) -> dict:
+    """The checkpoint-loading keywords the command line sets for `loader` (a from_pretrained or load_weights):
+    allow_nonfinite=True with --allow-nonfinite.  A loader without that keyword gets none, and then
+    --allow-nonfinite is a UsageError rather than silently ignored."""
+    import inspect
+
+    want = bool(getattr(args, "allow_nonfinite", False))
+    if "allow_nonfinite" in inspect.signature(loader).parameters:
+        return {"allow_nonfinite": want}
+    if want:
+        raise UsageError(f"--allow-nonfinite: {loader.__qualname__} has no allow_nonfinite keyword in this version")
+    return {}

@@ -1,7 +1,7 @@
 """`qwen35 accuracy`: the optimized gated delta rule vs the float64 oracle, by length and over a long decode -> JSON."""
 from __future__ import annotations
 
-from pathlib import Path
+from ._validate import device, nonnegative_int, output_path, positive_int, writing
 
 NAME = "accuracy"
 HELP = ("measure relative RMS / max-abs / NMSE error of the optimized chunked and recurrent gated delta rule "
@@ -10,14 +10,16 @@ HELP = ("measure relative RMS / max-abs / NMSE error of the optimized chunked an
 
 def add_arguments(parser):
     parser.add_argument("--quick", action="store_true", help="small sizes (seconds): lengths 16..160, 128 steps")
-    parser.add_argument("--lengths", type=int, nargs="+", default=None, metavar="T",
+    parser.add_argument("--lengths", type=positive_int, nargs="+", default=None, metavar="T",
                         help="sequence lengths (default 64 256 1024 4096)")
-    parser.add_argument("--steps", type=int, default=None, help="decode steps of the drift curve (default 2048)")
-    parser.add_argument("--device", default="cpu", help="torch device for the optimized path (default cpu)")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="decode steps of the drift curve (default 2048)")
+    parser.add_argument("--device", type=device, default="cpu",
+                        help="torch device for the optimized path: cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--backend", default="torch", choices=["torch", "triton"],
                         help="optimized implementation: the torch ops (default) or the Triton kernels (a CUDA "
                              "device, or TRITON_INTERPRET=1 on CPU with small sizes)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the random inputs (default 0)")
     parser.add_argument("--out", default=None, metavar="FILE",
                         help="JSON file (default results/accuracy[_triton][_quick].json)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -26,11 +28,12 @@ def add_arguments(parser):
 def run(args) -> int:
     from qwen35.accuracy import RESULTS_DIR, accuracy_table, run_accuracy, write_json
 
+    default = "accuracy" + ("" if args.backend == "torch" else f"_{args.backend}") + ("_quick" if args.quick else "")
+    out = output_path(args.out or RESULTS_DIR / f"{default}.json", "--out")  # before the run, not after it
     data = run_accuracy(quick=args.quick, lengths=args.lengths, steps=args.steps, device=args.device,
                         backend=args.backend, seed=args.seed, progress=not args.no_progress)
-    default = "accuracy" + ("" if args.backend == "torch" else f"_{args.backend}") + ("_quick" if args.quick else "")
-    out = Path(args.out) if args.out else RESULTS_DIR / f"{default}.json"
-    write_json(data, out)
+    with writing(out, "--out"):
+        write_json(data, out)
     m = data["meta"]
     print(f"accuracy vs the float64 oracle on {m['device_name']} (torch {m['torch']}, numpy {m['numpy']}); "
           f"shape {m['shape']}")

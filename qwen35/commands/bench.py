@@ -1,15 +1,20 @@
 """`qwen35 bench`: CPU speed runs of the optimized engine vs the NumPy reference and transformers -> table + JSON."""
 from __future__ import annotations
 
+from ._validate import UsageError, comma_list, output_path, read_json_file, writing
+
 NAME = "bench"
 HELP = ("benchmark the optimized PyTorch engine on one CPU thread (GDN prefill vs sgemm rate, decode step, whole "
         "model vs transformers); prints a table and writes JSON")
 
 
+PARTS = ("gdn", "decode", "model")
+
+
 def add_arguments(parser):
     parser.add_argument("--quick", action="store_true", help="a fast run (smaller T, fewer repeats)")
     parser.add_argument("--out", default="docs/bench_cpu.json", help="JSON output file (default docs/bench_cpu.json)")
-    parser.add_argument("--parts", default="gdn,decode,model",
+    parser.add_argument("--parts", type=comma_list(PARTS), default=PARTS,
                         help="comma-separated subset of gdn,decode,model (default: all)")
     parser.add_argument("--tuned-allocator", action="store_true",
                         help="run with large-buffer reuse (glibc MALLOC_MMAP/TRIM_THRESHOLD_ = 4 GiB, torch "
@@ -50,23 +55,22 @@ def _reexec(tuned_allocator: bool) -> None:
 
 def run(args) -> int:
     if getattr(args, "gpu_json", None):
-        import json
-        from pathlib import Path
-
         from qwen35.bench import gpu_markdown
 
-        print(gpu_markdown(json.loads(Path(args.gpu_json).read_text())))
+        data = read_json_file(args.gpu_json, "--gpu-json")
+        if data.get("kind") != "gpu_bench":
+            raise UsageError(f"--gpu-json {args.gpu_json}: not a scripts/gpu_bench.py JSON (its kind is "
+                             f"{data.get('kind')!r}, expected 'gpu_bench')")
+        print(gpu_markdown(data))
         return 0
+    output_path(args.out, "--out")  # before the (long) run, not after it
     _reexec(getattr(args, "tuned_allocator", False))
     from qwen35.bench import format_table, run_all, write_json
 
-    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
-    bad = [p for p in parts if p not in ("gdn", "decode", "model")]
-    if bad:
-        raise ValueError(f"unknown bench part(s) {bad}; choose from gdn, decode, model")
-    res = run_all(quick=args.quick, parts=parts)
+    res = run_all(quick=args.quick, parts=tuple(args.parts))
     print()
     print(format_table(res))
-    path = write_json(res, args.out)
+    with writing(args.out, "--out"):
+        path = write_json(res, args.out)
     print(f"\nwrote {path}")
     return 0

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import add_checkpoint_prompt_arguments, checkpoint_dir, prompt_tokens
+from reference.errors import CheckpointError
+
+from ._common import add_checkpoint_prompt_arguments, checkpoint_dir, load_kwargs, prompt_tokens, read_config
+from ._validate import positive_float
 
 NAME = "diverge"
 HELP = ("layer-wise divergence report, reference (float64) vs Hugging Face transformers (float32, eager): max and "
@@ -19,12 +22,9 @@ HELP = ("layer-wise divergence report, reference (float64) vs Hugging Face trans
 
 def add_arguments(parser):
     add_checkpoint_prompt_arguments(parser)
-    parser.add_argument("--length", type=int, default=None,
-                        help="use N random token ids (seeded) instead of a prompt")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["float64", "float32"], default="float64",
                         help="reference dtype (default float64, the oracle)")
-    parser.add_argument("--tolerance", type=float, default=1e-4,
+    parser.add_argument("--tolerance", type=positive_float, default=1e-4,
                         help="relative RMS error above which a point counts as divergent (default 1e-4: fp32 "
                              "rounding reaches a few 1e-5 on small random models)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -61,19 +61,23 @@ def hf_trace(hf, tokens, names) -> list[tuple[str, np.ndarray]]:
     return list(zip(names, arrays))
 
 
-def divergence_vs_hf(path, tokens, *, dtype=np.float64, tolerance: float = 1e-4, hf=None):
-    """Build both models from checkpoint `path` and compare them on `tokens` (a DivergenceReport)."""
+def divergence_vs_hf(path, tokens, *, dtype=np.float64, tolerance: float = 1e-4, hf=None, **load):
+    """Build both models from checkpoint `path` and compare them on `tokens` (a DivergenceReport); `load` goes to
+    the reference's from_pretrained (allow_nonfinite)."""
     import torch
     import transformers
 
     from reference.divergence import compare_traces, reference_trace, trace_names
     from reference.model import Qwen35Model
 
-    model = Qwen35Model.from_pretrained(path, max_batch_size=1, dtype=dtype)
+    model = Qwen35Model.from_pretrained(path, max_batch_size=1, dtype=dtype, **load)
     if hf is None:
-        arch = (json.loads((Path(path) / "config.json").read_text()).get("architectures") or ["?"])[0]
-        if not hasattr(transformers, arch):
-            raise ValueError(f"transformers {transformers.__version__} has no class {arch!r}")
+        config_json = Path(path) / "config.json"
+        arch = (json.loads(config_json.read_text()).get("architectures") or ["?"])[0]
+        if not isinstance(arch, str) or not hasattr(transformers, arch):
+            raise CheckpointError(f"{config_json}: architectures[0] is {arch!r}, which transformers "
+                                  f"{transformers.__version__} has no class for (expected e.g. "
+                                  "'Qwen3_5ForCausalLM')")
         hf = getattr(transformers, arch).from_pretrained(path, dtype=torch.float32,
                                                          attn_implementation="eager").eval()
     ref = reference_trace(model, tokens)
@@ -85,12 +89,13 @@ def divergence_vs_hf(path, tokens, *, dtype=np.float64, tolerance: float = 1e-4,
 
 
 def run(args) -> int:
-    from reference.config import Qwen35Config
+    from reference.model import Qwen35Model
 
     path = checkpoint_dir(args)
-    config = Qwen35Config.from_pretrained(path)
+    config = read_config(path)
     tokens = prompt_tokens(args, path, config)
-    report = divergence_vs_hf(path, tokens, dtype=np.dtype(args.dtype), tolerance=args.tolerance)
+    report = divergence_vs_hf(path, tokens, dtype=np.dtype(args.dtype), tolerance=args.tolerance,
+                              **load_kwargs(args, Qwen35Model.from_pretrained))
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import checkpoint_dir
+from ._common import (add_allow_nonfinite_argument, add_model_argument, add_prompt_ids_argument, check_token_ids,
+                      checkpoint_dir, load_kwargs, read_config)
+from ._validate import UsageError, device, nonnegative_int, positive_int, probability, temperature
 
 NAME = "generate"
 HELP = ("generate text from a Qwen3.5 checkpoint directory (default: the bundled demo model) on the NumPy "
@@ -16,56 +18,66 @@ DEFAULT_PROMPT = "Hello, Qwen3.5!"
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", default=None, metavar="DIR",
-                        help="a Hugging Face Qwen3.5 checkpoint directory (config.json + safetensors; its "
-                             "tokenizer.json is used when present). Default: the bundled demo")
+    add_model_argument(parser, "a Hugging Face Qwen3.5 checkpoint directory (config.json + safetensors; its "
+                               "tokenizer.json is used when present). Default: the bundled demo")
+    add_allow_nonfinite_argument(parser)
     g = parser.add_mutually_exclusive_group()
     g.add_argument("--prompt", default=None, help=f"prompt text (default {DEFAULT_PROMPT!r})")
-    g.add_argument("--prompt-ids", default=None, metavar="IDS",
-                   help="prompt as comma-separated token ids (for checkpoints without a tokenizer)")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32",
-                        help="reference compute dtype (default float32; float64 is the oracle's precision)")
+    add_prompt_ids_argument(g, "prompt as comma-separated token ids (for checkpoints without a tokenizer)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to generate, >= 1 (default 32)")
+    parser.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy (default); > 0 samples")
+    parser.add_argument("--top-k", type=positive_int, default=None, help="sample from the k >= 1 most likely tokens")
+    parser.add_argument("--top-p", type=probability, default=None, help="nucleus sampling mass, in (0, 1]")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="sampling seed, >= 0 (default 0)")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default=None,
+                        help="reference compute dtype (default float32; float64 is the oracle's precision); the "
+                             "optimized engine runs float32")
     parser.add_argument("--engine", choices=["reference", "optimized"], default="reference",
                         help="reference = NumPy oracle (default); optimized = PyTorch + Triton")
-    parser.add_argument("--device", default="cpu", help="device for --engine optimized (default cpu)")
+    parser.add_argument("--device", type=device, default=None,
+                        help="cpu, cuda or cuda:N, for --engine optimized (default cpu)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _check_engine_arguments(args) -> None:
+    """--device belongs to the optimized engine, --dtype float64 to the reference: refuse a mix that would be
+    silently ignored."""
+    if args.engine == "reference" and args.device not in (None, "cpu"):
+        raise UsageError(f"--device {args.device}: the reference engine runs NumPy on the CPU; add --engine optimized")
+    if args.engine == "optimized" and args.dtype == "float64":
+        raise UsageError("--dtype float64: the optimized engine runs float32; use --engine reference for float64")
+    args.device = args.device or "cpu"
+    args.dtype = args.dtype or "float32"
 
 
 def _load_model(args, path: Path):
     if args.engine == "optimized":
         from optimized.model import Qwen35Model as OptimizedModel
 
-        return OptimizedModel.from_pretrained(path, device=args.device, max_batch_size=1)
+        return OptimizedModel.from_pretrained(path, device=args.device, max_batch_size=1,
+                                              **load_kwargs(args, OptimizedModel.from_pretrained))
     from reference.model import Qwen35Model
 
-    return Qwen35Model.from_pretrained(path, max_batch_size=1, dtype=np.dtype(args.dtype))
+    return Qwen35Model.from_pretrained(path, max_batch_size=1, dtype=np.dtype(args.dtype),
+                                       **load_kwargs(args, Qwen35Model.from_pretrained))
 
 
 def run(args) -> int:
     from qwen35.generation import generate_tokens
     from qwen35.tokenizer import ByteTokenizer, load_tokenizer
-    from reference.config import Qwen35Config
 
+    _check_engine_arguments(args)
     path = checkpoint_dir(args)
-    config = Qwen35Config.from_pretrained(path)
+    config = read_config(path)
     tokenizer = load_tokenizer(path)
     if args.prompt_ids is not None:
-        try:
-            prompt_ids = [int(t) for t in args.prompt_ids.replace(" ", "").split(",") if t]
-        except ValueError:
-            raise ValueError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+        prompt_ids = check_token_ids(args.prompt_ids, config, "--prompt-ids")
     else:
         if isinstance(tokenizer, ByteTokenizer) and config.vocab_size < tokenizer.vocab_size:
-            raise ValueError(f"{path} has no tokenizer.json and its vocabulary ({config.vocab_size}) is too small "
-                             "for the byte tokenizer; pass --prompt-ids")
-        prompt_ids = tokenizer.encode(DEFAULT_PROMPT if args.prompt is None else args.prompt)
-    if not prompt_ids:
-        raise ValueError("the prompt is empty")
+            raise UsageError(f"--prompt: {path} has no tokenizer.json and its vocabulary ({config.vocab_size}) is "
+                             "too small for the byte tokenizer; pass --prompt-ids")
+        prompt_ids = check_token_ids(tokenizer.encode(DEFAULT_PROMPT if args.prompt is None else args.prompt),
+                                     config, "--prompt (tokenized)")
     stop = set(tokenizer.eos_token_ids)
     eos = config.eos_token_id
     if eos is not None:

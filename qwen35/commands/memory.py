@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import json
 
-from reference.memory import format_bytes, memory_budget, parse_bytes
+from reference.memory import format_bytes, memory_budget
 
 from ._common import add_config_arguments, load_config
+from ._validate import dtype_name, memory_size, positive_int
 
 NAME = "memory"
 HELP = ("size the state cache, the KV cache and the weights for a memory budget, and show the max batch under the "
@@ -14,17 +15,20 @@ HELP = ("size the state cache, the KV cache and the weights for a memory budget,
 
 def add_arguments(parser):
     add_config_arguments(parser)
-    parser.add_argument("--memory", default="80GiB", help="device memory budget, e.g. 80GiB, 141GB (default 80GiB)")
-    parser.add_argument("--context", type=int, default=8192, help="tokens per request for the KV cache (default 8192)")
-    parser.add_argument("--state-dtype", default="bfloat16", help="state dtype: bfloat16 (default) or float32")
-    parser.add_argument("--kv-dtype", default="bfloat16", help="KV-cache dtype (default bfloat16)")
-    parser.add_argument("--weight-dtype", default="bfloat16", help="weight dtype (default bfloat16)")
+    parser.add_argument("--memory", type=memory_size, default="80GiB",
+                        help="device memory budget, e.g. 80GiB, 141GB (default 80GiB)")
+    parser.add_argument("--context", type=positive_int, default=8192,
+                        help="tokens per request for the KV cache, >= 1 (default 8192)")
+    parser.add_argument("--state-dtype", type=dtype_name, default="bfloat16",
+                        help="state dtype: bfloat16 (default) or float32")
+    parser.add_argument("--kv-dtype", type=dtype_name, default="bfloat16", help="KV-cache dtype (default bfloat16)")
+    parser.add_argument("--weight-dtype", type=dtype_name, default="bfloat16", help="weight dtype (default bfloat16)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def run(args) -> int:
     config, label = load_config(args)
-    b = memory_budget(config, parse_bytes(args.memory), args.context, state_dtype=args.state_dtype,
+    b = memory_budget(config, args.memory, args.context, state_dtype=args.state_dtype,
                       kv_dtype=args.kv_dtype, weight_dtype=args.weight_dtype)
     if args.json:
         d = b.as_dict()

@@ -1,6 +1,8 @@
 """`qwen35 plot`: result JSON -> PNG/SVG plots (memory, accuracy, decode drift, speed, crossover)."""
 from __future__ import annotations
 
+from ._validate import output_path, read_json_file, writing
+
 NAME = "plot"
 HELP = ("render plots from result JSON: refreshes results/memory.json (analytic, from reference.memory), then turns "
         "every known JSON in results/ (memory, accuracy, bench) into PNG/SVG under docs/plots/")
@@ -22,13 +24,16 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     from qwen35.plot import render_all
 
-    results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
-    written = render_all(results, Path(args.out), tuple(args.format), refresh_memory=not args.no_memory_refresh,
-                         measure_crossover=args.measure_crossover)
+    results = output_path(args.results, "--results", directory=True)
+    out = output_path(args.out, "--out", directory=True)
+    with writing(results, "--results"):
+        results.mkdir(parents=True, exist_ok=True)
+    for path in sorted(results.glob("*.json")):  # render_all reads each; a malformed one is named here
+        read_json_file(path, "--results")
+    with writing(out, "--out"):
+        written = render_all(results, out, tuple(args.format), refresh_memory=not args.no_memory_refresh,
+                             measure_crossover=args.measure_crossover)
     print(f"{len(written)} files written to {args.out}")
     return 0 if written else 1
