@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from optimized.linear import linear
 from optimized.norms import rms_norm
-from optimized.rope import apply_partial_rope, inv_freq, mrope_cos_sin
+from optimized.rope import apply_partial_rope, packed_rope_tables
 
 __all__ = ["AttentionWeightsT", "KVCache", "gated_attention", "split_q_gate"]
 
@@ -140,8 +140,8 @@ def gated_attention(x, w: AttentionWeightsT, config, *, position_ids=None, cu_se
     q = rms_norm(q, w.q_norm, eps)  # norm before RoPE (SPEC §6 step 2)
     k = rms_norm(k, w.k_norm, eps)
     tdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    freqs = inv_freq(config.rotary_dim, config.rope_theta, dtype=tdt, device=dev)
-    cos, sin = mrope_cos_sin(pos, freqs, config.mrope_section, interleaved=bool(getattr(config, "mrope_interleaved", True)))
+    # RoPE (scaled per config.rope_scaling): one table, or one per request under `dynamic` (its own length).
+    cos, sin = packed_rope_tables(pos, cu, config, dtype=tdt)  # [T_total, R] each
     q = apply_partial_rope(q, cos, sin)
     k = apply_partial_rope(k, cos, sin)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from reference.norms import rms_norm, sigmoid
-from reference.rope import apply_partial_rope, inv_freq, mrope_cos_sin, text_position_ids
+from reference.rope import apply_partial_rope, rope_tables, text_position_ids
 
 
 @dataclass
@@ -160,7 +160,8 @@ def gated_attention(x, w: AttentionWeights, config, *, position_ids=None, cu_seq
         x: [T_total, H] float32 or float64 (the compute dtype; weights are cast to it).
         w: AttentionWeights.
         config: Qwen35Config (hidden_size, num_attention_heads, num_key_value_heads, head_dim, rms_norm_eps,
-            rope_theta, rotary_dim, mrope_section, mrope_interleaved, attention_scale, attn_output_gate).
+            rope_theta, rope_scaling, max_position_embeddings, rotary_dim, mrope_section, mrope_interleaved,
+            attention_scale, attn_output_gate).
         position_ids: [3, T_total] integer (t, h, w) MRoPE positions of the new tokens, or [T_total].
             None: text positions T_past_n + arange(T_n) per sequence (rope_delta 0).
         cu_seqlens: [N+1] packed-sequence offsets; None = one sequence.
@@ -210,8 +211,6 @@ def gated_attention(x, w: AttentionWeights, config, *, position_ids=None, cu_seq
             raise ValueError(f"position_ids must be [3, T_total={T_total}], got shape {pos.shape}")
 
     Wq, Wk, Wv, Wo = (np.asarray(a, dtype=dt) for a in (w.q_proj, w.k_proj, w.v_proj, w.o_proj))
-    freqs = inv_freq(config.rotary_dim, config.rope_theta, dtype=dt)  # [R/2]
-    interleaved = bool(getattr(config, "mrope_interleaved", True))
     eps = config.rms_norm_eps
 
     # One sequence at a time, every op on that sequence's rows only: a packed batch is then bitwise equal to a
@@ -236,7 +235,8 @@ def gated_attention(x, w: AttentionWeights, config, *, position_ids=None, cu_seq
         k = rms_norm(k, w.k_norm, eps, dtype=dt)  # [T, nkv, hd]
 
         # Partial interleaved MRoPE on the first R channels (SPEC §7); tables in the compute dtype, as HF.
-        cos, sin = mrope_cos_sin(pos[:, s:e], freqs, config.mrope_section, interleaved=interleaved)  # [T, R]
+        # RoPE scaling per request: `dynamic` uses this chunk's max position + 1 (docs/rope_and_mrope.md).
+        cos, sin = rope_tables(pos[:, s:e], config, dtype=dt)  # [T, R]
         q = apply_partial_rope(q, cos, sin)  # [T, nh, hd]
         k = apply_partial_rope(k, cos, sin)  # [T, nkv, hd]
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from reference.errors import ConfigError
+from reference.rope import RopeScaling
 
 LINEAR = "linear_attention"
 FULL = "full_attention"
@@ -140,8 +141,9 @@ class Qwen35Config:
     max_position_embeddings: int = 32768
     rms_norm_eps: float = 1e-6
     attention_bias: bool = False
-    # RoPE (SPEC §2.4): `rope_parameters` in config.json; flattened here.
-    rope_type: str = "default"
+    # RoPE: `rope_parameters` in config.json; flattened here.  rope_scaling holds rope_type and the context
+    # extension parameters (linear / dynamic / yarn; reference/rope.py, docs/rope_and_mrope.md).
+    rope_scaling: RopeScaling = RopeScaling()
     rope_theta: float = 10_000_000.0
     partial_rotary_factor: float = 0.25
     mrope_section: tuple[int, int, int] | None = None  # None -> default_mrope_section(rotary_dim // 2)
@@ -222,6 +224,12 @@ class Qwen35Config:
                     f"sum(mrope_section) = {sum(sec)} must equal rotary_dim // 2 = {self.rotary_dim // 2} "
                     f"(mrope_section={list(sec)}, rotary_dim={self.rotary_dim})")
             object.__setattr__(self, "mrope_section", sec)
+        if isinstance(self.rope_scaling, Mapping):  # a rope_parameters-style dict, e.g. tiny(rope_scaling={...})
+            object.__setattr__(self, "rope_scaling", RopeScaling.from_rope_parameters(
+                self.rope_scaling, max_position_embeddings=self.max_position_embeddings))
+        elif not isinstance(self.rope_scaling, RopeScaling):
+            raise ConfigError(f"rope_scaling must be a RopeScaling or a rope_parameters mapping, got "
+                              f"{type(self.rope_scaling).__name__}")
         if self.layer_types is None:
             object.__setattr__(self, "layer_types", derive_layer_types(self.num_hidden_layers,
                                                                        self.full_attention_interval))
@@ -271,6 +279,11 @@ class Qwen35Config:
     def value_heads_per_key_head(self) -> int:
         """r = H_v / H_k: value head h reads key head h // r."""
         return self.linear_num_value_heads // self.linear_num_key_heads
+
+    @property
+    def rope_type(self) -> str:
+        """rope_parameters.rope_type: default | linear | dynamic | yarn (`rope_scaling.rope_type`)."""
+        return getattr(self.rope_scaling, "rope_type", "default")
 
     @property
     def rotary_dim(self) -> int:
@@ -324,16 +337,24 @@ class Qwen35Config:
         return self.layer_types[:layer].count(LINEAR)
 
     def resolve_max_seq_len(self, requested: int | None = None) -> int:
-        """Max sequence length, like the documented `calculate_max_seq_len`: the request bounded above by
-        `max_position_embeddings` (a request above it is an error), or `max_position_embeddings` if none."""
+        """Max sequence length, like the documented `calculate_max_seq_len`: the request bounded above by the
+        context window (a request above it is an error), or the window itself if none.
+
+        The window follows the RoPE scaling (`RopeScaling.max_seq_len`): max_position_embeddings for `default`,
+        ⌊factor · max_position_embeddings⌋ for `linear` and `dynamic`, and
+        max(max_position_embeddings, ⌊factor · original_max_position_embeddings⌋) for `yarn`."""
+        limit = self.rope_scaling.max_seq_len(self.max_position_embeddings)
         if requested is None:
-            return self.max_position_embeddings
-        if not isinstance(requested, int) or requested <= 0:
+            return limit
+        if not isinstance(requested, int) or isinstance(requested, bool) or requested <= 0:
             raise ConfigError(f"max_length must be a positive int, got {requested!r}")
-        if requested > self.max_position_embeddings:
+        if requested > limit:
+            window = (f"max_position_embeddings ({self.max_position_embeddings})" if self.rope_type == "default"
+                      else f"context window {limit} (max_position_embeddings {self.max_position_embeddings} under "
+                           f"rope_type {self.rope_type!r}, factor {self.rope_scaling.factor:g})")
             raise ConfigError(
                 f"Unable to infer max_length for Qwen3.5: the provided max_length ({requested}) exceeds the "
-                f"model's max_position_embeddings ({self.max_position_embeddings})")
+                f"model's {window}")
         return requested
 
     # ------------------------------------------------------------------ constructors
@@ -363,8 +384,10 @@ class Qwen35Config:
         for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
             if name in top and top[name] is not None and top is not text:
                 kw[name] = top[name]
-        # RoPE: MAX priority — top-level rope_theta, then rope_parameters (SPEC §2.4).
-        rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
+        # RoPE: MAX priority — top-level rope_theta, then rope_parameters.  The older key `rope_scaling`, when
+        # present and non-empty, replaces rope_parameters (transformers' `convert_rope_params_to_dict`).
+        rope_key = "rope_scaling" if text.get("rope_scaling") else "rope_parameters"
+        rope = dict(text.get(rope_key) or {})
         if "rope_theta" in text and text["rope_theta"] is not None:
             kw["rope_theta"] = float(text["rope_theta"])
         elif "rope_theta" in rope:
@@ -373,8 +396,16 @@ class Qwen35Config:
             kw["partial_rotary_factor"] = float(rope["partial_rotary_factor"])
         elif "partial_rotary_factor" in text:
             kw["partial_rotary_factor"] = float(text["partial_rotary_factor"])
-        if "rope_type" in rope:
-            kw["rope_type"] = rope["rope_type"]
+        # Scaling (rope_type, or its old alias `type`, and its parameters).  A top-level
+        # original_max_position_embeddings wins over the one in rope_parameters, as transformers'
+        # `standardize_rope_params` does when the yarn frequencies are computed.
+        scaling = dict(rope)
+        if text.get("original_max_position_embeddings") is not None:
+            scaling["original_max_position_embeddings"] = text["original_max_position_embeddings"]
+        kw["rope_scaling"] = RopeScaling.from_rope_parameters(
+            scaling, source=("text_config." if model_type in MULTIMODAL_MODEL_TYPES else "") + rope_key,
+            max_position_embeddings=kw.get(
+                "max_position_embeddings", cls.__dataclass_fields__["max_position_embeddings"].default))
         if rope.get("mrope_section") is not None:
             kw["mrope_section"] = tuple(rope["mrope_section"])
         if "mrope_interleaved" in rope:
@@ -445,7 +476,7 @@ class Qwen35Config:
     def text_hf_dict(self) -> dict:
         """The language-model part as a Hugging Face text config dict."""
         d: dict[str, Any] = {}
-        skip = {"model_type", "rope_type", "rope_theta", "partial_rotary_factor", "mrope_section",
+        skip = {"model_type", "rope_scaling", "rope_theta", "partial_rotary_factor", "mrope_section",
                 "mrope_interleaved", "vision_config", "image_token_id", "video_token_id", "vision_start_token_id",
                 "vision_end_token_id", "layer_types", "eos_token_id", "pad_token_id", "bos_token_id"}
         for f in fields(self):
@@ -460,8 +491,8 @@ class Qwen35Config:
         d["model_type"] = "qwen3_5_moe_text" if self.is_moe else "qwen3_5_text"
         d["layer_types"] = list(self.layer_types)
         d["rope_parameters"] = {
-            "rope_type": self.rope_type, "rope_theta": self.rope_theta,
-            "partial_rotary_factor": self.partial_rotary_factor,
+            **self.rope_scaling.to_rope_parameters(),  # rope_type and, for linear / dynamic / yarn, its keys
+            "rope_theta": self.rope_theta, "partial_rotary_factor": self.partial_rotary_factor,
             "mrope_section": list(self.mrope_section), "mrope_interleaved": self.mrope_interleaved,
         }
         for name in ("eos_token_id", "pad_token_id", "bos_token_id"):

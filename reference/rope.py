@@ -20,7 +20,14 @@ Shape legend: T tokens, R rotary dim, D_h head dim, "heads" any head count.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
+from typing import Mapping
+
 import numpy as np
+
+from reference.errors import ConfigError
 
 AXIS_NAMES = ("t", "h", "w")
 
@@ -52,12 +59,282 @@ def inv_freq(rotary_dim: int, theta: float, *, dtype=np.float64) -> np.ndarray:
         [R/2] array of `dtype`.
     """
     dt = _float_dtype(dtype)
+    return (dt.type(1.0) / _theta_powers(rotary_dim, theta, dt)).astype(dt)
+
+
+def _theta_powers(rotary_dim: int, theta: float, dt: np.dtype) -> np.ndarray:
+    """θ^(2j/R), j = 0 .. R/2 − 1, in dtype dt ([R/2]; 1 / inv_freq)."""
     if rotary_dim <= 0 or rotary_dim % 2:
         raise ValueError(f"rotary_dim must be a positive even integer, got {rotary_dim}")
     if theta <= 0:
         raise ValueError(f"rope theta must be positive, got {theta}")
     exponent = np.arange(0, rotary_dim, 2, dtype=dt) / dt.type(rotary_dim)  # [R/2]  2j/R
-    return (dt.type(1.0) / (dt.type(theta) ** exponent)).astype(dt)
+    return dt.type(theta) ** exponent
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RoPE scaling (context extension): default, linear, dynamic (NTK-aware), yarn
+# ----------------------------------------------------------------------------------------------------------------
+#
+# Semantics of transformers' `modeling_rope_utils.py` (`_compute_linear_scaling_rope_parameters`,
+# `_compute_dynamic_ntk_parameters`, `_compute_yarn_parameters`, `dynamic_rope_update`); YaRN: Peng et al. 2023,
+# arXiv:2309.00071.  Every type returns (inv_freq [R/2], attention_factor); the cos/sin tables are multiplied by
+# the attention factor (only the R rotary channels are affected; the pass-through channels are not).
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
+# The keys each type reads from `rope_parameters` (others, such as mrope_section, belong to the config).
+ROPE_SCALING_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+             "attention_factor", "truncate"),
+}
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _checked_real(where: str, key: str, value, *, minimum: float, strict: bool = False, optional: bool = False):
+    """float(value) if it is a finite real number >= minimum (> minimum when strict); ConfigError otherwise."""
+    if value is None and optional:
+        return None
+    bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+    if not _is_real(value) or not math.isfinite(float(value)) or (
+            float(value) <= minimum if strict else float(value) < minimum):
+        raise ConfigError(f"{where}.{key} must be a number {bound}, got {value!r}")
+    return float(value)
+
+
+def _check_scaling(fields_: dict, where: str) -> dict:
+    """Validate and normalise the RopeScaling field values (names reported as `<where>.<key>`)."""
+    t = fields_["rope_type"]
+    if t not in ROPE_TYPES:
+        raise ConfigError(f"{where}.rope_type {t!r} is not supported; supported rope types: {', '.join(ROPE_TYPES)}")
+    out = dict(fields_)
+    if t == "default":
+        return out
+    if fields_["factor"] is None:
+        raise ConfigError(f"{where}.factor is required for rope_type {t!r} (a number >= 1)")
+    out["factor"] = _checked_real(where, "factor", fields_["factor"], minimum=1.0)
+    if t != "yarn":
+        return out
+    ompe = fields_["original_max_position_embeddings"]
+    if isinstance(ompe, bool) or not isinstance(ompe, (int, np.integer)) or ompe <= 0:
+        raise ConfigError(f"{where}.original_max_position_embeddings must be a positive integer (the pre-training "
+                          f"context length), got {ompe!r}")
+    out["original_max_position_embeddings"] = int(ompe)
+    out["beta_fast"] = _checked_real(where, "beta_fast", fields_["beta_fast"], minimum=0.0, strict=True)
+    out["beta_slow"] = _checked_real(where, "beta_slow", fields_["beta_slow"], minimum=0.0, strict=True)
+    if out["beta_fast"] < out["beta_slow"]:
+        raise ConfigError(f"{where}.beta_fast ({out['beta_fast']:g}) must be >= {where}.beta_slow "
+                          f"({out['beta_slow']:g})")
+    for key in ("mscale", "mscale_all_dim"):
+        out[key] = _checked_real(where, key, fields_[key], minimum=0.0, optional=True)
+    out["attention_factor"] = _checked_real(where, "attention_factor", fields_["attention_factor"], minimum=0.0,
+                                            strict=True, optional=True)
+    if not isinstance(fields_["truncate"], (bool, np.bool_)):
+        raise ConfigError(f"{where}.truncate must be true or false, got {fields_['truncate']!r}")
+    out["truncate"] = bool(fields_["truncate"])
+    return out
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """How RoPE is extended past the pre-training window: `rope_type` and its parameters (frozen, hashable).
+
+    | rope_type | keys read                                                                         |
+    |-----------|-----------------------------------------------------------------------------------|
+    | default   | —                                                                                 |
+    | linear    | factor (required, >= 1)                                                           |
+    | dynamic   | factor (required, >= 1); the original window L0 is max_position_embeddings       |
+    | yarn      | factor (required), original_max_position_embeddings, beta_fast = 32, beta_slow = 1, |
+    |           | mscale, mscale_all_dim, attention_factor, truncate = True                          |
+
+    Build it from a config's `rope_parameters` mapping with `from_rope_parameters`; `to_rope_parameters` writes
+    the keys back.  Parameters of another type are ignored, as transformers does (it only warns).
+    """
+
+    rope_type: str = "default"
+    factor: float | None = None
+    original_max_position_embeddings: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self):
+        checked = _check_scaling({f.name: getattr(self, f.name) for f in dataclass_fields(self)}, "rope_parameters")
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_rope_parameters(cls, params: Mapping, *, max_position_embeddings: int,
+                             source: str = "rope_parameters") -> "RopeScaling":
+        """Parse a `rope_parameters` (or legacy `rope_scaling`) mapping, as transformers reads it.
+
+        * `rope_type`, or its legacy alias `type` (`rope_type` wins when both are present); absent -> "default".
+        * yarn: `original_max_position_embeddings` absent -> `max_position_embeddings` (transformers'
+          `standardize_rope_params`); `beta_fast`/`beta_slow`/`truncate` absent or null -> 32 / 1 / True.
+        * Keys of other types and unrelated keys (rope_theta, mrope_section, ...) are ignored here.
+        Errors (ConfigError) name `<source>.<key>`: an unsupported type (longrope, llama3, ...), a missing
+        `factor`, a value that is not a number (bools included), factor < 1, beta <= 0, beta_fast < beta_slow.
+        """
+        if not isinstance(params, Mapping):
+            raise ConfigError(f"{source} must be a mapping, got {type(params).__name__}")
+        t = params.get("rope_type", params.get("type", "default"))
+        if not isinstance(t, str) or t not in ROPE_TYPES:
+            raise ConfigError(f"{source}.rope_type {t!r} is not supported; supported rope types: "
+                              f"{', '.join(ROPE_TYPES)}")
+        kw: dict = {"rope_type": t}
+        for key in ROPE_SCALING_KEYS[t]:
+            if params.get(key) is not None:
+                kw[key] = params[key]
+        if t != "default" and "factor" not in kw:
+            raise ConfigError(f"{source}.factor is required for rope_type {t!r} (a number >= 1)")
+        if t == "yarn":
+            kw.setdefault("original_max_position_embeddings", max_position_embeddings)
+        defaults = {f.name: f.default for f in dataclass_fields(cls)}
+        return cls(**_check_scaling({**defaults, **kw}, source))
+
+    def to_rope_parameters(self) -> dict:
+        """The `rope_parameters` keys of this scaling (rope_type + the keys its type reads; unset optionals left out)."""
+        d: dict = {"rope_type": self.rope_type}
+        for key in ROPE_SCALING_KEYS[self.rope_type]:
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
+        return d
+
+    @property
+    def depends_on_seq_len(self) -> bool:
+        """True for `dynamic`: its frequencies are recomputed for the sequence length."""
+        return self.rope_type == "dynamic"
+
+    def max_seq_len(self, max_position_embeddings: int) -> int:
+        """Longest sequence this scaling is meant for (the default of `Qwen35Config.resolve_max_seq_len`).
+
+            default:          max_position_embeddings
+            linear, dynamic:  ⌊factor · max_position_embeddings⌋        (the window is max_position_embeddings)
+            yarn:             max(max_position_embeddings, ⌊factor · original_max_position_embeddings⌋)
+        """
+        if self.rope_type == "default":
+            return int(max_position_embeddings)
+        if self.rope_type == "yarn":
+            return max(int(max_position_embeddings), int(self.factor * self.original_max_position_embeddings))
+        return int(self.factor * max_position_embeddings)
+
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature factor (arXiv:2309.00071 Eq. 21):  0.1 · mscale · ln(s) + 1  for s > 1, else 1."""
+    if scale <= 1.0:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_attention_factor(scaling: RopeScaling) -> float:
+    """The factor the yarn cos/sin tables are multiplied by.
+
+        attention_factor                                       if given
+        get_mscale(s, mscale) / get_mscale(s, mscale_all_dim)  if mscale and mscale_all_dim are both non-zero
+        get_mscale(s) = 0.1 · ln(s) + 1                        otherwise
+    """
+    if scaling.attention_factor is not None:
+        return float(scaling.attention_factor)
+    if scaling.mscale and scaling.mscale_all_dim:
+        return yarn_get_mscale(scaling.factor, scaling.mscale) / yarn_get_mscale(scaling.factor, scaling.mscale_all_dim)
+    return yarn_get_mscale(scaling.factor)
+
+
+def yarn_correction_range(rotary_dim: int, theta: float, original_max_position_embeddings: int,
+                          beta_fast: float, beta_slow: float, truncate: bool = True) -> tuple[float, float]:
+    """The dimension range [low, high] over which YaRN blends extrapolation into interpolation.
+
+    Frequency j has wavelength λ_j = 2π θ^(2j/R) and makes r_j = L / λ_j rotations over the original window L.
+    The (fractional) dimension at which exactly n rotations fit solves r_d = n:
+
+        d(n) = R · ln(L / (2π n)) / (2 ln θ)
+
+        low = d(beta_fast),  high = d(beta_slow)          (beta_fast = 32 rotations, beta_slow = 1)
+        truncate: low = ⌊low⌋, high = ⌈high⌉
+        low = max(low, 0),  high = min(high, R − 1)       (the R − 1 bound is transformers')
+    """
+    def dim_of(n_rot: float) -> float:
+        return rotary_dim * math.log(original_max_position_embeddings / (n_rot * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(beta_fast), dim_of(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    return max(low, 0), min(high, rotary_dim - 1)
+
+
+def yarn_ramp(low: float, high: float, num_freqs: int, *, dtype=np.float64) -> np.ndarray:
+    """The linear ramp over the frequency index:  γ_j = clip((j − low) / (high − low), 0, 1),  j = 0 .. R/2 − 1.
+
+    γ_j = 0 (j <= low: fast frequencies, many rotations in the window) keeps θ_j (extrapolation); γ_j = 1
+    (j >= high: slow frequencies) uses θ_j / s (interpolation).  high = low is widened by 0.001 (no 0/0).
+    Returns [R/2] in `dtype`.
+    """
+    dt = _float_dtype(dtype)
+    if low == high:
+        high = high + 0.001
+    ramp = (np.arange(num_freqs, dtype=dt) - dt.type(low)) / dt.type(high - low)  # [R/2]
+    return np.clip(ramp, 0, 1).astype(dt)
+
+
+def dynamic_ntk_theta(theta: float, factor: float, seq_len: int, original_len: int, rotary_dim: int) -> float:
+    """The NTK-aware base for a sequence of length L past the original window L0 (transformers' dynamic type):
+
+        θ' = θ · ((s · L / L0) − (s − 1))^(R / (R − 2))      with L = max(L, L0)  (so θ' = θ for L <= L0)
+    """
+    L = max(int(seq_len), int(original_len))
+    return float(theta) * ((factor * L / original_len) - (factor - 1)) ** (rotary_dim / (rotary_dim - 2))
+
+
+def scaled_inv_freq(rotary_dim: int, theta: float, scaling: RopeScaling, *, max_position_embeddings: int,
+                    seq_len: int | None = None, dtype=np.float64) -> tuple[np.ndarray, float]:
+    """Inverse frequencies [R/2] and the cos/sin attention factor of one RoPE scaling.
+
+    With inv_freq_j = θ^(−2j/R) (`inv_freq`) and s = factor:
+
+        default:  inv_freq_j,                                                  factor 1
+        linear:   inv_freq_j / s,                                              factor 1
+        dynamic:  θ'^(−2j/R),  θ' = dynamic_ntk_theta(θ, s, L, L0, R),         factor 1
+                  L = seq_len (None or <= L0 = max_position_embeddings: plain inv_freq)
+        yarn:     inv_freq_j / s · γ_j + inv_freq_j · (1 − γ_j),               yarn_attention_factor
+                  γ = yarn_ramp(yarn_correction_range(R, θ, L_orig, beta_fast, beta_slow, truncate))
+
+    dtype=float32 does the arithmetic in float32, as transformers; float64 is the oracle.  `default` is exactly
+    `inv_freq(rotary_dim, theta, dtype=dtype)`.
+    """
+    dt = _float_dtype(dtype)
+    t = scaling.rope_type
+    if t == "default":
+        return inv_freq(rotary_dim, theta, dtype=dt), 1.0
+    if t == "linear":
+        return (inv_freq(rotary_dim, theta, dtype=dt) / dt.type(scaling.factor)).astype(dt), 1.0
+    if t == "dynamic":
+        if seq_len is None or seq_len <= max_position_embeddings:
+            return inv_freq(rotary_dim, theta, dtype=dt), 1.0
+        base = dynamic_ntk_theta(theta, scaling.factor, seq_len, max_position_embeddings, rotary_dim)
+        return inv_freq(rotary_dim, base, dtype=dt), 1.0
+    # yarn
+    powers = _theta_powers(rotary_dim, theta, dt)  # [R/2]  θ^(2j/R)
+    extrapolation = dt.type(1.0) / powers  # [R/2]  inv_freq_j
+    interpolation = dt.type(1.0) / (dt.type(scaling.factor) * powers)  # [R/2]  inv_freq_j / s
+    low, high = yarn_correction_range(rotary_dim, theta, scaling.original_max_position_embeddings,
+                                      scaling.beta_fast, scaling.beta_slow, scaling.truncate)
+    keep = dt.type(1.0) - yarn_ramp(low, high, rotary_dim // 2, dtype=dt)  # [R/2]  extrapolation weight 1 − γ_j
+    blended = interpolation * (dt.type(1.0) - keep) + extrapolation * keep  # [R/2]
+    return blended.astype(dt), yarn_attention_factor(scaling)
+
+
+def request_seq_len(position_ids) -> int:
+    """The sequence length a `dynamic` table is computed for: max position (over t, h, w) of the chunk + 1."""
+    p = np.asarray(position_ids)
+    return int(p.max()) + 1 if p.size else 0
 
 
 def mrope_axis_of_frequency(mrope_section, *, interleaved: bool = True) -> np.ndarray:
@@ -174,25 +451,50 @@ def mrope_angles(position_ids, inv_freq_, mrope_section, *, interleaved: bool = 
     return angles_all[axis, :, j].T.copy()  # [T, R/2]  pick axis(j) for frequency j
 
 
-def mrope_cos_sin(position_ids, inv_freq_, mrope_section, *, interleaved: bool = True):
+def mrope_cos_sin(position_ids, inv_freq_, mrope_section, *, interleaved: bool = True,
+                  attention_factor: float = 1.0):
     """cos and sin tables of width R for partial (M)RoPE.
 
         θ = mrope_angles(...)           [T, R/2]
-        cos = cos(cat(θ, θ)),  sin = sin(cat(θ, θ))          (SPEC §7.2; rotate_half pairs j with j + R/2)
+        cos = a · cos(cat(θ, θ)),  sin = a · sin(cat(θ, θ))   (rotate_half pairs j with j + R/2)
 
-    Text-only positions (three equal rows) give exactly the 1-D RoPE table.
+    a = attention_factor (1 except for yarn, see `scaled_inv_freq`; a = 1 multiplies nothing).  Text-only
+    positions (three equal rows) give exactly the 1-D RoPE table.
 
     Args:
         position_ids: [3, T] integer (t, h, w) or [T].
         inv_freq_: [R/2] (float32 mirrors HF's fp32 tables; float64 is the oracle).
         mrope_section: (s_t, s_h, s_w).
         interleaved: True for Qwen3.5; False gives the Qwen2-VL sectioned layout (negative tests only).
+        attention_factor: a, the scale of both tables.
     Returns:
         cos, sin: [T, R] in inv_freq's dtype.
     """
     theta = mrope_angles(position_ids, inv_freq_, mrope_section, interleaved=interleaved)  # [T, R/2]
     emb = np.concatenate([theta, theta], axis=-1)  # [T, R]
-    return np.cos(emb), np.sin(emb)
+    cos, sin = np.cos(emb), np.sin(emb)
+    if attention_factor != 1.0:
+        a = theta.dtype.type(attention_factor)
+        cos, sin = cos * a, sin * a
+    return cos, sin
+
+
+def rope_tables(position_ids, config, *, dtype=np.float64):
+    """cos, sin [T, R] of one request's chunk under the config's RoPE scaling (what `gated_attention` uses).
+
+        inv_freq, a = scaled_inv_freq(R, θ, config.rope_scaling, L = request_seq_len(position_ids))
+        cos, sin = mrope_cos_sin(position_ids, inv_freq, mrope_section, interleaved, attention_factor=a)
+
+    Only `dynamic` reads L (max position of this chunk + 1, over t, h, w); the rule per request and per call
+    is explained in docs/rope_and_mrope.md.  `config` supplies rotary_dim, rope_theta, rope_scaling,
+    max_position_embeddings, mrope_section and mrope_interleaved.
+    """
+    scaling = getattr(config, "rope_scaling", None) or RopeScaling()
+    seq_len = request_seq_len(position_ids) if scaling.depends_on_seq_len else None
+    freqs, factor = scaled_inv_freq(config.rotary_dim, config.rope_theta, scaling, seq_len=seq_len,
+                                    max_position_embeddings=config.max_position_embeddings, dtype=dtype)  # [R/2]
+    return mrope_cos_sin(position_ids, freqs, config.mrope_section,
+                         interleaved=bool(getattr(config, "mrope_interleaved", True)), attention_factor=factor)
 
 
 def rope_cos_sin(positions, inv_freq_):
