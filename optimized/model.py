@@ -6,10 +6,10 @@
     inputs = model.prepare_next_token_inputs(next_tokens, inputs)
     model.release("a");  model.logits([[...]]);  model.generate([[...]], max_new_tokens=16)
 
-What differs from the reference (which keeps MAX's documented gather/scatter design, SPEC §14.3):
+What differs from the reference (which keeps the gather/scatter design of MAX's documented pipeline):
 
 * State lives in per-linear-layer pools `conv_pools[l] [S, conv_dim, K-1]` (model dtype) and
-  `state_pools[l] [S, H_v, D_k, D_v]` (always fp32, PITFALLS B8).  A request owns a slot; `ModelInputs` carries
+  `state_pools[l] [S, H_v, D_k, D_v]` (always fp32, docs/pitfalls.md, B8).  A request owns a slot; `ModelInputs` carries
   slot ids, not gathered copies.  Decode updates the pools in place at the slot indices
   (`causal_conv1d_update`, `fused_recurrent_gated_delta_rule_update`).  Prefill chunks read their slots' states
   as the kernel's initial state and write the final states back into the same rows.  So the memory rule is
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Hashable, Sequence
@@ -59,8 +60,9 @@ from reference.config import LINEAR, Qwen35Config
 from reference.context import TextContext
 from reference.memory import FALLBACK_MAX_BATCH, infer_optimal_batch_size, state_bytes_per_request
 # ModelOutputs is the reference's container; here its logits / hidden_states are torch tensors on the model's device.
-from reference.model import (ModelOutputs, RequestChecks, RequestError, RequestSnapshot, _as_batch, _chunk_inputs,
-                             _generate_context, _has_vision, _stop_ids, sample_next_token)
+from reference.context import request_name
+from reference.model import (ModelOutputs, RequestChecks, RequestError, RequestSnapshot, _chunk_inputs, _has_vision,
+                             serialized)
 from reference.state_cache import PoolFullError, UnknownRequestError
 from reference.weights import MLPWeights, load_weights
 
@@ -79,7 +81,8 @@ class ModelInputs:
     slot_ids [B] (state-pool rows of the requests — no gathered state copies), start_lengths [B],
     image_token_indices [n] (rows of `tokens` whose embeddings are replaced) and lm_image_embeddings [n, H]
     (the vision embeddings, model dtype) or None, epochs [B] (each request's epoch when prepared: a claim or a
-    `restore` starts a new one, and `execute` refuses inputs of an older one), host_tokens (a host copy of tokens).
+    `restore` starts a new one, and `execute` refuses inputs of an older one), host_tokens (a host copy of tokens),
+    model_tag (the preparing model's private tag: another instance refuses them), executed (set by `execute`).
     """
 
     tokens: torch.Tensor
@@ -93,6 +96,7 @@ class ModelInputs:
     lm_image_embeddings: torch.Tensor | None = None
     epochs: list | None = None
     host_tokens: np.ndarray | None = None
+    model_tag: object | None = None
     executed: bool = False
 
     @property
@@ -173,17 +177,20 @@ class Qwen35Model(RequestChecks):
                             for _ in range(c.num_linear_layers)]
         self._free = list(range(S - 1, -1, -1))  # pop() hands out slot 0 first
         self._requests: dict[Hashable, _Request] = {}
-        self._tmp_ids = itertools.count()
         self._epochs = itertools.count(1)
+        self.lock = threading.RLock()  # held by every public pipeline call (reference.model.serialized)
+        self._tag = object()  # marks the inputs this instance prepares
         self._vision_tower = None  # built on the first request with pixels (optimized.vision.VisionTower)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, path, *, device="cpu", dtype=torch.float32, backend="auto", max_batch_size=None,
                         return_logits: str = "last", max_length: int | None = None,
-                        config: Qwen35Config | None = None) -> "Qwen35Model":
-        """Load a Hugging Face checkpoint directory through reference.weights (names, prefixes, dtype rules)."""
-        weights = load_weights(Path(path), config=config, dtype=np.float32)
+                        config: Qwen35Config | None = None, allow_nonfinite: bool = False) -> "Qwen35Model":
+        """Load a Hugging Face checkpoint directory through reference.weights (names, prefixes, dtype rules, the
+        strict checks: CheckpointError for a file path, a malformed checkpoint or a NaN / Inf weight unless
+        `allow_nonfinite=True`)."""
+        weights = load_weights(Path(path), config=config, dtype=np.float32, allow_nonfinite=allow_nonfinite)
         return cls(weights, device=device, dtype=dtype, backend=backend, max_batch_size=max_batch_size,
                    return_logits=return_logits, max_length=max_length)
 
@@ -249,6 +256,7 @@ class Qwen35Model(RequestChecks):
         return requested
 
     # ------------------------------------------------------------------ bookkeeping (and RequestChecks)
+    @serialized
     def release(self, request_id) -> bool:
         """Free the request's slot and KV cache; unknown ids are a no-op (returns False)."""
         req = self._requests.pop(request_id, None)
@@ -276,9 +284,10 @@ class Qwen35Model(RequestChecks):
     def _check_usable(self, request_id) -> None:
         req = self._requests.get(request_id)
         if req is not None and req.broken is not None:
-            raise RequestError(f"request {request_id!r} cannot continue: {req.broken}; release it")
+            raise RequestError(f"{request_name(request_id)} cannot continue: {req.broken}; release it")
 
     # ------------------------------------------------------------------ the vision path
+    @serialized
     def vision_tower(self):
         """The PyTorch vision tower on the model's device and dtype, built on first use from the checkpoint's
         `model.visual.*` tensors (which are then dropped from the host: the tower holds the only copy)."""
@@ -304,6 +313,7 @@ class Qwen35Model(RequestChecks):
         return dataclasses.replace(pre, embeddings=pre.embeddings.to(device=self.device, dtype=self.dtype))
 
     # ------------------------------------------------------------------ the pipeline interface
+    @serialized
     def prepare_initial_token_inputs(self, contexts: Sequence[TextContext], return_n_logits=1) -> ModelInputs:
         """Pack a ragged batch; claim slots for new requests (a live id continues: chunked prefill).
 
@@ -327,9 +337,10 @@ class Qwen35Model(RequestChecks):
             self._requests[rid].rope_delta = int(pre.rope_delta)
         return self._build_inputs(ids, arrays, counts)
 
+    @serialized
     def prepare_next_token_inputs(self, next_tokens, prev: ModelInputs) -> ModelInputs:
         """Inputs for one decode step: token b continues request prev.request_ids[b] (validated; no state
-        changes)."""
+        changes): `prev` must be this model's executed inputs."""
         if isinstance(next_tokens, torch.Tensor):
             next_tokens = next_tokens.detach().cpu().numpy()
         ids, arrays = self._check_next_tokens(next_tokens, prev)
@@ -357,29 +368,19 @@ class Qwen35Model(RequestChecks):
             start_lengths=starts,
             image_token_indices=torch.as_tensor(np.concatenate(rows), device=self.device) if rows else None,
             lm_image_embeddings=torch.cat(embs) if embs else None,
-            epochs=[r.epoch for r in reqs], host_tokens=host)
+            epochs=[r.epoch for r in reqs], host_tokens=host, model_tag=self._tag)
 
+    @serialized
     @torch.inference_mode()
     def execute(self, inputs: ModelInputs) -> ModelOutputs:
         """Run one step: states updated in place in the pools, K/V appended; returns the selected logits.
 
-        Validated first (executed twice, released, restored / re-claimed since, advanced since).  A prefill
-        chunk commits its final states only after the forward pass and the logits succeeded.
+        Validated first (`RequestChecks`: another model's inputs, executed twice, released, restored /
+        re-claimed since, advanced since; a slot changes only with a claim, which starts a new epoch).  A
+        prefill chunk commits its final states only after the forward pass and the logits succeeded.
         """
-        if inputs.executed:
-            raise RequestError(f"these inputs (requests {inputs.request_ids!r}) were already executed; prepare new ones")
-        slots = inputs.slot_ids.tolist()  # one host copy (not one device sync per request)
-        for b, rid in enumerate(inputs.request_ids):
-            req = self._requests.get(rid)
-            if req is None:
-                raise UnknownRequestError(f"request {rid!r} was released after its inputs were prepared")
-            self._check_usable(rid)
-            if inputs.epochs is not None and req.epoch != inputs.epochs[b]:
-                raise RequestError(f"request {rid!r} was restored from a snapshot (or released and claimed again) "
-                                   "after its inputs were prepared; prepare new inputs")
-            if req.length != inputs.start_lengths[b] or req.slot != slots[b]:
-                raise RequestError(f"request {rid!r} advanced since its inputs were prepared "
-                                   f"({inputs.start_lengths[b]} -> {req.length} tokens)")
+        self._check_own_inputs(inputs, executed=False)
+        self._check_current_inputs(inputs)
         reqs = [self._requests[r] for r in inputs.request_ids]
         kv_lens = [[kv.length for kv in r.kv] for r in reqs]
         writes = []  # prefill: (pool, final states) committed after success
@@ -463,6 +464,7 @@ class Qwen35Model(RequestChecks):
         return rms_norm(x, self.norm, eps)
 
     # ------------------------------------------------------------------ snapshots (prefix caching, rollback)
+    @serialized
     def snapshot(self, request_id) -> RequestSnapshot:
         """A deep copy of the request's committed state (reference.model.RequestSnapshot, with torch tensors on
         the model's device): the slot's conv and recurrent rows of every linear layer (copied out of the in-place
@@ -470,7 +472,7 @@ class Qwen35Model(RequestChecks):
         multimodal prompt while the request is inside it.  Nothing is shared with the model."""
         req = self._requests.get(request_id)
         if req is None:
-            raise UnknownRequestError(f"snapshot of request {request_id!r}, which is not live")
+            raise UnknownRequestError(f"snapshot of {request_name(request_id)}, which is not live")
         self._check_usable(request_id)
         n = req.length
         mm = None
@@ -484,6 +486,7 @@ class Qwen35Model(RequestChecks):
             kv=[(kv.k[:n].clone(), kv.v[:n].clone()) for kv in req.kv], rope_delta=int(req.rope_delta), mm=mm,
             prompt=None if req.prompt is None else req.prompt.copy())
 
+    @serialized
     def restore(self, request_id, snapshot: RequestSnapshot) -> None:
         """Make `request_id` continue from `snapshot` (copied in; the snapshot stays reusable).
 
@@ -536,6 +539,7 @@ class Qwen35Model(RequestChecks):
                      f"[{len(snap.mm.image_rows)}, {c.hidden_size}]")
 
     # ------------------------------------------------------------------ conveniences
+    @serialized
     @torch.inference_mode()
     def logits(self, batch) -> list[torch.Tensor]:
         """Stateless all-position logits [T_b, V] per sequence (token lists or contexts, with pixels too; a
@@ -551,50 +555,6 @@ class Qwen35Model(RequestChecks):
                           else None, image_emb=torch.cat(embs) if embs else None)
         logits = F.linear(h, self.lm_head)
         return [logits[offsets[b]:offsets[b + 1]] for b in range(len(arrays))]
-
-    def generate(self, prompts, max_new_tokens: int = 16, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, stop_token_ids=None) -> list[list[int]]:
-        """Generate up to max_new_tokens per prompt (token lists or contexts, with pixels too; one prefill of
-        each whole prompt, then decode steps); returns the new ids."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        prompts = _as_batch(prompts)
-        stop = _stop_ids(stop_token_ids)
-        rng = np.random.default_rng(seed)
-        results: list[list[int]] = [[] for _ in prompts]
-        if max_new_tokens == 0:
-            return results
-        free = len(self._free)
-        if free < 1:
-            raise PoolFullError(f"generate: all {self.max_batch_size} slots are held by live requests")
-        for g0 in range(0, len(prompts), free):
-            group = list(range(g0, min(g0 + free, len(prompts))))
-            contexts = [_generate_context(prompts[i], ("__generate__", next(self._tmp_ids))) for i in group]
-            saved, self.return_logits = self.return_logits, "last"
-            try:
-                inputs = self.prepare_initial_token_inputs(contexts, return_n_logits=1)
-                live = list(range(len(contexts)))
-                while True:
-                    out = self.execute(inputs)
-                    last = out.logits.float().cpu().numpy()  # [B, V]: one row per live request
-                    nxt, still = [], []
-                    for row, j in enumerate(live):
-                        t = sample_next_token(last[row], temperature=temperature, top_k=top_k, top_p=top_p, rng=rng)
-                        results[group[j]].append(t)
-                        if (t not in stop and len(results[group[j]]) < max_new_tokens
-                                and self.seq_len(contexts[j].request_id) < self.max_length):
-                            still.append(j)
-                            nxt.append(t)
-                    if not still:
-                        break
-                    live = still
-                    ids = [contexts[j].request_id for j in live]
-                    inputs = self._build_inputs(ids, [np.array([t], np.int64) for t in nxt], [1] * len(ids))
-            finally:
-                self.return_logits = saved
-                for ctx in contexts:
-                    self.release(ctx.request_id)
-        return results
 
 
 def __getattr__(name):

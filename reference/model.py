@@ -1,6 +1,6 @@
-"""The Qwen3.5 pipeline model in NumPy: ragged batches, chunked prefill, multi-step decode (ARCHITECTURE.md).
+"""The Qwen3.5 pipeline model in NumPy: ragged batches, chunked prefill, multi-step decode (docs/pipeline_api.md).
 
-It follows the documented MAX `Qwen3_5Model` interface (MAX_QWEN3_5_REFERENCE.txt, SPEC §14.3):
+It follows the interface of MAX's documented Qwen3.5 pipeline model (`Qwen3_5Model`):
 
     model  = Qwen35Model.from_pretrained(path, max_batch_size=8)              # float64; dtype=np.float32 option
     inputs = model.prepare_initial_token_inputs([TextContext("a", [...]), ...], return_n_logits=1)
@@ -23,9 +23,9 @@ back in (prefix caching, speculative rollback: docs/state_cache.md).
 Errors, not corruption: every request is validated (ids, token range, empty, length limit, capacity, released
 ids) before any state is touched, and `execute` writes states only after the whole forward pass succeeded.
 
-One forward step over the packed tokens (SPEC §3, §5):
+One forward step over the packed tokens (docs/gated_deltanet.md, docs/gated_attention.md):
 
-    x = E[tokens]  (multimodal prefill: placeholder rows replaced by vision embeddings, SPEC §15.5)
+    x = E[tokens]  (multimodal prefill: placeholder rows replaced by vision embeddings, docs/vision.md)
     for each layer:  x += mixer(rms_norm(x))     mixer = gated_deltanet (linear) | gated_attention (full)
                      x += mlp(rms_norm(x))       mlp = SwiGLU | sparse MoE
     h = rms_norm(x);  logits = h W_lmᵀ           (only for the rows that are returned)
@@ -33,7 +33,11 @@ One forward step over the packed tokens (SPEC §3, §5):
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
+import math
+import numbers
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Hashable, Sequence
@@ -42,7 +46,7 @@ import numpy as np
 
 from reference.attention import gated_attention
 from reference.config import LINEAR, Qwen35Config
-from reference.context import TextContext, as_token_array
+from reference.context import PromptId, TextContext, as_token_array, check_no_placeholders, request_name
 from reference.deltanet import gated_deltanet
 from reference.errors import RequestError
 from reference.mlp import sparse_moe_block, swiglu_mlp
@@ -52,7 +56,9 @@ from reference.state_cache import GatedDeltaNetStateCache, KVCache, PoolFullErro
 from reference.weights import MLPWeights, ModelWeights, load_weights
 
 __all__ = ["Qwen35Model", "ModelInputs", "ModelOutputs", "RequestSnapshot", "TextContext", "RequestError",
-           "PoolFullError", "UnknownRequestError", "sample_next_token", "RETURN_LOGITS", "RETURN_HIDDEN_STATES"]
+           "PoolFullError", "UnknownRequestError", "sample_next_token", "check_sampling_params",
+           "check_generation_params", "check_prompt_room", "host_logits", "serialized", "RETURN_LOGITS",
+           "RETURN_HIDDEN_STATES"]
 
 RETURN_LOGITS = ("last", "all", "variable")
 RETURN_HIDDEN_STATES = ("none", "last", "all")
@@ -73,6 +79,9 @@ class ModelInputs:
     image_token_indices / lm_image_embeddings: rows of `tokens` replaced by vision embeddings [n], [n, H]
     epochs:            [B] each request's state epoch when these inputs were prepared (a claim or a `restore`
                        starts a new epoch; `execute` refuses inputs of an older one)
+    model_tag:         the preparing model's private tag: `execute` and `prepare_next_token_inputs` refuse inputs
+                       of another model instance
+    executed:          set by `execute`: inputs run once, and only executed inputs have a next token
     """
 
     tokens: np.ndarray
@@ -86,6 +95,7 @@ class ModelInputs:
     image_token_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     lm_image_embeddings: np.ndarray | None = None
     epochs: np.ndarray | None = None
+    model_tag: object | None = None
     executed: bool = False
 
     @property
@@ -123,7 +133,7 @@ class _Request:
 
     length:     tokens consumed (committed by `execute`)
     tokens:     the ids of those tokens, in order (len == length)
-    rope_delta: MRoPE offset of decode positions (SPEC §7.3)
+    rope_delta: MRoPE offset of decode positions (docs/rope_and_mrope.md)
     mm:         reference.multimodal.MultimodalPrefill of the whole prompt, when it had pixels
     prompt:     [P] the whole prompt given with the first context, when that context was a TextAndVisionContext;
                 later chunks must repeat its tokens[length:] (chunked prefill of an image prompt)
@@ -143,8 +153,8 @@ class _Request:
 class RequestSnapshot:
     """A deep copy of everything one request's future depends on (`Qwen35Model.snapshot` / `restore`).
 
-    Recurrent state cannot be truncated like a KV cache, so prefix caching (PITFALLS B16) and speculative
-    rollback (B17) keep copies of it: restore a snapshot, then replay the tokens after it.
+    Recurrent state cannot be truncated like a KV cache, so prefix caching (docs/pitfalls.md, B16) and
+    speculative rollback (B17) keep copies of it: restore a snapshot, then replay the tokens after it.
 
     request_id:       the request it was taken from (informational; restore may target any id)
     length:           tokens consumed when it was taken
@@ -213,16 +223,31 @@ def _as_batch(batch) -> list:
     return list(batch)
 
 
-def _stop_ids(stop_token_ids) -> set:
-    """`generate`'s stop_token_ids (None, one id or several) as a set of ints."""
-    if stop_token_ids is None:
-        return set()
-    return {int(stop_token_ids)} if np.ndim(stop_token_ids) == 0 else {int(t) for t in stop_token_ids}
+def serialized(method):
+    """Make a pipeline method hold the model's `lock` (a reentrant lock) while it runs.
+
+    Every public call that reads or changes request state takes it, so calls on one model from several threads
+    run one at a time, each seeing the state the previous one left; `generate` holds it for its whole loop.  A
+    caller holds `model.lock` itself to make several calls one unit (qwen35.generation.generate_tokens does).
+    """
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
+def host_logits(logits) -> np.ndarray:
+    """Logits as a NumPy array on the host (the optimized model returns torch tensors, possibly bf16 on a GPU)."""
+    if hasattr(logits, "detach"):
+        logits = logits.detach().float().cpu().numpy()
+    return np.asarray(logits)
 
 
 def _generate_context(prompt, request_id) -> TextContext:
-    """A private context for `generate`: a copy of `prompt` (a context or a token list) under `request_id`,
-    without a chunk end (generate prefills the whole prompt in one step)."""
+    """A private context for `generate`: a copy of `prompt` (a context or a token list) under `request_id` (a
+    `PromptId`), without a chunk end (generate prefills the whole prompt in one step)."""
     ctx = copy.copy(prompt) if isinstance(prompt, TextContext) else TextContext(request_id, prompt)
     ctx.request_id = request_id
     if getattr(ctx, "chunk_end", None) is not None:
@@ -231,12 +256,15 @@ def _generate_context(prompt, request_id) -> TextContext:
 
 
 class RequestChecks:
-    """Request validation shared by both pipeline models (this module's and optimized.model's); it changes nothing.
+    """What both pipeline models (this module's and optimized.model's) share: request validation (the `_check_*`
+    methods change nothing) and the `generate` loop, which drives the host's pipeline calls.
 
-    The host class provides `config`, `max_length`, `max_batch_size`, `return_logits` and `_requests` (request id
-    -> an object with `length`, the tokens consumed, and `prompt`, the whole prompt of a first
-    TextAndVisionContext or None), `_multimodal_prefill(ctx)` and `_check_snapshot_tensors(snap, n, fail)` for
-    its own array type.
+    The host class provides `config`, `max_length`, `max_batch_size`, `return_logits`, `lock` (a
+    `threading.RLock`, see `serialized`), `_tag` (a private object that marks the inputs it prepares) and
+    `_requests` (request id -> an object with `length`, the tokens consumed, `epoch`, and `prompt`, the whole
+    prompt of a first TextAndVisionContext or None), `prepare_initial_token_inputs`, `execute`, `release`,
+    `_build_inputs(ids, token arrays, counts)`, `_multimodal_prefill(ctx)` and `_check_snapshot_tensors(snap, n,
+    fail)` for its own array type.
     """
 
     @property
@@ -254,20 +282,15 @@ class RequestChecks:
 
     def _check_tokens(self, request_id, tokens) -> np.ndarray:
         """tokens as a [T] int64 array, non-empty and inside the vocabulary (errors name the request)."""
-        arr = as_token_array(tokens, request_id=request_id)
+        arr = as_token_array(tokens, request_id=request_id, vocab_size=self.config.vocab_size)
         if arr.size == 0:
-            raise RequestError(f"request {request_id!r} has no tokens (an empty request cannot be run)")
-        bad = (arr < 0) | (arr >= self.config.vocab_size)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise RequestError(f"request {request_id!r}: token id {int(arr[i])} at position {i} is outside the "
-                               f"vocabulary [0, {self.config.vocab_size})")
+            raise RequestError(f"{request_name(request_id)} has no tokens (an empty request cannot be run)")
         return arr
 
     def _check_length(self, request_id, new_tokens: int) -> None:
         total = self.seq_len(request_id) + new_tokens
         if total > self.max_length:
-            raise RequestError(f"request {request_id!r} would hold {total} tokens ({self.seq_len(request_id)} "
+            raise RequestError(f"{request_name(request_id)} would hold {total} tokens ({self.seq_len(request_id)} "
                                f"consumed + {new_tokens} new), more than max_length {self.max_length}")
 
     def _check_capacity(self, request_ids) -> None:
@@ -291,10 +314,59 @@ class RequestChecks:
         if bad.size:
             i = int(bad[0])
             raise RequestError(
-                f"request {request_id!r}: token {int(tokens[i])} at position {i} of this chunk differs from its "
+                f"{request_name(request_id)}: token {int(tokens[i])} at position {i} of this chunk differs from its "
                 f"prompt, which holds {int(want[i])} at prompt position {s + i}; the request has consumed {s} of its "
                 f"{req.prompt.size} prompt tokens, so it must continue with prompt[{s}:] (given with its first "
                 "context)")
+
+    def _check_placeholders(self, request_id, tokens: np.ndarray) -> None:
+        """Prefill tokens that no stored prompt covers (a text request's tokens, tokens past a stored prompt's
+        end) may not be image / video placeholder ids on a multimodal model: no pixels come with them.
+
+        Tokens inside a stored prompt are checked against it (`_check_prompt_continuation`), and that prompt's
+        placeholders were matched to its pixels when it arrived.  Decode tokens are not checked: a sampled
+        placeholder id is an ordinary token, as in Hugging Face's generate (pixels go with the first step only).
+        """
+        req = self._requests.get(request_id)
+        start = self.seq_len(request_id)
+        covered = 0 if req is None or req.prompt is None else max(0, min(req.prompt.size - start, tokens.size))
+        check_no_placeholders(request_id, tokens[covered:], self.config, start=start + covered)
+
+    def _check_own_inputs(self, inputs, *, executed: bool) -> None:
+        """`inputs` were prepared by this model instance, and executed (for `prepare_next_token_inputs`) or not
+        yet (for `execute`): inputs run once, and only a step that ran has a next token."""
+        what = "prepare_next_token_inputs" if executed else "execute"
+        if getattr(inputs, "model_tag", None) is not self._tag:
+            raise RequestError(f"{what}: these inputs (requests {getattr(inputs, 'request_ids', '?')!r}) were not "
+                               "prepared by this model instance (another model's, or built by hand); prepare them "
+                               "with this model")
+        if inputs.executed != executed:
+            raise RequestError(
+                f"prepare_next_token_inputs: these inputs (requests {inputs.request_ids!r}) were never executed; "
+                "execute them first (their tokens are not in the requests' state yet)" if executed else
+                f"execute: these inputs (requests {inputs.request_ids!r}) were already executed; prepare new ones "
+                "(prepare_next_token_inputs)")
+
+    def _check_current_inputs(self, inputs) -> None:
+        """Each request of `inputs` (for `execute`) is where they found it: live, the same epoch (no restore,
+        release or new claim since) and the same length, so running them cannot feed a chunk twice or rewind a
+        state."""
+        B = len(inputs.request_ids)
+        epochs = [] if inputs.epochs is None else inputs.epochs
+        if not len(epochs) == len(inputs.start_lengths) == len(inputs.input_row_offsets) - 1 == B:
+            raise RequestError(f"execute: these inputs are inconsistent ({B} request ids, {len(epochs)} epochs, "
+                               f"{len(inputs.start_lengths)} start lengths); prepare new ones")
+        for b, rid in enumerate(inputs.request_ids):
+            req = self._requests.get(rid)
+            if req is None:
+                raise UnknownRequestError(f"{request_name(rid)} was released after its inputs were prepared")
+            self._check_usable(rid)
+            if req.epoch != epochs[b]:
+                raise RequestError(f"execute: {request_name(rid)} was restored from a snapshot (or released and "
+                                   "claimed again) after its inputs were prepared; prepare new inputs")
+            if req.length != inputs.start_lengths[b]:
+                raise RequestError(f"execute: {request_name(rid)} advanced since its inputs were prepared "
+                                   f"({int(inputs.start_lengths[b])} -> {req.length} tokens)")
 
     def _return_counts(self, return_n_logits, seq_lens, request_ids) -> np.ndarray:
         """[B] int64 logits returned per request, checked against `return_logits` and each request's new tokens."""
@@ -311,7 +383,7 @@ class RequestChecks:
             raise RequestError(f"return_n_logits has {counts.shape[0]} entries for {B} requests")
         for rid, n, T in zip(request_ids, counts, seq_lens):
             if not 1 <= n <= T:
-                raise RequestError(f"request {rid!r}: return_n_logits = {int(n)} must be between 1 and its "
+                raise RequestError(f"{request_name(rid)}: return_n_logits = {int(n)} must be between 1 and its "
                                    f"{int(T)} new tokens")
         return counts
 
@@ -320,7 +392,8 @@ class RequestChecks:
 
         A context whose id is live continues that request (checked against its stored prompt).  Pixels or a
         chunk_end are accepted only with a request's first context, which holds the whole prompt; only
-        tokens[:chunk_end] run now.
+        tokens[:chunk_end] run now.  On a multimodal model, placeholder ids without pixels are refused (the
+        pixels' own placeholder checks run in the host's `_multimodal_prefill`, before any state changes).
         """
         if isinstance(contexts, TextContext):
             contexts = [contexts]
@@ -331,7 +404,7 @@ class RequestChecks:
         seen = set()
         for rid in ids:
             if rid in seen:
-                raise RequestError(f"request {rid!r} appears twice in one batch")
+                raise RequestError(f"{request_name(rid)} appears twice in one batch")
             seen.add(rid)
         arrays, prompts = [], {}
         for ctx in contexts:
@@ -342,31 +415,38 @@ class RequestChecks:
             if _has_vision(ctx) or chunk_end is not None:
                 # the first context of a request that carries its whole prompt (pixels and/or a chunk end)
                 if rid in self._requests:
-                    raise RequestError(f"request {rid!r} is live: pixels and chunk_end are accepted only with the "
+                    raise RequestError(f"{request_name(rid)} is live: pixels and chunk_end are accepted only with the "
                                        "first context of a request (which holds the whole prompt); continue it "
                                        "with TextContexts holding the next tokens")
                 if _has_vision(ctx) and not self.config.is_multimodal:
-                    raise RequestError(f"request {rid!r} carries pixels but the model "
+                    raise RequestError(f"{request_name(rid)} carries pixels but the model "
                                        f"({self.config.model_type}) has no vision tower")
                 self._check_length(rid, arr.size)  # the whole prompt will be consumed
+                if not _has_vision(ctx):
+                    self._check_placeholders(rid, arr)  # a text prompt given whole (chunk_end)
                 end = ctx.prompt_chunk_end() if chunk_end is not None else arr.size
                 prompts[rid] = arr.copy()  # our own copy: the caller may reuse its array
                 arr = arr[:end]
             else:
                 self._check_length(rid, arr.size)
                 self._check_prompt_continuation(rid, arr)
+                self._check_placeholders(rid, arr)
             arrays.append(arr)
         return contexts, ids, arrays, prompts
 
     def _check_next_tokens(self, next_tokens, prev) -> tuple[list, list]:
-        """Validate one decode step (token b continues prev.request_ids[b]): (request ids, token arrays [1])."""
+        """Validate one decode step (token b continues prev.request_ids[b]): (request ids, token arrays [1]).
+
+        `prev` must be this model's executed inputs; each token continues its request from where it is now.
+        """
+        self._check_own_inputs(prev, executed=True)
         tokens = np.asarray(next_tokens).reshape(-1)
         ids = list(prev.request_ids)
         if tokens.shape[0] != len(ids):
             raise RequestError(f"prepare_next_token_inputs: {tokens.shape[0]} next tokens for {len(ids)} requests")
         for rid in ids:
             if rid not in self._requests:
-                raise UnknownRequestError(f"decode for request {rid!r}, which is not live (released, or never "
+                raise UnknownRequestError(f"decode for {request_name(rid)}, which is not live (released, or never "
                                           "prefilled)")
             self._check_usable(rid)
         arrays = [self._check_tokens(rid, tokens[b:b + 1]) for b, rid in enumerate(ids)]
@@ -433,37 +513,167 @@ class RequestChecks:
         rid = item.request_id if isinstance(item, TextContext) else f"batch[{b}]"
         arr = self._check_tokens(rid, item.tokens if isinstance(item, TextContext) else item)
         if arr.size > self.max_length:
-            raise RequestError(f"request {rid!r} has {arr.size} tokens, more than max_length {self.max_length}")
+            raise RequestError(f"{request_name(rid)} has {arr.size} tokens, more than max_length {self.max_length}")
         if _has_vision(item) and not self.config.is_multimodal:
-            raise RequestError(f"request {rid!r} carries pixels but the model ({self.config.model_type}) has "
+            raise RequestError(f"{request_name(rid)} carries pixels but the model ({self.config.model_type}) has "
                                "no vision tower")
+        if not _has_vision(item):
+            check_no_placeholders(rid, arr, self.config)
         return arr
+
+    # ------------------------------------------------------------------ generation (shared by both engines)
+    @serialized
+    def generate(self, prompts, max_new_tokens: int = 16, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, stop_token_ids=None) -> list[list[int]]:
+        """Generate up to `max_new_tokens` tokens for each prompt (token lists or contexts, with pixels too);
+        returns the new ids per prompt.
+
+        Runs the pipeline: one prefill of each whole prompt (in groups of at most the free slots), then decode
+        steps with the requests that have not stopped.  A request stops at any of `stop_token_ids` (included in
+        its output), after max_new_tokens, or when prompt + new tokens reach max_length.  `seed` makes sampling
+        reproducible (temperature > 0).  Everything (parameters, every prompt) is checked before the first step;
+        errors name the prompt's index ("prompt 2: ...").  Its requests have private ids (`PromptId`), so a
+        caller's live requests are never touched, and it holds the model's lock throughout.
+        """
+        stop = check_generation_params(max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids)
+        contexts = [_generate_context(p, PromptId(i)) for i, p in enumerate(_as_batch(prompts))]
+        self._check_generate_prompts(contexts)
+        results: list[list[int]] = [[] for _ in contexts]
+        if max_new_tokens == 0 or not contexts:
+            return results
+        free = self.max_batch_size - len(self._requests)
+        if free < 1:
+            raise PoolFullError(f"generate: all {self.max_batch_size} slots are held by live requests")
+        rng = np.random.default_rng(seed)
+        for g0 in range(0, len(contexts), free):
+            group = contexts[g0:g0 + free]
+            try:
+                self._generate_group(group, results[g0:g0 + free], max_new_tokens,
+                                     dict(temperature=temperature, top_k=top_k, top_p=top_p, rng=rng), stop)
+            finally:
+                for ctx in group:
+                    self.release(ctx.request_id)
+        return results
+
+    def _check_generate_prompts(self, contexts) -> None:
+        """Every prompt of a `generate` call, before anything runs: tokens, room for a new token under
+        max_length, pixels and placeholders (the placeholder / grid plan of a prompt with pixels too)."""
+        for ctx in contexts:
+            check_prompt_room(ctx.request_id, self._check_tokens(ctx.request_id, ctx.tokens).size, self.max_length)
+        if contexts:
+            self._check_contexts(contexts)
+        for ctx in contexts:
+            if _has_vision(ctx):
+                from reference.multimodal import plan_multimodal_prefill  # lazy: pixels only
+
+                plan_multimodal_prefill(ctx, self.config)
+
+    def _generate_group(self, contexts, outs, max_new_tokens, sampling: dict, stop) -> None:
+        """Prefill `contexts` (at most the free slots), then decode until each has stopped; appends to `outs`."""
+        saved, self.return_logits = self.return_logits, "last"
+        try:
+            inputs = self.prepare_initial_token_inputs(contexts, return_n_logits=1)
+        finally:
+            self.return_logits = saved
+        prompt_lens = [len(ctx) for ctx in contexts]
+        live = list(range(len(contexts)))
+        while True:
+            last = host_logits(self.execute(inputs).logits)  # [B, V]: each live request's last position
+            nxt, still = [], []
+            for row, j in enumerate(live):
+                t = sample_next_token(last[row], **sampling, who=request_name(contexts[j].request_id))
+                outs[j].append(t)
+                room = prompt_lens[j] + len(outs[j]) < self.max_length  # prompt + new tokens <= max_length
+                if t not in stop and len(outs[j]) < max_new_tokens and room:
+                    still.append(j)
+                    nxt.append(t)
+            if not still:
+                return
+            live = still
+            del inputs  # drop the executed step (the reference's gathered state copies) before gathering again
+            inputs = self._build_inputs([contexts[j].request_id for j in live], [np.array([t], np.int64) for t in nxt],
+                                        np.ones(len(live), np.int64))
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
+def check_sampling_params(temperature, top_k, top_p) -> None:
+    """RequestError unless temperature is a finite number >= 0 (0 = greedy), top_k an int >= 1 or None and top_p a
+    number in (0, 1] or None (checked at temperature 0 too, so a bad value never waits for the first sample)."""
+    if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise RequestError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise RequestError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+    if top_p is not None and (not _is_real(top_p) or not 0.0 < top_p <= 1.0):  # NaN fails the comparison
+        raise RequestError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
+
+
+def check_generation_params(max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids) -> frozenset:
+    """Check `generate`'s parameters (both engines' and qwen35.generation.generate_tokens'); returns the stop ids.
+
+    max_new_tokens: int >= 0; temperature, top_k, top_p: `check_sampling_params`; seed: int >= 0 or None;
+    stop_token_ids: None, one int or a collection of ints (an id outside the vocabulary is allowed: it is never
+    sampled, as a tokenizer's end id beyond a small test vocabulary).
+    """
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise RequestError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    check_sampling_params(temperature, top_k, top_p)
+    if seed is not None and (not _is_int(seed) or seed < 0):
+        raise RequestError(f"seed must be an int >= 0 or None, got {seed!r}")
+    if stop_token_ids is None:
+        return frozenset()
+    given = list(stop_token_ids) if isinstance(stop_token_ids, (set, frozenset)) else stop_token_ids
+    stop = np.asarray(given, dtype=object).reshape(-1)  # one id or a collection, as Python objects
+    bad = [t for t in stop if not _is_int(t)]
+    if bad:
+        raise RequestError(f"stop_token_ids must be ints, got {bad[0]!r} in {stop_token_ids!r}")
+    return frozenset(int(t) for t in stop)
+
+
+def check_prompt_room(request_id, n_tokens: int, max_length: int) -> None:
+    """A prompt to generate from must leave room for one new token: a request holds at most max_length tokens,
+    prompt and new ones together (the rule `generate` and `generate_tokens` stop by)."""
+    if n_tokens >= max_length:
+        raise RequestError(f"{request_name(request_id)} has {n_tokens} tokens, but max_length is {max_length}: "
+                           "prompt + new tokens must stay <= max_length, so there is no room for a new token")
 
 
 def sample_next_token(logits: np.ndarray, *, temperature: float = 0.0, top_k: int | None = None,
-                      top_p: float | None = None, rng: np.random.Generator | None = None) -> int:
+                      top_p: float | None = None, rng: np.random.Generator | None = None, who: str = "logits") -> int:
     """One token from a logit row [V].
 
     temperature 0: argmax (ties -> lowest id).  Otherwise softmax(logits / temperature) restricted to the top_k
     largest logits and then to the smallest set whose probability reaches top_p (nucleus), renormalised, sampled
-    with `rng`.
+    with `rng`.  The parameters are checked (`check_sampling_params`), and so is the row: NaN, +inf or no finite
+    value at all (every logit -inf) is a RequestError naming `who`, never a silent token 0.  -inf entries are
+    masked tokens and allowed.
     """
+    check_sampling_params(temperature, top_k, top_p)
     logits = np.asarray(logits, dtype=np.float64)
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if logits.ndim != 1 or logits.size == 0:
+        raise RequestError(f"{who}: expected one logit row [vocab], got shape {logits.shape}")
+    nan, pos_inf, finite = int(np.isnan(logits).sum()), int(np.isposinf(logits).sum()), int(np.isfinite(logits).sum())
+    if nan or pos_inf or not finite:
+        raise RequestError(f"{who}: cannot sample from non-finite logits ({nan} NaN, {pos_inf} +inf, {finite} finite "
+                           f"of {logits.size}); the forward pass produced non-finite values (check the weights)")
     if temperature == 0.0:
         return int(np.argmax(logits))
-    z = logits / temperature
+    with np.errstate(over="ignore"):
+        z = logits / temperature
     order = np.argsort(-z, kind="stable")  # descending
+    if np.isposinf(z[order[0]]):  # a temperature so small that z overflows: its limit, greedy
+        return int(order[0])
     if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
         order = order[:top_k]
     p = np.exp(z[order] - z[order[0]])
     p /= p.sum()
     if top_p is not None:
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         keep = int(np.searchsorted(np.cumsum(p), top_p) + 1)  # smallest prefix with mass >= top_p
         order, p = order[:keep], p[:keep] / p[:keep].sum()
     rng = rng if rng is not None else np.random.default_rng()
@@ -504,19 +714,24 @@ class Qwen35Model(RequestChecks):
         self.kv_cache = KVCache(self.config, dtype=dtype)
         self._requests: dict[Hashable, _Request] = {}
         self._vision_weights = None
-        self._tmp_ids = itertools.count()
         self._epochs = itertools.count(1)
+        self.lock = threading.RLock()  # held by every public pipeline call (see `serialized`)
+        self._tag = object()  # marks the inputs this instance prepares
 
     @classmethod
     def from_pretrained(cls, path, *, max_batch_size: int = 8, dtype=np.float64, return_logits: str = "last",
                         return_hidden_states: str = "none", max_length: int | None = None,
-                        config: Qwen35Config | None = None) -> "Qwen35Model":
-        """Load a Hugging Face checkpoint directory (config.json + safetensors; see reference.weights)."""
-        weights = load_weights(Path(path), config=config, dtype=dtype)
+                        config: Qwen35Config | None = None, allow_nonfinite: bool = False) -> "Qwen35Model":
+        """Load a Hugging Face checkpoint directory (config.json + safetensors; see reference.weights).
+
+        A file path, a malformed checkpoint or a NaN / Inf weight is a CheckpointError naming the file
+        (`allow_nonfinite=True` loads non-finite weights anyway)."""
+        weights = load_weights(Path(path), config=config, dtype=dtype, allow_nonfinite=allow_nonfinite)
         return cls(weights, max_batch_size=max_batch_size, dtype=dtype, return_logits=return_logits,
                    return_hidden_states=return_hidden_states, max_length=max_length)
 
     # ------------------------------------------------------------------ bookkeeping (and RequestChecks)
+    @serialized
     def release(self, request_id) -> bool:
         """Free the request's state slot and KV cache.  Unknown ids are a no-op (returns False), as in MAX."""
         known = self._requests.pop(request_id, None) is not None
@@ -525,6 +740,7 @@ class Qwen35Model(RequestChecks):
         return known
 
     # ------------------------------------------------------------------ snapshots (prefix caching, rollback)
+    @serialized
     def snapshot(self, request_id) -> RequestSnapshot:
         """A deep copy of the request's committed state: the conv and recurrent state of every linear layer, the
         K/V of every full-attention layer, tokens consumed, MRoPE offset and multimodal prompt.
@@ -534,7 +750,7 @@ class Qwen35Model(RequestChecks):
         """
         req = self._requests.get(request_id)
         if req is None:
-            raise UnknownRequestError(f"snapshot of request {request_id!r}, which is not live")
+            raise UnknownRequestError(f"snapshot of {request_name(request_id)}, which is not live")
         conv, rec = self.state_cache.get_states([request_id])  # fresh copies [1, ...]
         kv = [(k.copy(), v.copy()) for k, v in
               (self.kv_cache.get([request_id], layer)[0] for layer in self.config.full_layer_indices)]
@@ -544,6 +760,7 @@ class Qwen35Model(RequestChecks):
             rope_delta=req.rope_delta, mm=copy.deepcopy(req.mm),
             prompt=None if req.prompt is None else req.prompt.copy())
 
+    @serialized
     def restore(self, request_id, snapshot: RequestSnapshot) -> None:
         """Make `request_id` continue from `snapshot` (copied in; the snapshot stays reusable).
 
@@ -585,6 +802,7 @@ class Qwen35Model(RequestChecks):
                          f"{self.dtype} {shape}")
 
     # ------------------------------------------------------------------ the pipeline interface
+    @serialized
     def prepare_initial_token_inputs(self, contexts: Sequence[TextContext], return_n_logits=1) -> ModelInputs:
         """Pack a ragged batch of contexts, claim state for new requests and gather every request's state.
 
@@ -613,10 +831,12 @@ class Qwen35Model(RequestChecks):
             self._requests[rid].rope_delta = int(pre.rope_delta)
         return self._build_inputs(ids, token_arrays, counts)
 
+    @serialized
     def prepare_next_token_inputs(self, next_tokens, prev: ModelInputs) -> ModelInputs:
         """Inputs for one decode step: token b continues request prev.request_ids[b].
 
-        The previous inputs' gathered states are dropped first (MAX does the same to avoid a third copy).
+        `prev` must be this model's executed inputs.  Their gathered states are dropped first (MAX does the same
+        to avoid a third copy).
         """
         ids, arrays = self._check_next_tokens(next_tokens, prev)
         prev.conv_states = prev.recurrent_states = None
@@ -641,25 +861,17 @@ class Qwen35Model(RequestChecks):
             conv_states=conv, recurrent_states=rec, start_lengths=starts,
             image_token_indices=np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64),
             lm_image_embeddings=np.concatenate(embs) if embs else None,
-            epochs=np.array([self._requests[r].epoch for r in ids], dtype=np.int64))
+            epochs=np.array([self._requests[r].epoch for r in ids], dtype=np.int64), model_tag=self._tag)
 
+    @serialized
     def execute(self, inputs: ModelInputs) -> ModelOutputs:
-        """Run one step on prepared inputs, scatter the new states back, return the selected logits."""
-        if inputs.executed:
-            raise RequestError(f"these inputs (requests {inputs.request_ids!r}) were already executed; prepare new ones "
-                               "(prepare_next_token_inputs)")
-        if inputs.conv_states is None:
-            raise RequestError("these inputs' gathered states were dropped (prepare_next_token_inputs was called "
-                               "on them); execute the newer inputs")
-        for b, rid in enumerate(inputs.request_ids):
-            if rid not in self._requests:
-                raise UnknownRequestError(f"request {rid!r} was released after its inputs were prepared")
-            if inputs.epochs is not None and self._requests[rid].epoch != inputs.epochs[b]:
-                raise RequestError(f"request {rid!r} was restored from a snapshot (or released and claimed again) "
-                                   "after its inputs were prepared; prepare new inputs")
-            if self._requests[rid].length != inputs.start_lengths[b]:
-                raise RequestError(f"request {rid!r} advanced since its inputs were prepared "
-                                   f"({int(inputs.start_lengths[b])} -> {self._requests[rid].length} tokens)")
+        """Run one step on prepared inputs, scatter the new states back, return the selected logits.
+
+        Refused (nothing runs): inputs of another model instance, inputs already executed, or inputs whose
+        requests were released, restored, re-claimed or advanced since they were prepared.
+        """
+        self._check_own_inputs(inputs, executed=False)
+        self._check_current_inputs(inputs)
         ids = inputs.request_ids
         past_kv = {layer: self.kv_cache.get(ids, layer) for layer in self.config.full_layer_indices}
         h, conv, rec, new_kv = self._forward(
@@ -738,6 +950,7 @@ class Qwen35Model(RequestChecks):
         return multimodal.multimodal_prefill_inputs(ctx, self._vision_weights, self.config, dtype=self.dtype)
 
     # ------------------------------------------------------------------ conveniences
+    @serialized
     def logits(self, batch) -> list[np.ndarray]:
         """Stateless: all-position logits [T_b, V] for each sequence (token lists or contexts) of `batch`.
 
@@ -754,65 +967,9 @@ class Qwen35Model(RequestChecks):
         logits = h @ self.weights.lm_head.T.astype(self.dtype, copy=False)  # [total, V]
         return [logits[offsets[b]:offsets[b + 1]] for b in range(B)]
 
-    def generate(self, prompts, max_new_tokens: int = 16, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, stop_token_ids=None) -> list[list[int]]:
-        """Generate up to `max_new_tokens` tokens for each prompt (token lists or contexts); returns the new ids.
-
-        Runs the pipeline: one prefill of all prompts (in groups of at most the free slots), then decode steps
-        with the requests that have not stopped.  A request stops at any of `stop_token_ids` (included in its
-        output) or after max_new_tokens.  `seed` makes sampling reproducible (temperature > 0).
-        """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        prompts = _as_batch(prompts)
-        stop = _stop_ids(stop_token_ids)
-        rng = np.random.default_rng(seed)
-        results: list[list[int]] = [[] for _ in prompts]
-        free = self.max_batch_size - len(self._requests)
-        if free < 1:
-            raise PoolFullError(f"generate: all {self.max_batch_size} slots are held by live requests")
-        for g0 in range(0, len(prompts), free):
-            group = list(range(g0, min(g0 + free, len(prompts))))
-            contexts = [_generate_context(prompts[i], ("__generate__", next(self._tmp_ids))) for i in group]
-            try:
-                self._generate_group(contexts, [results[i] for i in group], max_new_tokens, temperature, top_k,
-                                     top_p, rng, stop)
-            finally:
-                for ctx in contexts:
-                    self.release(ctx.request_id)
-        return results
-
-    def _generate_group(self, contexts, outs, max_new_tokens, temperature, top_k, top_p, rng, stop) -> None:
-        if max_new_tokens == 0:
-            return
-        saved = self.return_logits
-        self.return_logits = "last"
-        try:
-            inputs = self.prepare_initial_token_inputs(contexts, return_n_logits=1)
-        finally:
-            self.return_logits = saved
-        live = list(range(len(contexts)))
-        while True:
-            out = self.execute(inputs)
-            last = out.logits[out.logit_offsets[1:] - 1]  # [B, V]: each live request's last position
-            nxt, still = [], []
-            for row, j in enumerate(live):
-                t = sample_next_token(last[row], temperature=temperature, top_k=top_k, top_p=top_p, rng=rng)
-                outs[j].append(t)
-                if t not in stop and len(outs[j]) < max_new_tokens and \
-                        self.seq_len(contexts[j].request_id) < self.max_length:
-                    still.append(j)
-                    nxt.append(t)
-            if not still:
-                return
-            live = still
-            ids = [contexts[j].request_id for j in live]
-            inputs.conv_states = inputs.recurrent_states = None
-            inputs = self._build_inputs(ids, [np.array([t], np.int64) for t in nxt], np.ones(len(ids), np.int64))
-
 
 def __getattr__(name):
-    """`reference.model.TextAndVisionContext` (ARCHITECTURE.md) without importing the vision path eagerly."""
+    """`reference.model.TextAndVisionContext` (docs/pipeline_api.md) without importing the vision path eagerly."""
     if name == "TextAndVisionContext":
         from reference.multimodal import TextAndVisionContext
 

@@ -1,4 +1,6 @@
-"""Multimodal prompts: images / videos in, LM embedding rows and MRoPE positions out (SPEC §15.5, §15.6, §7.3).
+"""Multimodal prompts: images / videos in, LM embedding rows and MRoPE positions out.
+
+See docs/vision.md and docs/rope_and_mrope.md.
 
 A multimodal request arrives in the form a Hugging Face Qwen processor emits (`TextAndVisionContext`): the tokens
 already hold, per image, `<vision_start> <image_pad>×n <vision_end>` with n = t·h·w / m² merged tokens, and
@@ -23,7 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from reference.context import TextContext
+from reference.context import TextContext, check_no_placeholders, request_name
+from reference.errors import RequestError
 from reference.rope import decode_position_ids, get_rope_index, mm_token_types
 from reference.vision import VisionWeights, check_grid_thw, num_merged_tokens, num_patches, vision_tower
 
@@ -59,8 +62,8 @@ class TextAndVisionContext(TextContext):
         for pix, grid, what in ((self.pixel_values, self.image_grid_thw, "image"),
                                 (self.pixel_values_videos, self.video_grid_thw, "video")):
             if (pix is None) != (grid is None):
-                raise ValueError(f"request {self.request_id!r}: {what} pixels and {what} grid_thw must be given "
-                                 "together")
+                raise RequestError(f"{request_name(self.request_id)}: {what} pixels and {what} grid_thw must be "
+                                   "given together")
         if self.chunk_end is not None:
             self.prompt_chunk_end()  # validate now: a bad value is the caller's error, not the model's
 
@@ -71,8 +74,8 @@ class TextAndVisionContext(TextContext):
             return n
         end = self.chunk_end
         if isinstance(end, (bool, np.bool_)) or not isinstance(end, (int, np.integer)) or not 1 <= end <= n:
-            raise ValueError(f"request {self.request_id!r}: chunk_end must be an int in [1, {n}] (the prompt has "
-                             f"{n} tokens), got {end!r}")
+            raise RequestError(f"{request_name(self.request_id)}: chunk_end must be an int in [1, {n}] (the prompt "
+                               f"has {n} tokens), got {end!r}")
         return int(end)
 
     @property
@@ -143,15 +146,16 @@ def plan_multimodal_prefill(ctx, config) -> MultimodalPlan:
     """Validate a context against its placeholders and compute its MRoPE positions (no tower run).
 
     Raises:
-        ValueError when the placeholder count of a modality differs from its feature count (t·h·w/m² per grid),
-        when pixels come without placeholders or placeholders without pixels, or when grids and pixels disagree.
+        RequestError (a ValueError) when the placeholder count of a modality differs from its feature count
+        (t·h·w/m² per grid), when pixels come without placeholders or placeholders without pixels
+        (`reference.context.check_no_placeholders`), or when grids and pixels disagree.
     """
-    rid = getattr(ctx, "request_id", "?")
+    who = request_name(getattr(ctx, "request_id", "?"))
     tokens = ctx.token_array
     T = tokens.shape[0]
     if not getattr(config, "is_multimodal", False) or config.vision_config is None:
         if getattr(ctx, "has_vision_inputs", False):
-            raise ValueError(f"request {rid!r} carries pixels but the model config has no vision tower")
+            raise RequestError(f"{who} carries pixels but the model config has no vision tower")
         return MultimodalPlan([], np.zeros(0, np.int64), np.zeros(0, np.int64), decode_position_ids(0, T), 0)
     vc = config.vision_config
     if vc.out_hidden_size != config.hidden_size:
@@ -163,21 +167,19 @@ def plan_multimodal_prefill(ctx, config) -> MultimodalPlan:
         rows = np.flatnonzero(types == code)
         pixels, grid = getattr(ctx, pix_name, None), getattr(ctx, grid_name, None)
         if pixels is None:
-            if rows.size:
-                raise ValueError(f"request {rid!r}: the prompt holds {rows.size} {kind} placeholder tokens but no "
-                                 f"{kind} pixels were given")
+            check_no_placeholders(ctx.request_id, tokens, config, kinds=(kind,))
             continue
         g = check_grid_thw(grid, vc.spatial_merge_size)
         if not hasattr(pixels, "shape"):  # a nested list; arrays and (device) tensors keep their type
             pixels = np.asarray(pixels)
         shape = tuple(pixels.shape)
         if len(shape) != 2 or shape[0] != num_patches(g) or shape[1] != vc.patch_dim:
-            raise ValueError(f"request {rid!r}: {kind} pixel values have shape {shape}, but grid_thw "
-                             f"{g.tolist()} needs [{num_patches(g)}, {vc.patch_dim}]")
+            raise RequestError(f"{who}: {kind} pixel values have shape {shape}, but grid_thw "
+                               f"{g.tolist()} needs [{num_patches(g)}, {vc.patch_dim}]")
         per_grid = num_merged_tokens(g, vc.spatial_merge_size)
         if int(per_grid.sum()) != rows.size:
-            raise ValueError(
-                f"request {rid!r}: {kind} features and {kind} tokens do not match: the prompt holds {rows.size} "
+            raise RequestError(
+                f"{who}: {kind} features and {kind} tokens do not match: the prompt holds {rows.size} "
                 f"{kind} placeholder tokens but grid_thw {g.tolist()} gives {per_grid.tolist()} = "
                 f"{int(per_grid.sum())} merged tokens (expand each placeholder to t·h·w/m² tokens)")
         inputs.append((kind, pixels, g))
@@ -203,11 +205,11 @@ def multimodal_prefill_inputs(ctx, vision_weights: VisionWeights | None, config,
     Returns:
         MultimodalPrefill.
     Raises:
-        ValueError as `plan_multimodal_prefill` (checked before the tower runs).
+        RequestError as `plan_multimodal_prefill` (checked before the tower runs).
     """
     plan = plan_multimodal_prefill(ctx, config)
     if plan.inputs and vision_weights is None:
-        raise ValueError(f"request {getattr(ctx, 'request_id', '?')!r} carries pixels but no vision weights "
+        raise RequestError(f"{request_name(getattr(ctx, 'request_id', '?'))} carries pixels but no vision weights "
                          "were given")
     feats = [vision_tower(np.asarray(pix), g, vision_weights, config.vision_config, dtype=dtype)
              for _, pix, g in plan.inputs]  # each [Σ t·h·w / m², H]

@@ -1,4 +1,4 @@
-"""reference.model: the pipeline interface, its invariances and its errors (STYLE rule 8; PITFALLS B10–B12, B14).
+"""reference.model: the pipeline interface, its invariances and its errors (docs/pitfalls.md, B10–B12, B14).
 
 * a stateful hypothesis test interleaves prefill chunks, decode steps, releases and slot reuse across requests
 
@@ -69,7 +69,7 @@ def _release_all(m):
 
 @given(n=st.integers(2, 40), cuts=st.lists(st.integers(1, 39), max_size=4), seed=st.integers(0, 10**6))
 def test_chunked_prefill_equals_one_prefill(model, n, cuts, seed):
-    """prefill(a) + prefill(b) + ... == prefill(a + b + ...) for any split (PITFALLS B10, B14), with the last
+    """prefill(a) + prefill(b) + ... == prefill(a + b + ...) for any split (docs/pitfalls.md, B10, B14), with the last
     pieces fed as decode steps (prefill(T-1) + decode(1) == full(T), B11)."""
     _release_all(model)
     tokens = _prompt(seed, n)
@@ -88,7 +88,7 @@ def test_chunked_prefill_equals_one_prefill(model, n, cuts, seed):
 
 @pytest.mark.parametrize("T", [2, 3, 4, 5, 63, 64, 65, 129])
 def test_prefill_minus_one_plus_decode_equals_full(model, T):
-    """prefill(T-1) + decode(1) == full(T) around the conv window and the 64-token chunk size (PITFALLS B11)."""
+    """prefill(T-1) + decode(1) == full(T) around the conv window and the 64-token chunk size (docs/pitfalls.md, B11)."""
     _release_all(model)
     tokens = _prompt(100 + T, T)
     full = model.logits([tokens])[0]

@@ -1,7 +1,7 @@
 """optimized.Qwen35Model vs reference.model.Qwen35Model on tiny checkpoints (dense and MoE).
 
 float32 logits within 1e-4 relative RMS of the float64 oracle, identical greedy tokens, chunked prefill + decode
-continuation (PITFALLS B10, B11), ragged batches and batch independence (B12), in-place slot pools (B9), the
+continuation (docs/pitfalls.md, B10, B11), ragged batches and batch independence (B12), in-place slot pools (B9), the
 memory rule the model reports, and the errors of the pipeline interface.
 """
 from __future__ import annotations
