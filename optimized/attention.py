@@ -27,7 +27,7 @@ __all__ = ["AttentionWeightsT", "KVCache", "gated_attention", "split_q_gate"]
 class AttentionWeightsT:
     """Torch twin of reference.attention.AttentionWeights (same names and shapes)."""
 
-    q_proj: torch.Tensor  # [2·nh·hd, H]
+    q_proj: torch.Tensor  # [2·nh·hd, H] (per-head q | gate rows); [nh·hd, H] when attn_output_gate is false
     k_proj: torch.Tensor  # [nkv·hd, H]
     v_proj: torch.Tensor  # [nkv·hd, H]
     o_proj: torch.Tensor  # [H, nh·hd]
@@ -68,8 +68,16 @@ class KVCache:
         return self.k.numel() * self.k.element_size() * 2
 
 
-def split_q_gate(p: torch.Tensor, num_heads: int, head_dim: int):
-    """P [T, nh·2·hd] → view [T, nh, 2·hd] → q = [..., :hd], gate = [..., hd:]  (per head, PITFALLS B2)."""
+def split_q_gate(p: torch.Tensor, num_heads: int, head_dim: int, *, gated: bool = True):
+    """P [T, nh·2·hd] → view [T, nh, 2·hd] → q = [..., :hd], gate = [..., hd:]  (per head, PITFALLS B2).
+
+    gated=False (attn_output_gate false): P [T, nh·hd] → q = view [T, nh, hd], gate = None."""
+    width = (2 if gated else 1) * num_heads * head_dim
+    if p.shape[-1] != width:
+        raise ValueError(f"split_q_gate: q_proj output has width {p.shape[-1]}, expected "
+                         f"{'2·' if gated else ''}nh·hd = {width}")
+    if not gated:
+        return p.view(p.shape[0], num_heads, head_dim), None
     p = p.view(p.shape[0], num_heads, 2 * head_dim)
     return p[..., :head_dim], p[..., head_dim:]
 
@@ -134,7 +142,8 @@ def gated_attention(x, w: AttentionWeightsT, config, *, position_ids=None, cu_se
             raise ValueError(f"gated_attention: position_ids must be [3, T_total={T_total}], got {tuple(pos.shape)}")
 
     eps = config.rms_norm_eps
-    q, gate = split_q_gate(linear(x, w.q_proj), nh, hd)  # [T, nh, hd] each
+    gated = bool(getattr(config, "attn_output_gate", True))  # q_proj carries gate rows only when gated
+    q, gate = split_q_gate(linear(x, w.q_proj), nh, hd, gated=gated)  # [T, nh, hd] each (gate None if not)
     k = linear(x, w.k_proj).view(T_total, nkv, hd)
     v = linear(x, w.v_proj).view(T_total, nkv, hd)
     q = rms_norm(q, w.q_norm, eps)  # norm before RoPE (SPEC §6 step 2)
@@ -163,6 +172,6 @@ def gated_attention(x, w: AttentionWeightsT, config, *, position_ids=None, cu_se
         if e > s:
             o[s:e] = _attend(q[s:e], k_all, v_all, config.attention_scale, past_len[n])
     o = o.view(T_total, nh * hd)
-    if getattr(config, "attn_output_gate", True):
+    if gated:
         o = o * torch.sigmoid(gate.reshape(T_total, nh * hd))  # gate after attention, before o_proj (B2)
     return linear(o, w.o_proj), new_kv

@@ -156,7 +156,7 @@ def model_prefill_flops(config, T: int) -> int:
             lin += (c.conv_dim + c.value_dim + 2 * c.linear_num_value_heads) * H + H * c.value_dim
         else:
             nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-            lin += 2 * nh * hd * H + 2 * nkv * hd * H + H * nh * hd
+            lin += c.q_proj_rows * H + 2 * nkv * hd * H + H * nh * hd  # q(+gate), k, v, o projections
         lin += 3 * c.intermediate_size * H if not c.is_moe else 0
     total = 2 * T * lin + 2 * H * c.vocab_size
     total += c.num_linear_layers * gdn_chunk_flops(T, c.linear_num_value_heads, c.linear_key_head_dim,

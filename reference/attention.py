@@ -32,7 +32,8 @@ from reference.rope import apply_partial_rope, rope_tables, text_position_ids
 class AttentionWeights:
     """Weights of one gated full-attention layer (checkpoint names `self_attn.*`, PyTorch [out, in] layout).
 
-    q_proj: [2·nh·hd, H]   rows per head: hd query rows, then hd gate rows
+    q_proj: [2·nh·hd, H]   rows per head: hd query rows, then hd gate rows (attn_output_gate true)
+            [nh·hd, H]     query rows only (attn_output_gate false: no output gate; `config.q_proj_rows`)
     k_proj: [nkv·hd, H]
     v_proj: [nkv·hd, H]
     o_proj: [H, nh·hd]
@@ -50,8 +51,9 @@ class AttentionWeights:
     def validate(self, config) -> None:
         """Raise ValueError naming the first weight whose shape does not fit `config`."""
         H, nh, nkv, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        gated = getattr(config, "attn_output_gate", True)
         expected = {
-            "q_proj": (2 * nh * hd, H),
+            "q_proj": ((2 if gated else 1) * nh * hd, H),
             "k_proj": (nkv * hd, H),
             "v_proj": (nkv * hd, H),
             "o_proj": (H, nh * hd),
@@ -61,16 +63,25 @@ class AttentionWeights:
         for name, shape in expected.items():
             got = np.shape(getattr(self, name))
             if got != shape:
-                hint = " (q_proj holds q AND gate: 2·nh·hd rows)" if name == "q_proj" else ""
+                hint = ("" if name != "q_proj" else " (q_proj holds q AND gate: 2·nh·hd rows)" if gated
+                        else " (attn_output_gate is false: q_proj holds q only, nh·hd rows, no gate rows)")
                 raise ValueError(f"AttentionWeights.{name} has shape {got}, expected {shape}{hint}")
+
+    def without_gate(self, config) -> "AttentionWeights":
+        """The same layer with its gate rows dropped: q_proj [2·nh·hd, H] → [nh·hd, H] (the per-head query
+        rows), for a config with attn_output_gate false.  Other arrays are shared, not copied."""
+        nh, hd = config.num_attention_heads, config.head_dim
+        q = np.asarray(self.q_proj).reshape(nh, 2, hd, -1)[:, 0]  # [nh, hd, H]  rows per head: q, then gate
+        return AttentionWeights(**{**self.__dict__, "q_proj": q.reshape(nh * hd, -1)})
 
     @classmethod
     def random(cls, config, seed: int = 0, *, std: float = 0.2, norm_std: float = 0.1) -> "AttentionWeights":
         """Random float64 weights of the right shapes (tests, notebooks)."""
         rng = np.random.default_rng(seed)
         H, nh, nkv, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        gated = getattr(config, "attn_output_gate", True)
         return cls(
-            q_proj=rng.standard_normal((2 * nh * hd, H)) * std,
+            q_proj=rng.standard_normal(((2 if gated else 1) * nh * hd, H)) * std,
             k_proj=rng.standard_normal((nkv * hd, H)) * std,
             v_proj=rng.standard_normal((nkv * hd, H)) * std,
             o_proj=rng.standard_normal((H, nh * hd)) * std,
@@ -79,17 +90,21 @@ class AttentionWeights:
         )
 
 
-def split_q_gate(p: np.ndarray, num_heads: int, head_dim: int):
+def split_q_gate(p: np.ndarray, num_heads: int, head_dim: int, *, gated: bool = True):
     """Split the q_proj output per head into query and gate (SPEC §6 step 1, PITFALLS B2).
 
-        P [T, nh·2·hd] → view [T, nh, 2·hd] → q = [..., :hd], gate = [..., hd:]
+        gated:      P [T, nh·2·hd] → view [T, nh, 2·hd] → q = [..., :hd], gate = [..., hd:]
+        not gated:  P [T, nh·hd]   → q = view [T, nh, hd], gate = None   (attn_output_gate false)
 
     Returns:
-        q: [T, nh, hd];  gate: [T, nh, hd] (flattened to [T, nh·hd] by the caller where needed).
+        q: [T, nh, hd];  gate: [T, nh, hd] (flattened to [T, nh·hd] by the caller where needed) or None.
     """
     T = p.shape[0]
-    if p.shape[1] != num_heads * 2 * head_dim:
-        raise ValueError(f"q_proj output has width {p.shape[1]}, expected 2·nh·hd = {2 * num_heads * head_dim}")
+    width = (2 if gated else 1) * num_heads * head_dim
+    if p.shape[1] != width:
+        raise ValueError(f"q_proj output has width {p.shape[1]}, expected {'2·' if gated else ''}nh·hd = {width}")
+    if not gated:
+        return p.reshape(T, num_heads, head_dim), None
     p = p.reshape(T, num_heads, 2 * head_dim)  # [T, nh, 2·hd]  per-head [q | gate]
     return p[..., :head_dim], p[..., head_dim:]
 
@@ -183,6 +198,7 @@ def gated_attention(x, w: AttentionWeights, config, *, position_ids=None, cu_seq
     if nh % nkv:
         raise ValueError(f"num_attention_heads {nh} is not a multiple of num_key_value_heads {nkv}")
     w.validate(config)
+    gated = bool(getattr(config, "attn_output_gate", True))  # q_proj carries gate rows only when gated
     T_total = x.shape[0]
     cu = _check_cu_seqlens(cu_seqlens, T_total)
     N = cu.shape[0] - 1
@@ -226,7 +242,7 @@ def gated_attention(x, w: AttentionWeights, config, *, position_ids=None, cu_seq
             continue
 
         # q_proj output split per head into [q | gate] (SPEC §6 step 1, PITFALLS B2).
-        q, gate = split_q_gate(xs @ Wq.T, nh, hd)  # [T, nh, hd] each
+        q, gate = split_q_gate(xs @ Wq.T, nh, hd, gated=gated)  # [T, nh, hd] each (gate None if not gated)
         k = (xs @ Wk.T).reshape(T, nkv, hd)  # [T, nkv, hd]
         v = (xs @ Wv.T).reshape(T, nkv, hd)  # [T, nkv, hd]
 
@@ -247,7 +263,7 @@ def gated_attention(x, w: AttentionWeights, config, *, position_ids=None, cu_seq
         new_kv.append((k_all, v_all))
 
         o = o.reshape(T, nh * hd)  # [T, nh·hd]  channel c of head h at h·hd + c
-        if getattr(config, "attn_output_gate", True):
+        if gated:
             # Output gate after attention, before o_proj (SPEC §6 step 7); gate flattened the same way as o.
             o = o * sigmoid(gate.reshape(T, nh * hd), dtype=dt)
         y[s:e] = o @ Wo.T  # [T, H]

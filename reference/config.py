@@ -1,6 +1,6 @@
 """Qwen3.5 configuration: one frozen dataclass with Hugging Face field names.
 
-Reads the `config.json` of every Qwen3.5 flavour (SPEC §2):
+Reads the `config.json` of every Qwen3.5 flavour (docs/config_and_memory.md lists every field read):
 
 | model_type          | form                                                          |
 |---------------------|---------------------------------------------------------------|
@@ -9,9 +9,9 @@ Reads the `config.json` of every Qwen3.5 flavour (SPEC §2):
 | `qwen3_5_moe`       | multimodal MoE                                                  |
 | `qwen3_5_moe_text`  | text-only MoE                                                   |
 
-`tie_word_embeddings` is read from the *top level* of a multimodal config (SPEC §2.1: the text sub-config
+`tie_word_embeddings` is read from the *top level* of a multimodal config (the text sub-config
 inherits a generic default that would be wrong).  `layer_types` is derived from `full_attention_interval` when
-absent (layer i is full attention iff (i+1) % interval == 0) and validated when present (SPEC §2.3).
+absent (layer i is full attention iff (i+1) % interval == 0) and validated when present.
 
 Everything else in qwen35 (reference and optimized) takes its sizes from here; nothing re-derives them.
 """
@@ -42,7 +42,7 @@ PRESET_DIR = Path(__file__).parent / "presets"
 def default_mrope_section(num_freqs: int) -> tuple[int, int, int]:
     """The (t, h, w) split that Hugging Face's fallback `[11, 11, 10]` produces for `num_freqs` frequencies.
 
-    With the interleaved layout (SPEC §7.2) frequency j belongs to axis j % 3, so the section sizes are the
+    With the interleaved layout (docs/rope_and_mrope.md) frequency j belongs to axis j % 3, so the section sizes are the
     counts of j < num_freqs per residue.  For the published geometry (32 frequencies) that is [11, 11, 10].
     """
     return tuple(len(range(r, num_freqs, 3)) for r in range(3))  # type: ignore[return-value]
@@ -50,7 +50,7 @@ def default_mrope_section(num_freqs: int) -> tuple[int, int, int]:
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """The vision tower's geometry (SPEC §2.5; HF `Qwen3_5VisionConfig`)."""
+    """The vision tower's geometry (HF `Qwen3_5VisionConfig`)."""
 
     depth: int = 27
     hidden_size: int = 1152
@@ -63,13 +63,14 @@ class VisionConfig:
     spatial_merge_size: int = 2
     out_hidden_size: int = 3584
     num_position_embeddings: int = 2304
-    rope_theta: float = 10000.0  # SPEC §15.2 (UNCONFIRMED there; HF 5.x config carries it in rope_parameters)
+    rope_theta: float = 10000.0  # HF 5.x config carries it in rope_parameters
     layer_norm_eps: float = 1e-6
 
     def __post_init__(self):
-        for name in ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
-                     "temporal_patch_size", "spatial_merge_size", "out_hidden_size", "num_position_embeddings"):
-            _positive(f"vision_config.{name}", getattr(self, name))
+        _check_fields(self, _VISION_FIELDS, "vision_config.")
+        if self.hidden_act != "gelu_pytorch_tanh":
+            raise ConfigError(f"vision_config.hidden_act {self.hidden_act!r} is not supported: the vision blocks "
+                              "implement 'gelu_pytorch_tanh' only (the Qwen3.5 vision tower's activation)")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"vision_config.hidden_size ({self.hidden_size}) must be divisible by "
@@ -99,11 +100,16 @@ class VisionConfig:
         return math.isqrt(self.num_position_embeddings)
 
     @classmethod
-    def from_hf_dict(cls, d: Mapping[str, Any]) -> "VisionConfig":
-        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
-        rope = d.get("rope_parameters") or {}
-        if "rope_theta" in rope and "rope_theta" not in d:
-            kw["rope_theta"] = float(rope["rope_theta"])
+    def from_hf_dict(cls, d: Mapping[str, Any], where: str = "vision_config") -> "VisionConfig":
+        """Build from the `vision_config` object of a config.json; `where` is its path in error messages."""
+        _check_object(where, d)
+        kw = {f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None}
+        _check_fields(kw, _VISION_FIELDS, where + ".")
+        rope = d.get("rope_parameters")
+        if rope is not None:
+            _check_object(f"{where}.rope_parameters", rope)
+            if rope.get("rope_theta") is not None and "rope_theta" not in kw:
+                kw["rope_theta"] = _number(f"{where}.rope_parameters.rope_theta", rope["rope_theta"])
         return cls(**kw)
 
     def to_hf_dict(self) -> dict:
@@ -116,14 +122,179 @@ class VisionConfig:
         return d
 
 
-def _positive(name: str, value) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+# ----------------------------------------------------------------------------------------------------------------
+# strict JSON types: every check names the field by its path in config.json and shows the bad value
+# ----------------------------------------------------------------------------------------------------------------
+MAX_SIZE = 2**31 - 1  # sizes, counts and token ids: the int32 range the kernels and the tokenizer index with
+MAX_LAYERS = 2**16  # layer counts (layer_types is materialised, one entry per layer)
+
+
+def _show(value) -> str:
+    """repr of a bad value with its JSON-ish type, cut to 80 characters (a config may hold huge objects)."""
+    r = repr(value)
+    if len(r) > 80:
+        r = r[:77] + "..."
+    kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", tuple: "list",
+            dict: "object", type(None): "null"}.get(type(value), type(value).__name__)
+    return f"{r} ({kind})"
+
+
+def _check_object(path: str, value) -> Mapping:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{path} must be a JSON object, got {_show(value)}")
+    return value
+
+
+def _int(path: str, value, *, minimum: int = 1, maximum: int = MAX_SIZE) -> int:
+    """An integer in [minimum, maximum]; JSON booleans and floats (even 4.0) are refused."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{path} must be an integer, got {_show(value)}")
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{path} must be an integer in [{minimum}, {maximum}], got {value}")
+    return value
+
+
+def _number(path: str, value, *, positive: bool = True) -> float:
+    """A finite JSON number (integer or float; not a boolean, not a numeric string), > 0 when `positive`."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConfigError(f"{path} must be a number, got {_show(value)}")
+    try:
+        x = float(value)
+    except OverflowError:  # an integer beyond float range
+        x = math.inf
+    if not math.isfinite(x) or (positive and x <= 0):
+        raise ConfigError(f"{path} must be a finite{' positive' if positive else ''} number, got {value!r}")
+    return x
+
+
+def _flag(path: str, value) -> bool:
+    """A JSON boolean: the string "false" and the integer 0 are refused (bool("false") would be True)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{path} must be a JSON boolean (true or false), got {_show(value)}")
+    return value
+
+
+def _string(path: str, value) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{path} must be a string, got {_show(value)}")
+    return value
+
+
+def _int_list(path: str, value, *, minimum: int = 0) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{path} must be a list of integers, got {_show(value)}")
+    return tuple(_int(f"{path}[{i}]", v, minimum=minimum) for i, v in enumerate(value))
+
+
+def _token_ids(path: str, value) -> int | tuple[int, ...]:
+    """eos_token_id: one id or a list of ids (generation stops at any of them)."""
+    if isinstance(value, (list, tuple)):
+        return _int_list(path, value)
+    return _int(path, value, minimum=0)
+
+
+def _layer_types(path: str, value) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{path} must be a list of strings {list(LAYER_TYPES)}, got {_show(value)}")
+    if len(value) > MAX_LAYERS:
+        raise ConfigError(f"{path} has {len(value)} entries; at most {MAX_LAYERS} layers are supported")
+    for i, t in enumerate(value):
+        if t not in LAYER_TYPES:  # also refuses non-strings: a list or dict never equals a layer type
+            raise ConfigError(f"{path}[{i}] = {_show(t)} is not a known layer type; accepted: {list(LAYER_TYPES)}")
+    return tuple(value)
+
+
+def _size(path, value):
+    return _int(path, value)
+
+
+def _count(path, value):  # may be 0 (MoE sizes of a dense config, the shared expert of a MoE one)
+    return _int(path, value, minimum=0)
+
+
+def _layers(path, value):
+    return _int(path, value, maximum=MAX_LAYERS)
+
+
+def _token_id(path, value):
+    return _int(path, value, minimum=0)
+
+
+def _fraction(path, value):
+    x = _number(path, value)
+    if x > 1.0:
+        raise ConfigError(f"{path} must be in (0, 1], got {value!r}")
+    return x
+
+
+def _mrope_section(path, value):
+    sec = _int_list(path, value)
+    if len(sec) != 3:
+        raise ConfigError(f"{path} must be three non-negative integers (t, h, w), got {_show(value)}")
+    return sec
+
+
+# field -> checker(path, value); a None value means "absent" (the default applies) and is not checked here.
+_VISION_FIELDS = {
+    "depth": _layers, "hidden_size": _size, "hidden_act": _string, "intermediate_size": _size,
+    "num_heads": _size, "in_channels": _size, "patch_size": _size, "temporal_patch_size": _size,
+    "spatial_merge_size": _size, "out_hidden_size": _size, "num_position_embeddings": _size,
+    "rope_theta": _number, "layer_norm_eps": _number,
+}
+_TEXT_FIELDS = {
+    "model_type": _string, "vocab_size": _size, "hidden_size": _size, "intermediate_size": _count,
+    "num_hidden_layers": _layers, "num_attention_heads": _size, "num_key_value_heads": _size, "head_dim": _size,
+    "hidden_act": _string, "max_position_embeddings": _size, "rms_norm_eps": _number, "attention_bias": _flag,
+    "rope_type": _string, "rope_theta": _number, "partial_rotary_factor": _fraction,
+    "mrope_section": _mrope_section, "mrope_interleaved": _flag,
+    "linear_conv_kernel_dim": _size, "linear_key_head_dim": _size, "linear_value_head_dim": _size,
+    "linear_num_key_heads": _size, "linear_num_value_heads": _size, "layer_types": _layer_types,
+    "full_attention_interval": _size, "attn_output_gate": _flag, "tie_word_embeddings": _flag,
+    "mamba_ssm_dtype": _string, "num_experts": _count, "num_experts_per_tok": _count,
+    "moe_intermediate_size": _count, "shared_expert_intermediate_size": _count,
+    "image_token_id": _token_id, "video_token_id": _token_id, "vision_start_token_id": _token_id,
+    "vision_end_token_id": _token_id, "eos_token_id": _token_ids, "pad_token_id": _token_id,
+    "bos_token_id": _token_id,
+}
+# The RoPE keys of a `rope_parameters` object (read by from_hf_dict under the same field names).
+_ROPE_KEYS = ("rope_type", "rope_theta", "partial_rotary_factor", "mrope_section", "mrope_interleaved")
+# Read from the top level of a multimodal config (not from its text_config).
+_TOP_LEVEL_FIELDS = ("tie_word_embeddings", "image_token_id", "video_token_id", "vision_start_token_id",
+                     "vision_end_token_id", "eos_token_id", "pad_token_id", "bos_token_id")
+
+
+def _check_fields(values, checkers: Mapping, prefix: str) -> None:
+    """Run `checkers[name](prefix + name, value)` on every present, non-None field of `values`.
+
+    `values` is a dict (raw config.json fields) or a config dataclass (its attributes)."""
+    for name, check in checkers.items():
+        v = values.get(name) if isinstance(values, Mapping) else getattr(values, name, None)
+        if v is not None:
+            check(prefix + name, v)
+
+
+def _check_rope_section(text: Mapping, prefix: str) -> None:
+    """Types of what the RoPE block of `Qwen35Config.from_hf_dict` reads: `rope_parameters` (or the older
+    `rope_scaling`) must be an object, its keys of the right types, like the top-level rope_theta."""
+    def no_null(section: Mapping, keys, where: str) -> None:  # the RoPE block reads a present key as a value
+        for k in keys:
+            if k in section and section[k] is None:
+                raise ConfigError(f"{where}{k} is null; give a value or leave the key out (accepted: "
+                                  f"{'a string' if k == 'rope_type' else 'a JSON boolean' if k == 'mrope_interleaved' else 'a number'})")
+
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = text.get(key)
+        if rope is not None:
+            _check_object(prefix + key, rope)
+            _check_fields(rope, {k: _TEXT_FIELDS[k] for k in _ROPE_KEYS}, f"{prefix}{key}.")
+            no_null(rope, [k for k in _ROPE_KEYS if k != "mrope_section"], f"{prefix}{key}.")
+    _check_fields(text, {k: _TEXT_FIELDS[k] for k in ("rope_theta", "partial_rotary_factor")}, prefix)
+    no_null(text, ("partial_rotary_factor",), prefix)
 
 
 @dataclass(frozen=True)
 class Qwen35Config:
-    """Qwen3.5 language-model configuration (HF field names; SPEC §2.2, §2.7).
+    """Qwen3.5 language-model configuration (HF field names).
 
     Defaults are Hugging Face's `Qwen3_5TextConfig` defaults (a 9B-like geometry) except where a published
     checkpoint fixes a value the class default does not (rope_theta 1e7, mrope_section [11, 11, 10]).
@@ -148,30 +319,30 @@ class Qwen35Config:
     partial_rotary_factor: float = 0.25
     mrope_section: tuple[int, int, int] | None = None  # None -> default_mrope_section(rotary_dim // 2)
     mrope_interleaved: bool = True
-    # Gated DeltaNet (SPEC §8)
+    # Gated DeltaNet
     linear_conv_kernel_dim: int = 4
     linear_key_head_dim: int = 128
     linear_value_head_dim: int = 128
     linear_num_key_heads: int = 16
     linear_num_value_heads: int = 32
-    # Layer map (SPEC §2.3)
+    # Layer map
     layer_types: tuple[str, ...] | None = None  # None -> derived from full_attention_interval
     full_attention_interval: int = 4
     attn_output_gate: bool = True
     tie_word_embeddings: bool = False
     mamba_ssm_dtype: str = "float32"
-    # MoE (SPEC §2.7); used when model_type is a MoE type.
+    # MoE; used when model_type is a MoE type.
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
-    # Multimodal (SPEC §2.6)
+    # Multimodal
     vision_config: VisionConfig | None = None
     image_token_id: int | None = None
     video_token_id: int | None = None
     vision_start_token_id: int | None = None
     vision_end_token_id: int | None = None
-    # Special tokens (UNCONFIRMED values in SPEC §2.6; carried through when present)
+    # Special tokens (carried through when present)
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -180,25 +351,29 @@ class Qwen35Config:
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
             raise ConfigError(f"model_type {self.model_type!r} is not a Qwen3.5 type; expected one of {MODEL_TYPES}")
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
-                     "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
-                     "linear_num_key_heads", "linear_num_value_heads", "full_attention_interval"):
-            _positive(name, getattr(self, name))
-        if not (0.0 < self.partial_rotary_factor <= 1.0):
-            raise ConfigError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor!r}")
+        _check_fields(self, _TEXT_FIELDS, "")  # every field of its JSON type (bool is not an int, "false" no bool)
+        if self.hidden_act != "silu":
+            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported: the MLP implements 'silu' "
+                              "(SwiGLU, what every Qwen3.5 checkpoint uses) only")
+        if self.attention_bias:
+            raise ConfigError("attention_bias true is not supported: the attention projections are bias-free "
+                              "(every Qwen3.5 checkpoint has attention_bias false)")
+        if not self.mrope_interleaved:
+            raise ConfigError(
+                "mrope_interleaved false is not supported: Qwen3.5 uses the interleaved MRoPE layout only, and "
+                "transformers ignores this flag (it always computes the interleaved layout), so a checkpoint "
+                "asking for the sectioned Qwen2-VL layout would silently get interleaved results there; "
+                "accepted: true (or absent)")
         if self.is_moe:
             for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
-                _positive(name, getattr(self, name))
+                _int(name, getattr(self, name))
             if self.num_experts_per_tok > self.num_experts:
                 raise ConfigError(
                     f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_experts ({self.num_experts})")
-            if self.shared_expert_intermediate_size < 0:
-                raise ConfigError(f"shared_expert_intermediate_size must be >= 0, got {self.shared_expert_intermediate_size}")
-            # Every layer of a Qwen3.5 MoE model is MoE; HF's MoE config has no intermediate_size (SPEC §2.7).
+            # Every layer of a Qwen3.5 MoE model is MoE; HF's MoE config has no intermediate_size.
             object.__setattr__(self, "intermediate_size", 0)
         else:
-            _positive("intermediate_size", self.intermediate_size)
+            _int("intermediate_size", self.intermediate_size)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
@@ -216,9 +391,7 @@ class Qwen35Config:
         if self.mrope_section is None:
             object.__setattr__(self, "mrope_section", default_mrope_section(self.rotary_dim // 2))
         else:
-            sec = tuple(int(s) for s in self.mrope_section)
-            if len(sec) != 3 or any(s < 0 for s in sec):
-                raise ConfigError(f"mrope_section must be three non-negative ints (t, h, w), got {self.mrope_section!r}")
+            sec = _mrope_section("mrope_section", self.mrope_section)
             if sum(sec) != self.rotary_dim // 2:
                 raise ConfigError(
                     f"sum(mrope_section) = {sum(sec)} must equal rotary_dim // 2 = {self.rotary_dim // 2} "
@@ -234,22 +407,22 @@ class Qwen35Config:
             object.__setattr__(self, "layer_types", derive_layer_types(self.num_hidden_layers,
                                                                        self.full_attention_interval))
         else:
-            lt = tuple(self.layer_types)
+            lt = _layer_types("layer_types", self.layer_types)
             if len(lt) != self.num_hidden_layers:
                 raise ConfigError(
                     f"layer_types has {len(lt)} entries but num_hidden_layers is {self.num_hidden_layers}")
-            for i, t in enumerate(lt):
-                if t not in LAYER_TYPES:
-                    raise ConfigError(f"layer_types[{i}] = {t!r} is not a known layer type {LAYER_TYPES}")
             object.__setattr__(self, "layer_types", lt)
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if self.is_multimodal and self.vision_config is None:
             raise ConfigError(f"model_type {self.model_type!r} is multimodal but vision_config is missing")
-        if self.vision_config is not None and not isinstance(self.vision_config, VisionConfig):
-            raise ConfigError(f"vision_config must be a VisionConfig, got {type(self.vision_config).__name__}")
-        if self.hidden_act != "silu":
-            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported (Qwen3.5 uses 'silu')")
+        if self.vision_config is not None:
+            if not isinstance(self.vision_config, VisionConfig):
+                raise ConfigError(f"vision_config must be a VisionConfig, got {type(self.vision_config).__name__}")
+            if self.vision_config.out_hidden_size != self.hidden_size:
+                raise ConfigError(
+                    f"vision_config.out_hidden_size ({self.vision_config.out_hidden_size}) must equal the language "
+                    f"model's hidden_size ({self.hidden_size}): merged image features replace token embeddings")
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -272,7 +445,7 @@ class Qwen35Config:
 
     @property
     def conv_dim(self) -> int:
-        """Channels of the causal conv: 2·key_dim + value_dim (Q, K and V all go through it; SPEC §8.2)."""
+        """Channels of the causal conv: 2·key_dim + value_dim (Q, K and V all go through it)."""
         return 2 * self.key_dim + self.value_dim
 
     @property
@@ -291,8 +464,15 @@ class Qwen35Config:
         return int(round(self.head_dim * self.partial_rotary_factor))
 
     @property
+    def q_proj_rows(self) -> int:
+        """Rows of a full-attention q_proj: nh·hd query rows, plus nh·hd gate rows when attn_output_gate
+        (laid out per head, [q_h0 | gate_h0 | q_h1 | ...]); without the gate q_proj is [nh·hd, H], as in
+        vLLM's Qwen3-Next attention (`num_heads * (1 + attn_output_gate)` heads of q_proj)."""
+        return self.num_attention_heads * self.head_dim * (2 if self.attn_output_gate else 1)
+
+    @property
     def attention_scale(self) -> float:
-        """head_dim^-½ from the *explicit* head_dim (not hidden_size / heads; SPEC §6 step 6)."""
+        """head_dim^-½ from the *explicit* head_dim (not hidden_size / heads, as HF `Qwen3_5Attention`)."""
         return self.head_dim ** -0.5
 
     @property
@@ -318,7 +498,7 @@ class Qwen35Config:
     def kv_cache_index(self, layer: int) -> int:
         """Sequential KV-cache index of a full-attention layer among full layers (layer 3 -> 0, 7 -> 1, ...).
 
-        MAX allocates KV only for full layers and numbers them 0, 1, 2, ... (SPEC §14.1).
+        MAX allocates KV only for full layers and numbers them 0, 1, 2, ...
         """
         self._check_layer(layer)
         if self.layer_types[layer] != FULL:
@@ -362,17 +542,23 @@ class Qwen35Config:
     def from_hf_dict(cls, d: Mapping[str, Any]) -> "Qwen35Config":
         """Build from a Hugging Face `config.json` dict (any of the four model types)."""
         if not isinstance(d, Mapping):
-            raise ConfigError(f"config must be a mapping (the parsed config.json), got {type(d).__name__}")
+            raise ConfigError(f"config must be a JSON object (the parsed config.json), got {_show(d)}")
         model_type = d.get("model_type")
-        if model_type not in MODEL_TYPES:
+        if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
             raise ConfigError(f"model_type {model_type!r} is not a Qwen3.5 type; expected one of {MODEL_TYPES}")
         top = d
         if model_type in MULTIMODAL_MODEL_TYPES:
-            if "text_config" not in d or not isinstance(d["text_config"], Mapping):
-                raise ConfigError(f"model_type {model_type!r} needs a text_config section")
-            text = dict(d["text_config"])
+            if d.get("text_config") is None:
+                raise ConfigError(f"model_type {model_type!r} needs a text_config object (the language-model fields)")
+            text = dict(_check_object("text_config", d["text_config"]))
+            prefix = "text_config."
+            _check_fields(top, {k: _TEXT_FIELDS[k] for k in _TOP_LEVEL_FIELDS}, "")
+            text_fields = {k: c for k, c in _TEXT_FIELDS.items() if k not in _TOP_LEVEL_FIELDS}
         else:
-            text = dict(d)
+            text, prefix, text_fields = dict(d), "", _TEXT_FIELDS
+        # Types first, each error naming the field by its config.json path (text_config.hidden_size, ...).
+        _check_fields(text, {k: c for k, c in text_fields.items() if k != "model_type"}, prefix)
+        _check_rope_section(text, prefix)
         kw: dict[str, Any] = {"model_type": model_type}
         simple = [f.name for f in fields(cls) if f.name not in (
             "model_type", "rope_type", "rope_theta", "partial_rotary_factor", "mrope_section", "mrope_interleaved",
@@ -412,24 +598,29 @@ class Qwen35Config:
             kw["mrope_interleaved"] = bool(rope["mrope_interleaved"])
         if text.get("layer_types") is not None:
             kw["layer_types"] = tuple(text["layer_types"])
-        # tie_word_embeddings from the top level (SPEC §2.1); a text-only config is its own top level.
-        kw["tie_word_embeddings"] = bool(top.get("tie_word_embeddings", False))
+        # tie_word_embeddings from the top level (the text sub-config inherits a generic default that would be
+        # wrong); a text-only config is its own top level.
+        if top.get("tie_word_embeddings") is not None:
+            kw["tie_word_embeddings"] = top["tie_word_embeddings"]
         if model_type in MULTIMODAL_MODEL_TYPES:
-            kw["vision_config"] = VisionConfig.from_hf_dict(d.get("vision_config") or {})
+            vision = d.get("vision_config")
+            kw["vision_config"] = VisionConfig.from_hf_dict({} if vision is None else vision)
             for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
                 if d.get(name) is not None:
-                    kw[name] = int(d[name])
+                    kw[name] = d[name]
         return cls(**kw)
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "Qwen35Config":
         path = Path(path)
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"no config.json at {path}") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"{path} cannot be read ({e.strerror or e})") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+            raise ConfigError(f"{path} is not valid JSON: {type(e).__name__}: {str(e)[:200]}") from None
         return cls.from_hf_dict(d)
 
     @classmethod
@@ -541,7 +732,7 @@ class Qwen35Config:
 
 
 def derive_layer_types(num_layers: int, interval: int) -> tuple[str, ...]:
-    """Layer i is full attention iff (i + 1) % interval == 0 (SPEC §2.3): [L, L, L, F] repeated for 4."""
+    """Layer i is full attention iff (i + 1) % interval == 0 (HF `Qwen3_5TextConfig`): [L, L, L, F] repeated for 4."""
     if interval <= 0:
         raise ConfigError(f"full_attention_interval must be a positive int, got {interval!r}")
     return tuple(FULL if (i + 1) % interval == 0 else LINEAR for i in range(num_layers))

@@ -112,7 +112,7 @@ def parameter_counts(config: Qwen35Config, include_vision: bool = True) -> dict[
               + 2 * c.linear_num_value_heads  # dt_bias, A_log
               + c.linear_value_head_dim  # gated norm
               + H * c.value_dim)  # out_proj
-    full = (2 * c.num_attention_heads * c.head_dim * H  # q_proj (q and gate)
+    full = (c.q_proj_rows * H  # q_proj (q, plus the gate rows when attn_output_gate)
             + 2 * c.num_key_value_heads * c.head_dim * H  # k_proj, v_proj
             + H * c.num_attention_heads * c.head_dim  # o_proj
             + 2 * c.head_dim)  # q_norm, k_norm

@@ -1,6 +1,6 @@
-"""Loading a Hugging Face Qwen3.5 checkpoint directory into NumPy (SPEC §12, §14.6; PITFALLS B23).
+"""Loading a Hugging Face Qwen3.5 checkpoint directory into NumPy (docs/config_and_memory.md; pitfall B23).
 
-    weights = load_weights(directory, config=None, dtype=np.float64)      # -> ModelWeights
+    weights = load_weights(directory, config=None, dtype=np.float64, *, allow_nonfinite=False)  # ModelWeights
 
 What is accepted:
 
@@ -21,11 +21,25 @@ fp16, without the .float() here, A might be -inf"; MAX casts them to fp32).
 
 Full key coverage: every expected tensor must be present with the expected shape and a float dtype, and nothing
 unexpected may be left over, else ONE `WeightLoadError` lists the missing, unexpected, mis-shaped and wrongly typed
-names (all of them, not just the first).  A truncated or malformed file raises `WeightLoadError` naming the file.
+names (all of them, not just the first).  `attn_output_gate: false` expects q_proj [nh·hd, H] (no gate rows).
+
+Strictness (every refusal is a `CheckpointError` naming the file, and the tensor where one is at fault):
+
+* `directory` must be a directory (a file path, or one that does not exist, is refused); one with neither
+  `model.safetensors` nor an index "holds no weights".
+* The index must be a JSON object whose `weight_map` is an object of shard file names (strings); every shard
+  must exist and stay inside the directory (no absolute path, no `..`, no symlink out, except into the
+  `blobs/` of a Hugging Face hub cache snapshot); no tensor may be stored in two shards.
+* A safetensors header must be a JSON object (length field within the file) whose entries have a known
+  dtype, a shape of non-negative ints and data_offsets [b, e] with e − b = prod(shape) · itemsize, inside the
+  data section and not overlapping another tensor's bytes.
+* Every tensor the model uses must be finite in the requested dtype (no NaN / ±Inf, no overflow to float16),
+  unless `allow_nonfinite=True`.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -48,10 +62,10 @@ __all__ = [
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-LM_PREFIXES = ("model.language_model.", "model.")  # checked in this order (SPEC §14.6)
+LM_PREFIXES = ("model.language_model.", "model.")  # checked in this order (as MAX's weight adapter does)
 VISION_PREFIX = "model.visual."
 SKIPPED_PREFIXES = ("mtp.",)
-# Kept in float32 or wider whatever the requested dtype (SPEC §4.2, §14.6; PITFALLS B23).
+# Kept in float32 or wider whatever the requested dtype (pitfall B23; HF upcasts A_log with .float()).
 FP32_KEPT_SUFFIXES = ("linear_attn.A_log", "linear_attn.dt_bias", "linear_attn.norm.weight")
 
 
@@ -86,6 +100,23 @@ def float32_to_bf16(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _shape_of(path: Path, name: str, info) -> tuple[int, ...]:
+    shape = info.get("shape")
+    if not isinstance(shape, list) or any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape):
+        raise CheckpointError(f"{path}: tensor {name!r} has shape {shape!r}; a shape is a list of non-negative "
+                              "integers")
+    return tuple(shape)
+
+
+def _offsets_of(path: Path, name: str, info) -> tuple[int, int]:
+    off = info.get("data_offsets")
+    if (not isinstance(off, list) or len(off) != 2
+            or any(not isinstance(o, int) or isinstance(o, bool) for o in off) or not 0 <= off[0] <= off[1]):
+        raise CheckpointError(f"{path}: tensor {name!r} has data_offsets {off!r}; expected [begin, end] with "
+                              "0 <= begin <= end (byte offsets into the data section)")
+    return off[0], off[1]
+
+
 def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Read every tensor of one .safetensors file.
 
@@ -94,48 +125,66 @@ def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
                  memory-mapped file: copy them before the file is rewritten)
         dtypes:  name -> stored safetensors dtype string ("BF16", "F32", ...)
     Raises:
-        WeightLoadError naming the file if it is truncated, malformed or uses an unknown dtype.
+        CheckpointError naming the file (and the tensor, where one is at fault) if the file is unreadable,
+        truncated, or its header is not a JSON object of well-formed entries: a known dtype, a shape of
+        non-negative ints, data_offsets [b, e] with e − b = prod(shape)·itemsize inside the data section, and
+        no two tensors sharing bytes.
     """
     path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a safetensors file (missing, or not a regular file)")
     size = path.stat().st_size
     if size < 8:
-        raise WeightLoadError(f"{path}: truncated safetensors file ({size} bytes; no header)")
+        raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes; no header)")
     # Memory-mapped: tensors are views into the file until they are cast, so a large checkpoint is not held twice.
     data = np.memmap(path, dtype=np.uint8, mode="r")
     (n,) = struct.unpack("<Q", bytes(data[:8]))
     if 8 + n > size:
-        raise WeightLoadError(f"{path}: truncated safetensors file (header claims {n} bytes, file has "
+        raise CheckpointError(f"{path}: truncated safetensors file (header claims {n} bytes, file has "
                               f"{size - 8} after the length field)")
     try:
         header = json.loads(bytes(data[8:8 + n]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightLoadError(f"{path}: malformed safetensors header ({e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: malformed safetensors header, not JSON ({type(e).__name__}: "
+                              f"{str(e)[:200]})") from None
     if not isinstance(header, dict):
-        raise WeightLoadError(f"{path}: malformed safetensors header (not a JSON object)")
+        raise CheckpointError(f"{path}: malformed safetensors header (a JSON {type(header).__name__}, "
+                              "expected an object {name: {dtype, shape, data_offsets}})")
     body = data[8 + n:]
-    tensors, dtypes = {}, {}
+    tensors, dtypes, ranges = {}, {}, []
     for name, info in header.items():
         if name == "__metadata__":
+            if not isinstance(info, dict):
+                raise CheckpointError(f"{path}: __metadata__ must be a JSON object, got {type(info).__name__}")
             continue
-        try:
-            st_dtype, shape, (b, e) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise WeightLoadError(f"{path}: malformed header entry for {name!r}: {info!r}") from None
-        if st_dtype not in _ST_DTYPES:
-            raise WeightLoadError(f"{path}: tensor {name!r} has unsupported dtype {st_dtype}")
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}: {str(info)[:100]!r} "
+                                  "(expected {dtype, shape, data_offsets})")
+        st_dtype = info.get("dtype")
+        if not isinstance(st_dtype, str) or st_dtype not in _ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {st_dtype!r}; accepted: "
+                                  f"{', '.join(_ST_DTYPES)}")
+        shape, (b, e) = _shape_of(path, name, info), _offsets_of(path, name, info)
         np_dtype = _ST_DTYPES[st_dtype]
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np_dtype.itemsize
-        if e - b != nbytes or b < 0:
-            raise WeightLoadError(f"{path}: tensor {name!r} {st_dtype}{list(shape)} needs {nbytes} bytes, "
+        nbytes = math.prod(shape) * np_dtype.itemsize  # Python ints: no overflow for absurd shapes
+        if e - b != nbytes:
+            raise CheckpointError(f"{path}: tensor {name!r} {st_dtype}{list(shape)} needs {nbytes} bytes, "
                                   f"header gives offsets [{b}, {e})")
         if e > len(body):
-            raise WeightLoadError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte {e} of the "
+            raise CheckpointError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte {e} of the "
                                   f"data section, which has only {len(body)} bytes")
+        if e > b:
+            ranges.append((b, e, name))
         arr = body[b:e].view(np_dtype).reshape(shape)
         if st_dtype == "BF16":
             arr = bf16_to_float32(arr)
         tensors[name] = arr
         dtypes[name] = st_dtype
+    ranges.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(ranges, ranges[1:]):
+        if b1 < e0:
+            raise CheckpointError(f"{path}: tensors {n0!r} [{b0}, {e0}) and {n1!r} [{b1}, {e1}) overlap in the "
+                                  "data section (each tensor must own its bytes)")
     return tensors, dtypes
 
 
@@ -176,42 +225,112 @@ def write_safetensors(path, tensors: dict[str, np.ndarray], *, bf16: tuple[str, 
     return path
 
 
-def load_state_dict(directory) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """All tensors of a checkpoint directory (single file or sharded index), names as stored.
+def _inside(directory: Path, shard, index: Path) -> Path:
+    """The shard file `shard` of `index`, refused unless it stays in the checkpoint directory.
 
-    Returns (tensors, stored dtypes).  A sharded index whose shard file is absent, or that names a tensor its
-    shard does not hold, raises WeightLoadError.
-    """
-    directory = Path(directory)
+    Refused: a non-string or empty name, an absolute path, any `..` component, and a symlink whose target
+    leaves the directory, except into the `blobs/` folder of a Hugging Face hub cache when the directory is one
+    of its `snapshots/<revision>` folders (that is how the hub cache stores every file)."""
+    if not isinstance(shard, str) or not shard:
+        raise CheckpointError(f"{index}: weight_map values must be shard file names (strings), got {shard!r}")
+    rel = Path(shard)
+    if rel.is_absolute() or ".." in rel.parts or "\\" in shard:
+        raise CheckpointError(f"{index} names shard {shard!r}, which is outside the checkpoint directory "
+                              f"{directory}; shards must be file names relative to it")
+    return _contained(directory, directory / rel, f"{index} names shard {shard!r}, which")
+
+
+def _contained(directory: Path, path: Path, what: str) -> Path:
+    """`path` if it resolves (symlinks followed) inside `directory` or, for a hub-cache snapshot, its blobs/."""
+    root = directory.resolve()
+    target = path.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots":
+        allowed.append(root.parent.parent / "blobs")
+    if not any(target == a or a in target.parents for a in allowed):
+        raise CheckpointError(f"{what} resolves to {target}, outside the checkpoint directory {directory} "
+                              "(a symlink out of it is refused)")
+    return path
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """weight_map of a model.safetensors.index.json: a JSON object {tensor name: shard file name}."""
+    try:
+        doc = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{index}: not a readable JSON safetensors index ({type(e).__name__}: "
+                              f"{str(e)[:200]})") from None
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{index}: a safetensors index must be a JSON object with a 'weight_map', got a "
+                              f"JSON {type(doc).__name__}")
+    weight_map = doc.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: 'weight_map' must be a JSON object {{tensor name: shard file}}, got "
+                              f"{type(weight_map).__name__ if 'weight_map' in doc else 'nothing'}")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise CheckpointError(f"{index}: weight_map[{name!r}] must be a shard file name (a string), got "
+                                  f"{shard!r}")
+    return weight_map
+
+
+def _read_checkpoint(directory: Path) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, Path]]:
+    """(tensors, stored dtypes, file of each tensor) of a checkpoint directory: the index's shards or the
+    single file.  See `load_state_dict`."""
     index = directory / INDEX_FILE
     single = directory / SINGLE_FILE
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise WeightLoadError(f"{index}: not a safetensors index (needs a 'weight_map'): {e}") from None
-        tensors, dtypes = {}, {}
+        weight_map = _read_index(index)
+        tensors, dtypes, files = {}, {}, {}
         for shard in sorted(set(weight_map.values())):
-            shard_path = directory / shard
-            if not shard_path.exists():
-                raise WeightLoadError(f"{index} names shard {shard!r}, which is not in {directory}")
+            shard_path = _inside(directory, shard, index)
+            if not shard_path.is_file():
+                raise CheckpointError(f"{index} names shard {shard!r}, which is not a file in {directory}")
             t, d = read_safetensors(shard_path)
+            for name in t:
+                if name in files:
+                    raise CheckpointError(f"tensor {name!r} is stored twice: in {files[name]} and in {shard_path}")
+                files[name] = shard_path
             tensors.update(t)
             dtypes.update(d)
             absent = sorted(n for n, f in weight_map.items() if f == shard and n not in t)
             if absent:
                 raise WeightLoadError(f"{index} lists {len(absent)} tensor(s) that shard {shard!r} does not hold: "
                                       f"{absent[:10]}", missing=absent)
-        return tensors, dtypes
+        return tensors, dtypes, files
     if single.exists():
-        return read_safetensors(single)
+        path = _contained(directory, single, str(single))
+        t, d = read_safetensors(path)
+        return t, d, dict.fromkeys(t, path)
     found = sorted(p.name for p in directory.glob("*.safetensors")) if directory.is_dir() else []
-    raise WeightLoadError(f"{directory}: no {SINGLE_FILE} and no {INDEX_FILE}"
+    raise CheckpointError(f"{directory} holds no weights: no {SINGLE_FILE} and no {INDEX_FILE}"
                           + (f" (found {found})" if found else ""))
 
 
+def load_state_dict(directory) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """All tensors of a checkpoint directory (single file or sharded index), names as stored.
+
+    Returns (tensors, stored dtypes).  Raises CheckpointError naming the file for a malformed index (not JSON,
+    not an object, `weight_map` not an object of strings), a shard that is absent or outside the directory, a
+    tensor stored in two shards, or a malformed safetensors file; WeightLoadError when the index names a
+    tensor its shard does not hold.
+    """
+    tensors, dtypes, _ = _read_checkpoint(_checkpoint_dir(directory))
+    return tensors, dtypes
+
+
+def _checkpoint_dir(directory) -> Path:
+    directory = Path(directory)
+    if not directory.exists():
+        raise CheckpointError(f"checkpoint directory {os.fspath(directory)!r} does not exist")
+    if not directory.is_dir():
+        raise CheckpointError(f"{os.fspath(directory)!r} is a file; a checkpoint is loaded from the directory that "
+                              f"holds config.json and the safetensors file(s) (e.g. {os.fspath(directory.parent)!r})")
+    return directory
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# expected names and shapes (SPEC §12), relative to the LM prefix / the vision prefix
+# expected names and shapes (as transformers names the parameters), relative to the LM prefix / the vision prefix
 # ----------------------------------------------------------------------------------------------------------------
 def expected_lm_shapes(config: Qwen35Config) -> dict[str, tuple]:
     """Every language-model tensor (prefix stripped; `lm_head.weight` as is; MoE experts in fused form)."""
@@ -231,7 +350,7 @@ def expected_lm_shapes(config: Qwen35Config) -> dict[str, tuple]:
         else:
             nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
             shapes.update({
-                p + "self_attn.q_proj.weight": (2 * nh * hd, H),  # q and gate, interleaved per head
+                p + "self_attn.q_proj.weight": (c.q_proj_rows, H),  # q and gate interleaved per head (or q)
                 p + "self_attn.k_proj.weight": (nkv * hd, H),
                 p + "self_attn.v_proj.weight": (nkv * hd, H),
                 p + "self_attn.o_proj.weight": (H, nh * hd),
@@ -257,7 +376,7 @@ def expected_lm_shapes(config: Qwen35Config) -> dict[str, tuple]:
 
 
 def expected_vision_shapes(config: Qwen35Config) -> dict[str, tuple]:
-    """Every vision-tower tensor, prefix `model.visual.` stripped (SPEC §12.4); {} for text-only configs."""
+    """Every vision-tower tensor, prefix `model.visual.` stripped; {} for text-only configs."""
     v = config.vision_config
     if v is None:
         return {}
@@ -337,8 +456,13 @@ _PER_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_pr
 
 
 def weights_from_state_dict(tensors: dict[str, np.ndarray], config: Qwen35Config, dtype=np.float64, *,
-                            source_dtypes: dict[str, str] | None = None, where: str = "checkpoint") -> ModelWeights:
+                            source_dtypes: dict[str, str] | None = None, where: str = "checkpoint",
+                            allow_nonfinite: bool = False, files: dict | None = None) -> ModelWeights:
     """Map checkpoint tensors (names as stored) onto a ModelWeights, checking full key coverage.
+
+    Every tensor the model uses must be finite in the requested `dtype` (NaN / ±Inf in the file, or a value
+    beyond float16's range when dtype is float16), else CheckpointError naming the tensor and its file
+    (`files`: name -> path); `allow_nonfinite=True` lets them through (to study a broken checkpoint).
 
     Raises WeightLoadError listing missing, unexpected, mis-shaped and non-float tensors together.
     """
@@ -353,7 +477,7 @@ def weights_from_state_dict(tensors: dict[str, np.ndarray], config: Qwen35Config
     unexpected: list[str] = []
     for name, arr in tensors.items():
         if name.startswith(SKIPPED_PREFIXES):
-            continue  # multi-token-prediction head: not part of the base forward (SPEC §1)
+            continue  # multi-token-prediction head: not part of the base forward
         if name.startswith(VISION_PREFIX):
             visual[name[len(VISION_PREFIX):]] = arr
         elif name == "lm_head.weight":
@@ -373,7 +497,7 @@ def weights_from_state_dict(tensors: dict[str, np.ndarray], config: Qwen35Config
             return False
         return True
 
-    # Per-expert MoE names -> fused [E, 2I, H] / [E, H, I] (gate rows first, then up; SPEC §11.2).
+    # Per-expert MoE names -> fused [E, 2I, H] / [E, H, I] (gate rows first, then up, as HF fuses them).
     reported: set[str] = set()  # fused names whose per-expert parts were already reported as wrong
     if config.is_moe:
         E, I, H = config.num_experts, config.moe_intermediate_size, config.hidden_size
@@ -458,15 +582,39 @@ def weights_from_state_dict(tensors: dict[str, np.ndarray], config: Qwen35Config
         if wrong_dtype:
             lines.append(f"  not floating point ({len(wrong_dtype)}): " + ", ".join(
                 f"{n} ({d})" for n, d in sorted(wrong_dtype)))
+        q_name = next((n for n, _, g in mis_shaped if n.endswith("self_attn.q_proj.weight")), None)
+        if q_name is not None:
+            got_rows = next(g for n, _, g in mis_shaped if n == q_name)[0]
+            nhd = config.num_attention_heads * config.head_dim
+            if got_rows == 2 * nhd and not config.attn_output_gate:
+                lines.append(f"  note: {q_name} has 2·nh·hd = {got_rows} rows (query and gate rows) but the config "
+                             "says attn_output_gate false (q_proj of nh·hd rows); set attn_output_gate true")
+            elif got_rows == nhd and config.attn_output_gate:
+                lines.append(f"  note: {q_name} has nh·hd = {got_rows} rows (no gate rows) but the config says "
+                             "attn_output_gate true (q_proj of 2·nh·hd rows); set attn_output_gate false")
         raise WeightLoadError("\n".join(lines), missing=sorted(missing), unexpected=sorted(unexpected),
                               mis_shaped=sorted(mis_shaped), wrong_dtype=sorted(wrong_dtype))
+
+    def finite(name: str, src, out: np.ndarray) -> np.ndarray:
+        """`out` (the cast copy of checkpoint tensor `name`) if every value is finite, else CheckpointError."""
+        if allow_nonfinite or np.isfinite(out).all():
+            return out
+        src = np.asarray(src)
+        bad = int(np.count_nonzero(~np.isfinite(src)))
+        file = (files or {}).get(name, where)
+        why = (f"{bad} of its {src.size} values are NaN or infinite" if bad else
+               f"its values exceed the range of {out.dtype} (the requested dtype); load in float32")
+        raise CheckpointError(f"{file}: tensor {name!r} is not finite: {why}. Pass allow_nonfinite=True to load "
+                              "it anyway")
 
     def get(key: str) -> np.ndarray:
         wide = np.promote_types(dtype, np.float32) if key.endswith(FP32_KEPT_SUFFIXES) else dtype
         arr = lm[key]
         if key.endswith("conv1d.weight") and arr.ndim == 3:
             arr = arr[:, 0, :]  # [C, 1, K] -> [C, K]
-        return np.array(arr, dtype=wide, order="C")  # always a copy: never a view into the mapped file
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow to float16 is reported by finite()
+            out = np.array(arr, dtype=wide, order="C")  # always a copy: never a view into the mapped file
+        return finite(ckpt_name(key), arr, out)
 
     layers = []
     for i, kind in enumerate(config.layer_types):
@@ -495,23 +643,28 @@ def weights_from_state_dict(tensors: dict[str, np.ndarray], config: Qwen35Config
     # Tied: HF points lm_head at the embedding; a stored lm_head.weight is then ignored.
     lm_head = embed if config.tie_word_embeddings else get("lm_head.weight")
     return ModelWeights(config=config, embed_tokens=embed, norm=get("norm.weight"), lm_head=lm_head, layers=layers,
-                        visual={k: np.array(v) for k, v in visual.items()}, prefix=prefix,
+                        visual={k: finite(VISION_PREFIX + k, v, np.array(v)) for k, v in visual.items()},
+                        prefix=prefix,
                         source_dtypes=source_dtypes)
 
 
-def load_weights(directory, config: Qwen35Config | None = None, dtype=np.float64) -> ModelWeights:
+def load_weights(directory, config: Qwen35Config | None = None, dtype=np.float64, *,
+                 allow_nonfinite: bool = False) -> ModelWeights:
     """Load a checkpoint directory (config.json + safetensors) into a ModelWeights.
 
     Args:
-        directory: a Hugging Face checkpoint directory.
+        directory: a Hugging Face checkpoint directory (a file path is refused: CheckpointError).
         config: the config to check against (default: read `<directory>/config.json`).
         dtype: the weight dtype (float64 for the oracle, float32 to mirror fp32, float16 allowed);
             A_log, dt_bias and the gated-norm weight stay float32 or wider.
+        allow_nonfinite: load tensors holding NaN / ±Inf (by default a CheckpointError naming tensor and file).
+    Raises:
+        ConfigError (config.json), CheckpointError (directory, index, safetensors files, non-finite values),
+        WeightLoadError (the tensors do not fit the config).
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {os.fspath(directory)!r} does not exist")
+    directory = _checkpoint_dir(directory)
     if config is None:
         config = Qwen35Config.from_pretrained(directory)
-    tensors, dtypes = load_state_dict(directory)
-    return weights_from_state_dict(tensors, config, dtype, source_dtypes=dtypes, where=str(directory))
+    tensors, dtypes, files = _read_checkpoint(directory)
+    return weights_from_state_dict(tensors, config, dtype, source_dtypes=dtypes, where=str(directory),
+                                   allow_nonfinite=allow_nonfinite, files={k: str(v) for k, v in files.items()})

@@ -102,7 +102,7 @@ def test_gate_selects_heads_through_the_whole_layer():
     w.o_proj = np.eye(64)
     x = _x_with_constant(2, 6, 64)
     y, _ = gated_attention(x, w, cfg)
-    y_plain, _ = gated_attention(x, w, cfg.replace(attn_output_gate=False))
+    y_plain, _ = gated_attention(x, w.without_gate(cfg), cfg.replace(attn_output_gate=False))
     hd = cfg.head_dim
     for h in range(4):
         blk = slice(h * hd, (h + 1) * hd)
@@ -119,7 +119,7 @@ def test_huge_gate_equals_ungated_attention():
     w = _gate_weights(cfg, 3, [1e3] * 4)
     x = _x_with_constant(4, 7, cfg.hidden_size)
     y, kv = gated_attention(x, w, cfg)
-    y_plain, _ = gated_attention(x, w, cfg.replace(attn_output_gate=False))
+    y_plain, _ = gated_attention(x, w.without_gate(cfg), cfg.replace(attn_output_gate=False))
     assert np.array_equal(y, y_plain)
     # Independent assembly from the parts: projections, norm, rope, loop attention, o_proj.
     nh, nkv, hd = 4, 2, 16
@@ -143,7 +143,7 @@ def test_gate_is_applied_after_attention(seed, T):
     w.o_proj = np.eye(64)
     x = rand_x(seed + 1, T, 64)
     y, _ = gated_attention(x, w, cfg)
-    y_plain, _ = gated_attention(x, w, cfg.replace(attn_output_gate=False))
+    y_plain, _ = gated_attention(x, w.without_gate(cfg), cfg.replace(attn_output_gate=False))
     _, gate = split_q_gate(x @ w.q_proj.T, 4, 16)
     sig = 1.0 / (1.0 + np.exp(-gate.reshape(T, 64)))
     assert_close("o ⊙ σ(gate)", y_plain * sig, y, "f64_exact")

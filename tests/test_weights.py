@@ -1,7 +1,8 @@
 """reference.weights: loading HF checkpoint directories (SPEC §12, §14.6; PITFALLS B23).
 
 Every case has its expected outcome: a load that gives exactly the tensors Hugging Face holds, or ONE
-WeightLoadError listing every missing / unexpected / mis-shaped / non-float name.
+WeightLoadError listing every missing / unexpected / mis-shaped / non-float name (file-level problems:
+CheckpointError naming the file; tests/test_strict_loading.py has the strict-loader rules).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 from hf_checkpoints import load_hf_model, make_hf_checkpoint
 from reference.config import Qwen35Config
+from reference.errors import CheckpointError
 from reference.weights import (
     WeightLoadError, bf16_to_float32, float32_to_bf16, load_state_dict, load_weights, read_safetensors,
     write_safetensors,
@@ -119,7 +121,7 @@ def test_sharded_index_equals_single_file(ckpts, tmp_path):
         load_weights(d)
     weight_map["model.layers.0.extra.weight"] = "model-00009-of-00009.safetensors"
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    with pytest.raises(WeightLoadError, match="model-00009-of-00009.safetensors"):
+    with pytest.raises(CheckpointError, match="model-00009-of-00009.safetensors"):
         load_weights(d)
 
 
@@ -129,7 +131,7 @@ def test_truncated_file_is_a_clear_error(ckpts, tmp_path, cut):
     shutil.copytree(ckpts["dense"], d)
     data = (d / "model.safetensors").read_bytes()
     (d / "model.safetensors").write_bytes(data[:cut] if cut > 0 else data[:cut])
-    with pytest.raises(WeightLoadError, match="truncated") as e:
+    with pytest.raises(CheckpointError, match="truncated") as e:
         load_weights(d)
     assert "model.safetensors" in str(e.value)
 
@@ -225,9 +227,9 @@ def test_no_checkpoint_files(tmp_path, ckpts):
     d = tmp_path / "empty"
     d.mkdir()
     shutil.copy(ckpts["dense"] / "config.json", d / "config.json")
-    with pytest.raises(WeightLoadError, match="no model.safetensors"):
+    with pytest.raises(CheckpointError, match="holds no weights: no model.safetensors"):
         load_weights(d)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointError, match="does not exist"):
         load_weights(tmp_path / "nowhere")
 
 
