@@ -131,17 +131,3 @@ def prompt_tokens(args, path, config) -> list[int]:
     if isinstance(tok, ByteTokenizer) and config.vocab_size < tok.vocab_size:
         return np.random.default_rng(args.seed).integers(0, config.vocab_size, 32).tolist()
     return check_token_ids(tok.encode(DEFAULT_PROMPT if args.prompt is None else args.prompt), config, "--prompt (tokenized)")
-
-
-def load_kwargs(args, loader) -> dict:
-    """The checkpoint-loading keywords the command line sets for `loader` (a from_pretrained or load_weights):
-    allow_nonfinite=True with --allow-nonfinite.  A loader without that keyword gets none, and then
-    --allow-nonfinite is a UsageError rather than silently ignored."""
-    import inspect
-
-    want = bool(getattr(args, "allow_nonfinite", False))
-    if "allow_nonfinite" in inspect.signature(loader).parameters:
-        return {"allow_nonfinite": want}
-    if want:
-        raise UsageError(f"--allow-nonfinite: {loader.__qualname__} has no allow_nonfinite keyword in this version")
-    return {}

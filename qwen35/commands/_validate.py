@@ -23,7 +23,7 @@ from pathlib import Path
 from reference.errors import Qwen35Error
 
 __all__ = ["UsageError", "positive_int", "nonnegative_int", "positive_float", "temperature", "probability",
-           "token_ids", "memory_size", "dtype_name", "device", "comma_list", "output_path", "read_json_file",
+           "token_ids", "memory_size", "dtype_name", "device", "comma_list", "check_backend", "output_path", "read_json_file",
            "write_text", "writing"]
 
 
@@ -127,6 +127,23 @@ def device(text: str) -> str:
         if m.group(2) is not None and int(m.group(2)) >= n:
             raise argparse.ArgumentTypeError(f"{text!r}: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}")
     return s
+
+
+def check_backend(backend: str, device_name: str, *, strict: bool = False) -> None:
+    """The optimized engine's backend choice, before any work: $QWEN35_BACKEND (read by optimized.backend for
+    "auto") must name a backend, and with `strict` a requested "triton" must really run Triton (a CUDA device, or
+    TRITON_INTERPRET=1 on the CPU, and an importable optimized.triton) instead of falling back to the torch ops."""
+    from optimized import backend as B
+
+    env = os.environ.get(B.ENV_VAR)
+    if backend == "auto" and env and env.lower() not in B.BACKENDS:
+        raise UsageError(f"${B.ENV_VAR}={env!r}: expected one of {', '.join(B.BACKENDS)}")
+    if strict and backend == "triton":
+        if not device_name.startswith("cuda") and not B.interpreting():
+            raise UsageError(f"--backend triton on --device {device_name}: the Triton kernels need a CUDA device, "
+                             "or TRITON_INTERPRET=1 (the interpreter, small sizes only) on the CPU")
+        if not B.triton_available():
+            raise UsageError("--backend triton: optimized.triton does not import here (is triton installed?)")
 
 
 def comma_list(choices):

@@ -1,7 +1,7 @@
 """`qwen35 accuracy`: the optimized gated delta rule vs the float64 oracle, by length and over a long decode -> JSON."""
 from __future__ import annotations
 
-from ._validate import device, nonnegative_int, output_path, positive_int, writing
+from ._validate import check_backend, device, nonnegative_int, output_path, positive_int, writing
 
 NAME = "accuracy"
 HELP = ("measure relative RMS / max-abs / NMSE error of the optimized chunked and recurrent gated delta rule "
@@ -28,6 +28,7 @@ def add_arguments(parser):
 def run(args) -> int:
     from qwen35.accuracy import RESULTS_DIR, accuracy_table, run_accuracy, write_json
 
+    check_backend(args.backend, args.device, strict=True)
     default = "accuracy" + ("" if args.backend == "torch" else f"_{args.backend}") + ("_quick" if args.quick else "")
     out = output_path(args.out or RESULTS_DIR / f"{default}.json", "--out")  # before the run, not after it
     data = run_accuracy(quick=args.quick, lengths=args.lengths, steps=args.steps, device=args.device,

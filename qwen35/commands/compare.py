@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 
-from ._common import add_checkpoint_prompt_arguments, checkpoint_dir, load_kwargs, prompt_tokens, read_config
-from ._validate import device, output_path, positive_float, write_text
+from ._common import add_checkpoint_prompt_arguments, checkpoint_dir, prompt_tokens, read_config
+from ._validate import UsageError, check_backend, device, output_path, positive_float, write_text
 
 NAME = "compare"
 HELP = ("compare the float64 reference with the optimized model (float32 and/or bfloat16) and with transformers "
@@ -25,9 +25,23 @@ def add_arguments(parser):
                         help="also write the JSON to FILE (e.g. results/compare_demo.json; `qwen35 plot` draws it)")
 
 
+def _load_kwargs(args, loader) -> dict:
+    """allow_nonfinite=--allow-nonfinite for a `loader` that takes the keyword; one that does not gets nothing, and
+    then --allow-nonfinite is a UsageError rather than silently ignored."""
+    import inspect
+
+    if "allow_nonfinite" in inspect.signature(loader).parameters:
+        return {"allow_nonfinite": args.allow_nonfinite}
+    if args.allow_nonfinite:
+        raise UsageError(f"--allow-nonfinite: {loader.__module__}.{loader.__qualname__} has no allow_nonfinite "
+                         "keyword in this version")
+    return {}
+
+
 def run(args) -> int:
     from qwen35.compare import compare_checkpoint
 
+    check_backend(args.backend, args.device)
     path = checkpoint_dir(args)
     config = read_config(path)
     tokens = prompt_tokens(args, path, config)
@@ -35,7 +49,7 @@ def run(args) -> int:
         output_path(args.out, "--out")
     result = compare_checkpoint(path, tokens, dtypes=tuple(args.dtype), backend=args.backend, device=args.device,
                                 with_hf=not args.no_hf, tolerance=args.tolerance,
-                                **load_kwargs(args, compare_checkpoint))
+                                **_load_kwargs(args, compare_checkpoint))
     d = result.as_dict()
     print(json.dumps(d, indent=2) if args.json else result.format())
     if args.out:

@@ -13,7 +13,7 @@ import numpy as np
 
 from reference.errors import CheckpointError
 
-from ._common import add_checkpoint_prompt_arguments, checkpoint_dir, load_kwargs, prompt_tokens, read_config
+from ._common import add_checkpoint_prompt_arguments, checkpoint_dir, prompt_tokens, read_config
 from ._validate import positive_float
 
 NAME = "diverge"
@@ -61,16 +61,17 @@ def hf_trace(hf, tokens, names) -> list[tuple[str, np.ndarray]]:
     return list(zip(names, arrays))
 
 
-def divergence_vs_hf(path, tokens, *, dtype=np.float64, tolerance: float = 1e-4, hf=None, **load):
-    """Build both models from checkpoint `path` and compare them on `tokens` (a DivergenceReport); `load` goes to
-    the reference's from_pretrained (allow_nonfinite)."""
+def divergence_vs_hf(path, tokens, *, dtype=np.float64, tolerance: float = 1e-4, hf=None,
+                     allow_nonfinite: bool = False):
+    """Build both models from checkpoint `path` and compare them on `tokens` (a DivergenceReport); allow_nonfinite
+    goes to the reference's from_pretrained (a NaN / inf tensor is refused by default)."""
     import torch
     import transformers
 
     from reference.divergence import compare_traces, reference_trace, trace_names
     from reference.model import Qwen35Model
 
-    model = Qwen35Model.from_pretrained(path, max_batch_size=1, dtype=dtype, **load)
+    model = Qwen35Model.from_pretrained(path, max_batch_size=1, dtype=dtype, allow_nonfinite=allow_nonfinite)
     if hf is None:
         config_json = Path(path) / "config.json"
         arch = (json.loads(config_json.read_text()).get("architectures") or ["?"])[0]
@@ -89,13 +90,11 @@ def divergence_vs_hf(path, tokens, *, dtype=np.float64, tolerance: float = 1e-4,
 
 
 def run(args) -> int:
-    from reference.model import Qwen35Model
-
     path = checkpoint_dir(args)
     config = read_config(path)
     tokens = prompt_tokens(args, path, config)
     report = divergence_vs_hf(path, tokens, dtype=np.dtype(args.dtype), tolerance=args.tolerance,
-                              **load_kwargs(args, Qwen35Model.from_pretrained))
+                              allow_nonfinite=args.allow_nonfinite)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:

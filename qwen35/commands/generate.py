@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from ._common import (add_allow_nonfinite_argument, add_model_argument, add_prompt_ids_argument, check_token_ids,
-                      checkpoint_dir, load_kwargs, read_config)
-from ._validate import UsageError, device, nonnegative_int, positive_int, probability, temperature
+                      checkpoint_dir, read_config)
+from ._validate import UsageError, check_backend, device, nonnegative_int, positive_int, probability, temperature
 
 NAME = "generate"
 HELP = ("generate text from a Qwen3.5 checkpoint directory (default: the bundled demo model) on the NumPy "
@@ -48,6 +48,8 @@ def _check_engine_arguments(args) -> None:
         raise UsageError("--dtype float64: the optimized engine runs float32; use --engine reference for float64")
     args.device = args.device or "cpu"
     args.dtype = args.dtype or "float32"
+    if args.engine == "optimized":
+        check_backend("auto", args.device)
 
 
 def _load_model(args, path: Path):
@@ -55,11 +57,11 @@ def _load_model(args, path: Path):
         from optimized.model import Qwen35Model as OptimizedModel
 
         return OptimizedModel.from_pretrained(path, device=args.device, max_batch_size=1,
-                                              **load_kwargs(args, OptimizedModel.from_pretrained))
+                                              allow_nonfinite=args.allow_nonfinite)
     from reference.model import Qwen35Model
 
     return Qwen35Model.from_pretrained(path, max_batch_size=1, dtype=np.dtype(args.dtype),
-                                       **load_kwargs(args, Qwen35Model.from_pretrained))
+                                       allow_nonfinite=args.allow_nonfinite)
 
 
 def run(args) -> int:
