@@ -1,6 +1,6 @@
 """Shape checks shared by the torch ops (optimized/) and their Triton twins (optimized/triton/).
 
-The two twins take the same arguments (ARCHITECTURE.md), so they validate them with the same code and raise the
+The two twins take the same arguments, so they validate them with the same code and raise the
 same messages; what only one twin needs (the Triton kernels' block limits, device rules) stays in that twin.
 Torch only (no triton import), so the torch path works where Triton is missing.
 """
@@ -13,7 +13,7 @@ def conv_weight(who: str, weight: torch.Tensor) -> torch.Tensor:
     """The depthwise conv weight as [C, K] (a view).
 
     Args:
-        weight: [C, K], or PyTorch's depthwise layout [C, 1, K] (SPEC §8.1: the stored rank is unconfirmed)
+        weight: [C, K], or PyTorch's depthwise layout [C, 1, K] (HF's nn.Conv1d layout; MAX also reads 2-D)
     Returns:
         [C, K]
     """

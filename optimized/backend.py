@@ -4,7 +4,7 @@
 
 * None means the environment variable QWEN35_BACKEND (default "auto").
 * "auto": Triton on a CUDA device when `optimized.triton` imports; torch otherwise (the torch ops are the fast CPU
-  path).  CUDA without Triton falls back to torch with a visible warning (PITFALLS B21: never silently slow).
+  path).  CUDA without Triton falls back to torch with a visible warning (pitfall B21: never silently slow).
 * "triton": the kernels; on CPU tensors only under TRITON_INTERPRET=1 (the interpreter — how the tests check the
   kernels without a GPU); otherwise a warning and the torch path.
 * "torch": always the torch ops.
@@ -148,7 +148,7 @@ def _dev(*tensors):
 
 def chunk_gated_delta_rule(q, k, v, *, g, beta, scale=None, initial_state=None, output_final_state=True,
                            use_qk_l2norm=True, cu_seqlens=None, chunk_size=64, backend="auto"):
-    """Chunked gated delta rule (shared signature, ARCHITECTURE.md) on the chosen backend.
+    """Chunked gated delta rule (the signature of `reference.gated_delta`) on the chosen backend.
 
     Args:
         q, k:          [B, T, H_k, D_k]

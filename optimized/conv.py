@@ -1,14 +1,14 @@
-"""Causal depthwise conv1d (+ SiLU) of a Gated DeltaNet layer in PyTorch (SPEC §8.2 step 3, §8.3).
+"""Causal depthwise conv1d (+ SiLU) of a Gated DeltaNet layer in PyTorch (docs/causal_conv.md).
 
     y_t[c] = act( Σ_{i=0}^{K-1} w[c, i] · x_{t-(K-1)+i}[c] ),   inputs before a sequence's start from its state
 
-The conv state holds the last K-1 *pre-activation* inputs per channel, oldest first (`[N, C, K-1]`, PITFALLS B14).
+The conv state holds the last K-1 *pre-activation* inputs per channel, oldest first (`[N, C, K-1]`, pitfall B14).
 
 Version log:
   v1 (this file) prefill: every packed sequence gets its K-1 state rows placed in front of its tokens in one
      "extended" buffer [T_total + N·(K-1), C]; the K taps are K shifted multiply-adds over that buffer (vectorised
      over all sequences and channels), then the real rows are read back and the new states gathered from each
-     segment's last K-1 rows.  Sequences never see each other (PITFALLS B13), lengths < K-1 keep older state
+     segment's last K-1 rows.  Sequences never see each other (pitfall B13), lengths < K-1 keep older state
      columns (B14).  Decode: `causal_conv1d_update` works on a pool `[S, C, K-1]` in place, one contiguous view per
      run of consecutive slots; slot −1 = padding (zeros out, nothing touched).
   Assumes: fp32 accumulation (float64 for float64 inputs); output in x's dtype; new state in the state's dtype

@@ -1,5 +1,6 @@
-"""One Gated DeltaNet layer in PyTorch (SPEC §8): projections → causal conv + SiLU → gates → gated delta rule →
-gated RMSNorm → out_proj, for prefill (chunked, with carried states) and for decode (in place in state pools).
+"""One Gated DeltaNet layer in PyTorch (as HF `Qwen3_5GatedDeltaNet`): projections → causal conv + SiLU → gates →
+gated delta rule → gated RMSNorm → out_proj, for prefill (chunked, with carried states) and for decode (in place in
+state pools).
 
 The four input projections are fused into one [conv_dim + value_dim + 2·H_v, H] weight, so a layer reads x once
 with one large matmul.  Kernel ops (delta rule, conv, gated norm) go through `optimized.backend` (`backend=`).
@@ -43,7 +44,7 @@ class DeltaNetWeightsT:
     def from_reference(cls, w, *, dtype=torch.float32, device="cpu") -> "DeltaNetWeightsT":
         def conv(name):
             a = torch.from_numpy(np.array(getattr(w, name)))
-            # A_log, dt_bias and the gated-norm weight stay fp32 (float64 for float64 models) — SPEC §14.6, B23
+            # A_log, dt_bias and the gated-norm weight stay fp32 (float64 for float64 models) — as MAX does, pitfall B23
             keep = name in ("A_log", "dt_bias", "norm")
             dt = (torch.float64 if dtype == torch.float64 else torch.float32) if keep else dtype
             return a.to(device=device, dtype=dt).contiguous()
@@ -60,7 +61,7 @@ def _split_projection(x, w, config):
 
 
 def _gates(b, a, w):
-    """β = σ(b), g = −exp(A_log) · softplus(a + dt_bias), in fp32 (SPEC §8.2 step 5)."""
+    """β = σ(b), g = −exp(A_log) · softplus(a + dt_bias), in fp32 (as HF's `Qwen3_5GatedDeltaNet`)."""
     cdt = w.A_log.dtype
     beta = torch.sigmoid(b.to(cdt))
     g = -torch.exp(w.A_log) * F.softplus(a.to(cdt) + w.dt_bias)
@@ -88,7 +89,7 @@ def _output(o, z, w, config, backend):
 # Prefills whose longest sequence has at most this many tokens run the per-token form under mode="auto": the
 # chunked form pays for a whole chunk however short the input is (one C = 64 chunk: ~7 ms at H_v = 16, D = 128 on
 # one CPU core), the recurrent form ~0.16 ms per token.  Measured crossover on CPU: T ≈ 40 (results/crossover.json,
-# `qwen35 plot --measure-crossover`); fla switches at 64 on GPUs (PITFALLS B21).  Short chunks are common: the tail
+# `qwen35 plot --measure-crossover`); fla switches at 64 on GPUs (pitfall B21).  Short chunks are common: the tail
 # of a chunked prefill, speculative verification, a few tokens appended to a live request.
 RECURRENT_MAX_TOKENS = 32
 

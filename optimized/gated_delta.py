@@ -1,10 +1,10 @@
 """The gated delta rule in PyTorch: chunked prefill, per-token recurrence, and the fused in-place decode update.
 
-Same math and shared keyword-only signature as `reference.gated_delta` (ARCHITECTURE.md; SPEC §8.2, §9, §10):
+Same math and shared keyword-only signature as `reference.gated_delta` (docs/gated_deltanet.md):
 
     S ← e^{g_t} S;   u_t = β_t (v_t − Sᵀ k̂_t);   S ← S + k̂_t u_tᵀ;   o_t = Sᵀ q̃_t
 
-Version log (llm.c style, STYLE rule 11):
+Version log (llm.c style):
   v1  chunked WY form with every chunk's intra-chunk products (A, Aqk, the UT inverse, W, U) done in one batch over
       all chunks and heads.  Measured: the [n_chunks·H, 64, 256] batched matmuls run at ~36 GFLOP/s on one core
       (memory bound — each intermediate is 32–64 MB) against ~95 GFLOP/s for in-cache ones.
@@ -20,11 +20,11 @@ Version log (llm.c style, STYLE rule 11):
   v2.2 q/k inverse norms from one streaming reduction over the token-major input (−4 %); every per-group
       temporary in a buffer reused across groups.
   Assumptions: fp32 arithmetic and fp32 state for fp32/bf16/fp16 inputs (float64 inputs compute in float64);
-  the output has v's dtype; the final state is always fp32 (float64 for float64 inputs) — PITFALLS B8.
+  the output has v's dtype; the final state is always fp32 (float64 for float64 inputs) — pitfall B8.
 
 The decode update `fused_recurrent_gated_delta_rule_update` works directly on a state pool `[S, H_v, D_k, D_v]` at
 slot indices: consecutive slots are processed as one view of the pool (no gather/scatter copies); slot −1 rows
-(padding) output zeros and touch no slot (PITFALLS B9).
+(padding) output zeros and touch no slot (pitfall B9).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ __all__ = [
     "l2_norm",
 ]
 
-_L2_EPS = 1e-6  # x · (Σx² + 1e-6)^(-1/2), eps inside the sqrt (SPEC §8.2 step 7, PITFALLS B5)
+_L2_EPS = 1e-6  # x · (Σx² + 1e-6)^(-1/2), eps inside the sqrt (HF `l2norm`, pitfall B5)
 _BASE_BLOCK = 8  # diagonal block size of the blocked unit-lower-triangular inverse (8 and 16 time alike)
 
 
@@ -217,7 +217,7 @@ def chunk_gated_delta_rule(
     cu_seqlens=None,
     chunk_size: int = 64,
 ):
-    """Gated delta rule, chunked WY / UT-transform form (SPEC §9), batched over heads, chunks and sequences.
+    """Gated delta rule, chunked WY / UT-transform form (arXiv:2406.06484), batched over heads, chunks and sequences.
 
     Args:
         q, k:          [B, T, H_k, D_k]
@@ -409,7 +409,7 @@ def recurrent_gated_delta_rule(
     use_qk_l2norm: bool = True,
     cu_seqlens=None,
 ):
-    """Gated delta rule token by token, batched over heads and sequences (SPEC §8.2 step 8, §10).
+    """Gated delta rule token by token, batched over heads and sequences (arXiv:2412.06464).
 
     Args / Returns: as `chunk_gated_delta_rule` (no chunk_size).  Cost O(T·H_v·D_k·D_v), the decode form.
     """
@@ -499,7 +499,7 @@ def fused_recurrent_gated_delta_rule_update(
     scale: float | None = None,
     use_qk_l2norm: bool = True,
 ):
-    """One decode token per row, state read and written in place in `state_pool` at `slot_ids` (SPEC §10, §14.5).
+    """One decode token per row, state read and written in place in `state_pool` at `slot_ids` (docs/state_cache.md).
 
     Args:
         q, k:       [B, 1, H_k, D_k]
@@ -517,7 +517,7 @@ def fused_recurrent_gated_delta_rule_update(
     if state_pool.dim() != 4 or tuple(state_pool.shape[1:]) != (H_v, D_k, D_v):
         raise ValueError(f"{who}: state_pool must be [S, H_v={H_v}, D_k={D_k}, D_v={D_v}], got {tuple(state_pool.shape)}")
     if state_pool.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"{who}: state_pool must be fp32 (or float64), got {state_pool.dtype} (PITFALLS B8)")
+        raise ValueError(f"{who}: state_pool must be fp32 (or float64), got {state_pool.dtype} (pitfall B8)")
     ids = _check_slots(slot_ids, B, state_pool.shape[0], who)
     cdt = state_pool.dtype
     scale = D_k ** -0.5 if scale is None else float(scale)

@@ -1,9 +1,9 @@
-"""SwiGLU MLP and the sparse MoE block in PyTorch (SPEC §11).
+"""SwiGLU MLP and the sparse MoE block in PyTorch (docs/mlp_and_moe.md).
 
 MoE dispatch is grouped: tokens are sorted by expert once (one argsort of the [N·k] assignments), each expert
 with tokens runs one [n_e, H] × [H, 2·I] and one [n_e, I] × [I, H] product on its contiguous slice, and the
 weighted results are scattered back with one index_add_.  Router softmax in fp32 over all experts, top-k, then
-renormalised (SPEC §11.2).
+renormalised (HF `Qwen3_5MoeTopKRouter`).
 """
 from __future__ import annotations
 

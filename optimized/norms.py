@@ -1,4 +1,4 @@
-"""Normalisations of Qwen3.5 in PyTorch (SPEC §4, §16; PITFALLS B4, B5).
+"""Normalisations of Qwen3.5 in PyTorch (docs/norms.md; pitfall B4, B5).
 
 Two conventions live in one model:
 - `rms_norm`: zero-centred x̂ · (1 + w) (block, final and q/k norms); fp32 compute, (1 + w) multiplied in fp32,
@@ -36,5 +36,5 @@ def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
     cdt = _cdt(x)
     xf = x.to(cdt)
     n = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)  # normalised, cast (HF)
-    n = weight.to(cdt) * n.to(cdt)  # the norm weight is kept fp32 (SPEC §14.6)
+    n = weight.to(cdt) * n.to(cdt)  # the norm weight is kept fp32 (pitfall B23)
     return (n * F.silu(z.to(cdt))).to(x.dtype)

@@ -1,6 +1,6 @@
-"""Accuracy of the optimized gated delta rule against the float64 oracle, written to JSON (PITFALLS B8, B24).
+"""Accuracy of the optimized gated delta rule against the float64 oracle, written to JSON (pitfall B8, B24).
 
-Two experiments, both on physically valid inputs (STYLE rule 6: g = logsigmoid(·)/normalizer ≤ 0 with a few
+Two experiments, both on physically valid inputs (tests/_factory.py: g = logsigmoid(·)/normalizer ≤ 0 with a few
 entries masked to 0, β = σ(·), q and k raw — the rule L2-normalises them):
 
 1. **By sequence length.**  For T in a list of lengths, the optimized torch chunked (WY) form and the optimized torch
@@ -12,10 +12,10 @@ entries masked to 0, β = σ(·), q and k raw — the rule L2-normalises them):
    state in a slot pool; q/k/v values rounded to bf16 but carried in fp32 so that the outputs are not rounded),
    with the state kept in fp32, or rounded to bf16 after every step, for a short-memory (g/16) and a long-memory
    (g/256) decay (what an engine that
-   stores its recurrent state in bf16 does; PITFALLS B8: SGLang, vLLM and mlx-lm all saw the difference).  Each
+   stores its recurrent state in bf16 does; pitfall B8: SGLang, vLLM and mlx-lm all saw the difference).  Each
    step's output is compared with the float64 recurrence over the same inputs.
 
-Metrics (PITFALLS B24): relative RMS error ‖ref − got‖₂ / ‖ref‖₂, max-abs error, NMSE in dB = 20·log10(rel RMS).
+Metrics (pitfall B24): relative RMS error ‖ref − got‖₂ / ‖ref‖₂, max-abs error, NMSE in dB = 20·log10(rel RMS).
 
     qwen35 accuracy                 # lengths 64..4096, 2048 decode steps  -> results/accuracy.json
     qwen35 accuracy --quick         # small sizes (seconds), for tests and CI

@@ -1,4 +1,4 @@
-"""CPU benchmarks of the optimized PyTorch engine (issue 5): one run, one thread, float32, medians -> table + JSON.
+"""CPU benchmarks of the optimized PyTorch engine: one run, one thread, float32, medians -> table + JSON.
 
     from qwen35.bench import run_all
     results = run_all(quick=False)          # or: qwen35 bench [--quick] [--out FILE]
@@ -45,8 +45,8 @@ for _k, _v in SINGLE_THREAD_ENV.items():
 
 import numpy as np  # noqa: E402
 
-SHARED_NOTE = ("measured on a 2-core machine shared with other engineers' jobs during this session; timings are "
-               "medians, but the load was not controlled")
+SHARED_NOTE = ("measured on a 2-core machine that ran other jobs at the same time; one BLAS thread, timings are "
+               "medians of repeated runs, but the background load was not controlled")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,8 +302,8 @@ def bench_decode_step(H=16, D=128, hidden=1024, *, quick=False, log=print) -> di
 
 
 def bench_config(vocab_size: int = 32768, num_layers: int = 4):
-    """The 0.8B geometry (SPEC §2.8: hidden 1024, I 3584, 8 q heads, 2 KV heads, hd 256; GDN 16/16 heads of 128),
-    with `num_layers` layers (L L L F) and a smaller vocabulary."""
+    """The 0.8B geometry as third-party training scripts give it (hidden 1024, I 3584, 8 q heads, 2 KV heads, hd 256;
+    GDN 16/16 heads of 128), with `num_layers` layers (L L L F) and a smaller vocabulary."""
     from reference.config import Qwen35Config
 
     return Qwen35Config.tiny(
@@ -571,7 +571,7 @@ def format_table(res: dict) -> str:
                      if "hf_decode" in m else ""))
     if res.get("goals"):
         L.append("")
-        L.append("goals (issue 5):")
+        L.append("goals:")
         for k, g in res["goals"].items():
             L.append(f"  {k:38s} target {g['target']:>5}  measured {g['measured']:.2f}  "
                      f"{'MET' if g['met'] else 'missed'}")
@@ -644,7 +644,7 @@ def markdown_tables(res: dict) -> str:
                         if "hf_decode" in mm else "— | — |"))
     if res.get("goals"):
         L.append("")
-        L.append("| goal (issue 5) | target | measured | |")
+        L.append("| goal | target | measured | |")
         L.append("|---|---:|---:|---|")
         for k, g in res["goals"].items():
             L.append(f"| {k} | {g['target']} | {g['measured']:.2f} | {'met' if g['met'] else 'missed'} |")

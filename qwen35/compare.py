@@ -6,9 +6,9 @@
 
 For one prompt, each implementation records the same trace points — the embedding, the residual stream after every
 decoder layer, the final norm, the logits — and each is compared with the float64 NumPy reference
-(`reference.divergence`: max and mean |diff| and the relative RMS error per point; STYLE rule 14).  Errors grow
+(`reference.divergence`: max and mean |diff| and the relative RMS error per point).  Errors grow
 through the residual stream, so the first point above the tolerance is where to look; it is highlighted.  The
-logits also get the greedy agreement and the top-1/top-2 gap (PITFALLS B24: a bf16 logit step is ≈ 0.125 nats, so
+logits also get the greedy agreement and the top-1/top-2 gap (pitfall B24: a bf16 logit step is ≈ 0.125 nats, so
 argmax flips are expected wherever the gap is smaller).
 
 How the points are captured:

@@ -1,4 +1,4 @@
-"""Plots from result JSON (STYLE rule 13: results go to JSON first; plots are made from the JSON).
+"""Plots from result JSON (results go to JSON first; plots are made from the JSON).
 
 | JSON (results/)          | written by                     | plot (docs/plots/)                          |
 |--------------------------|--------------------------------|---------------------------------------------|
@@ -242,7 +242,7 @@ def plot_drift(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: str 
     ax.set_yscale("log")
     ax.set_xlabel("decode step")
     ax.set_ylabel("relative RMS error of the step's output vs float64")
-    ax.set_title(f"Decode drift over {d['steps']} steps: recurrent state kept in fp32 vs bf16 (PITFALLS B8)",
+    ax.set_title(f"Decode drift over {d['steps']} steps: recurrent state kept in fp32 vs bf16 (pitfall B8)",
                  fontsize=10)
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8)
@@ -254,7 +254,7 @@ def plot_drift(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: str 
 
 
 # ------------------------------------------------------------------------------------------------ speed
-# `qwen35 bench` (qwen35/bench.py, the bench engineer's) writes {"machine", "sgemm", "gdn_prefill": [rows], "decode",
+# `qwen35 bench` (qwen35/bench.py) writes {"machine", "sgemm", "gdn_prefill": [rows], "decode",
 # "model", "goals"}; a row of gdn_prefill is {"T", "H_v", "D", "flops_chunked", <impl>: {"median_s", ...}}.
 BENCH_IMPLS = {  # JSON key -> (label, colour)
     "optimized": ("optimized torch, chunked (fp32)", "tab:blue"),
@@ -359,7 +359,7 @@ def crossover_sweep(lengths=None, *, H_v: int = 16, D: int = 128, quick: bool = 
         "reference NumPy per-token": lambda t, x: rgd.recurrent_gated_delta_rule(*x[:3], g=x[3], beta=x[4],
                                                                                  dtype=np.float32),
     }
-    try:  # transformers' own torch fallbacks (what runs when flash-linear-attention is missing; PITFALLS B21)
+    try:  # transformers' own torch fallbacks (what runs when flash-linear-attention is missing; pitfall B21)
         from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
 
         impls["transformers torch chunked"] = lambda t, x: hf.torch_chunk_gated_delta_rule(
@@ -403,7 +403,7 @@ def crossover_point(data: dict, fast: str = "optimized torch chunked", slow: str
 
 
 def plot_crossover(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: str = "crossover"):
-    """Latency of the chunked vs the per-token form by T, crossover marked (PITFALLS B21)."""
+    """Latency of the chunked vs the per-token form by T, crossover marked (pitfall B21)."""
     rows = data.get("rows") or []
     if not rows:
         raise ValueError("crossover JSON has no rows")
@@ -473,7 +473,7 @@ def plot_compare(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: st
 
 
 # ------------------------------------------------------------------------------------------------ GPU kernels
-# scripts/gpu_bench.py (the Triton engineer's) writes {"kind": "gpu_bench", "meta", "peaks", "records", "notes"};
+# scripts/gpu_bench.py writes {"kind": "gpu_bench", "meta", "peaks", "records", "notes"};
 # a record is {"case", "impl", "shape", "ms", "tflops", "gbps", "frac_peak_tflops", "frac_peak_gbps", "timing", "how"}.
 def plot_gpu_bench(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: str = "gpu_kernels"):
     """Left: prefill-type kernels (chunked GDN, conv, norm), time per implementation with % of the measured peak.
@@ -513,7 +513,7 @@ def plot_gpu_bench(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: 
     ax2.set_yscale("log")
     ax2.set_xlabel("batch (requests, one token each)")
     ax2.set_ylabel("µs per decode step (one layer)")
-    ax2.set_title("Decode step on a slot pool (PITFALLS B22)", fontsize=10)
+    ax2.set_title("Decode step on a slot pool (pitfall B22)", fontsize=10)
     ax2.grid(True, which="both", alpha=0.25)
     ax2.legend(fontsize=8)
     fig.tight_layout(rect=(0, 0.07, 1, 1))

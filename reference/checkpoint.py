@@ -4,7 +4,7 @@
     write_checkpoint(directory, config, tensors=state_dict)             # given tensors (checkpoint names)
     random_state_dict(config, seed=0) -> {checkpoint name: float32 array}
 
-The names are those of SPEC §12 as transformers writes them: `model.` + `lm_head.` for the text-only types
+The names are those transformers writes: `model.` + `lm_head.` for the text-only types
 (Qwen3_5ForCausalLM / Qwen3_5MoeForCausalLM), `model.language_model.` + `model.visual.` + `lm_head.` for the
 multimodal types.  MoE experts are written fused (`mlp.experts.gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`)
 or per expert (`moe_layout="per_expert"`, what transformers 5.x itself writes); reference.weights reads both.
@@ -17,7 +17,7 @@ projections N(0, 1/fan_in), embeddings N(0, 1), zero-centred norm weights N(0, 0
 gated-norm / LayerNorm weights 1 + N(0, 0.1²), A_log = log U(1, 8), dt_bias U(0.5, 1.5), biases N(0, 0.02²).
 
 bf16 files are written by rounding float32 to nearest-even (reference.weights.float32_to_bf16); A_log, dt_bias
-and the gated-norm weight are then still written in float32 (the fp32-kept rule of SPEC §14.6).
+and the gated-norm weight are then still written in float32 (as MAX's weight adapter keeps them; pitfall B23).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ __all__ = ["random_state_dict", "write_checkpoint", "checkpoint_names", "lm_pref
 
 
 def lm_prefix(config: Qwen35Config) -> str:
-    """`model.language_model.` for multimodal checkpoints, `model.` for text-only ones (SPEC §12)."""
+    """`model.language_model.` for multimodal checkpoints, `model.` for text-only ones (as transformers names them)."""
     return "model.language_model." if config.is_multimodal else "model."
 
 

@@ -1,12 +1,12 @@
-"""Causal depthwise conv1d (+ SiLU) over the q, k, v channels of a Gated DeltaNet layer (SPEC §8.2 step 3, §8.3).
+"""Causal depthwise conv1d (+ SiLU) over the q, k, v channels of a Gated DeltaNet layer (docs/causal_conv.md).
 
     y_t[c] = act( Σ_{i=0}^{K-1} w[c, i] · x_{t-(K-1)+i}[c] )
 
 The newest input meets the last tap w[c, K-1].  Inputs before the start of a sequence come from the conv state,
 which holds the last K-1 *pre-activation* inputs of each channel, oldest first (`[N, C, K-1]`, the fla/vLLM/MAX
-convention; Hugging Face keeps K columns, of which only the last K-1 matter — PITFALLS B14).  A fresh sequence
+convention; Hugging Face keeps K columns, of which only the last K-1 matter — pitfall B14).  A fresh sequence
 has a zero state.  Every packed sequence of a varlen batch has its own state and never sees its neighbours
-(PITFALLS B13).
+(pitfall B13).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ __all__ = ["causal_conv1d", "causal_conv1d_update"]
 
 
 def _conv_weight(weight, dtype) -> np.ndarray:
-    """Accept the conv weight as [C, K] or as PyTorch's depthwise [C, 1, K] (SPEC §8.1: stored rank unconfirmed)."""
+    """Accept the conv weight as [C, K] or as PyTorch's depthwise [C, 1, K] (HF's nn.Conv1d; MAX also reads 2-D)."""
     w = np.asarray(weight, dtype=dtype)
     if w.ndim == 3:
         if w.shape[1] != 1:

@@ -1,4 +1,4 @@
-"""The Gated DeltaNet layer of Qwen3.5 (`linear_attn` in the checkpoint; SPEC §8).
+"""The Gated DeltaNet layer of Qwen3.5 (`linear_attn` in the checkpoint; HF `Qwen3_5GatedDeltaNet`).
 
 For a packed input a [T_total, H] (one or more sequences, `cu_seqlens`):
 
@@ -12,7 +12,7 @@ For a packed input a [T_total, H] (one or more sequences, `cu_seqlens`):
     y   = [gated_rms_norm(o_h, z_h, w_norm) for each value head] W_outᵀ          [T, H]
 
 Qwen3.5 uses four flat projections; Qwen3-Next's fused, per-key-head grouped `in_proj_qkvz` / `in_proj_ba` do not
-exist here (SPEC §8.1, PITFALLS B3).  The layer carries two states per sequence: the conv state (last K-1
+exist here (pitfall B3).  The layer carries two states per sequence: the conv state (last K-1
 pre-activation qkv inputs, `[N, conv_dim, K-1]`) and the recurrent state (`[N, H_v, D_k, D_v]`, K-major).
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ __all__ = ["DeltaNetWeights", "gated_deltanet"]
 class DeltaNetWeights:
     """Parameters of one Gated DeltaNet layer, named as in the checkpoint (`...linear_attn.<name>[.weight]`).
 
-    Shapes (PyTorch [out, in] convention; SPEC §8.1):
+    Shapes (PyTorch [out, in] convention):
         in_proj_qkv: [conv_dim, H]     conv_dim = 2·key_dim + value_dim
         in_proj_z:   [value_dim, H]
         in_proj_b:   [H_v, H]
@@ -127,7 +127,7 @@ def gated_deltanet(
     """One Gated DeltaNet layer over packed sequences, for prefill (fresh or continued) and decode alike.
 
     A decode step for N requests is the same call with one token per sequence (cu_seqlens = [0, 1, …, N]) and the
-    states of the previous call; a continued prefill passes the states too (PITFALLS B10: never restart from zero).
+    states of the previous call; a continued prefill passes the states too (pitfall B10: never restart from zero).
 
     Args:
         x:               [T_total, H]   the normalised layer input (input_layernorm already applied)
@@ -136,7 +136,7 @@ def gated_deltanet(
         cu_seqlens:      [N+1] or None (one sequence)
         conv_state:      [N, conv_dim, K-1] or None (zeros)
         recurrent_state: [N, H_v, D_k, D_v] or None (zeros)
-        mode:            "chunk" (WY form, SPEC §9) or "recurrent" (per-token loop); equal up to rounding
+        mode:            "chunk" (WY form, arXiv:2406.06484) or "recurrent" (per-token loop); equal up to rounding
         chunk_size:      chunk length for mode="chunk"
         dtype:           compute dtype (float64 default; np.float32 mirrors an fp32 implementation)
     Returns:
@@ -156,23 +156,23 @@ def gated_deltanet(
     D_k, D_v = config.linear_key_head_dim, config.linear_value_head_dim
     key_dim = config.key_dim
 
-    # Four flat projections (SPEC §8.2 step 2).
+    # Four flat projections (HF `Qwen3_5GatedDeltaNet.forward`).
     qkv = x @ w.in_proj_qkv.T  # [T, conv_dim]
     z = (x @ w.in_proj_z.T).reshape(T, H_v, D_v)  # [T, H_v, D_v]
     b = x @ w.in_proj_b.T  # [T, H_v]
     a = x @ w.in_proj_a.T  # [T, H_v]
 
-    # Causal conv + SiLU over q, k and v together; the state keeps pre-activation inputs (SPEC §8.2.3, §8.3).
+    # Causal conv + SiLU over q, k and v together; the state keeps pre-activation inputs (docs/causal_conv.md).
     mixed, conv_state = causal_conv1d(
         qkv, w.conv1d, conv_state=conv_state, cu_seqlens=cu_seqlens, activation="silu", dtype=dtype
     )  # [T, conv_dim], [N, conv_dim, K-1]
 
-    # Flat [Q | K | V] split, head-major inside each block (SPEC §8.2 step 4).
+    # Flat [Q | K | V] split, head-major inside each block.
     q = mixed[:, :key_dim].reshape(1, T, H_k, D_k)  # [1, T, H_k, D_k]
     k = mixed[:, key_dim:2 * key_dim].reshape(1, T, H_k, D_k)  # [1, T, H_k, D_k]
     v = mixed[:, 2 * key_dim:].reshape(1, T, H_v, D_v)  # [1, T, H_v, D_v]
 
-    # Gates (SPEC §8.2 step 5): β = σ(b), g = −exp(A_log) · softplus(a + dt_bias) ≤ 0.
+    # Gates (HF `Qwen3_5GatedDeltaNet.forward`): β = σ(b), g = −exp(A_log) · softplus(a + dt_bias) ≤ 0.
     beta = sigmoid(b, dtype=dtype)[None]  # [1, T, H_v]
     g = (-np.exp(w.A_log) * softplus(a + w.dt_bias, dtype=dtype))[None]  # [1, T, H_v]
 
@@ -183,7 +183,7 @@ def gated_deltanet(
         use_qk_l2norm=True, cu_seqlens=cu_seqlens, dtype=dtype, **extra,
     )  # [1, T, H_v, D_v], [N, H_v, D_k, D_v]
 
-    # Gated RMSNorm per value head (norm over D_v, then · silu(z)), then out_proj (SPEC §8.2 steps 9–10).
+    # Gated RMSNorm per value head (norm over D_v, then · silu(z)), then out_proj.
     y = gated_rms_norm(o[0], z, w.norm, config.rms_norm_eps, dtype=dtype)  # [T, H_v, D_v]
     y = y.reshape(T, H_v * D_v) @ w.out_proj.T  # [T, H]
     return y, conv_state, recurrent_state

@@ -1,4 +1,4 @@
-"""Layer-wise divergence report: where do two implementations of the model part ways? (STYLE rule 14)
+"""Layer-wise divergence report: where do two implementations of the model part ways?
 
     ref = reference_trace(model, tokens)            # [(name, array)]: embedding, every layer, final norm, logits
     other = ...                                     # the same points from another implementation (e.g. HF hooks:
@@ -8,7 +8,7 @@
 
 Each row holds the max and mean absolute difference and the relative RMS error ‖ref − other‖ / ‖ref‖ of one
 point.  Differences grow layer by layer through the residual stream, so the first row that crosses the tolerance
-is where to look (Raschka's layer debugger; PITFALLS B24 for what "matches" means).
+is where to look (Raschka's layer debugger; pitfall B24 for what "matches" means).
 
 NumPy only: the other side's arrays come in as arrays, so this module never imports torch.
 """

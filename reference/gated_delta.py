@@ -1,21 +1,22 @@
-"""The gated delta rule (Gated DeltaNet, Yang, Kautz & Hatamizadeh 2024; SPEC §8.2 steps 6–8, §9, §10).
+"""The gated delta rule (Gated DeltaNet, Yang, Kautz & Hatamizadeh 2024, arXiv:2412.06464).
 
 Per value head, with a state S ∈ R^{D_k × D_v} (K-major) and, per token t, the L2-normalised key k̂_t, the
 normalised and scaled query q̃_t = q̂_t · scale, the value v_t, the log-decay g_t ≤ 0 (α_t = e^{g_t}) and the
 write strength β_t ∈ [0, 1]:
 
     S ← α_t S                       decay first ...
-    u_t = β_t (v_t − Sᵀ k̂_t)        ... then the delta correction against the *decayed* state (PITFALLS B1, fla#885)
+    u_t = β_t (v_t − Sᵀ k̂_t)        ... then the delta correction against the *decayed* state (pitfall B1, fla#885)
     S ← S + k̂_t u_tᵀ                update
     o_t = Sᵀ q̃_t                    read-out from the updated state (a token sees itself)
 
 equivalently S_t = α_t (I − β_t k̂_t k̂_tᵀ) S_{t−1} + β_t k̂_t v_tᵀ.  Two forms compute it:
 
 - `recurrent_gated_delta_rule`: the per-token loop above — the ground truth.
-- `chunk_gated_delta_rule`: the WY / UT-transform chunked form (SPEC §9, derivation in docs/gated_deltanet.md),
+- `chunk_gated_delta_rule`: the WY / UT-transform chunked form (arXiv:2406.06484; derivation in
+  docs/gated_deltanet.md),
   matrix products per chunk, sequential only across chunks.  Equal to the loop to ~1e-13 in float64.
 
-The shared signature (ARCHITECTURE.md) — keyword-only after q, k, v so g and beta cannot be swapped (STYLE rule 1):
+The signature shared with the optimized twins — keyword-only after q, k, v so g and beta cannot be swapped:
 
     q, k:          [B, T, H_k, D_k]
     v:             [B, T, H_v, D_v]             H_v = r · H_k; value head h reads key head h // r
@@ -74,12 +75,12 @@ def _prepare(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, cu_seqlens, 
                 f"{who}: initial_state must be [N={N}, H_v={H_v}, D_k={D_k}, D_v={D_v}] (K-major), got {state0.shape}"
             )
 
-    if use_qk_l2norm:  # SPEC §8.2 step 7: x · (Σx² + 1e-6)^(-1/2), eps inside the sqrt (PITFALLS B5)
+    if use_qk_l2norm:  # HF `l2norm`: x · (Σx² + 1e-6)^(-1/2), eps inside the sqrt (pitfall B5)
         q, k = l2_norm(q, 1e-6, dtype=dtype), l2_norm(k, 1e-6, dtype=dtype)
     scale = D_k ** -0.5 if scale is None else scale
     q = q * np.dtype(dtype).type(scale)
 
-    # Grouped value attention: value head h reads key head h // r (repeat_interleave on the head axis, SPEC §8.2.6).
+    # Grouped value attention: value head h reads key head h // r (repeat_interleave on the head axis, as HF).
     kv_head = np.arange(H_v) // (H_v // H_k)  # [H_v]
     q, k = q[:, :, kv_head], k[:, :, kv_head]  # [B, T, H_v, D_k]
     return q, k, v, g, beta, segments, state0
@@ -99,7 +100,7 @@ def recurrent_gated_delta_rule(
     cu_seqlens=None,
     dtype=np.float64,
 ):
-    """Gated delta rule, token by token (the ground truth; SPEC §8.2 step 8, §10).
+    """Gated delta rule, token by token (the ground truth; HF `torch_recurrent_gated_delta_rule`).
 
         S ← e^{g_t} S;   u_t = β_t (v_t − Sᵀ k̂_t);   S ← S + k̂_t u_tᵀ;   o_t = Sᵀ q̃_t
 
@@ -137,7 +138,7 @@ def recurrent_gated_delta_rule(
 
 
 def _solve_unit_lower(A: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    """Solve (I + A) X = rhs by forward substitution, A strictly lower triangular (the UT transform, SPEC §9.3).
+    """Solve (I + A) X = rhs by forward substitution, A strictly lower triangular (the UT transform).
 
     Shapes: A [H, C, C], rhs [H, C, D] -> X [H, C, D].  Row i:  X_i = rhs_i − Σ_{j<i} A_ij X_j.
     """
@@ -162,7 +163,7 @@ def chunk_gated_delta_rule(
     chunk_size=64,
     dtype=np.float64,
 ):
-    """Gated delta rule in the chunked WY / UT-transform form (SPEC §9; derivation in docs/gated_deltanet.md).
+    """Gated delta rule in the chunked WY / UT-transform form (derivation in docs/gated_deltanet.md).
 
     Per sequence, per chunk of C tokens (the last chunk may be shorter) with start state S0, all heads at once:
 
@@ -175,8 +176,8 @@ def chunk_gated_delta_rule(
         S1     = γ_C S0 + (K̂ ⊙ e^{G_C−G})ᵀ V_new
 
     A tail chunk shorter than C is processed as it is, so no padding is needed and G_C is the last *real* token's
-    cumulative decay (reading it from padding corrupted the final state in cuLA#38, PITFALLS B15).  Masks are applied
-    to the exponent (−∞ above the diagonal) so e^{G_i−G_j} never overflows when g ≪ 0 (PITFALLS B6).
+    cumulative decay (reading it from padding corrupted the final state in cuLA#38, pitfall B15).  Masks are applied
+    to the exponent (−∞ above the diagonal) so e^{G_i−G_j} never overflows when g ≪ 0 (pitfall B6).
 
     Args: as `recurrent_gated_delta_rule`, plus
         chunk_size: C ≥ 1, any value (not only powers of two)
@@ -215,7 +216,7 @@ def chunk_gated_delta_rule(
             A = np.where(strict, bc[:, :, None] * KK * decay, 0.0)  # [H_v, L, L]  strictly lower
             gamma = np.exp(G)  # [H_v, L]
 
-            # UT transform: W = (I + A)^{-1} diag(βγ) K̂,  U = (I + A)^{-1} diag(β) V  (SPEC §9.3–4).
+            # UT transform: W = (I + A)^{-1} diag(βγ) K̂,  U = (I + A)^{-1} diag(β) V.
             W = _solve_unit_lower(A, (bc * gamma)[:, :, None] * Kc)  # [H_v, L, D_k]
             U = _solve_unit_lower(A, bc[:, :, None] * Vc)  # [H_v, L, D_v]
 

@@ -1,22 +1,22 @@
-"""The memory model of qwen35: state, KV and weight bytes, and the batch-size rules (SPEC §14).
+"""The memory model of qwen35: state, KV and weight bytes, and the batch-size rules (docs/state_cache.md).
 
 This is the single memory model of the project: `reference.state_cache`, `optimized` and the `qwen35 memory`
 command all use it, and tests check it against the bytes the caches really allocate.
 
-Per request, each Gated DeltaNet (linear) layer keeps (SPEC §14.2)
+Per request, each Gated DeltaNet (linear) layer keeps
 
     conv state       conv_dim x (K - 1)        the last K-1 pre-activation conv inputs
     recurrent state  H_v x D_k x D_v           the delta-rule matrix S, one per value head
 
     state_bytes_per_request = num_linear x [conv_dim·(K−1) + H_v·D_k·D_v] x bytes(state dtype)
 
-Full-attention layers keep a KV cache that grows with the context (SPEC §2.8):
+Full-attention layers keep a KV cache that grows with the context:
 
     kv_bytes_per_token = num_full x 2 x H_kv x D_h x bytes(kv dtype)
 
 Two batch-size rules:
 
-* ``"gather_scatter"`` — the documented MAX design (SPEC §14.3–14.4): a persistent pool plus gathered input copies
+* ``"gather_scatter"`` — the design MAX's Qwen3.5 pipeline docs describe: a persistent pool plus gathered input copies
   plus output copies can coexist, so the reservation is 3 x max_batch x per_req, and it is budgeted at 15 % of free
   memory: ``max_batch = max(1, ⌊0.15·free⌋ // (3·per_req))``; 32 when free memory is unknown.
 * ``"in_place"`` — a slot-indexed pool updated in place (what `optimized` does): no working copies, so the same
@@ -38,8 +38,8 @@ DTYPE_BYTES = {
 }
 
 RULES = {"gather_scatter": 3, "in_place": 1}  # working copies per request alive at peak
-STATE_BUDGET_FRACTION = 0.15  # share of free device memory reserved for recurrent state (SPEC §14.4)
-FALLBACK_MAX_BATCH = 32  # "safe for Qwen3.5-27B on H100/A100 80 GB" when the device query fails (SPEC §14.4)
+STATE_BUDGET_FRACTION = 0.15  # share of free device memory reserved for recurrent state (MAX)
+FALLBACK_MAX_BATCH = 32  # "safe for Qwen3.5-27B on H100/A100 80 GB" when the device query fails (MAX)
 
 
 def dtype_bytes(dtype) -> int:
@@ -80,10 +80,10 @@ def recurrent_state_bytes_per_layer(config: Qwen35Config, dtype="bfloat16") -> i
 
 def state_bytes_per_request(config: Qwen35Config, dtype="bfloat16", *, conv_dtype=None,
                             conv_columns: int | None = None) -> int:
-    """Bytes of Gated DeltaNet state one request holds across all linear layers (SPEC §14.2).
+    """Bytes of Gated DeltaNet state one request holds across all linear layers.
 
     `dtype` is the recurrent-state dtype; `conv_dtype` defaults to it (MAX keeps both in the model dtype;
-    vLLM keeps conv in bf16 and the recurrent state in fp32 — PITFALLS B8).  27B in bf16: 78,446,592 bytes.
+    vLLM keeps conv in bf16 and the recurrent state in fp32 — pitfall B8).  27B in bf16: 78,446,592 bytes.
     """
     conv_dtype = dtype if conv_dtype is None else conv_dtype
     per_layer = (conv_state_bytes_per_layer(config, conv_dtype, conv_columns)
@@ -92,13 +92,13 @@ def state_bytes_per_request(config: Qwen35Config, dtype="bfloat16", *, conv_dtyp
 
 
 def kv_bytes_per_token(config: Qwen35Config, dtype="bfloat16") -> int:
-    """KV-cache bytes one token adds: full-attention layers only (SPEC §14.1)."""
+    """KV-cache bytes one token adds: full-attention layers only."""
     return config.num_full_layers * 2 * config.num_key_value_heads * config.head_dim * dtype_bytes(dtype)
 
 
 # ---------------------------------------------------------------------- weights
 def parameter_counts(config: Qwen35Config, include_vision: bool = True) -> dict[str, int]:
-    """Parameter count per component (the tensors of SPEC §12; `mtp.*` excluded)."""
+    """Parameter count per component (the checkpoint's tensors; `mtp.*` excluded)."""
     c = config
     H, V = c.hidden_size, c.vocab_size
     counts: dict[str, int] = {}
@@ -138,7 +138,7 @@ def parameter_counts(config: Qwen35Config, include_vision: bool = True) -> dict[
 
 
 def fp32_parameter_count(config: Qwen35Config) -> int:
-    """Parameters kept in float32 whatever the weight dtype: A_log, dt_bias, gated-norm weight (SPEC §14.6)."""
+    """Parameters kept in float32 whatever the weight dtype: A_log, dt_bias, gated-norm weight (pitfall B23)."""
     return config.num_linear_layers * (2 * config.linear_num_value_heads + config.linear_value_head_dim)
 
 
@@ -159,7 +159,7 @@ def _check_rule(rule: str) -> int:
 
 def infer_optimal_batch_size(config: Qwen35Config, free_bytes: int | None, rule: str = "gather_scatter",
                              state_dtype="bfloat16") -> int:
-    """The largest batch whose state reservation fits in 15 % of free memory (SPEC §14.4).
+    """The largest batch whose state reservation fits in 15 % of free memory (MAX's rule).
 
     gather_scatter: ``max(1, ⌊0.15·free⌋ // (3·per_req))`` (pool + input copies + output copies);
     in_place:       ``max(1, ⌊0.15·free⌋ // (1·per_req))`` (pool only).

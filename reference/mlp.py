@@ -1,9 +1,9 @@
-"""Feed-forward blocks of Qwen3.5: the dense SwiGLU MLP and the sparse MoE block of qwen3_5_moe (SPEC §11).
+"""Feed-forward blocks of Qwen3.5: the dense SwiGLU MLP and the sparse MoE block of qwen3_5_moe (docs/mlp_and_moe.md).
 
-Dense (SPEC §11.1):
+Dense (HF `Qwen3_5MLP`):
     MLP(x) = ( silu(x W_gateᵀ) ⊙ (x W_upᵀ) ) W_downᵀ
 
-Sparse MoE (SPEC §11.2), per token x [H], E experts, top-k routing:
+Sparse MoE (HF `Qwen3_5MoeSparseMoeBlock`), per token x [H], E experts, top-k routing:
     ℓ = x W_rᵀ                       [E]   router logits
     p = softmax(ℓ)                   [E]   over ALL experts, fp32 semantics (float64 in the oracle)
     S = top-k indices of p,  w_e = p_e / Σ_{e'∈S} p_e'                 (always renormalised in Qwen3.5-MoE)
@@ -34,7 +34,7 @@ def _compute_dtype(x: np.ndarray, dtype=None) -> np.dtype:
 
 
 def swiglu_mlp(x, gate_proj, up_proj, down_proj, *, dtype=None) -> np.ndarray:
-    """Dense SwiGLU MLP (SPEC §11.1):  y = (silu(x W_gateᵀ) ⊙ x W_upᵀ) W_downᵀ.
+    """Dense SwiGLU MLP:  y = (silu(x W_gateᵀ) ⊙ x W_upᵀ) W_downᵀ.
 
     Args:
         x: [..., H].
@@ -131,7 +131,7 @@ def top_k(p: np.ndarray, k: int):
 
 
 def route(x, router_weight, k: int, *, dtype=None):
-    """Router of the MoE block (SPEC §11.2 steps 1–2).
+    """Router of the MoE block (HF `Qwen3_5MoeTopKRouter`).
 
         ℓ = x W_rᵀ,  p = softmax(ℓ) over all E,  (v, S) = topk(p, k),  w = v / Σ v
 
@@ -154,7 +154,7 @@ def route(x, router_weight, k: int, *, dtype=None):
 
 
 def sparse_moe_block(x, w: MoEWeights, config, return_router: bool = False, *, dtype=None):
-    """Sparse MoE block of Qwen3.5-MoE (SPEC §11.2).
+    """Sparse MoE block of Qwen3.5-MoE.
 
         y = Σ_{e∈topk(x)} w_e(x) · Expert_e(x)  +  σ(x W_sgᵀ) · SharedMLP(x)
 

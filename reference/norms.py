@@ -1,6 +1,6 @@
-"""Normalizations of Qwen3.5 (SPEC.md §4, §8.2 step 7, §16), and the scalar activations they use.
+"""Normalizations of Qwen3.5 (docs/norms.md), and the scalar activations they use.
 
-Three different norms live in one model, and mixing them up gives deterministic garbage (PITFALLS B4, B5):
+Three different norms live in one model, and mixing them up gives deterministic garbage (pitfall B4, B5):
 
 | function         | formula                                     | w init | used for                          |
 |------------------|---------------------------------------------|--------|-----------------------------------|
@@ -34,7 +34,7 @@ def softplus(x, *, dtype=np.float64) -> np.ndarray:
     """softplus(x) = log(1 + e^x), without overflow for large x.
 
     Hugging Face uses torch's softplus (threshold 20: returns x for x > 20); MAX does the same thresholding.  The
-    exact form differs from x by < 2.1e-9 above the threshold, far below fp32 rounding of x there (SPEC §8.2 step 5).
+    exact form differs from x by < 2.1e-9 above the threshold, far below fp32 rounding of x there.
     """
     x = np.asarray(x, dtype=dtype)
     return np.logaddexp(np.asarray(0.0, dtype=dtype), x).astype(dtype, copy=False)
@@ -47,10 +47,10 @@ def _inv_rms(x: np.ndarray, eps: float) -> np.ndarray:
 
 
 def rms_norm(x, weight, eps: float = 1e-6, *, dtype=np.float64) -> np.ndarray:
-    """Zero-centred RMSNorm (`Qwen3_5RMSNorm`, SPEC §4.1):  y = x / sqrt(mean(x²) + eps) · (1 + w).
+    """Zero-centred RMSNorm (HF `Qwen3_5RMSNorm`):  y = x / sqrt(mean(x²) + eps) · (1 + w).
 
     The checkpoint stores w (initialised to 0, often negative), not 1 + w.  `1 + w` is formed in the compute dtype
-    (fp32 semantics): materialising it in bf16 would round small deltas |w| ~ 1e-3 away (PITFALLS B4, lmdeploy#4790).
+    (fp32 semantics): materialising it in bf16 would round small deltas |w| ~ 1e-3 away (pitfall B4, lmdeploy#4790).
 
     Shapes:
         x:      [..., D]
@@ -66,11 +66,11 @@ def rms_norm(x, weight, eps: float = 1e-6, *, dtype=np.float64) -> np.ndarray:
 
 
 def gated_rms_norm(x, z, weight, eps: float = 1e-6, *, dtype=np.float64) -> np.ndarray:
-    """Gated RMSNorm of the GDN output (`Qwen3_5RMSNormGated`, SPEC §4.2):
+    """Gated RMSNorm of the GDN output (HF `Qwen3_5RMSNormGated`):
 
         y = [ x / sqrt(mean(x²) + eps) · w ] · silu(z)
 
-    Plain weight w (initialised to 1, not 1 + w), and the norm is taken over x *before* the gate (PITFALLS B4):
+    Plain weight w (initialised to 1, not 1 + w), and the norm is taken over x *before* the gate (pitfall B4):
     gating first and then normalising would cancel the gate's magnitude.  Applied per value head, so D = D_v.
 
     Shapes:
@@ -87,15 +87,15 @@ def gated_rms_norm(x, z, weight, eps: float = 1e-6, *, dtype=np.float64) -> np.n
     if w.ndim != 1 or w.shape[0] != x.shape[-1]:
         raise ValueError(f"gated_rms_norm: weight must be [D={x.shape[-1]}], got {w.shape}")
     n = w * (x * _inv_rms(x, eps))  # [..., D]  normalise, then the plain weight
-    return n * silu(z, dtype=dtype)  # gate after the norm, silu(z) in the compute dtype (SPEC §16)
+    return n * silu(z, dtype=dtype)  # gate after the norm, silu(z) in the compute dtype (as HF)
 
 
 def l2_norm(x, eps: float = 1e-6, *, dtype=np.float64) -> np.ndarray:
-    """L2 normalisation of GDN queries and keys (SPEC §8.2 step 7):  x̂ = x · (Σ x² + eps)^(-1/2).
+    """L2 normalisation of GDN queries and keys (HF `l2norm`):  x̂ = x · (Σ x² + eps)^(-1/2).
 
     eps sits inside the square root and is added to the *sum*, not the mean: this is HF's `l2norm` and fla's kernel
     (`use_qk_l2norm_in_kernel`).  It is neither F.normalize (x / max(‖x‖, eps)) nor an RMSNorm (eps on the mean would
-    be D times larger, PITFALLS B5, mlx-lm#1624).  An all-zero vector maps to zeros, a tiny one to x/sqrt(eps).
+    be D times larger, pitfall B5, mlx-lm#1624).  An all-zero vector maps to zeros, a tiny one to x/sqrt(eps).
 
     Shapes:
         x:      [..., D]

@@ -1,12 +1,12 @@
 """Per-request caches of the hybrid model: Gated DeltaNet state pools and the full-attention KV cache.
 
-Qwen3.5 keeps two kinds of per-request memory (SPEC §13, §14):
+Qwen3.5 keeps two kinds of per-request memory (docs/state_cache.md):
 
 * every **linear** (Gated DeltaNet) layer: a conv state `[conv_dim, K-1]` (last K-1 pre-activation inputs) and a
   recurrent state `[H_v, D_k, D_v]` (K-major) — fixed size, however long the request;
 * every **full-attention** layer: the K and V of every past token `[T, H_kv, D_h]` — grows with the context.
 
-`GatedDeltaNetStateCache` is the documented gather/scatter design of MAX (SPEC §14.3).  One persistent pool per
+`GatedDeltaNetStateCache` is the gather/scatter design of MAX's Qwen3.5 pipeline docs.  One persistent pool per
 linear layer, `conv [max_batch, conv_dim, K-1]` and `recurrent [max_batch, H_v, D_k, D_v]`, zero-initialised,
 and bookkeeping `request_id -> slot`:
 
@@ -19,7 +19,7 @@ At peak a forward step holds the pool, the gathered inputs and the model's outpu
 bytes (`reference.memory`, rule "gather_scatter"); an in-place pool (what `optimized` does) holds 1x.
 
 `KVCache` holds the full-attention layers' K/V per request, indexed by `config.kv_cache_index(layer)` (layer 3 ->
-0, layer 7 -> 1, ...; SPEC §14.1): only full layers have an entry.
+0, layer 7 -> 1, ...): only full layers have an entry.
 
 Every method validates all its arguments before touching any state, so an error never leaves a half-done update.
 """
@@ -49,7 +49,7 @@ def _check_ids(request_ids: Sequence[Hashable], what: str) -> list:
 
 
 class GatedDeltaNetStateCache:
-    """Persistent conv + recurrent state pools for every linear layer, with slot bookkeeping (SPEC §14.3).
+    """Persistent conv + recurrent state pools for every linear layer, with slot bookkeeping.
 
     Args:
         config: Qwen35Config (layer map and state geometry).
@@ -177,7 +177,7 @@ class GatedDeltaNetStateCache:
 
 
 class KVCache:
-    """K and V of every past token of every live request, for the full-attention layers only (SPEC §14.1).
+    """K and V of every past token of every live request, for the full-attention layers only.
 
     Per request: a list with one (k [T, H_kv, D_h], v [T, H_kv, D_h]) pair per full layer, in KV-index order;
     `config.kv_cache_index(layer)` maps a decoder layer to its entry.  K is stored post-norm, post-RoPE.

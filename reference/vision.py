@@ -1,6 +1,6 @@
 """The Qwen3.5 vision tower in NumPy: pixels (already patchified) → one LM embedding per 2×2 patch window.
 
-SPEC §15, checked against transformers 5.24 `models/qwen3_5/modeling_qwen3_5.py` (`Qwen3_5VisionModel` and its
+Checked against transformers 5.24 `models/qwen3_5/modeling_qwen3_5.py` (`Qwen3_5VisionModel` and its
 parts) and `vision_utils.py` (the grid-derived inputs).  Step by step, for N patches of all images / video frames
 packed together (N = Σ t·h·w over `grid_thw`, grids in patches), D = vision hidden size, m = spatial merge size:
 
@@ -18,7 +18,7 @@ consecutive (row-major inside the window), windows in row-major order.  Everythi
 (row, col) — the position-grid taps and the rotary angles — is emitted in that same order, which is why the
 merger can simply view 4 consecutive rows as one window.
 
-No deepstack (Qwen3-VL's intermediate-feature taps were removed in Qwen3.5, SPEC §2.5).  Computation runs in
+No deepstack (Qwen3-VL's intermediate-feature taps; `Qwen3_5VisionModel` has none).  Computation runs in
 `dtype`: float64 (the oracle, default) or float32 (HF's fp32 arithmetic).  Shape legend: N patches, D vision
 hidden, D_h vision head dim, nh vision heads, S learned grid side, m merge size, H_out LM hidden size.
 """
@@ -225,7 +225,7 @@ def _rotate_half(x: np.ndarray) -> np.ndarray:
 
 
 def _apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """x [N, nh, D_h] rotated over all D_h channels (HF applies this in fp32, SPEC §16)."""
+    """x [N, nh, D_h] rotated over all D_h channels (HF applies this in fp32)."""
     return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
 
 
@@ -305,7 +305,7 @@ _BLOCK_NAMES = {
 
 @dataclass
 class VisionWeights:
-    """All vision-tower weights (SPEC §12.4; checkpoint prefix `model.visual.`).
+    """All vision-tower weights (checkpoint prefix `model.visual.`).
 
     patch_embed_weight: [D, C·T_p·P·P]  the Conv3d kernel [D, C, T_p, P, P] flattened in (C, T_p, P, P) order,
                                          the order of a `pixel_values` row
@@ -331,7 +331,7 @@ class VisionWeights:
         """Build from the `model.visual.*` tensors with that prefix stripped (`patch_embed.proj.weight`, …).
 
         Every expected name must be present with the expected shape, and no other name may be left over
-        (full key coverage, STYLE rule 14); errors name the offending tensor.
+        (full key coverage); errors name the offending tensor.
         """
         dt = _float_dtype(dtype)
         vc = vision_config

@@ -5,7 +5,7 @@
     python scripts/gpu_bench.py --dry-run [--out /tmp/x.json]       # CPU, Triton interpreter, tiny shapes
     python scripts/gpu_bench.py --aot-check [--arch 90]             # CPU: compile every kernel for sm_<arch>
 
-Cases (issue 8; PITFALLS B21, B22):
+Cases (pitfall B21, B22):
   * peaks measured in the same run: a bf16 8192³ matmul (TFLOP/s) and a 1 GiB device-to-device copy (GB/s,
     read + write counted);
   * chunked prefill, 1 × 8192 tokens at the 27B layer shape (H_k=16, H_v=48, D_k=D_v=128), bf16 q/k/v, fp32 g/β,
@@ -252,7 +252,7 @@ def bench_chunk(dev, shapes, impls, records, notes):
 
 def bench_crossover(dev, shapes, impls, records, notes):
     """Chunked vs per-token Triton kernels over T (one sequence, the same heads): where the chunk form starts to win
-    (PITFALLS B21: fla switches at T <= 64; a decode step must never go through the chunk path)."""
+    (pitfall B21: fla switches at T <= 64; a decode step must never go through the chunk path)."""
     from tests._factory import gdn_inputs
     import optimized.triton as tri
 

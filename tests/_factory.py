@@ -1,4 +1,4 @@
-"""The shared input factory (STYLE rule 6): physically valid gated-delta inputs.
+"""The shared input factory: physically valid gated-delta inputs.
 
 g = logsigmoid(·)/normalizer (≤ 0) with a random fraction masked to exactly 0 (no decay, fla's mask_p);
 beta = sigmoid(·) in (0, 1); q, k raw (the kernels L2-normalise them); h0 random.

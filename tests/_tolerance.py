@@ -1,4 +1,4 @@
-"""One place for every numerical budget (STYLE rule 5).
+"""One place for every numerical budget.
 
 `assert_close(name, ref, got, budget)` reports the relative RMS error ‖ref−got‖₂/‖ref‖₂ (fla's ratio) and the
 max-abs error, and fails on any NaN/Inf.  Budgets are named; loosening one needs a comment citing evidence.

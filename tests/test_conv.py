@@ -1,6 +1,6 @@
 """Causal depthwise conv1d with a K-1 column state (reference/conv.py).
 
-Guards PITFALLS B13 (varlen: every packed sequence has its own state, lengths 1 and < K-1 included) and B14 (the
+Guards pitfalls B13 (varlen: every packed sequence has its own state, lengths 1 and < K-1 included) and B14 (the
 state is the last K-1 *pre-activation* inputs, oldest first; feeding 1, 2 or 3 tokens at a time == one shot; the
 oldest column meets the oldest tap).  The outside oracle is Hugging Face's torch conv (K-column state).
 """

@@ -1,6 +1,6 @@
 """The Gated DeltaNet layer (reference/deltanet.py): wiring, modes, and the conv + recurrent state across calls.
 
-Guards PITFALLS B3 (Qwen3.5's four flat projections, flat [Q|K|V] split), B10 (continued prefill from a state),
+Guards pitfalls B3 (Qwen3.5's four flat projections, flat [Q|K|V] split), B10 (continued prefill from a state),
 B11 (prefill(T-1) + decode(1) == full(T)), B12 (batch independence), B13 (varlen), B14 (the conv state is the raw
 projected qkv).  The outside oracle is Hugging Face's `Qwen3_5GatedDeltaNet` module with copied weights (`hf`).
 """
@@ -35,7 +35,8 @@ def _sigmoid(a):
 
 
 def _layer_by_spec(x, w, cfg):
-    """SPEC §8.2 written out once more, token by token, with the explicit formulas (an independent wiring check)."""
+    """HF `Qwen3_5GatedDeltaNet` written out once more, token by token, with the explicit formulas (an independent
+    wiring check)."""
     T = x.shape[0]
     H_k, H_v, D_k, D_v = (cfg.linear_num_key_heads, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
                           cfg.linear_value_head_dim)

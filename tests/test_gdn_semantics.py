@@ -1,6 +1,6 @@
 """Semantics of the gated delta rule (reference/gated_delta.py): chunked == recurrent, special cases, q/k norm.
 
-Guards PITFALLS B1 (order of decay and delta; chunked vs sequential), B5 (L2-norm eps), B6 (g ≡ 0, g ≪ 0, β ∈ {0,1}),
+Guards pitfalls B1 (order of decay and delta; chunked vs sequential), B5 (L2-norm eps), B6 (g ≡ 0, g ≪ 0, β ∈ {0,1}),
 B15 (tail chunk final state).  The outside oracle is Hugging Face's torch rules (marked `hf`).
 """
 from __future__ import annotations

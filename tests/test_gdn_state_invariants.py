@@ -1,6 +1,6 @@
 """State invariants of the gated delta rule (reference/gated_delta.py): varlen, continuation, decode, batching.
 
-Guards PITFALLS B10 (multi-token continuation from a state), B11 (prefill + decode == full), B12 (a row is independent
+Guards pitfalls B10 (multi-token continuation from a state), B11 (prefill + decode == full), B12 (a row is independent
 of its neighbours, bitwise), B13 (cu_seqlens reaches the rule: no leakage between packed sequences), B15 (states
 sized by N sequences, not by B).
 """

@@ -2,11 +2,11 @@
 
 Tiny random checkpoints written by transformers' own save_pretrained (tests/hf_checkpoints.py):
 
-* logits of ragged batches (lengths 1 .. 70) within fp32 rounding: relative RMS <= 1e-4 (PITFALLS B24; fp32
+* logits of ragged batches (lengths 1 .. 70) within fp32 rounding: relative RMS <= 1e-4 (pitfall B24; fp32
   rounding alone reaches a few 1e-5 on these models);
 * greedy generation of 32 tokens identical, except after a step where HF's own top-2 logit gap is below fp32
   rounding (then the tie-break is noise, not a bug; `check_greedy_agreement` verifies that);
-* prefill + N decode steps of the pipeline == HF's cached forward, step by step (PITFALLS B10, B11);
+* prefill + N decode steps of the pipeline == HF's cached forward, step by step (pitfall B10, B11);
 * dense text-only, a multimodal checkpoint's text path (and one image prompt), MoE.
 """
 from __future__ import annotations
@@ -68,7 +68,7 @@ def test_logits_of_a_ragged_batch(pair):
     model_pipe = model.execute(model.prepare_initial_token_inputs(
         [TextContext(i, p) for i, p in enumerate(prompts)], return_n_logits=1))
     for i, p in enumerate(prompts):
-        ref = hf_logits(hf, p)  # HF one sequence at a time: no padding involved (PITFALLS B12)
+        ref = hf_logits(hf, p)  # HF one sequence at a time: no padding involved (pitfall B12)
         r = assert_close(f"{kind} logits T={len(p)}", ref, ours[i], "f32_logits")
         assert r <= BUDGETS["f32_logits"]
         assert_close(f"{kind} pipeline last logits T={len(p)}", ref[-1:], model_pipe.logits_for(i), "f32_logits")

@@ -15,7 +15,7 @@ MiB = 2**20
 
 def test_27b_bf16_state_is_74_8_mib():
     c = Qwen35Config.preset("27b")
-    # 48 linear layers x (10240 x 3 conv + 48 x 128 x 128 recurrent) x 2 bytes (SPEC §14.2)
+    # 48 linear layers x (10240 x 3 conv + 48 x 128 x 128 recurrent) x 2 bytes (MAX's 74.8 MiB)
     assert state_bytes_per_request(c, "bfloat16") == 48 * (10240 * 3 + 48 * 128 * 128) * 2 == 78_446_592
     assert round(78_446_592 / MiB, 1) == 74.8
     assert state_bytes_per_request(c, "float32") == 2 * 78_446_592  # "74.8 to 149.6 MiB"
@@ -105,7 +105,7 @@ def test_parse_bytes():
 def test_budget_bound_by():
     c = Qwen35Config.preset("27b")
     short = memory_budget(c, parse_bytes("80GiB"), context_len=512)
-    assert short.rules["gather_scatter"]["bound_by"] == "state"  # short contexts: the state binds (PITFALLS B20)
+    assert short.rules["gather_scatter"]["bound_by"] == "state"  # short contexts: the state binds (pitfall B20)
     long = memory_budget(c, parse_bytes("80GiB"), context_len=131072)
     assert long.rules["in_place"]["bound_by"] == "KV cache"
     tiny_mem = memory_budget(c, parse_bytes("16GiB"))

@@ -1,4 +1,4 @@
-"""reference/mlp.py: dense SwiGLU MLP and the Qwen3.5-MoE sparse block (SPEC §11).
+"""reference/mlp.py: dense SwiGLU MLP and the Qwen3.5-MoE sparse block (docs/mlp_and_moe.md).
 
 Properties: SwiGLU equals an element loop; router weights are the renormalised top-k of a softmax over ALL
 experts and sum to 1; the block equals a naive per-token loop; the fused gate_up_proj is split [gate | up];
@@ -42,7 +42,7 @@ def naive_swiglu(x, Wg, Wu, Wd):
 
 
 def naive_moe_token(x, w: MoEWeights, k):
-    """One token, written from SPEC §11.2 with Python loops and sorted()."""
+    """One token, written from the equations of docs/mlp_and_moe.md with Python loops and sorted()."""
     E = w.gate.shape[0]
     I = w.down_proj.shape[2]
     logits = [float(np.dot(w.gate[e], x)) for e in range(E)]
@@ -132,7 +132,8 @@ def test_moe_block_equals_per_token_loop(seed, N, E, data):
 
 
 def test_fused_gate_up_is_gate_then_up():
-    """Swapping the two halves of gate_up_proj changes the result (the split is [gate | up], SPEC §11.2 step 3)."""
+    """Swapping the two halves of gate_up_proj changes the result (the split is [gate | up], as in HF
+    `Qwen3_5MoeExperts`)."""
     cfg = moe_cfg()
     w = MoEWeights.random(cfg, 3)
     x = np.random.default_rng(4).standard_normal((6, cfg.hidden_size))

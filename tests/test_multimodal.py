@@ -154,7 +154,7 @@ def test_greedy_generation_after_an_image_matches_hf(ckpt, ref_model):
     want = out[0, len(toks):].tolist()
     got = ref_model.generate([TextAndVisionContext("g", toks, **kw)], max_new_tokens=n_new)[0]
     assert got == want
-    # Decode positions continue at (tokens seen) + rope_delta on all three axes (SPEC §7.3, PITFALLS B19 d).
+    # Decode positions continue at (tokens seen) + rope_delta on all three axes (docs/rope_and_mrope.md, pitfall B19 d).
     pre = multimodal_prefill_inputs(TextAndVisionContext("g", toks, **kw), ckpt[2], CFG)
     assert len(steps) == n_new
     for i, p in enumerate(steps[1:]):  # during generate HF prepends a text-position row: [4, T] = (text, t, h, w)

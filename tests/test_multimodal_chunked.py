@@ -1,4 +1,4 @@
-"""Chunked prefill of image / video prompts in the reference pipeline model (issue 6; PITFALLS B10, B19 d).
+"""Chunked prefill of image / video prompts in the reference pipeline model (pitfall B10, B19 d).
 
 A request's first context is a `TextAndVisionContext` holding the *whole* prompt and `chunk_end`; only
 tokens[:chunk_end] run now.  Later chunks are plain `TextContext`s with the prompt's next tokens.  Checked:

@@ -1,6 +1,6 @@
 """Normalizations (reference/norms.py): zero-centred RMSNorm, gated RMSNorm, L2 norm, and the activations.
 
-Guards PITFALLS B4 (two RMSNorm conventions in one model; small-delta weights; norm before gate) and B5 (L2 norm
+Guards pitfalls B4 (two RMSNorm conventions in one model; small-delta weights; norm before gate) and B5 (L2 norm
 eps inside the sqrt, on the sum).  The outside oracle is Hugging Face's `Qwen3_5RMSNorm`, `Qwen3_5RMSNormGated` and
 `l2norm` (marked `hf`).
 """

@@ -85,7 +85,7 @@ def quick_accuracy(tmp_path_factory):
 
 def test_accuracy_quick_measures_the_expected_precision(quick_accuracy):
     """Float32 implementations sit near fp32 rounding, bf16 near bf16 rounding, the float64 chunked form at ~1e-15;
-    a bf16-rounded state drifts more than an fp32 one (PITFALLS B8)."""
+    a bf16-rounded state drifts more than an fp32 one (pitfall B8)."""
     d = quick_accuracy
     for key in ("host_cpu", "device_name", "python", "numpy", "torch", "date_utc"):
         assert d["meta"].get(key), key
@@ -152,7 +152,7 @@ def test_memory_sweep_agrees_with_the_memory_model():
                 want = infer_optimal_batch_size(cfg, free, rule) if free > 0 else 0
                 assert d["presets"][name][rule]["state_max_batch"][i] == want
     e = d["presets"]["27b"]
-    assert e["state_bytes_per_request"] == 78_446_592  # SPEC §14.2 worked example (bf16)
+    assert e["state_bytes_per_request"] == 78_446_592  # 27B in bf16: 74.8 MiB, MAX's figure
     assert e["in_place"]["state_max_batch"][1] >= 3 * e["gather_scatter"]["state_max_batch"][1]
 
 

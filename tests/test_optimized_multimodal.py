@@ -1,4 +1,4 @@
-"""optimized.Qwen35Model with images and videos, chunked image prompts, snapshots and atomicity (issue 6).
+"""optimized.Qwen35Model with images and videos, chunked image prompts, snapshots and atomicity.
 
 Oracles: the float64 reference pipeline model (reference.model) and Hugging Face's
 `Qwen3_5ForConditionalGeneration` on a tiny random multimodal checkpoint (tests/hf_checkpoints.py).  Checked:
@@ -255,7 +255,7 @@ def test_vision_tower_is_built_once_and_runs_once_per_request(ckpt, monkeypatch)
 
 
 def test_chunk_end_is_honoured_and_continuations_are_checked(opt):
-    """Only tokens[:chunk_end] run (before issue 6 the optimized model ran them all); text prompts too."""
+    """Only tokens[:chunk_end] run (running them all would be wrong); text prompts too."""
     _release_all(opt)
     toks, _ = CASES["one-image"]
     _step(opt, "a", _ctx("a", "one-image", chunk_end=5))

@@ -2,7 +2,7 @@
 
 Budgets (tests/_tolerance.py): float32 ≤ 1e-5 relative RMS; bf16 inputs with an fp32 state ≤ 1e-2.  Shapes include
 the awkward ones (T ∈ {1, 2, 3, 63, 64, 65, …}, D not a power of two, H_v > H_k, varlen N ≥ 3 with a length-1
-sequence).  PITFALLS B9 (padding slot / other slots untouched), B13 (varlen), B14 (conv state), B15 (tail chunk,
+sequence).  pitfall B9 (padding slot / other slots untouched), B13 (varlen), B14 (conv state), B15 (tail chunk,
 NaN-poisoned scratch).
 """
 from __future__ import annotations
@@ -105,7 +105,7 @@ def test_bf16_inputs_fp32_state(seed, T_, geom):
     args = [T(a, BF16) for a in (x.q, x.k, x.v)]
     for fn in (ogd.chunk_gated_delta_rule, ogd.recurrent_gated_delta_rule):
         o, s = fn(*args, g=T(x.g), beta=T(x.beta), initial_state=T(x.h0))
-        assert o.dtype == BF16 and s.dtype == F32  # state stays fp32 (PITFALLS B8)
+        assert o.dtype == BF16 and s.dtype == F32  # state stays fp32 (pitfall B8)
         assert_close(f"{fn.__name__} bf16 o", ro, o, "bf16")
         assert_close(f"{fn.__name__} bf16 state", rs, s, "bf16")
 
@@ -121,7 +121,7 @@ def test_no_final_state_and_options():
 
 
 def test_extreme_gates_finite():
-    """g ≪ 0 (−20) and g ≡ 0, β ∈ {0, 1}: no overflow in e^{G_i − G_j} (PITFALLS B6)."""
+    """g ≪ 0 (−20) and g ≡ 0, β ∈ {0, 1}: no overflow in e^{G_i − G_j} (pitfall B6)."""
     x = gdn_inputs(5, 1, 130, 2, 2, 16, 16, beta_mode="one")
     g = np.where(np.arange(130)[None, :, None] % 2 == 0, -20.0, 0.0) * np.ones_like(x.g)
     ro, rs = rgd.recurrent_gated_delta_rule(x.q, x.k, x.v, g=g, beta=x.beta, initial_state=x.h0)
@@ -269,7 +269,7 @@ def test_norms_match_reference(seed, D):
     assert_close("gated_rms_norm", rnorms.gated_rms_norm(x, z, 1 + w), onorms.gated_rms_norm(T(x), T(z), T(1 + w)),
                  "f32")
     assert_close("l2_norm", rnorms.l2_norm(x * 1e-4), onorms.l2_norm(T(x * 1e-4)), "f32")
-    # bf16 activations, small-delta zero-centred weight (PITFALLS B4)
+    # bf16 activations, small-delta zero-centred weight (pitfall B4)
     xb = bf16_round(x)
     assert_close("rms_norm bf16", rnorms.rms_norm(xb, w * 1e-2), onorms.rms_norm(T(x, BF16), T(w * 1e-2)), "bf16")
 

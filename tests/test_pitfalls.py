@@ -1,4 +1,4 @@
-"""The PITFALLS list (B1…B24) as a checked contract: the tests that were missing elsewhere.
+"""The pitfall list of docs/pitfalls.md (B1…B24) as a checked contract: the tests that were missing elsewhere.
 
 docs/pitfalls.md maps every item to the test(s) that guard it; this file holds only the guards no other test file
 carried.  Each test names its item.  Fast by design (the whole file runs in seconds under CI=true).
@@ -350,4 +350,4 @@ def test_b24_no_shape_only_tests():
     assert shape_only_tests("def test_y():\n    assert_close('y', a, f(), 1e-5)\n") == []
     offenders = [(f.name, t) for f in sorted(TESTS.glob("test_*.py")) for t in shape_only_tests(f.read_text())]
     offenders = [o for o in offenders if o not in SHAPE_ONLY_ALLOWED]
-    assert not offenders, f"shape-only tests (PITFALLS B24): {offenders}"
+    assert not offenders, f"shape-only tests (pitfall B24): {offenders}"

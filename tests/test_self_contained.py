@@ -7,7 +7,8 @@ the project's own docs/ pages; pitfalls are cited as "docs/pitfalls.md, Bn".  Wh
   (unless the same phrase points at docs/pitfalls.md), "ARCHITECTURE.md", "STYLE.md" or its numbered rules, the MAX
   reference dump;
 * machine paths (the absolute work directory, a relative path into a sibling "shared" directory);
-* text that describes the circumstances of its writing ("this session", "other engineers").
+* text that describes the circumstances of its writing ("this session", "other engineers", the project's own issue
+  numbers; public bug reports are cited as `owner/repo#N` or `repo #N`).
 
 Every tracked file is read (`git ls-files`); binary files (a NUL byte or not UTF-8) are skipped.  A failure lists
 every offending `file:line: text`, so one run shows all of them.
@@ -39,6 +40,8 @@ RULES: list[tuple[str, re.Pattern]] = [
     ("path into a sibling shared dir", re.compile(r"\.\./sha" + r"red\b")),
     ("history of the writing", re.compile(r"\bthis ses" + r"sion\b", re.IGNORECASE)),
     ("history of the writing", re.compile(r"\bother engin" + r"eers\b", re.IGNORECASE)),
+    ("history of the writing", re.compile(r"\bfounding ses" + r"sion\b", re.IGNORECASE)),
+    ("project issue number", re.compile(r"\biss" + r"ues? \d+\b", re.IGNORECASE)),
 ]
 PITFALLS_PAGE = "docs/pitfalls.md"
 PAGE_WINDOW = 40  # an upper-case pitfall mention is fine when docs/pitfalls.md comes at most this far before it
@@ -93,6 +96,8 @@ def tracked_text_files() -> list[tuple[str, str]]:
         "as in ../sha" + "red/notes",
         "measured during this ses" + "sion",
         "jobs of other engin" + "eers",
+        "written in the founding ses" + "sion",
+        "Cases (iss" + "ue 8; pitfall B21)",
     ],
 )
 def test_each_rule_catches_its_pattern(line):
@@ -109,6 +114,7 @@ def test_each_rule_catches_its_pattern(line):
         "def test_b18_attention_gate_is_per_head():",
         "KV heads are shared (GQA); the shared expert",
         "a 2-core machine, shared and noisy: medians of round-robin runs",
+        "the delta correction uses the decayed state (fla#885, transformers #45513)",
     ],
 )
 def test_clean_lines_pass(line):

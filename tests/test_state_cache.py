@@ -1,4 +1,4 @@
-"""reference.state_cache: the gather/scatter state pool (SPEC §14.3) against a plain dict model, and its sizing.
+"""reference.state_cache: the gather/scatter state pool (docs/state_cache.md) vs a plain dict model, and its sizing.
 
 The stateful test drives claim / gather / scatter / release / overflow / unknown ids in random orders and checks,
 after every step, that each live request's state is exactly what the dict model says (no state ever reaches
@@ -110,7 +110,7 @@ TestStateCacheMachine.settings = settings(settings(), stateful_step_count=50)
 @pytest.mark.parametrize("preset", ["27b", "9b", "35b-a3b"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_memory_formula_equals_pool_bytes_per_slot(preset, dtype):
-    """reference.memory's per-request figure is what the pools really allocate per slot (PITFALLS B20)."""
+    """reference.memory's per-request figure is what the pools really allocate per slot (pitfall B20)."""
     config = Qwen35Config.preset(preset)
     # Build the pools on a shrunken copy with the same layer map, and scale: allocating 27B-sized pools would be
     # ~150 MiB per slot in float32.  The formula is linear in every factor, so check the structure exactly on a
@@ -126,7 +126,7 @@ def test_memory_formula_equals_pool_bytes_per_slot(preset, dtype):
 def test_memory_formula_on_the_tiny_model_and_27b_value():
     cache = GatedDeltaNetStateCache(CONFIG, max_batch_size=4, dtype=np.float64)
     assert cache.bytes_per_slot == state_bytes_per_request(CONFIG, "float64")
-    assert state_bytes_per_request(Qwen35Config.preset("27b"), "bfloat16") == 78_446_592  # SPEC §14.2
+    assert state_bytes_per_request(Qwen35Config.preset("27b"), "bfloat16") == 78_446_592  # 74.8 MiB, MAX's figure
 
 
 def test_kv_cache_bytes_per_token_and_index():

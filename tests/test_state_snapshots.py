@@ -1,4 +1,4 @@
-"""Request snapshots in the reference model: prefix caching and speculative rollback (PITFALLS B16, B17).
+"""Request snapshots in the reference model: prefix caching and speculative rollback (pitfall B16, B17).
 
 `Qwen35Model.snapshot(id)` deep-copies a request's conv + recurrent state (every linear layer), its K/V (every
 full layer), length, token ids and MRoPE offset; `restore(id, snapshot)` puts it into a live or a fresh slot.

@@ -4,7 +4,7 @@ On CPU the kernels run through the Triton interpreter (tests/conftest.py sets TR
 import); with QWEN35_TRITON_GPU=1 on a CUDA machine (scripts/gpu_check.sh) the same tests run compiled on the GPU,
 plus the bf16 cases the interpreter cannot emulate.
 
-What is checked (issue 8; PITFALLS B6, B9, B13, B15):
+What is checked (pitfall B6, B9, B13, B15):
 - every kernel vs the float64 reference on float32 inputs, relative RMS ≤ 1e-5 (tests/_tolerance.py "f32"),
   driven by hypothesis (bounded by the `ci` profile) and by explicit tables (which also run where hypothesis is
   missing, e.g. a bare GPU box);
@@ -178,7 +178,7 @@ def test_gdn_options_no_final_state_no_l2norm_custom_scale():
 
 def test_chunk_then_decode_equals_one_pass():
     """prefill(T) with the chunk kernel, then 3 decode steps through the slot pool == the oracle over T+3 tokens
-    (PITFALLS B11; the final state of one kernel is the initial state of the next)."""
+    (pitfall B11; the final state of one kernel is the initial state of the next)."""
     H_k, H_v, D_k, D_v, T, extra = 1, 2, 24, 16, 45, 3
     x = gdn_inputs(3, 1, T + extra, H_k, H_v, D_k, D_v)
     a = {name: _round(getattr(x, name)) for name in ("q", "k", "v", "g", "beta", "h0")}
@@ -224,7 +224,7 @@ def _check_decode(seed, B, S, H_k, H_v, D_k, D_v, slots, dtype=torch.float32, bu
             else before.float().cpu().numpy().astype(np.float64)[slots[live]])
         assert_close("o", o_ref, o[torch.tensor(live, device=DEV)], budget)
         assert_close("state", h_ref, pool[torch.tensor(slots[live], device=DEV)], budget)
-    # padding rows: exact zeros; untouched slots: bit-identical (PITFALLS B9)
+    # padding rows: exact zeros; untouched slots: bit-identical (pitfall B9)
     assert torch.equal(o[torch.tensor(~live, device=DEV)], torch.zeros_like(o[torch.tensor(~live, device=DEV)]))
     untouched = sorted(set(range(S)) - set(slots[live].tolist()))
     idx = torch.tensor(untouched, dtype=torch.int64, device=DEV)
@@ -309,7 +309,7 @@ def test_conv_update_table(B, S, C, K, slots):
 
 
 def test_conv_update_steps_equal_prefill():
-    """Feeding tokens one at a time through the pool equals one prefill call (PITFALLS B14)."""
+    """Feeding tokens one at a time through the pool equals one prefill call (pitfall B14)."""
     rng = np.random.default_rng(7)
     C, K, T = 24, 4, 6
     x = _round(rng.standard_normal((T, C)))
@@ -483,7 +483,7 @@ else:
 def _bf16_case(seed, **case):
     arrs, cu = _gdn_case(seed, **case)
     for name in ("q", "k", "v"):
-        arrs[name] = _bf16_round(arrs[name])  # what the kernel sees; g, beta, h0 stay fp32 (SPEC §16)
+        arrs[name] = _bf16_round(arrs[name])  # what the kernel sees; g, beta, h0 stay fp32 (as HF)
     return arrs, cu
 
 

@@ -1,6 +1,6 @@
 """Shared helpers for the Triton wrappers: output allocation (with a NaN-poison test hook), device checks, sizes.
 
-The poison hook (the fla conftest trick, PITFALLS B15): inside `with poison_outputs():` — or with the environment
+The poison hook (the fla conftest trick, pitfall B15): inside `with poison_outputs():` — or with the environment
 variable QWEN35_TRITON_POISON=1 — every buffer a wrapper allocates (outputs *and* internal scratch) is filled with
 NaN instead of left uninitialised, so a kernel that forgets to write an element, or reads scratch it never wrote,
 turns the result into NaN and the test fails loudly.

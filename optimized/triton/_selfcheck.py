@@ -1,4 +1,4 @@
-"""The `__main__` of each kernel file (STYLE rule 11): validate every kernel against the float64 oracle, then time it.
+"""The `__main__` of each kernel file: validate every kernel against the float64 oracle, then time it.
 
     TRITON_INTERPRET=1 python -m optimized.triton.gated_delta     # CPU, interpreter, tiny shapes
     python -m optimized.triton.gated_delta                        # CUDA: the 27B layer shape, bf16 and fp32

@@ -1,20 +1,20 @@
-"""Triton kernels for the causal depthwise conv1d (+ SiLU) of a Gated DeltaNet layer (SPEC §8.2 step 3, §8.3).
+"""Triton kernels for the causal depthwise conv1d (+ SiLU) of a Gated DeltaNet layer (docs/causal_conv.md).
 
     y_t[c] = act( Σ_{i=0}^{K-1} w[c, i] · x_{t-(K-1)+i}[c] ),   x_τ for τ before the sequence start from the state
 
 The conv state holds the last K-1 *pre-activation* inputs per channel, oldest first ([N, C, K-1], fla/vLLM/MAX
-convention; PITFALLS B14).
+convention; pitfall B14).
 
-Version log (STYLE rule 11)
----------------------------
+Version log
+-------------
 v1 (this file)
   * `_causal_conv1d_fwd_kernel`  grid (N, ⌈max_len/BT⌉, ⌈C/BC⌉): a [BT tokens, BC channels] tile per program
     (GPU: 16 × 128, 4 warps: ptxas for sm_90 reports 241 registers and no spills; 64 × 128 spilled 6 KB), the K
     taps unrolled (K constexpr); taps that reach before the sequence start read the sequence's own state row (or
-    zeros), so packed sequences never see each other (PITFALLS B13).  Programs past a short sequence's end are
+    zeros), so packed sequences never see each other (pitfall B13).  Programs past a short sequence's end are
     fully masked.
   * `_causal_conv1d_state_kernel` grid (N, ⌈C/BC⌉): the new state = the last K-1 entries of [state | x], which
-    for a sequence shorter than K-1 still contains older state columns shifted left (PITFALLS B14).
+    for a sequence shorter than K-1 still contains older state columns shifted left (pitfall B14).
   * `_causal_conv1d_update_kernel` grid (B, ⌈C/BC⌉): one decode token per row, state read and shifted *in place*
     at conv_pool[slot_ids[b]]; slot −1 = padding (zeros out, nothing touched).  Each channel's K-1 state entries
     are read and written by one thread (1-D [BC] columns, BC ≥ threads), so the in-place shift has no race.
@@ -89,7 +89,7 @@ def _causal_conv1d_state_kernel(
     in_x = rel >= 0
     m = cmask[:, None] & jmask[None, :]
     val = tl.load(x_ptr + (bos + rel)[None, :] * C + c[:, None], mask=m & in_x[None, :], other=0.0)
-    if HAS_STATE:  # sequence shorter than K-1: older state columns shift left (PITFALLS B14)
+    if HAS_STATE:  # sequence shorter than K-1: older state columns shift left (pitfall B14)
         sv = tl.load(state_ptr + (i_n * C + c[:, None]) * (K - 1) + (K - 1 + rel)[None, :],
                      mask=m & (rel < 0)[None, :], other=0.0)
         val = tl.where(in_x[None, :], val.to(new_state_ptr.dtype.element_ty), sv.to(new_state_ptr.dtype.element_ty))
@@ -108,7 +108,7 @@ def _causal_conv1d_update_kernel(
     slot = tl.load(slot_ptr + i_b).to(tl.int64)
     c = i_c * BC + tl.arange(0, BC)
     cmask = c < C
-    valid = (c * 0 + slot) >= 0  # [BC]; padding row: no pool access (PITFALLS B9)
+    valid = (c * 0 + slot) >= 0  # [BC]; padding row: no pool access (pitfall B9)
     slot = tl.maximum(slot, 0)
     smask = cmask & valid
     base = pool_ptr + (slot * C + c) * (K - 1)  # [BC] pointers to column 0 of each channel's state
@@ -214,7 +214,7 @@ def causal_conv1d_update(x, weight, *, conv_pool, slot_ids):
     return y
 
 
-if __name__ == "__main__":  # validate against the float64 oracle, then time (STYLE rule 11; docs/triton_kernels.md)
+if __name__ == "__main__":  # validate against the float64 oracle, then time (docs/triton_kernels.md)
     from optimized.triton._selfcheck import main
 
     main("conv")

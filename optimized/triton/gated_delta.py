@@ -1,7 +1,7 @@
-"""Triton kernels for the gated delta rule (Gated DeltaNet; SPEC §8.2 steps 6-8, §9, §10).
+"""Triton kernels for the gated delta rule (Gated DeltaNet, arXiv:2412.06464; docs/gated_deltanet.md).
 
-Version log (STYLE rule 11)
----------------------------
+Version log
+-------------
 v1 (this file)
   * chunked prefill in two kernels, both reading the raw q/k/v/g/β (L2 norm, scale, GVA fused in):
       1. `_gdn_chunk_prep_kernel`   grid (chunks, H_v), fully parallel.  Per chunk of C tokens: G = cumsum(g),
@@ -16,11 +16,11 @@ v1 (this file)
     The state columns (D_v) are independent, which is what lets kernel 2 split D_v across programs.
   * per-token recurrence `_gdn_recurrent_kernel` grid (N, H_v, D_v/BV), and the decode step
     `_gdn_decode_kernel` grid (B, H_v, D_v/BV) that reads and writes the fp32 state pool in place at
-    `slot_ids[b]`; slot −1 is a padding row: output zeros, no load or store of any slot (PITFALLS B9).
+    `slot_ids[b]`; slot −1 is a padding row: output zeros, no load or store of any slot (pitfall B9).
   * varlen: chunk table (start, end) per chunk built on the host from cu_seqlens, so a chunk never crosses a
-    sequence boundary (PITFALLS B13); the tail chunk's G_C is read at the last *valid* token and padded rows load
-    k = q = v = g = β = 0 (PITFALLS B15).  e^{Gi−Gj} is only evaluated on the lower triangle (the argument is
-    masked to 0 before exp, so the upper triangle can never make an inf that a mask turns into NaN; PITFALLS B6).
+    sequence boundary (pitfall B13); the tail chunk's G_C is read at the last *valid* token and padded rows load
+    k = q = v = g = β = 0 (pitfall B15).  e^{Gi−Gj} is only evaluated on the lower triangle (the argument is
+    masked to 0 before exp, so the upper triangle can never make an inf that a mask turns into NaN; pitfall B6).
   The sequential kernel's D_v block is capped at 64 on a GPU (shared memory of the pipelined tiles, measured with
   ptxas for sm_90), with a launch-time fallback to fewer stages / narrower blocks on GPUs that refuse a variant.
   Head counts and widths are runtime arguments (only block sizes and flags are constexpr), so one compiled
@@ -56,7 +56,7 @@ __all__ = [
     "fused_recurrent_gated_delta_rule_update",
 ]
 
-_L2_EPS = 1e-6  # SPEC §8.2 step 7: x · (Σx² + 1e-6)^(-1/2), eps inside the sqrt, on the sum (PITFALLS B5)
+_L2_EPS = 1e-6  # HF `l2norm`: x · (Σx² + 1e-6)^(-1/2), eps inside the sqrt, on the sum (pitfall B5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -148,7 +148,7 @@ def _gdn_chunk_prep_kernel(
     ii = r[:, None]
     jj = r[None, :]
     low = ii >= jj
-    # e^{Gi−Gj} only on the lower triangle: the argument is masked before exp (PITFALLS B6)
+    # e^{Gi−Gj} only on the lower triangle: the argument is masked before exp (pitfall B6)
     decay = tl.where(low, tl.exp(tl.where(low, G[:, None] - G[None, :], 0.0)), 0.0)  # [C, C]
 
     kk = tl.dot(k, tl.trans(k), input_precision=PREC)  # [C, C] k̂_i·k̂_j
@@ -204,7 +204,7 @@ def _gdn_chunk_state_output_kernel(
         rmask = rows < eos
         m_k = rmask[:, None] & kmask[None, :]
         m_v = rmask[:, None] & vmask[None, :]
-        t_last = tl.minimum(t0 + C, eos) - 1  # last *valid* token of the chunk (PITFALLS B15)
+        t_last = tl.minimum(t0 + C, eos) - 1  # last *valid* token of the chunk (pitfall B15)
         g_last = tl.load(gcum_ptr + t_last * H_V + i_h)
         G = tl.load(gcum_ptr + rows * H_V + i_h, mask=rmask, other=0.0)  # [C]
 
@@ -297,7 +297,7 @@ def _gdn_decode_kernel(
     dv = i_v * BV + tl.arange(0, BV)
     kmask = dk < D_K
     vmask = dv < D_V
-    valid = (dv * 0 + slot) >= 0  # [BV]; padding rows never touch the pool (PITFALLS B9, sglang#27202)
+    valid = (dv * 0 + slot) >= 0  # [BV]; padding rows never touch the pool (pitfall B9, sglang#27202)
     slot = tl.maximum(slot, 0)
     s_off = ((slot * H_V + i_h) * D_K + dk[:, None]) * D_V + dv[None, :]
     s_mask = kmask[:, None] & (vmask & valid)[None, :]
@@ -421,7 +421,7 @@ def chunk_gated_delta_rule(
 
     o = alloc((B, T, H_v, D_v), v.dtype, dev)
     ht = alloc((N, H_v, D_k, D_v), torch.float32, dev) if output_final_state else None
-    # chunk table on the host: chunks never cross a sequence boundary (PITFALLS B13)
+    # chunk table on the host: chunks never cross a sequence boundary (pitfall B13)
     chunks = [(s, min(s + C, cu[n + 1])) for n in range(N) for s in range(cu[n], cu[n + 1], C)]
     BK, BVA = pow2(D_k, 16), pow2(D_v, 16)
     PREC = _dot_precision(v.dtype)
@@ -549,7 +549,7 @@ def fused_recurrent_gated_delta_rule_update(
     return o
 
 
-if __name__ == "__main__":  # validate against the float64 oracle, then time (STYLE rule 11; docs/triton_kernels.md)
+if __name__ == "__main__":  # validate against the float64 oracle, then time (docs/triton_kernels.md)
     from optimized.triton._selfcheck import main
 
     main("gated_delta")

@@ -1,12 +1,12 @@
-"""Triton kernel for the gated RMSNorm of the Gated DeltaNet output (`Qwen3_5RMSNormGated`, SPEC §4.2, §16).
+"""Triton kernel for the gated RMSNorm of the Gated DeltaNet output (HF `Qwen3_5RMSNormGated`).
 
     y = w · [x / sqrt(mean(x²) + eps)] · silu(z)        per row of D = D_v elements (one value head)
 
-Plain weight w (not 1 + w), normalise before the gate (PITFALLS B4).  Numerics follow HF: x in fp32, the
+Plain weight w (not 1 + w), normalise before the gate (pitfall B4).  Numerics follow HF: x in fp32, the
 normalised row rounded to the input dtype (a no-op for fp32), times w and silu(z) in fp32, one cast at the end.
 
-Version log (STYLE rule 11)
----------------------------
+Version log
+-------------
 v1 (this file)
   * `_gated_rms_norm_kernel` grid (⌈rows/BR⌉): a [BR rows, BD = next_pow2(D)] tile per program, fp32 statistics,
     one read of x and z and one write of y.  Assumes D ≤ 8192 (a whole row in registers); BR = 16 on a GPU
@@ -84,7 +84,7 @@ def gated_rms_norm(x, z, weight, eps=1e-6):
     return y
 
 
-if __name__ == "__main__":  # validate against the float64 oracle, then time (STYLE rule 11; docs/triton_kernels.md)
+if __name__ == "__main__":  # validate against the float64 oracle, then time (docs/triton_kernels.md)
     from optimized.triton._selfcheck import main
 
     main("norm")
