@@ -91,7 +91,7 @@ print(f"prompt {text!r} -> {len(tokens)} tokens: {tokens.tolist()}")
 # %% [markdown]
 # ## 3. Naive: the tokens through every layer, by hand
 #
-# Each decoder layer is pre-norm, with the same shape for both kinds (SPEC §5):
+# Each decoder layer is pre-norm, with the same shape for both kinds (HF `Qwen3_5DecoderLayer`):
 #
 # $$x \leftarrow x + \text{mixer}(\text{RMSNorm}(x)), \qquad x \leftarrow x + \text{MLP}(\text{RMSNorm}(x)),$$
 #
@@ -158,7 +158,7 @@ model.release("r")
 # %% [markdown]
 # ## 5. Where the parameters are
 #
-# `reference.memory.parameter_counts` counts every tensor of SPEC §12 by component.  For 27B, the MLPs hold most
+# `reference.memory.parameter_counts` counts every checkpoint tensor by component.  For 27B, the MLPs hold most
 # of the weights; among the mixers, the linear layers (48 of them) hold more than the full ones (16):
 
 # %%

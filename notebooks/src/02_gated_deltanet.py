@@ -87,7 +87,7 @@ checks["delta rule overwrites (max |o - v2|)"] = (np.abs(o[0, 1, 0] - v2).max(),
 #
 # $$S \leftarrow \alpha_t S, \quad u_t = \beta_t (v_t - S^\top k_t), \quad S \leftarrow S + k_t u_t^\top, \quad o_t = S^\top q_t .$$
 #
-# (Correcting against the undecayed state is a real bug class: PITFALLS B1, fla#885.)  A memory written once then
+# (Correcting against the undecayed state is a real bug class: docs/pitfalls.md, B1, fla#885.)  A memory written once then
 # fades as $\prod \alpha_t$: below, one value is written at t = 0 and read back with the same key later, for three
 # decay strengths.
 
@@ -278,9 +278,9 @@ print("state after the sequence (channel 0):", st[0, 0], "  last 3 inputs:", xc[
 #   between the two lies is measured in notebook 06.
 # * **State.**  One request holds, per linear layer, $H_v D_k D_v$ recurrent-state numbers plus
 #   $\text{conv\_dim} \cdot (K-1)$ conv-state numbers, independent of the context length (notebook 04 sizes it).
-# * **Precision.**  The state is a running product of $T$ contractions: keep it in fp32 (PITFALLS B8).  Notebook 06
+# * **Precision.**  The state is a running product of $T$ contractions: keep it in fp32 (docs/pitfalls.md, B8).  Notebook 06
 #   shows the drift of a bf16 state over a long decode.
-# * **Further reading.**  `docs/gated_deltanet.md`; SPEC §8–§10; Yang, Kautz & Hatamizadeh, *Gated Delta Networks*
+# * **Further reading.**  `docs/gated_deltanet.md`; HF `Qwen3_5GatedDeltaNet`; Yang, Kautz & Hatamizadeh, *Gated Delta Networks*
 #   (2024); the WY representation of products of Householder-like matrices (Bischof & Van Loan 1987).
 
 # %% [markdown]

@@ -56,7 +56,7 @@ print(f"27B: {big.num_attention_heads} query heads, {big.num_key_value_heads} KV
 #
 # `q_proj` maps $H$ to $2 \cdot n_h \cdot d_h$.  Hugging Face reads its output as `view(T, n_h, 2·d_h)` and then
 # splits the *last* axis in half: so each head's query is followed by that head's gate.  Splitting the flat
-# vector in half instead runs without any error and gives heads 1…n−1 someone else's numbers (PITFALLS B2).
+# vector in half instead runs without any error and gives heads 1…n−1 someone else's numbers (docs/pitfalls.md, B2).
 
 # %%
 nh, hd = 4, 3
@@ -118,7 +118,7 @@ print(f"rotary channels: {R} of {D_h};  score(10, 3) = {score(10, 3):.6f},  scor
 #   so width only ever sees the lowest frequencies (the slowest rotations);
 # * **interleaved** (Qwen3-VL, Qwen3.5): t, h, w, t, h, w, … so every axis spans high to low frequencies.
 #
-# Mixing the two up still runs and quietly degrades grounding (PITFALLS B19).
+# Mixing the two up still runs and quietly degrades grounding (docs/pitfalls.md, B19).
 
 # %%
 fig, axs = plt.subplots(2, 1, figsize=(10, 2.6), sharex=True)
@@ -239,7 +239,8 @@ checks["prefill + decode == one shot"] = (err_cache, 1e-13)
 # different tokens).
 
 # %%
-y_nogate, _ = gated_attention(x, w, cfg.replace(attn_output_gate=False))
+cfg_nogate = cfg.replace(attn_output_gate=False)  # the same layer with q_proj's gate rows dropped
+y_nogate, _ = gated_attention(x, w.without_gate(cfg_nogate), cfg_nogate)
 _, gate_flat = split_q_gate(x @ w.q_proj.T, cfg.num_attention_heads, hd)
 err_gate = error_metrics(y, y_nogate * sigmoid(gate_flat.reshape(T_seq, -1)))["rel_rms"]
 checks["y == y_without_gate ⊙ σ(gate)"] = (err_gate, 1e-13)
@@ -254,7 +255,7 @@ print(f"mean σ(gate) = {sigmoid(gate_flat).mean():.3f}; rel. RMS check error {e
 # * **What can silently go wrong:** a block split of `q_proj` (B2), RoPE over all of `head_dim` or with the exponent
 #   over `head_dim` instead of $R$ (B18), the chunked MRoPE layout (B19), the RMSNorm weight read as $w$ instead of
 #   $1 + w$ (B4).  Each is a one-line change that still runs; each has a test in `tests/`.
-# * **Where the numbers come from:** SPEC §6 and §7; `docs/gated_attention.md`, `docs/rope_and_mrope.md`.
+# * **Where the numbers come from:** HF `Qwen3_5Attention` and `Qwen3_5TextRotaryEmbedding`; `docs/gated_attention.md`, `docs/rope_and_mrope.md`.
 #   Notebook 07 follows an image from pixels to these positions.
 
 # %% [markdown]

@@ -50,7 +50,7 @@ print(f"per linear layer: conv {conv_l:,} B [{big.conv_dim} x {big.linear_conv_k
       f"[{big.linear_num_value_heads} x {big.linear_key_head_dim} x {big.linear_value_head_dim}]")
 print(f"one request's state, {big.num_linear_layers} linear layers: {per_req:,} B = {format_bytes(per_req)}")
 print(f"KV cache per token, {big.num_full_layers} full layers: {kv_tok:,} B;  state = KV of {per_req / kv_tok:,.0f} tokens")
-checks["27B state per request == SPEC §14.2 worked example"] = (abs(per_req - 78_446_592), 0)
+checks["27B state per request == 78,446,592 B (74.8 MiB, the MAX figure)"] = (abs(per_req - 78_446_592), 0)
 
 ctx = np.arange(0, 32769, 256)
 all_full = big.replace(layer_types=("full_attention",) * big.num_hidden_layers)  # a hypothetical all-attention 27B
@@ -275,7 +275,7 @@ for name, dt, a, m, tot in rows:
 # * **Fixed cost, paid up front.**  A request's state costs the same at token 1 and token 100 000; for 27B it equals
 #   the KV cache of ~1 200 tokens.  Short-context, high-concurrency serving (chat, agents) is therefore bounded by
 #   state memory, and the 3× vs 1× choice is a 3× difference in concurrency.
-# * **Engines differ.**  vLLM keeps the recurrent state in fp32 and the conv state in bf16 (PITFALLS B8); every such
+# * **Engines differ.**  vLLM keeps the recurrent state in fp32 and the conv state in bf16 (docs/pitfalls.md, B8); every such
 #   choice changes `per_req` (`state_bytes_per_request(config, dtype, conv_dtype=...)`).  Prefix caching and
 #   speculative decoding add more state copies per request (B20) — this model does not count them.
 # * **Refuse, do not truncate.**  A full pool raises `PoolFullError`; the optimized model refuses a `max_batch_size`

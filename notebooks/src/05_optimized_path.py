@@ -99,7 +99,7 @@ for name, o, s in (("torch chunk", o_c, s_c), ("torch recurrent", o_r, s_r)):
 # | causal conv (+ update) | `reference.conv` | `optimized.conv` | `optimized.triton.conv` |
 #
 # `optimized.backend` resolves `backend="auto" | "torch" | "triton"` (argument, or `$QWEN35_BACKEND`) for the
-# device at hand, and *logs the decision* — a silent slow fallback is a classic trap (PITFALLS B21):
+# device at hand, and *logs the decision* — a silent slow fallback is a classic trap (docs/pitfalls.md, B21):
 
 # %%
 import logging
@@ -265,7 +265,7 @@ checks["hypothesis: conv twins within 1e-5"] = (max(t[3] for t in tried_conv), 1
 # `[S, H_v, D_k, D_v]` (fp32) and tells the kernel which slot each row of the batch owns.  The kernel reads and
 # writes the pool *in place*: no gather into a batch copy, no scatter back (that is the 3× vs 1× memory rule of
 # notebook 04).  A batch padded to a fixed size (CUDA graphs) marks its padding rows with slot −1: they must output
-# zeros and touch no slot (PITFALLS B9).  Check: a decode step on the pool equals the oracle's recurrence continued
+# zeros and touch no slot (docs/pitfalls.md, B9).  Check: a decode step on the pool equals the oracle's recurrence continued
 # from each request's state, the padding row is zero, and the slots nobody owns are bit-for-bit unchanged.
 
 # %%

@@ -89,7 +89,7 @@ checks["float32 error does not grow >3x with T"] = (growth32, 3.0)
 print({k: f"{v:.1e}" for k, v in worst.items()}, f"; fp32 growth from shortest to longest T: {growth32:.2f}x")
 
 # %% [markdown]
-# ## 3. A long decode: fp32 vs bf16 state (PITFALLS B8)
+# ## 3. A long decode: fp32 vs bf16 state (docs/pitfalls.md, B8)
 #
 # During decode the state is carried from step to step.  Engines that *store* it in bf16 round it after every step.
 # The curves: relative RMS error of each step's output against float64, for the state kept in fp32 and for the state
@@ -156,13 +156,13 @@ checks["T = 1: recurrence faster than chunked"] = (t1["optimized torch recurrent
 # %% [markdown]
 # That is the rule the model follows: the **chunked** form for prefill chunks, the **recurrent** in-place update for
 # decode (one token per request).  A decode step sent through the chunked path pays the whole fixed cost of a chunk
-# for one token (MaxText did exactly that: PITFALLS B21).  On a GPU the crossover moves (fla switches at about 64
+# for one token (MaxText did exactly that: docs/pitfalls.md, B21).  On a GPU the crossover moves (fla switches at about 64
 # tokens, ik_llama.cpp at about 16) — rerun the sweep there.
 
 # %% [markdown]
 # ## 5. Speed: optimized vs reference vs transformers
 #
-# `qwen35 bench` (the bench engineer's; single thread, fp32, medians) measures the gated delta rule prefill at
+# `qwen35 bench` (single thread, fp32, medians) measures the gated delta rule prefill at
 # realistic sizes against the reference and `transformers`' torch fallback, and the whole model against
 # `transformers`.  Drawn from its JSON when it has been run:
 
@@ -222,7 +222,7 @@ else:
 # **Re-measure on your machine:** `qwen35 accuracy` (→ `results/accuracy.json`), `qwen35 plot --measure-crossover`
 # (→ `results/crossover.json`), `qwen35 bench` (→ `docs/bench_cpu.json`), then `qwen35 plot` (→ `docs/plots/`).
 # The numbers here came from a small shared CPU; a GPU changes the speed plots (not the accuracy ones much, except
-# that tensor-core products in bf16/TF32 add their own rounding — PITFALLS B24 for how to state such contracts).
+# that tensor-core products in bf16/TF32 add their own rounding — docs/pitfalls.md, B24 for how to state such contracts).
 
 # %% [markdown]
 # ## What was checked

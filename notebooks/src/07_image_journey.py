@@ -206,9 +206,12 @@ err = float(np.abs(np.stack(step_logits) - one_pass[len(tokens) - 1:]).max() / n
 print(f"prefill ({len(tokens)} tokens incl. {n_tok} image tokens) + {len(extra)} decode steps vs one pass: "
       f"max relative difference {err:.1e}")
 checks["prefill with image + decode == one stateless pass"] = (err, 1e-12)
-# Without the image, the same token ids give different logits: the embeddings really were replaced.
-text_only = model.logits([tokens])[0]
-checks["the image changes the logits"] = (1e-6 / max(float(np.abs(text_only - one_pass[:len(tokens)]).max()), 1e-300), 1.0)
+# The same token ids with another image (the pixels negated) give different logits: the placeholder rows really
+# carry the image.  (Placeholders without any pixels are refused with a RequestError.)
+other_ctx = TextAndVisionContext(request_id="other", tokens=tokens, pixel_values=-pix["pixel_values"],
+                                 image_grid_thw=pix["image_grid_thw"])
+other = model.logits([other_ctx])[0]
+checks["the image changes the logits"] = (1e-6 / max(float(np.abs(other - one_pass[:len(tokens)]).max()), 1e-300), 1.0)
 model.release("img")
 
 # %% [markdown]
@@ -239,7 +242,7 @@ model.release("chunked")
 #   KV only in the full-attention layers, and a fixed state in the others (notebook 04).
 # * **Order matters twice.**  Patches must be in merge-block order (or the merger fuses the wrong neighbours), and
 #   MRoPE frequencies must be interleaved (notebook 03) — both fail silently if wrong.
-# * **Where the numbers come from:** SPEC §15; `docs/vision.md`; `reference/image_processing.py`,
+# * **Where the numbers come from:** HF `Qwen3_5VisionModel`; `docs/vision.md`; `reference/image_processing.py`,
 #   `reference/vision.py`, `reference/multimodal.py`.  `optimized/vision.py` is the PyTorch twin of the tower.
 
 # %% [markdown]
