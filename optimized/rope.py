@@ -1,4 +1,4 @@
-"""Partial, interleaved multimodal RoPE in PyTorch (SPEC §6 step 3, §7; PITFALLS B18, B19).
+"""Partial, interleaved multimodal RoPE in PyTorch (docs/pitfalls.md, B18, B19).
 
 The frequency → axis assignment comes from `reference.rope.mrope_axis_of_frequency` (one source of truth); the
 tables are built in fp32 (float64 for float64 activations) and cast to the activation dtype, as HF.
@@ -26,7 +26,7 @@ __all__ = ["inv_freq", "scaled_inv_freq", "mrope_cos_sin", "rope_tables", "packe
 
 
 def inv_freq(rotary_dim: int, theta: float, *, dtype=torch.float32, device=None) -> torch.Tensor:
-    """inv_freq[j] = theta^(−2j/R), j = 0 .. R/2 − 1 (over the *rotary* width, PITFALLS B18).  -> [R/2]"""
+    """inv_freq[j] = theta^(−2j/R), j = 0 .. R/2 − 1 (over the *rotary* width, docs/pitfalls.md, B18).  -> [R/2]"""
     if rotary_dim <= 0 or rotary_dim % 2:
         raise ValueError(f"rotary_dim must be positive and even, got {rotary_dim}")
     j = torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=device)
@@ -67,7 +67,7 @@ def mrope_cos_sin(position_ids: torch.Tensor, inv_freq_: torch.Tensor, mrope_sec
     if sum(int(s) for s in mrope_section) != inv_freq_.shape[0]:
         raise ValueError(f"sum(mrope_section) must equal R/2 = {inv_freq_.shape[0]}, got {tuple(mrope_section)}")
     axis = torch.as_tensor(mrope_axis_of_frequency(mrope_section, interleaved=interleaved), device=p.device)
-    pos = p.to(inv_freq_.dtype)  # [3, T]  (each row read through its own stride, PITFALLS B19)
+    pos = p.to(inv_freq_.dtype)  # [3, T]  (each row read through its own stride, docs/pitfalls.md, B19)
     angles_all = pos[:, :, None] * inv_freq_[None, None, :]  # [3, T, R/2]
     j = torch.arange(inv_freq_.shape[0], device=p.device)
     theta = angles_all[axis, :, j].T  # [T, R/2]  axis(j) for frequency j

@@ -250,7 +250,7 @@ def gated_attention(x, w: AttentionWeights, config, *, position_ids=None, cu_seq
         q = rms_norm(q, w.q_norm, eps, dtype=dt)  # [T, nh, hd]
         k = rms_norm(k, w.k_norm, eps, dtype=dt)  # [T, nkv, hd]
 
-        # Partial interleaved MRoPE on the first R channels (SPEC §7); tables in the compute dtype, as HF.
+        # Partial interleaved MRoPE on the first R channels; tables in the compute dtype, as HF.
         # RoPE scaling per request: `dynamic` uses this chunk's max position + 1 (docs/rope_and_mrope.md).
         cos, sin = rope_tables(pos[:, s:e], config, dtype=dt)  # [T, R]
         q = apply_partial_rope(q, cos, sin)  # [T, nh, hd]

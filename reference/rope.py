@@ -5,17 +5,18 @@ Only the first R = rotary_dim = int(head_dim · partial_rotary_factor) channels 
 The R rotary channels use the "rotate_half" (NeoX) pairing: channel i is paired with channel i + R/2.
 
 Each of the R/2 frequencies belongs to exactly one of three position axes (t = time, h = height, w = width).
-Qwen3.5 uses the *interleaved* assignment inherited from Qwen3-VL (SPEC §7.2, PITFALLS B19):
+Qwen3.5 uses the *interleaved* assignment inherited from Qwen3-VL (docs/pitfalls.md, B19):
 
     axis(j) = h   if j % 3 == 1 and j < 3·s_h
               w   if j % 3 == 2 and j < 3·s_w
               t   otherwise                      j = 0 .. R/2 − 1,  (s_t, s_h, s_w) = mrope_section
 
-For text every axis holds the same position, so MRoPE is exactly 1-D RoPE (SPEC §7.1).  Image and video tokens
-get (t, h, w) grid positions from `get_rope_index` (SPEC §15.6); generation continues with the stored
-`rope_delta` (SPEC §7.3).
+For text every axis holds the same position, so MRoPE is exactly 1-D RoPE.  Image and video tokens
+get (t, h, w) grid positions from `get_rope_index`; generation continues with the stored
+`rope_delta`.
 
-Sources: SPEC §2.4, §6 step 3, §7, §15.6, §16; PITFALLS B18 (partial rotary), B19 (MRoPE layout).
+Sources: transformers' `models/qwen3_5/modeling_qwen3_5.py` (`Qwen3_5TextRotaryEmbedding`,
+`apply_rotary_pos_emb`, `get_rope_index`); docs/pitfalls.md, B18 (partial rotary), B19 (MRoPE layout).
 Shape legend: T tokens, R rotary dim, D_h head dim, "heads" any head count.
 """
 from __future__ import annotations
@@ -49,12 +50,12 @@ def inv_freq(rotary_dim: int, theta: float, *, dtype=np.float64) -> np.ndarray:
 
         inv_freq[j] = θ^(−2j / R),   j = 0 .. R/2 − 1
 
-    The exponent runs over the *rotary* dim R, never over head_dim (PITFALLS B18: using head_dim agrees at
+    The exponent runs over the *rotary* dim R, never over head_dim (docs/pitfalls.md, B18: using head_dim agrees at
     position 0 and drifts with distance).  With dtype=float32 the arithmetic is done in float32, as HF does.
 
     Args:
         rotary_dim: R (even, > 0).
-        theta: rope_theta (1e7 for Qwen3.5, SPEC §2.4).
+        theta: rope_theta (1e7 for Qwen3.5).
     Returns:
         [R/2] array of `dtype`.
     """
@@ -201,7 +202,7 @@ class RopeScaling:
         return cls(**_check_scaling({**defaults, **kw}, source))
 
     def to_rope_parameters(self) -> dict:
-        """The `rope_parameters` keys of this scaling (rope_type + the keys its type reads; unset optionals left out)."""
+        """The `rope_parameters` keys: rope_type + the keys its type reads (unset optional keys left out)."""
         d: dict = {"rope_type": self.rope_type}
         for key in ROPE_SCALING_KEYS[self.rope_type]:
             if getattr(self, key) is not None:
@@ -340,7 +341,7 @@ def request_seq_len(position_ids) -> int:
 def mrope_axis_of_frequency(mrope_section, *, interleaved: bool = True) -> np.ndarray:
     """Which position axis (0 = t, 1 = h, 2 = w) drives each of the R/2 frequencies.
 
-    interleaved=True (Qwen3.5 / Qwen3-VL, SPEC §7.2): start from t everywhere, then h takes j ≡ 1 (mod 3) for
+    interleaved=True (Qwen3.5 / Qwen3-VL): start from t everywhere, then h takes j ≡ 1 (mod 3) for
     j < 3·s_h and w takes j ≡ 2 (mod 3) for j < 3·s_w.
     interleaved=False (Qwen2-VL "sectioned"/chunked layout; NOT Qwen3.5 — kept for teaching and negative tests):
     the first s_t frequencies are t, the next s_h are h, the last s_w are w.
@@ -376,7 +377,7 @@ def mrope_axis_of_frequency(mrope_section, *, interleaved: bool = True) -> np.nd
 
 
 def text_position_ids(num_tokens: int, start: int = 0) -> np.ndarray:
-    """Positions of a text-only run: the same `start + arange(T)` on all three axes (SPEC §7.1).
+    """Positions of a text-only run: the same `start + arange(T)` on all three axes.
 
     Returns:
         [3, T] int64.
@@ -393,7 +394,7 @@ def decode_position_ids(past_len: int, num_tokens: int = 1, rope_delta: int = 0)
         pos = past_len + i + rope_delta  on all three axes,  i = 0 .. num_tokens − 1
 
     `rope_delta` (= max(prompt position) + 1 − prompt length, from `get_rope_index`) is 0 for text-only
-    prompts and negative after images, whose grid positions advance slower than their token count (SPEC §7.3).
+    prompts and negative after images, whose grid positions advance slower than their token count.
     Only valid once every multimodal run has been consumed; chunks that still contain image tokens must slice
     the one-shot `get_rope_index` result instead.
 
@@ -422,10 +423,10 @@ def _check_position_ids(position_ids) -> np.ndarray:
 
 
 def mrope_angles(position_ids, inv_freq_, mrope_section, *, interleaved: bool = True) -> np.ndarray:
-    """Rotation angles θ[t, j] = pos_{axis(j)}[t] · inv_freq[j] (SPEC §7.2).
+    """Rotation angles θ[t, j] = pos_{axis(j)}[t] · inv_freq[j].
 
     Each row of `position_ids` is read through its own stride, so non-contiguous slices of a larger
-    [3, max_tokens] buffer are fine (PITFALLS B19: a kernel that read only row 0 broke grounding).
+    [3, max_tokens] buffer are fine (docs/pitfalls.md, B19: a kernel that read only row 0 broke grounding).
 
     Args:
         position_ids: [3, T] integer (rows t, h, w) or [T] (broadcast to all rows).
@@ -442,7 +443,7 @@ def mrope_angles(position_ids, inv_freq_, mrope_section, *, interleaved: bool = 
     if sum(int(s) for s in mrope_section) != f.shape[0]:
         raise ValueError(
             f"sum(mrope_section) = {sum(int(s) for s in mrope_section)} must equal R/2 = {f.shape[0]} "
-            "(PITFALLS B18: a mismatch means the rotary dim was taken over the wrong width)"
+            "(docs/pitfalls.md, B18: a mismatch means the rotary dim was taken over the wrong width)"
         )
     axis = mrope_axis_of_frequency(mrope_section, interleaved=interleaved)  # [R/2]
     pos = p.astype(dt)  # [3, T]  (positions < 2^24 are exact in float32)
@@ -523,12 +524,12 @@ def rotate_half(x: np.ndarray) -> np.ndarray:
 
 
 def apply_partial_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate the first R channels of every head; copy channels R..D_h−1 bit-exactly (PITFALLS B18).
+    """Rotate the first R channels of every head; copy channels R..D_h−1 bit-exactly (docs/pitfalls.md, B18).
 
         x_rot = x[..., :R] · cos + rotate_half(x[..., :R]) · sin
         out   = [x_rot | x[..., R:]]
 
-    cos/sin are cast to x's dtype first (HF casts the tables to the activation dtype, SPEC §16).
+    cos/sin are cast to x's dtype first (HF casts the tables to the activation dtype).
 
     Args:
         x: [T, heads, D_h] (float32 or float64).
@@ -556,7 +557,7 @@ def apply_partial_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.nd
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# get_rope_index: (t, h, w) positions for prompts with image / video runs (SPEC §15.6)
+# get_rope_index: (t, h, w) positions for prompts with image / video runs
 # ----------------------------------------------------------------------------------------------------------------
 
 TEXT, IMAGE, VIDEO = 0, 1, 2
@@ -613,7 +614,7 @@ def get_rope_index(
     video_token_id: int | None = None,
     spatial_merge_size: int | None = None,
 ):
-    """MRoPE positions of one prompt that may contain image and video runs (SPEC §15.6).
+    """MRoPE positions of one prompt that may contain image and video runs.
 
     Walk the maximal runs of equal token type with a running position `cur` (starting at 0):
       * text run of n tokens: all three axes = cur + [0 .. n−1];  cur += n.

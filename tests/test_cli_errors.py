@@ -324,6 +324,19 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
         main(["info"])
 
 
+@pytest.mark.parametrize("exc,status,stderr", [(KeyboardInterrupt, 130, "qwen35 info: interrupted\n"),
+                                               (BrokenPipeError, 0, "")])
+def test_interrupt_and_closed_pipe(monkeypatch, capsys, exc, status, stderr):
+    import qwen35.commands.info as info
+
+    def stopped(args):
+        raise exc()
+
+    monkeypatch.setattr(info, "run", stopped)
+    assert main(["info"]) == status
+    assert capsys.readouterr().err == stderr
+
+
 def test_debug_env_reraises_user_errors(monkeypatch, capsys, broken):
     monkeypatch.setenv("QWEN35_DEBUG", "1")
     with pytest.raises(UsageError, match="--model") as e:

@@ -1,6 +1,6 @@
 """reference/rope.py: partial RoPE, interleaved MRoPE, position bookkeeping and get_rope_index.
 
-Guards PITFALLS B18 (partial rotary: frequencies over R, channels >= R untouched, large positions) and B19
+Guards docs/pitfalls.md, B18 (partial rotary: frequencies over R, channels >= R untouched, large positions) and B19
 (interleaved vs sectioned MRoPE, text-only blind spot, non-contiguous [3, T] rows, chunked prefill / decode delta).
 The HF cases (`@pytest.mark.hf`) compare with transformers' qwen3_5 rotary embedding, apply_rotary_pos_emb and
 Qwen3_5Model.get_rope_index.
@@ -29,7 +29,7 @@ from reference.rope import (
 )
 from tests._tolerance import assert_close
 
-QWEN35_SECTION = (11, 11, 10)  # SPEC §2.4: R = 64, R/2 = 32 frequencies
+QWEN35_SECTION = (11, 11, 10)  # published geometry: R = 64, R/2 = 32 frequencies
 THETA = 1e7
 
 
@@ -67,7 +67,7 @@ def test_inv_freq_rejects_bad_dims():
 
 
 def test_axis_table_qwen35_interleaved_and_sectioned():
-    """SPEC §7.2: t owns {0,3,…,30}, h {1,4,…,31}, w {2,5,…,29}; the sectioned layout is 11/11/10 blocks."""
+    """Interleaved: t owns {0,3,…,30}, h {1,4,…,31}, w {2,5,…,29}; the sectioned layout is 11/11/10 blocks."""
     inter = mrope_axis_of_frequency(QWEN35_SECTION, interleaved=True)
     assert set(np.flatnonzero(inter == 0)) == set(range(0, 32, 3))
     assert set(np.flatnonzero(inter == 1)) == set(range(1, 32, 3))
@@ -93,7 +93,7 @@ def test_axis_table_rejects_unrealisable_interleaving():
     interleaved=st.booleans(),
 )
 def test_text_only_mrope_is_exactly_1d_rope(T, start, half, interleaved):
-    """t = h = w: MRoPE (either layout) is bit-identical to 1-D RoPE (SPEC §7.1, B19 text blind spot)."""
+    """t = h = w: MRoPE (either layout) is bit-identical to 1-D RoPE (B19 text blind spot)."""
     section = {4: (2, 1, 1), 16: (6, 5, 5), 32: QWEN35_SECTION}[half]
     f = inv_freq(2 * half, THETA)
     pos = text_position_ids(T, start)
@@ -107,7 +107,7 @@ def test_text_only_mrope_is_exactly_1d_rope(T, start, half, interleaved):
 
 
 def _independent_interleaved_angles(t, h, w, R, theta):
-    """Per-frequency angles from SPEC §7.2's explicit sets for (11, 11, 10), with Python floats."""
+    """Per-frequency angles from the interleaved layout's explicit sets for (11, 11, 10), with Python floats."""
     out = []
     for j in range(R // 2):
         if j % 3 == 1 and j <= 31:
@@ -269,7 +269,7 @@ def test_get_rope_index_text_only_is_arange(T):
 
 
 def test_get_rope_index_two_images_of_different_grids():
-    """[text 3][image 4x6 patches -> 2x3 tokens][text 2][image 2x8 -> 1x4][text 1], hand-computed (SPEC §15.6)."""
+    """[text 3][image 4x6 patches -> 2x3 tokens][text 2][image 2x8 -> 1x4][text 1], hand-computed."""
     ids = _prompt([("text", 3), ("img", 6), ("text", 2), ("img", 4), ("text", 1)])
     grids = np.array([[1, 4, 6], [1, 2, 8]])
     pos, delta = get_rope_index(ids, image_grid_thw=grids, image_token_id=IMG, video_token_id=VID)
@@ -322,7 +322,7 @@ def test_get_rope_index_reads_config_and_validates():
 )
 def test_chunked_prefill_and_decode_positions(n_text, grids, n_new, data):
     """Chunks of a one-shot get_rope_index are the positions of a chunked prefill; text appended after the
-    prompt continues at past_len + i + rope_delta (SPEC §7.3, B19 (d))."""
+    prompt continues at past_len + i + rope_delta (B19 (d))."""
     parts, thw = [("text", n_text[0])], []
     for i, (gh2, gw2) in enumerate(grids[: len(n_text) - 1]):
         parts += [("img", gh2 * gw2), ("text", n_text[i + 1])]
