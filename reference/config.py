@@ -109,7 +109,7 @@ class VisionConfig:
         if rope is not None:
             _check_object(f"{where}.rope_parameters", rope)
             if rope.get("rope_theta") is not None and "rope_theta" not in kw:
-                kw["rope_theta"] = _number(f"{where}.rope_parameters.rope_theta", rope["rope_theta"])
+                kw["rope_theta"] = _rope_base(f"{where}.rope_parameters.rope_theta", rope["rope_theta"])
         return cls(**kw)
 
     def to_hf_dict(self) -> dict:
@@ -220,6 +220,15 @@ def _token_id(path, value):
     return _int(path, value, minimum=0)
 
 
+def _rope_base(path, value):
+    """RoPE θ: inv_freq_i = θ^(-2i/R) must fall from 1 (θ >= 1); a θ near 0 overflows the frequencies to inf."""
+    x = _number(path, value)
+    if x < 1.0:
+        raise ConfigError(f"{path} must be a finite number >= 1 (the RoPE base θ of inv_freq = θ^(-2i/R)), "
+                          f"got {value!r}")
+    return x
+
+
 def _fraction(path, value):
     x = _number(path, value)
     if x > 1.0:
@@ -239,13 +248,13 @@ _VISION_FIELDS = {
     "depth": _layers, "hidden_size": _size, "hidden_act": _string, "intermediate_size": _size,
     "num_heads": _size, "in_channels": _size, "patch_size": _size, "temporal_patch_size": _size,
     "spatial_merge_size": _size, "out_hidden_size": _size, "num_position_embeddings": _size,
-    "rope_theta": _number, "layer_norm_eps": _number,
+    "rope_theta": _rope_base, "layer_norm_eps": _number,
 }
 _TEXT_FIELDS = {
     "model_type": _string, "vocab_size": _size, "hidden_size": _size, "intermediate_size": _count,
     "num_hidden_layers": _layers, "num_attention_heads": _size, "num_key_value_heads": _size, "head_dim": _size,
     "hidden_act": _string, "max_position_embeddings": _size, "rms_norm_eps": _number, "attention_bias": _flag,
-    "rope_type": _string, "rope_theta": _number, "partial_rotary_factor": _fraction,
+    "rope_type": _string, "rope_theta": _rope_base, "partial_rotary_factor": _fraction,
     "mrope_section": _mrope_section, "mrope_interleaved": _flag,
     "linear_conv_kernel_dim": _size, "linear_key_head_dim": _size, "linear_value_head_dim": _size,
     "linear_num_key_heads": _size, "linear_num_value_heads": _size, "layer_types": _layer_types,

@@ -81,6 +81,7 @@ TEXT_CASES = [
     ("rope_parameters.mrope_interleaved", "false", r"rope_parameters.mrope_interleaved must be a JSON boolean"),
     ("rope_parameters.rope_type", 3, r"rope_parameters.rope_type must be a string"),
     ("rope_theta", [1.0], r"rope_theta must be a number"),
+    ("rope_parameters.rope_theta", 1e-300, r"rope_parameters.rope_theta must be a finite number >= 1"),
 ]
 
 
