@@ -668,7 +668,7 @@ def sample_next_token(logits: np.ndarray, *, temperature: float = 0.0, top_k: in
         z = logits / temperature
     order = np.argsort(-z, kind="stable")  # descending
     if np.isposinf(z[order[0]]):  # a temperature so small that z overflows: its limit, greedy
-        return int(order[0])
+        return int(np.argmax(logits))
     if top_k is not None:
         order = order[:top_k]
     p = np.exp(z[order] - z[order[0]])
