@@ -152,8 +152,10 @@ class Comparison:
 
 
 def compare_checkpoint(path, tokens, *, dtypes=("float32",), backend: str = "auto", device: str = "cpu",
-                       with_hf: bool = True, tolerance: float | None = None) -> Comparison:
-    """Reference (float64) vs the optimized model in each of `dtypes`, and vs transformers (float32, eager)."""
+                       with_hf: bool = True, tolerance: float | None = None,
+                       allow_nonfinite: bool = False) -> Comparison:
+    """Reference (float64) vs the optimized model in each of `dtypes`, and vs transformers (float32, eager).
+    `allow_nonfinite` lets both models load a checkpoint holding NaN/Inf weights (refused by default)."""
     import torch
 
     from reference.divergence import compare_traces, reference_trace
@@ -161,7 +163,7 @@ def compare_checkpoint(path, tokens, *, dtypes=("float32",), backend: str = "aut
 
     path = Path(path)
     tokens = [int(t) for t in tokens]
-    ref_model = RefModel.from_pretrained(path, max_batch_size=1)
+    ref_model = RefModel.from_pretrained(path, max_batch_size=1, allow_nonfinite=allow_nonfinite)
     ref = reference_trace(ref_model, tokens)
     out = Comparison(checkpoint=str(path), num_tokens=len(tokens))
 
@@ -169,7 +171,7 @@ def compare_checkpoint(path, tokens, *, dtypes=("float32",), backend: str = "aut
 
     for dt in dtypes:
         model = OptModel.from_pretrained(path, device=device, dtype=getattr(torch, dt), backend=backend,
-                                         max_batch_size=1)
+                                         max_batch_size=1, allow_nonfinite=allow_nonfinite)
         label = f"optimized ({dt}, {model.backend}, {device})"
         other = optimized_trace(model, tokens)
         tol = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(dt, 1e-4)

@@ -28,6 +28,7 @@ import re
 from dataclasses import asdict, dataclass
 
 from .config import Qwen35Config
+from .errors import ConfigError
 
 DTYPE_BYTES = {
     "float64": 8, "fp64": 8,
@@ -265,9 +266,12 @@ def parse_bytes(text: str | int) -> int:
     """'80GiB' -> 85899345920; '80GB' -> 80e9; plain integers are bytes."""
     if isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if isinstance(text, bool):
+        raise ConfigError(f"a memory size must be a number of bytes or a string like '80GiB', got {text!r}")
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"cannot read a memory size from {text!r}; use e.g. 80GiB, 141GB, 24e9")
+        raise ConfigError(f"cannot read a memory size from {text!r}; use e.g. 80GiB, 141GB, 24e9 "
+                          f"(units: {', '.join(u for u in _UNITS if u)})")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 

@@ -604,8 +604,8 @@ def weights_from_state_dict(tensors: dict[str, np.ndarray], config: Qwen35Config
         file = (files or {}).get(name, where)
         why = (f"{bad} of its {src.size} values are NaN or infinite" if bad else
                f"its values exceed the range of {out.dtype} (the requested dtype); load in float32")
-        raise CheckpointError(f"{file}: tensor {name!r} is not finite: {why}. Pass allow_nonfinite=True to load "
-                              "it anyway")
+        raise CheckpointError(f"{file}: tensor {name!r} is not finite: {why}. Pass allow_nonfinite=True (the "
+                              "qwen35 commands: --allow-nonfinite) to load it anyway")
 
     def get(key: str) -> np.ndarray:
         wide = np.promote_types(dtype, np.float32) if key.endswith(FP32_KEPT_SUFFIXES) else dtype

@@ -38,7 +38,8 @@ def run(args) -> int:
     print(f"Memory budget for {label}: {format_bytes(b.memory_bytes)} device memory, context {b.context_len} tokens")
     rows = [
         ("weights", f"{b.weight_bytes:,} B", format_bytes(b.weight_bytes), b.weight_dtype),
-        ("free after weights", f"{b.free_bytes:,} B", format_bytes(b.free_bytes), ""),
+        ("free after weights", f"{b.free_bytes:,} B", format_bytes(b.free_bytes), "") if b.free_bytes >= 0 else
+        ("weights exceed it by", f"{-b.free_bytes:,} B", format_bytes(-b.free_bytes), "nothing fits"),
         ("state per request", f"{b.state_bytes_per_request:,} B", format_bytes(b.state_bytes_per_request),
          b.state_dtype),
         ("  conv part", f"{b.conv_state_bytes_per_request:,} B", format_bytes(b.conv_state_bytes_per_request),
