@@ -1,6 +1,6 @@
-"""Gated full attention of Qwen3.5 in PyTorch (SPEC §6), with a KV cache.
+"""Gated full attention of Qwen3.5 in PyTorch, with a KV cache.
 
-    P = x W_qᵀ → [T, nh, 2·hd] → q | gate per head (PITFALLS B2);  q, k ← RoPE(RMSNorm(·)) (norm before RoPE)
+    P = x W_qᵀ → [T, nh, 2·hd] → q | gate per head (pitfall B2);  q, k ← RoPE(RMSNorm(·)) (norm before RoPE)
     o = SDPA(q, [K_past; k], [V_past; v]) causal with GQA;   y = (o ⊙ σ(gate)) W_oᵀ
 
 Projections, norms and RoPE run once over all packed tokens (large matmuls); the attention itself runs per
@@ -69,7 +69,7 @@ class KVCache:
 
 
 def split_q_gate(p: torch.Tensor, num_heads: int, head_dim: int, *, gated: bool = True):
-    """P [T, nh·2·hd] → view [T, nh, 2·hd] → q = [..., :hd], gate = [..., hd:]  (per head, PITFALLS B2).
+    """P [T, nh·2·hd] → view [T, nh, 2·hd] → q = [..., :hd], gate = [..., hd:]  (per head, pitfall B2).
 
     gated=False (attn_output_gate false): P [T, nh·hd] → q = view [T, nh, hd], gate = None."""
     width = (2 if gated else 1) * num_heads * head_dim
@@ -99,7 +99,7 @@ def _attend(q, k, v, scale, q_offset):
 
 def gated_attention(x, w: AttentionWeightsT, config, *, position_ids=None, cu_seqlens=None, past_kv=None,
                     kv_caches=None):
-    """Gated full attention over a ragged batch with a KV cache (SPEC §6).
+    """Gated full attention over a ragged batch with a KV cache.
 
     Args:
         x:            [T_total, H]
@@ -146,7 +146,7 @@ def gated_attention(x, w: AttentionWeightsT, config, *, position_ids=None, cu_se
     q, gate = split_q_gate(linear(x, w.q_proj), nh, hd, gated=gated)  # [T, nh, hd] each (gate None if not)
     k = linear(x, w.k_proj).view(T_total, nkv, hd)
     v = linear(x, w.v_proj).view(T_total, nkv, hd)
-    q = rms_norm(q, w.q_norm, eps)  # norm before RoPE (SPEC §6 step 2)
+    q = rms_norm(q, w.q_norm, eps)  # norm before RoPE
     k = rms_norm(k, w.k_norm, eps)
     tdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     # RoPE (scaled per config.rope_scaling): one table, or one per request under `dynamic` (its own length).

@@ -1,18 +1,18 @@
-"""Gated full attention of Qwen3.5 (every 4th layer; SPEC §6), with a per-sequence KV cache.
+"""Gated full attention of Qwen3.5 (every 4th layer; transformers' `Qwen3_5Attention`), with a per-sequence KV cache.
 
 For one sequence of T new tokens x [T, H] after T_past cached tokens:
 
     P          = x W_qᵀ                           [T, nh·2·hd]
-    [q | gate] = P viewed as [T, nh, 2·hd], split in half on the last axis      (per head! PITFALLS B2)
-    q          = RoPE(RMSNorm_q(q)),  k = RoPE(RMSNorm_k(x W_kᵀ)),  v = x W_vᵀ  (norm before RoPE, SPEC §6 step 2)
+    [q | gate] = P viewed as [T, nh, 2·hd], split in half on the last axis      (per head! pitfall B2)
+    q          = RoPE(RMSNorm_q(q)),  k = RoPE(RMSNorm_k(x W_kᵀ)),  v = x W_vᵀ  (norm before RoPE)
     o_i        = Σ_{s ≤ T_past + i} softmax_s( q_i · k_s · hd^-½ ) v_s        (causal, GQA)
     y          = ( o ⊙ σ(gate) ) W_oᵀ                                 (gate after attention, before o_proj)
 
 The q_proj output is laid out per head as [q_h0 | gate_h0 | q_h1 | gate_h1 | …].  Splitting it as
 [all q | all gates] runs without error and silently corrupts heads 1..nh−1 (llmman#16, shainet#199; MAX warns
 about it too).  GQA: KV head j serves the nh/nkv *consecutive* query heads j·g .. j·g + g − 1 (HF `repeat_kv`).
-RMSNorms are the zero-centred `x̂·(1 + w)` kind (SPEC §4.1, PITFALLS B4); RoPE is partial, interleaved MRoPE
-(SPEC §7, PITFALLS B18/B19).  There is no sliding window, no sink, no bias.
+RMSNorms are the zero-centred `x̂·(1 + w)` kind (pitfall B4); RoPE is partial, interleaved MRoPE
+(pitfalls B18/B19).  There is no sliding window, no sink, no bias.
 
 Computation runs in x's dtype: float64 (the oracle) or float32 (mirrors HF's fp32 eager path: fp32 RoPE tables,
 fp32 softmax).  Shape legend: T_total packed tokens, N sequences, H hidden, nh = H_q query heads,
@@ -91,7 +91,7 @@ class AttentionWeights:
 
 
 def split_q_gate(p: np.ndarray, num_heads: int, head_dim: int, *, gated: bool = True):
-    """Split the q_proj output per head into query and gate (SPEC §6 step 1, PITFALLS B2).
+    """Split the q_proj output per head into query and gate (pitfall B2).
 
         gated:      P [T, nh·2·hd] → view [T, nh, 2·hd] → q = [..., :hd], gate = [..., hd:]
         not gated:  P [T, nh·hd]   → q = view [T, nh, hd], gate = None   (attn_output_gate false)
@@ -161,7 +161,7 @@ def _check_cu_seqlens(cu_seqlens, total: int) -> np.ndarray:
 
 def gated_attention(x, w: AttentionWeights, config, *, position_ids=None, cu_seqlens=None, past_kv=None,
                     dtype=None):
-    """Gated full attention over a ragged batch, with a KV cache (SPEC §6).
+    """Gated full attention over a ragged batch, with a KV cache.
 
     Per sequence n (tokens cu_seqlens[n] .. cu_seqlens[n+1]−1, T_past_n cached tokens):
 
@@ -230,7 +230,7 @@ def gated_attention(x, w: AttentionWeights, config, *, position_ids=None, cu_seq
     eps = config.rms_norm_eps
 
     # One sequence at a time, every op on that sequence's rows only: a packed batch is then bitwise equal to a
-    # loop over sequences, whatever BLAS does with the row count (PITFALLS B12/B13).
+    # loop over sequences, whatever BLAS does with the row count (pitfall B12/B13).
     y = np.empty((T_total, H), dtype=dt)
     new_kv = []
     for n in range(N):
@@ -241,12 +241,12 @@ def gated_attention(x, w: AttentionWeights, config, *, position_ids=None, cu_seq
             new_kv.append(past[n])
             continue
 
-        # q_proj output split per head into [q | gate] (SPEC §6 step 1, PITFALLS B2).
+        # q_proj output split per head into [q | gate] (pitfall B2).
         q, gate = split_q_gate(xs @ Wq.T, nh, hd, gated=gated)  # [T, nh, hd] each (gate None if not gated)
         k = (xs @ Wk.T).reshape(T, nkv, hd)  # [T, nkv, hd]
         v = (xs @ Wv.T).reshape(T, nkv, hd)  # [T, nkv, hd]
 
-        # q/k norm over hd, per head, BEFORE RoPE (SPEC §6 step 2; zero-centred weight, PITFALLS B4).
+        # q/k norm over hd, per head, BEFORE RoPE (zero-centred weight, pitfall B4).
         q = rms_norm(q, w.q_norm, eps, dtype=dt)  # [T, nh, hd]
         k = rms_norm(k, w.k_norm, eps, dtype=dt)  # [T, nkv, hd]
 
@@ -264,7 +264,7 @@ def gated_attention(x, w: AttentionWeights, config, *, position_ids=None, cu_seq
 
         o = o.reshape(T, nh * hd)  # [T, nh·hd]  channel c of head h at h·hd + c
         if gated:
-            # Output gate after attention, before o_proj (SPEC §6 step 7); gate flattened the same way as o.
+            # Output gate after attention, before o_proj; gate flattened the same way as o.
             o = o * sigmoid(gate.reshape(T, nh * hd), dtype=dt)
         y[s:e] = o @ Wo.T  # [T, H]
     return y, new_kv

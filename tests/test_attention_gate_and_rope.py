@@ -1,6 +1,6 @@
-"""reference/attention.py: gated full attention (SPEC §6) with partial MRoPE and a KV cache.
+"""reference/attention.py: gated full attention with partial MRoPE and a KV cache.
 
-Guards PITFALLS B2 (per-head [q | gate] split, gate after attention), GQA head mapping, causal masking,
+Guards pitfall B2 (per-head [q | gate] split, gate after attention), GQA head mapping, causal masking,
 prefill + decode == one shot (B11 for the attention half), ragged batch == per-sequence loop bitwise (B12/B13),
 q/k norm before RoPE.  The HF case compares with transformers' Qwen3_5Attention (eager, fp32).
 """
@@ -150,7 +150,7 @@ def test_gate_is_applied_after_attention(seed, T):
 
 
 def test_block_split_would_be_wrong():
-    """SPEC §16 (d): the interleaved split and a block split give different outputs (regression guard)."""
+    """The interleaved split and a block split give different outputs (regression guard)."""
     cfg = tiny()
     w = AttentionWeights.random(cfg, 5)
     x = rand_x(6, 5, cfg.hidden_size)

@@ -146,7 +146,7 @@ def test_rope_theta_priority():
     d = Qwen35Config.tiny().to_hf_dict()
     d["rope_parameters"]["rope_theta"] = 5e6
     assert Qwen35Config.from_hf_dict(d).rope_theta == 5e6
-    d["rope_theta"] = 7e6  # a top-level value wins (MAX priority, SPEC §2.4)
+    d["rope_theta"] = 7e6  # a top-level value wins (the priority order of MAX's Qwen3.5 config reader)
     assert Qwen35Config.from_hf_dict(d).rope_theta == 7e6
 
 

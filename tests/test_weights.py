@@ -1,4 +1,4 @@
-"""reference.weights: loading HF checkpoint directories (SPEC §12, §14.6; PITFALLS B23).
+"""reference.weights: loading HF checkpoint directories (pitfall B23 in docs/pitfalls.md).
 
 Every case has its expected outcome: a load that gives exactly the tensors Hugging Face holds, or ONE
 WeightLoadError listing every missing / unexpected / mis-shaped / non-float name (file-level problems:
@@ -207,7 +207,7 @@ def test_bf16_checkpoint_and_fp32_kept_parameters(tmp_path):
     np.testing.assert_array_equal(w.layers[0].mixer.in_proj_qkv, hf["model.layers.0.linear_attn.in_proj_qkv.weight"]
                                   .double().numpy())
     np.testing.assert_array_equal(w.layers[1].mixer.A_log, hf["model.layers.1.linear_attn.A_log"].double().numpy())
-    # A half-precision load keeps A_log, dt_bias and the gated-norm weight in float32 (PITFALLS B23).
+    # A half-precision load keeps A_log, dt_bias and the gated-norm weight in float32 (pitfall B23).
     w16 = load_weights(d, dtype=np.float16)
     assert w16.layers[0].mixer.in_proj_qkv.dtype == np.float16
     for name in ("A_log", "dt_bias", "norm"):
