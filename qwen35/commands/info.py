@@ -31,6 +31,8 @@ def summary(config) -> dict:
                            "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim,
                            "rotary_dim": c.rotary_dim, "rope_theta": c.rope_theta,
                            "mrope_section": list(c.mrope_section), "mrope_interleaved": c.mrope_interleaved,
+                           "rope_scaling": c.rope_scaling.to_rope_parameters(),
+                           "max_seq_len": c.resolve_max_seq_len(),
                            "attn_output_gate": c.attn_output_gate},
         "gated_deltanet": {"linear_num_key_heads": c.linear_num_key_heads,
                            "linear_num_value_heads": c.linear_num_value_heads,
@@ -77,6 +79,10 @@ def run(args) -> int:
     print(f"  full attention: {c.num_attention_heads} q heads / {c.num_key_value_heads} kv heads x {c.head_dim}, "
           f"RoPE on {c.rotary_dim} dims (theta {c.rope_theta:g}), MRoPE sections {list(c.mrope_section)} "
           f"{'interleaved' if c.mrope_interleaved else 'chunked'}, output gate {c.attn_output_gate}")
+    scaling = {k: v for k, v in c.rope_scaling.to_rope_parameters().items() if k != "rope_type"}
+    print(f"  RoPE scaling: {c.rope_type}" + (f" {scaling}" if scaling else "")
+          + f"; max sequence length {c.resolve_max_seq_len():,} (max_position_embeddings "
+            f"{c.max_position_embeddings:,})")
     print(f"  Gated DeltaNet: {c.linear_num_key_heads} key heads x {c.linear_key_head_dim}, "
           f"{c.linear_num_value_heads} value heads x {c.linear_value_head_dim} "
           f"(r = {c.value_heads_per_key_head}), conv kernel {c.linear_conv_kernel_dim}, conv_dim {c.conv_dim}")
