@@ -134,6 +134,21 @@ def test_info_cli(capsys):
     assert [r["kv_cache_index"] for r in d["layer_map"] if r["type"] == "full_attention"] == list(range(8))
 
 
+def test_info_shows_rope_scaling_and_its_max_length(tmp_path, capsys):
+    from qwen35.cli import main
+    from reference.config import Qwen35Config
+
+    cfg = Qwen35Config.tiny(max_position_embeddings=64,
+                            rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})
+    cfg.save_pretrained(tmp_path)
+    assert main(["info", "--model", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "RoPE scaling: yarn" in out and "max sequence length 128" in out  # max(64, 4 x 32)
+    assert main(["info", "--model", str(tmp_path), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)["full_attention"]
+    assert d["rope_scaling"]["rope_type"] == "yarn" and d["rope_scaling"]["factor"] == 4.0 and d["max_seq_len"] == 128
+
+
 def test_cli_error_is_clean(capsys):
     from qwen35.cli import main
 
