@@ -22,6 +22,8 @@ import warnings
 
 import torch
 
+from reference.errors import ConfigError
+
 from optimized import conv as _conv
 from optimized import gated_delta as _gd
 from optimized import norms as _norms
@@ -91,7 +93,7 @@ def resolve_backend(backend: str | None = "auto", device=None) -> str:
         requested = os.environ[ENV_VAR]
     requested = str(requested).lower()
     if requested not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} (argument or ${ENV_VAR}), got {requested!r}")
+        raise ConfigError(f"backend must be one of {BACKENDS} (argument or ${ENV_VAR}), got {requested!r}")
     dev = torch.device(device) if device is not None else torch.device("cpu")
     kind = dev.type
     if requested == "torch":

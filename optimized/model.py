@@ -58,6 +58,7 @@ from optimized.mlp import MoEWeightsT, sparse_moe_block, swiglu_mlp
 from optimized.norms import rms_norm
 from reference.config import LINEAR, Qwen35Config
 from reference.context import TextContext
+from reference.errors import ConfigError, StateCacheError
 from reference.memory import FALLBACK_MAX_BATCH, infer_optimal_batch_size, state_bytes_per_request
 # ModelOutputs is the reference's container; here its logits / hidden_states are torch tensors on the model's device.
 from reference.context import request_name
@@ -156,11 +157,16 @@ class Qwen35Model(RequestChecks):
     def __init__(self, weights, *, device="cpu", dtype=torch.float32, backend="auto", max_batch_size=None,
                  return_logits: str = "last", max_length: int | None = None):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+            raise ConfigError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
         if return_logits not in RETURN_LOGITS:
-            raise ValueError(f"return_logits must be one of {RETURN_LOGITS}, got {return_logits!r}")
+            raise ConfigError(f"return_logits must be one of {RETURN_LOGITS}, got {return_logits!r}")
         self.config: Qwen35Config = weights.config
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ConfigError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1'): {e}") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r}: CUDA is not available on this machine (use device='cpu')")
         self.dtype = dtype
         self.backend = B.resolve_backend(backend, self.device)
         self.return_logits = return_logits
@@ -228,9 +234,8 @@ class Qwen35Model(RequestChecks):
         """Pool slots: `requested` (checked against free CUDA memory) or, for None, what the in-place rule allows
         (FALLBACK_MAX_BATCH when free memory is unknown).  Fills `self.memory_report`."""
         if requested is not None:
-            requested = int(requested)
-            if requested < 1:
-                raise ValueError(f"max_batch_size must be >= 1, got {requested}")
+            if not isinstance(requested, int) or isinstance(requested, bool) or requested < 1:
+                raise ConfigError(f"max_batch_size must be a positive int or None, got {requested!r}")
         per_req = self.state_bytes_per_request()
         free = None
         if self.device.type == "cuda":
@@ -248,7 +253,7 @@ class Qwen35Model(RequestChecks):
         if requested is None:
             return allowed if free is not None else FALLBACK_MAX_BATCH
         if free is not None and requested > allowed:
-            raise RuntimeError(
+            raise StateCacheError(
                 f"max_batch_size={requested} does not fit on {self.device}: each request holds {per_req:,} bytes of "
                 f"Gated DeltaNet state, the '{STATE_RULE}' rule of reference.memory gives the state pool 15 % of the "
                 f"{free:,} free bytes, which allows at most {allowed} requests. Lower max_batch_size (or pass None "

@@ -272,7 +272,10 @@ def parse_bytes(text: str | int) -> int:
     if not m or m.group(2).lower() not in _UNITS:
         raise ConfigError(f"cannot read a memory size from {text!r}; use e.g. 80GiB, 141GB, 24e9 "
                           f"(units: {', '.join(u for u in _UNITS if u)})")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not value < 2**80:  # also catches inf (a literal like 1e400)
+        raise ConfigError(f"memory size {text!r} is too large to be a device's memory")
+    return int(value)
 
 
 def format_bytes(n: float) -> str:

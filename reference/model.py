@@ -48,7 +48,7 @@ from reference.attention import gated_attention
 from reference.config import LINEAR, Qwen35Config
 from reference.context import PromptId, TextContext, as_token_array, check_no_placeholders, request_name
 from reference.deltanet import gated_deltanet
-from reference.errors import RequestError
+from reference.errors import ConfigError, RequestError
 from reference.mlp import sparse_moe_block, swiglu_mlp
 from reference.norms import rms_norm
 from reference.rope import decode_position_ids
@@ -123,6 +123,9 @@ class ModelOutputs:
     hidden_states: np.ndarray | None = None
 
     def logits_for(self, request_id) -> np.ndarray:
+        if request_id not in self.request_ids:
+            raise RequestError(f"logits_for: request {request_id!r} is not in this batch "
+                               f"({len(self.request_ids)} requests: {self.request_ids[:8]!r})")
         b = self.request_ids.index(request_id)
         return self.logits[self.logit_offsets[b]:self.logit_offsets[b + 1]]
 
@@ -680,6 +683,17 @@ def sample_next_token(logits: np.ndarray, *, temperature: float = 0.0, top_k: in
     return int(order[rng.choice(len(order), p=p)])
 
 
+def _model_dtype(dtype) -> np.dtype:
+    """The reference model's compute dtype: float64 (the oracle) or float32; anything else is a ConfigError."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise ConfigError(f"dtype must be float64 or float32, got {dtype!r}") from None
+    if dt not in (np.float32, np.float64):
+        raise ConfigError(f"dtype must be float64 or float32, got {dt}")
+    return dt
+
+
 class Qwen35Model(RequestChecks):
     """Qwen3.5 language model (dense or MoE; multimodal checkpoints through their text path plus vision hook).
 
@@ -696,18 +710,18 @@ class Qwen35Model(RequestChecks):
     def __init__(self, weights: ModelWeights, *, max_batch_size: int = 8, dtype=np.float64,
                  return_logits: str = "last", return_hidden_states: str = "none", max_length: int | None = None):
         if return_logits not in RETURN_LOGITS:
-            raise ValueError(f"return_logits must be one of {RETURN_LOGITS}, got {return_logits!r}")
+            raise ConfigError(f"return_logits must be one of {RETURN_LOGITS}, got {return_logits!r}")
         if return_hidden_states not in RETURN_HIDDEN_STATES:
-            raise ValueError(f"return_hidden_states must be one of {RETURN_HIDDEN_STATES}, "
+            raise ConfigError(f"return_hidden_states must be one of {RETURN_HIDDEN_STATES}, "
                              f"got {return_hidden_states!r}")
-        dtype = np.dtype(dtype)
-        if dtype not in (np.float32, np.float64):
-            raise ValueError(f"dtype must be float64 or float32, got {dtype}")
+        dtype = _model_dtype(dtype)
         self.config: Qwen35Config = weights.config
         self.weights = weights
         self.dtype = dtype
         self.return_logits = return_logits
         self.return_hidden_states = return_hidden_states
+        if not isinstance(max_batch_size, (int, np.integer)) or isinstance(max_batch_size, bool) or max_batch_size < 1:
+            raise ConfigError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
         self.max_batch_size = int(max_batch_size)
         self.max_length = self.config.resolve_max_seq_len(max_length)
         self.state_cache = GatedDeltaNetStateCache(self.config, self.max_batch_size, dtype=dtype)
@@ -726,7 +740,7 @@ class Qwen35Model(RequestChecks):
 
         A file path, a malformed checkpoint or a NaN / Inf weight is a CheckpointError naming the file
         (`allow_nonfinite=True` loads non-finite weights anyway)."""
-        weights = load_weights(Path(path), config=config, dtype=dtype, allow_nonfinite=allow_nonfinite)
+        weights = load_weights(Path(path), config=config, dtype=_model_dtype(dtype), allow_nonfinite=allow_nonfinite)
         return cls(weights, max_batch_size=max_batch_size, dtype=dtype, return_logits=return_logits,
                    return_hidden_states=return_hidden_states, max_length=max_length)
 

@@ -30,7 +30,7 @@ from typing import Hashable, Sequence
 import numpy as np
 
 from reference.config import Qwen35Config
-from reference.errors import PoolFullError, StateCacheError, UnknownRequestError
+from reference.errors import ConfigError, PoolFullError, StateCacheError, UnknownRequestError
 from reference.memory import conv_state_shape, recurrent_state_shape
 
 __all__ = ["StateCacheError", "PoolFullError", "UnknownRequestError", "GatedDeltaNetStateCache", "KVCache"]
@@ -63,8 +63,8 @@ class GatedDeltaNetStateCache:
     """
 
     def __init__(self, config: Qwen35Config, max_batch_size: int, dtype=np.float64):
-        if not isinstance(max_batch_size, (int, np.integer)) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
+        if not isinstance(max_batch_size, (int, np.integer)) or isinstance(max_batch_size, bool) or max_batch_size < 1:
+            raise ConfigError(f"max_batch_size must be a positive int, got {max_batch_size!r}")
         self.config = config
         self.max_batch_size = int(max_batch_size)
         self.dtype = np.dtype(dtype)

@@ -233,6 +233,9 @@ def _inside(directory: Path, shard, index: Path) -> Path:
     of its `snapshots/<revision>` folders (that is how the hub cache stores every file)."""
     if not isinstance(shard, str) or not shard:
         raise CheckpointError(f"{index}: weight_map values must be shard file names (strings), got {shard!r}")
+    if "\0" in shard or not shard.isprintable():
+        raise CheckpointError(f"{index} names shard {shard!r}, which holds a control character; shard names are "
+                              "plain file names")
     rel = Path(shard)
     if rel.is_absolute() or ".." in rel.parts or "\\" in shard:
         raise CheckpointError(f"{index} names shard {shard!r}, which is outside the checkpoint directory "

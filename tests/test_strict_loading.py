@@ -354,6 +354,16 @@ def test_malformed_index_names_the_file(dense, tmp_path, index, message):
     assert "model.safetensors.index.json" in str(e.value)
 
 
+@pytest.mark.parametrize("shard", ["a\u0000.safetensors", "a\n.safetensors", "a\x7f.safetensors"])
+def test_shard_names_with_control_characters_name_the_index(dense, tmp_path, shard):
+    d, wm = _sharded(dense, tmp_path / "sh")
+    first = [k for k, v in wm.items() if v == "model-00001-of-00002.safetensors"]
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {**wm, **dict.fromkeys(first, shard)}}))
+    with pytest.raises(CheckpointError, match="control character") as e:
+        load_weights(d)
+    assert "model.safetensors.index.json" in str(e.value)
+
+
 def test_shards_must_stay_in_the_directory(dense, tmp_path):
     d, wm = _sharded(dense, tmp_path / "sh")
     outside = tmp_path / "outside.safetensors"

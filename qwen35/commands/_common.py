@@ -102,8 +102,10 @@ def checkpoint_dir(args) -> Path:
 
 
 def check_token_ids(ids, config: Qwen35Config, source: str) -> list[int]:
-    """The prompt `ids` as ints, after checking that there is at least one and that each is in the vocabulary
-    0..vocab_size-1; `source` names where they came from (a flag or the tokenizer) in the UsageError."""
+    """The prompt `ids` as ints, after checking that there is at least one, that each is in the vocabulary
+    0..vocab_size-1, that the prompt fits the model's maximum length, and (multimodal models) that it holds no
+    image / video placeholder id, which would need pixels; `source` names where they came from (a flag or the
+    tokenizer) in the UsageError."""
     ids = [int(t) for t in ids]
     if not ids:
         raise UsageError(f"{source}: the prompt is empty (it has no tokens)")
@@ -112,22 +114,49 @@ def check_token_ids(ids, config: Qwen35Config, source: str) -> list[int]:
         i, t = bad[0]
         raise UsageError(f"{source}: token id {t} (position {i}{f', and {len(bad) - 1} more' if len(bad) > 1 else ''})"
                          f" is outside the model's vocabulary 0..{config.vocab_size - 1}")
+    limit = config.resolve_max_seq_len()
+    if len(ids) > limit:
+        raise UsageError(f"{source}: the prompt has {len(ids)} tokens, more than the model's maximum sequence "
+                         f"length {limit}")
+    for name in _placeholder_names(config):
+        tid = getattr(config, name)
+        if tid in ids:
+            raise UsageError(f"{source}: token id {tid} at position {ids.index(tid)} is the model's {name} (a "
+                             "placeholder for pixels, which the command line does not take)")
     return ids
+
+
+def _placeholder_names(config: Qwen35Config) -> list[str]:
+    if not config.is_multimodal:
+        return []
+    return [n for n in ("image_token_id", "video_token_id") if getattr(config, n) is not None]
+
+
+def random_prompt(config: Qwen35Config, n: int, seed) -> list[int]:
+    """n random text token ids (the vocabulary without the image / video placeholders), seeded."""
+    import numpy as np
+
+    allowed = np.setdiff1d(np.arange(config.vocab_size), [getattr(config, k) for k in _placeholder_names(config)])
+    return allowed[np.random.default_rng(seed).integers(0, allowed.size, n)].tolist()
 
 
 def prompt_tokens(args, path, config) -> list[int]:
     """The prompt's token ids: --length N random ids (seeded by --seed), --prompt-ids, or --prompt (default
     DEFAULT_PROMPT) through the checkpoint's tokenizer; 32 random ids when only the byte tokenizer is there and the
-    vocabulary is too small for it.  Checked against the vocabulary."""
-    import numpy as np
-
+    vocabulary is too small for it (an explicit --prompt is then an error).  Checked by `check_token_ids`."""
     from qwen35.tokenizer import ByteTokenizer, load_tokenizer
 
     if args.length is not None:
-        return np.random.default_rng(args.seed).integers(0, config.vocab_size, args.length).tolist()
+        if args.length > config.resolve_max_seq_len():
+            raise UsageError(f"--length {args.length} is more than the model's maximum sequence length "
+                             f"{config.resolve_max_seq_len()}")
+        return check_token_ids(random_prompt(config, args.length, args.seed), config, "--length")
     if args.prompt_ids is not None:
         return check_token_ids(args.prompt_ids, config, "--prompt-ids")
     tok = load_tokenizer(path)
     if isinstance(tok, ByteTokenizer) and config.vocab_size < tok.vocab_size:
-        return np.random.default_rng(args.seed).integers(0, config.vocab_size, 32).tolist()
+        if args.prompt is not None:
+            raise UsageError(f"--prompt: {path} has no tokenizer.json and its vocabulary ({config.vocab_size}) is "
+                             "too small for the byte tokenizer; pass --prompt-ids or --length")
+        return random_prompt(config, 32, args.seed)
     return check_token_ids(tok.encode(DEFAULT_PROMPT if args.prompt is None else args.prompt), config, "--prompt (tokenized)")
