@@ -7,11 +7,14 @@ the project's own docs/ pages; pitfalls are cited as "docs/pitfalls.md, Bn".  Wh
   (unless the same phrase points at docs/pitfalls.md), "ARCHITECTURE.md", "STYLE.md" or its numbered rules, the MAX
   reference dump;
 * machine paths (the absolute work directory, a relative path into a sibling "shared" directory);
-* text that describes the circumstances of its writing ("this session", "other engineers", the project's own issue
-  numbers; public bug reports are cited as `owner/repo#N` or `repo #N`).
+* text that describes the circumstances of its writing rather than the software (the work period it was written
+  in, who else was working on the machine, the project's own issue numbers; public bug reports are cited as
+  `owner/repo#N` or `repo #N`).  `RULES` below holds the exact patterns.
 
-Every tracked file is read (`git ls-files`); binary files (a NUL byte or not UTF-8) are skipped.  A failure lists
-every offending `file:line: text`, so one run shows all of them.
+The files read are the tracked ones (`git ls-files`) in a git checkout, and otherwise every file under the
+repository outside `.git`, virtual environments, caches and build output (an unpacked source archive is checked
+too).  Binary files (a NUL byte or not UTF-8) are passed over.  A failure lists every offending `file:line: text`,
+so one run shows all of them.
 """
 from __future__ import annotations
 
@@ -59,13 +62,30 @@ def offences(line: str) -> list[str]:
     return found
 
 
-def tracked_text_files() -> list[tuple[str, str]]:
-    """[(path relative to the repository, text)] of every tracked UTF-8 text file except this one."""
-    if shutil.which("git") is None or not (REPO / ".git").exists():
-        pytest.skip("not a git checkout: the tracked-file list is unavailable")
-    names = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+SKIPPED_DIRS = {".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".hypothesis", "build", "dist",
+                ".ipynb_checkpoints", ".mypy_cache", ".ruff_cache"}
+
+
+def repository_files() -> list[str]:
+    """Paths (relative, posix) of the repository's files: `git ls-files` in a git checkout, else a walk of the tree
+    that leaves out SKIPPED_DIRS and `*.egg-info`."""
+    if shutil.which("git") is not None and (REPO / ".git").exists():
+        names = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+        return [n for n in names.decode().split("\0") if n]
     out = []
-    for rel in names.decode().split("\0"):
+    for path in REPO.rglob("*"):
+        rel = path.relative_to(REPO)
+        if any(part in SKIPPED_DIRS or part.endswith(".egg-info") for part in rel.parts[:-1]):
+            continue
+        if path.is_file():
+            out.append(rel.as_posix())
+    return sorted(out)
+
+
+def tracked_text_files() -> list[tuple[str, str]]:
+    """[(path relative to the repository, text)] of every UTF-8 text file of the repository except this one."""
+    out = []
+    for rel in repository_files():
         if not rel or rel == THIS:
             continue
         path = REPO / rel
@@ -119,6 +139,17 @@ def test_each_rule_catches_its_pattern(line):
 )
 def test_clean_lines_pass(line):
     assert offences(line) == [], line
+
+
+def test_without_git_the_tree_walk_covers_the_tracked_sources(monkeypatch):
+    """Outside a git checkout (no git command) the walk still reads every tracked source of reference/ and
+    optimized/, and nothing from the virtual environment."""
+    tracked = set(repository_files())
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    walked = set(repository_files())
+    sources = {rel for rel in tracked if rel.startswith(("reference/", "optimized/")) and (REPO / rel).is_file()}
+    assert sources and sources <= walked
+    assert not any(rel.startswith(".venv/") or "/__pycache__/" in rel for rel in walked)
 
 
 def test_no_tracked_file_cites_outside_material():
