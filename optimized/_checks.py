@@ -27,7 +27,9 @@ def conv_weight(who: str, weight: torch.Tensor) -> torch.Tensor:
 
 
 def cu_seqlens_list(cu_seqlens, total: int, who: str) -> list[int]:
-    """Validate cu_seqlens [N+1] (0 … total, non-decreasing) and return it as host ints (one device sync)."""
+    """Validate cu_seqlens [N+1] (0 … total, non-decreasing) and return it as host ints (one device sync).
+
+    The torch twin of `reference.packing.check_cu_seqlens`: a tensor (integer, 1-D) or any sequence of ints."""
     if isinstance(cu_seqlens, torch.Tensor):
         if cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
             raise ValueError(f"{who}: cu_seqlens must be a 1-D integer tensor [N+1], got {cu_seqlens.dtype} "

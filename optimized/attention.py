@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from optimized._checks import cu_seqlens_list
 from optimized.linear import linear
 from optimized.norms import rms_norm
 from optimized.rope import apply_partial_rope, packed_rope_tables
@@ -116,10 +117,7 @@ def gated_attention(x, w: AttentionWeightsT, config, *, position_ids=None, cu_se
     if x.dim() != 2 or x.shape[1] != H:
         raise ValueError(f"gated_attention: x must be [T_total, H={H}], got {tuple(x.shape)}")
     T_total = x.shape[0]
-    cu = [0, T_total] if cu_seqlens is None else [int(c) for c in (
-        cu_seqlens.tolist() if hasattr(cu_seqlens, "tolist") else cu_seqlens)]
-    if cu[0] != 0 or cu[-1] != T_total or any(b < a for a, b in zip(cu, cu[1:])):
-        raise ValueError(f"gated_attention: cu_seqlens must rise from 0 to T_total={T_total}, got {cu}")
+    cu = [0, T_total] if cu_seqlens is None else cu_seqlens_list(cu_seqlens, T_total, "gated_attention")
     N = len(cu) - 1
     if kv_caches is not None:
         if len(kv_caches) != N:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from optimized._checks import conv_shapes, conv_update_shapes, conv_weight, silu_flag
-from optimized.gated_delta import _check_slots, slot_runs
+from optimized.slots import check_slots, slot_runs
 
 __all__ = ["causal_conv1d", "causal_conv1d_update"]
 
@@ -97,7 +97,7 @@ def causal_conv1d_update(x, weight, *, conv_pool, slot_ids):
     who = "causal_conv1d_update"
     w = conv_weight(who, weight)
     B, C, K = conv_update_shapes(who, x, w, conv_pool)
-    ids = _check_slots(slot_ids, B, conv_pool.shape[0], who)
+    ids = check_slots(who, slot_ids, B, conv_pool.shape[0])
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     wc = w.to(cdt)
     y = torch.zeros(B, C, dtype=x.dtype, device=x.device)

@@ -24,7 +24,8 @@ Version log (llm.c style):
 
 The decode update `fused_recurrent_gated_delta_rule_update` works directly on a state pool `[S, H_v, D_k, D_v]` at
 slot indices: consecutive slots are processed as one view of the pool (no gather/scatter copies); slot −1 rows
-(padding) output zeros and touch no slot (pitfall B9).
+(padding) output zeros and touch no slot (pitfall B9).  The slot checks and runs are `optimized.slots`; q/k are
+normalised with `optimized.norms.l2_norm` (its eps `L2_EPS` also in the fused reductions).
 """
 from __future__ import annotations
 
@@ -33,15 +34,15 @@ import math
 import torch
 
 from optimized._checks import check_initial_state, cu_seqlens_list, gdn_shapes
+from optimized.norms import L2_EPS, l2_norm
+from optimized.slots import check_slots, slot_runs
 
 __all__ = [
     "chunk_gated_delta_rule",
     "recurrent_gated_delta_rule",
     "fused_recurrent_gated_delta_rule_update",
-    "l2_norm",
 ]
 
-_L2_EPS = 1e-6  # x · (Σx² + 1e-6)^(-1/2), eps inside the sqrt (HF `l2norm`, pitfall B5)
 _BASE_BLOCK = 8  # diagonal block size of the blocked unit-lower-triangular inverse (8 and 16 time alike)
 
 
@@ -52,11 +53,6 @@ def _empty(*shape, dtype, device):
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def l2_norm(x: torch.Tensor, eps: float = _L2_EPS) -> torch.Tensor:
-    """x · (Σ x² + eps)^(-1/2) over the last axis (HF/FLA `l2norm`).  [..., D] -> [..., D]"""
-    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -258,7 +254,7 @@ def chunk_gated_delta_rule(
         # (Σx² + eps)^(-1/2) per token and key head, from one streaming reduction over the contiguous token-major
         # input (cheaper than reducing the head-major strided views group by group); padded rows get 0.
         def inv_norm(x, mult):
-            r = torch.linalg.vector_norm(x.reshape(tok, H_k, D_k).to(cdt), dim=-1).square_().add_(_L2_EPS).rsqrt_()
+            r = torch.linalg.vector_norm(x.reshape(tok, H_k, D_k).to(cdt), dim=-1).square_().add_(L2_EPS).rsqrt_()
             return lay.to_blocks(r.mul_(mult) if mult != 1.0 else r)  # [n, C, H_k]
 
         q_inv, k_inv = inv_norm(q, scale), inv_norm(k, 1.0)
@@ -454,39 +450,6 @@ def recurrent_gated_delta_rule(
     return o, (lay.states_from_rank(S) if output_final_state else None)
 
 
-def slot_runs(slot_ids: torch.Tensor) -> list[tuple[int, int, int]]:
-    """Split slot ids into maximal runs (row0, slot0, length) of consecutive rows holding consecutive slots.
-
-    Padding rows (slot −1) belong to no run.  Each run is processed as one contiguous view of the pool, so the
-    pool is updated in place with no gather/scatter copies.
-    """
-    ids = [int(s) for s in (slot_ids.tolist() if hasattr(slot_ids, "tolist") else slot_ids)]
-    runs: list[tuple[int, int, int]] = []
-    b = 0
-    while b < len(ids):
-        if ids[b] < 0:
-            b += 1
-            continue
-        e = b + 1
-        while e < len(ids) and ids[e] == ids[e - 1] + 1:
-            e += 1
-        runs.append((b, ids[b], e - b))
-        b = e
-    return runs
-
-
-def _check_slots(slot_ids, B, S_pool, who):
-    if slot_ids.dim() != 1 or slot_ids.shape[0] != B:
-        raise ValueError(f"{who}: slot_ids must be [B={B}], got {tuple(slot_ids.shape)}")
-    ids = [int(s) for s in slot_ids.tolist()]
-    valid = [s for s in ids if s >= 0]
-    if any(s >= S_pool for s in valid) or any(s < -1 for s in ids):
-        raise ValueError(f"{who}: slot ids must be in [0, {S_pool}) or -1 (padding), got {ids}")
-    if len(set(valid)) != len(valid):
-        raise ValueError(f"{who}: a slot appears twice in one batch: {ids}")
-    return ids
-
-
 def fused_recurrent_gated_delta_rule_update(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -518,13 +481,13 @@ def fused_recurrent_gated_delta_rule_update(
         raise ValueError(f"{who}: state_pool must be [S, H_v={H_v}, D_k={D_k}, D_v={D_v}], got {tuple(state_pool.shape)}")
     if state_pool.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"{who}: state_pool must be fp32 (or float64), got {state_pool.dtype} (pitfall B8)")
-    ids = _check_slots(slot_ids, B, state_pool.shape[0], who)
+    ids = check_slots(who, slot_ids, B, state_pool.shape[0])
     cdt = state_pool.dtype
     scale = D_k ** -0.5 if scale is None else float(scale)
     r = H_v // H_k
     kq = torch.stack([k[:, 0], q[:, 0]], dim=2).to(cdt)  # [B, H_k, 2, D_k]  row 0 = k, row 1 = q
     if use_qk_l2norm:  # (Σx² + eps)^(-1/2) per row, from one fused reduction
-        kq = kq * torch.linalg.vector_norm(kq, dim=-1, keepdim=True).square_().add_(_L2_EPS).rsqrt_()
+        kq = kq * torch.linalg.vector_norm(kq, dim=-1, keepdim=True).square_().add_(L2_EPS).rsqrt_()
     kq[:, :, 1].mul_(scale)  # q̃ = q̂ · scale
     if r > 1:
         kq = kq.repeat_interleave(r, dim=1)  # [B, H_v, 2, D_k]

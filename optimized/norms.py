@@ -5,16 +5,17 @@ Two conventions live in one model:
   the product cast back to x's dtype (HF "(x·w).to(dtype)").
 - `gated_rms_norm`: the GDN output norm with a *plain* weight, norm before the gate:
   n = x̂ (fp32) → cast to x's dtype → · w → · silu(z in fp32) → cast.
-- `l2_norm`: x · (Σx² + eps)^(-1/2), eps inside the sqrt (HF/FLA `l2norm`).
+- `l2_norm`: x · (Σx² + eps)^(-1/2), eps inside the sqrt, on the sum (HF/FLA `l2norm`, pitfall B5); the gated
+  delta rule applies it to q and k (`L2_EPS` is its eps, also used by the rule's fused reductions).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from optimized.gated_delta import l2_norm
+__all__ = ["rms_norm", "gated_rms_norm", "l2_norm", "L2_EPS"]
 
-__all__ = ["rms_norm", "gated_rms_norm", "l2_norm"]
+L2_EPS = 1e-6  # x · (Σx² + 1e-6)^(-1/2), eps inside the sqrt (HF `l2norm`, pitfall B5)
 
 
 def _cdt(x: torch.Tensor) -> torch.dtype:
@@ -38,3 +39,8 @@ def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
     n = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)  # normalised, cast (HF)
     n = weight.to(cdt) * n.to(cdt)  # the norm weight is kept fp32 (pitfall B23)
     return (n * F.silu(z.to(cdt))).to(x.dtype)
+
+
+def l2_norm(x: torch.Tensor, eps: float = L2_EPS) -> torch.Tensor:
+    """x · (Σ x² + eps)^(-1/2) over the last axis (HF/FLA `l2norm`).  [..., D] -> [..., D]"""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)

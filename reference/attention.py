@@ -14,6 +14,10 @@ about it too).  GQA: KV head j serves the nh/nkv *consecutive* query heads j·g 
 RMSNorms are the zero-centred `x̂·(1 + w)` kind (pitfall B4); RoPE is partial, interleaved MRoPE
 (pitfalls B18/B19).  There is no sliding window, no sink, no bias.
 
+`KVCache` keeps, per live request, one (k, v) pair per full-attention layer (post-norm, post-RoPE), indexed by
+`config.kv_cache_index(layer)` (layer 3 -> 0, layer 7 -> 1, ...): the model hands a request's pairs to
+`gated_attention` as `past_kv` and stores the past + new pairs it returns.
+
 Computation runs in x's dtype: float64 (the oracle) or float32 (mirrors HF's fp32 eager path: fp32 RoPE tables,
 fp32 softmax).  Shape legend: T_total packed tokens, N sequences, H hidden, nh = H_q query heads,
 nkv = H_kv KV heads, hd = D_h head dim, R rotary dim.
@@ -21,10 +25,14 @@ nkv = H_kv KV heads, hd = D_h head dim, R rotary dim.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Hashable, Sequence
 
 import numpy as np
 
+from reference.config import Qwen35Config
+from reference.errors import StateCacheError, UnknownRequestError
 from reference.norms import rms_norm, sigmoid
+from reference.packing import check_cu_seqlens
 from reference.rope import apply_partial_rope, rope_tables, text_position_ids
 
 
@@ -148,17 +156,6 @@ def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, *, scale: floa
     return np.einsum("hts,shd->thd", probs, vv)  # [T, nh, hd]
 
 
-def _check_cu_seqlens(cu_seqlens, total: int) -> np.ndarray:
-    if cu_seqlens is None:
-        return np.array([0, total], dtype=np.int64)
-    cu = np.asarray(cu_seqlens)
-    if cu.ndim != 1 or cu.shape[0] < 2 or not np.issubdtype(cu.dtype, np.integer):
-        raise ValueError(f"cu_seqlens must be a 1-D integer array [N+1], got {cu!r}")
-    if cu[0] != 0 or cu[-1] != total or np.any(np.diff(cu) < 0):
-        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at T_total = {total}; got {cu}")
-    return cu.astype(np.int64)
-
-
 def gated_attention(x, w: AttentionWeights, config, *, position_ids=None, cu_seqlens=None, past_kv=None,
                     dtype=None):
     """Gated full attention over a ragged batch, with a KV cache.
@@ -200,7 +197,8 @@ def gated_attention(x, w: AttentionWeights, config, *, position_ids=None, cu_seq
     w.validate(config)
     gated = bool(getattr(config, "attn_output_gate", True))  # q_proj carries gate rows only when gated
     T_total = x.shape[0]
-    cu = _check_cu_seqlens(cu_seqlens, T_total)
+    cu = (np.array([0, T_total], dtype=np.int64) if cu_seqlens is None
+          else check_cu_seqlens(cu_seqlens, T_total, "gated_attention"))
     N = cu.shape[0] - 1
     if past_kv is None:
         past_kv = [None] * N
@@ -268,3 +266,64 @@ def gated_attention(x, w: AttentionWeights, config, *, position_ids=None, cu_seq
             o = o * sigmoid(gate.reshape(T, nh * hd), dtype=dt)
         y[s:e] = o @ Wo.T  # [T, H]
     return y, new_kv
+
+
+class KVCache:
+    """K and V of every past token of every live request, for the full-attention layers only.
+
+    Per request: a list with one (k [T, H_kv, D_h], v [T, H_kv, D_h]) pair per full layer, in KV-index order;
+    `config.kv_cache_index(layer)` maps a decoder layer to its entry.  K is stored post-norm, post-RoPE.
+    """
+
+    def __init__(self, config: Qwen35Config, dtype=np.float64):
+        self.config = config
+        self.dtype = np.dtype(dtype)
+        self._kv: dict[Hashable, list[tuple[np.ndarray, np.ndarray]]] = {}
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_full_layers
+
+    def __contains__(self, request_id) -> bool:
+        return request_id in self._kv
+
+    @property
+    def active_requests(self) -> list:
+        return list(self._kv)
+
+    def claim(self, request_id) -> None:
+        """Start an empty cache for a new request (idempotent)."""
+        if request_id not in self._kv:
+            shape = (0, self.config.num_key_value_heads, self.config.head_dim)
+            self._kv[request_id] = [(np.zeros(shape, self.dtype), np.zeros(shape, self.dtype))
+                                    for _ in range(self.num_layers)]
+
+    def release(self, request_id) -> bool:
+        return self._kv.pop(request_id, None) is not None
+
+    def _entry(self, request_id):
+        if request_id not in self._kv:
+            raise UnknownRequestError(f"request {request_id!r} has no KV cache (never claimed, or released)")
+        return self._kv[request_id]
+
+    def seq_len(self, request_id) -> int:
+        """Tokens cached for the request (the same in every full layer)."""
+        entry = self._entry(request_id)
+        return int(entry[0][0].shape[0]) if entry else 0
+
+    def get(self, request_ids: Sequence[Hashable], layer: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The (k, v) pairs of decoder layer `layer` (a full-attention layer) for each request, in order."""
+        idx = self.config.kv_cache_index(layer)
+        return [self._entry(r)[idx] for r in request_ids]
+
+    def set(self, request_ids: Sequence[Hashable], layer: int, kv: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Replace the (k, v) pairs of decoder layer `layer` for each request (the attention returns past + new)."""
+        idx = self.config.kv_cache_index(layer)
+        entries = [self._entry(r) for r in request_ids]
+        if len(kv) != len(entries):
+            raise StateCacheError(f"KVCache.set: {len(kv)} (k, v) pairs for {len(entries)} requests")
+        for entry, (k, v) in zip(entries, kv):
+            entry[idx] = (np.asarray(k, self.dtype), np.asarray(v, self.dtype))
+
+    def nbytes(self, request_id) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self._entry(request_id))

@@ -16,7 +16,7 @@ Random init is drawn from `numpy.random.default_rng(seed)` tensor by tensor in s
 projections N(0, 1/fan_in), embeddings N(0, 1), zero-centred norm weights N(0, 0.1²) (1 + w is applied),
 gated-norm / LayerNorm weights 1 + N(0, 0.1²), A_log = log U(1, 8), dt_bias U(0.5, 1.5), biases N(0, 0.02²).
 
-bf16 files are written by rounding float32 to nearest-even (reference.weights.float32_to_bf16); A_log, dt_bias
+bf16 files are written by rounding float32 to nearest-even (reference.safetensors_io.float32_to_bf16); A_log, dt_bias
 and the gated-norm weight are then still written in float32 (as MAX's weight adapter keeps them; pitfall B23).
 """
 from __future__ import annotations
@@ -28,10 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from reference.config import Qwen35Config
-from reference.weights import (
-    FP32_KEPT_SUFFIXES, INDEX_FILE, SINGLE_FILE, VISION_PREFIX, expected_lm_shapes, expected_vision_shapes,
-    write_safetensors,
-)
+from reference.safetensors_io import INDEX_FILE, SINGLE_FILE, write_safetensors
+from reference.weights import FP32_KEPT_SUFFIXES, VISION_PREFIX, expected_lm_shapes, expected_vision_shapes
 
 __all__ = ["random_state_dict", "write_checkpoint", "checkpoint_names", "lm_prefix"]
 

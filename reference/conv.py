@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from reference.norms import silu
+from reference.packing import check_cu_seqlens
 
 __all__ = ["causal_conv1d", "causal_conv1d_update"]
 
@@ -71,7 +72,7 @@ def causal_conv1d(x, weight, *, conv_state=None, cu_seqlens=None, activation="si
     else:
         if B != 1:
             raise ValueError(f"causal_conv1d: with cu_seqlens, x must hold one packed row, got batch {B}")
-        cu = _check_cu_seqlens(cu_seqlens, T, "causal_conv1d")
+        cu = check_cu_seqlens(cu_seqlens, T, "causal_conv1d")
         segments = [(0, int(cu[n]), int(cu[n + 1])) for n in range(len(cu) - 1)]
     N = len(segments)
 
@@ -114,15 +115,3 @@ def causal_conv1d_update(x, weight, *, conv_state, activation="silu", dtype=np.f
         raise ValueError(f"causal_conv1d_update: x must be [B, C], got {x.shape}")
     y, new_state = causal_conv1d(x[:, None, :], weight, conv_state=conv_state, activation=activation, dtype=dtype)
     return y[:, 0, :], new_state
-
-
-def _check_cu_seqlens(cu_seqlens, T: int, who: str) -> np.ndarray:
-    """Validate cu_seqlens [N+1]: integers, starts at 0, non-decreasing, ends at the packed length T."""
-    cu = np.asarray(cu_seqlens)
-    if cu.ndim != 1 or cu.shape[0] < 2:
-        raise ValueError(f"{who}: cu_seqlens must be [N+1] with N >= 1, got shape {cu.shape}")
-    if not np.issubdtype(cu.dtype, np.integer):
-        raise ValueError(f"{who}: cu_seqlens must be integers, got {cu.dtype}")
-    if cu[0] != 0 or cu[-1] != T or np.any(np.diff(cu) < 0):
-        raise ValueError(f"{who}: cu_seqlens must rise from 0 to the packed length {T}, got {cu.tolist()}")
-    return cu.astype(np.int64)

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from reference.conv import _check_cu_seqlens
 from reference.norms import l2_norm
+from reference.packing import check_cu_seqlens
 
 __all__ = ["recurrent_gated_delta_rule", "chunk_gated_delta_rule"]
 
 
-def _prepare(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, cu_seqlens, dtype, who):
+def _prepare(q, k, v, g, beta, *, scale, initial_state, use_qk_l2norm, cu_seqlens, dtype, who):
     """Validate the shared signature, normalise q/k, and list the sequences.
 
     Returns (q̃ [B, T, H_v, D_k], k̂ [B, T, H_v, D_k], v, g, beta, segments, state0 [N, H_v, D_k, D_v]), where q̃ and
@@ -62,7 +62,7 @@ def _prepare(q, k, v, g, beta, scale, initial_state, use_qk_l2norm, cu_seqlens, 
     else:
         if B != 1:
             raise ValueError(f"{who}: with cu_seqlens the batch must be 1 (packed sequences), got B={B}")
-        cu = _check_cu_seqlens(cu_seqlens, T, who)
+        cu = check_cu_seqlens(cu_seqlens, T, who)
         segments = [(0, int(cu[n]), int(cu[n + 1])) for n in range(len(cu) - 1)]
     N = len(segments)
 
@@ -120,8 +120,8 @@ def recurrent_gated_delta_rule(
         final_state: [N, H_v, D_k, D_v]  (None unless output_final_state)
     """
     q, k, v, g, beta, segments, state0 = _prepare(
-        q, k, v, g, beta, scale, initial_state, use_qk_l2norm, cu_seqlens, dtype, "recurrent_gated_delta_rule"
-    )
+        q, k, v, g, beta, scale=scale, initial_state=initial_state, use_qk_l2norm=use_qk_l2norm,
+        cu_seqlens=cu_seqlens, dtype=dtype, who="recurrent_gated_delta_rule")
     o = np.zeros(v.shape, dtype=dtype)  # [B, T, H_v, D_v]
     final = np.empty_like(state0)  # [N, H_v, D_k, D_v]
     for n, (b, s, e) in enumerate(segments):
@@ -189,8 +189,8 @@ def chunk_gated_delta_rule(
         raise ValueError(f"chunk_gated_delta_rule: chunk_size must be a positive integer, got {chunk_size}")
     C = int(chunk_size)
     q, k, v, g, beta, segments, state0 = _prepare(
-        q, k, v, g, beta, scale, initial_state, use_qk_l2norm, cu_seqlens, dtype, "chunk_gated_delta_rule"
-    )
+        q, k, v, g, beta, scale=scale, initial_state=initial_state, use_qk_l2norm=use_qk_l2norm,
+        cu_seqlens=cu_seqlens, dtype=dtype, who="chunk_gated_delta_rule")
     o = np.zeros(v.shape, dtype=dtype)  # [B, T, H_v, D_v]
     final = np.empty_like(state0)  # [N, H_v, D_k, D_v]
     neg_inf = np.dtype(dtype).type(-np.inf)

@@ -57,6 +57,20 @@ def swiglu_mlp(x, gate_proj, up_proj, down_proj, *, dtype=None) -> np.ndarray:
 
 
 @dataclass
+class MLPWeights:
+    """Weights of one dense SwiGLU MLP (checkpoint names `mlp.{gate,up,down}_proj.weight`, PyTorch [out, in]).
+
+    gate_proj: [I, H]
+    up_proj:   [I, H]
+    down_proj: [H, I]
+    """
+
+    gate_proj: np.ndarray
+    up_proj: np.ndarray
+    down_proj: np.ndarray
+
+
+@dataclass
 class MoEWeights:
     """Weights of one sparse MoE block (checkpoint names under `mlp.`, PyTorch [out, in] layout).
 

@@ -11,7 +11,7 @@ already hold, per image, `<vision_start> <image_pad>×n <vision_end>` with n = t
     1. run the vision tower on all images (then, separately, all videos)       → features [n_img, H] (+ videos)
     2. find the placeholder rows (tokens == image_token_id / video_token_id)   → image_rows [n], ascending
        and check their count equals the feature count (a clear error otherwise, as HF's masked scatter)
-    3. MRoPE positions of the whole prompt with `reference.rope.get_rope_index`  → position_ids [3, T], rope_delta
+    3. MRoPE positions of the whole prompt with `get_rope_index` (below)        → position_ids [3, T], rope_delta
 
 The model then replaces the embedding rows `image_rows` by `embeddings` (each prefill chunk takes its slice, see
 `MultimodalPrefill.chunk`), uses `position_ids` for the prompt, and continues decode at
@@ -27,11 +27,12 @@ import numpy as np
 
 from reference.context import TextContext, check_no_placeholders, request_name
 from reference.errors import RequestError
-from reference.rope import decode_position_ids, get_rope_index, mm_token_types
+from reference.rope import decode_position_ids, text_position_ids
 from reference.vision import VisionWeights, check_grid_thw, num_merged_tokens, num_patches, vision_tower
 
 __all__ = ["TextAndVisionContext", "VisionWeights", "MultimodalPrefill", "MultimodalPlan", "plan_multimodal_prefill",
-           "multimodal_prefill_inputs", "split_visual_state_dict"]
+           "multimodal_prefill_inputs", "split_visual_state_dict", "get_rope_index", "mm_token_types",
+           "vision_position_ids"]
 
 
 @dataclass
@@ -121,6 +122,154 @@ def split_visual_state_dict(tensors, prefix: str = "model.visual."):
     vis = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     rest = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
     return vis, rest
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# get_rope_index: (t, h, w) MRoPE positions of a prompt with image / video runs (docs/rope_and_mrope.md)
+# ----------------------------------------------------------------------------------------------------------------
+
+TEXT, IMAGE, VIDEO = 0, 1, 2
+
+
+def vision_position_ids(start: int, grid_thw, spatial_merge_size: int = 2) -> np.ndarray:
+    """Positions of one image (or one video frame) run, in the merged-token order of the vision tower.
+
+    With Lt = gt, Lh = gh / m, Lw = gw / m (m = spatial_merge_size), token (t, h, w) in row-major order gets
+
+        (start + t,  start + h,  start + w)          (time_interval = 1)
+
+    Args:
+        start: the running position `cur` at the run.
+        grid_thw: (gt, gh, gw) in patches (before the spatial merge).
+    Returns:
+        [3, Lt·Lh·Lw] int64.
+    """
+    gt, gh, gw = (int(g) for g in grid_thw)
+    if gh % spatial_merge_size or gw % spatial_merge_size:
+        raise ValueError(f"grid {tuple(grid_thw)} is not divisible by spatial_merge_size {spatial_merge_size}")
+    Lt, Lh, Lw = gt, gh // spatial_merge_size, gw // spatial_merge_size
+    t, h, w = np.meshgrid(np.arange(Lt), np.arange(Lh), np.arange(Lw), indexing="ij")  # each [Lt, Lh, Lw]
+    return np.stack([t.ravel(), h.ravel(), w.ravel()]).astype(np.int64) + int(start)  # [3, Lt·Lh·Lw]
+
+
+def mm_token_types(input_ids, image_token_id: int, video_token_id: int) -> np.ndarray:
+    """0 for text, 1 where input_ids == image_token_id, 2 where == video_token_id ([T] int64)."""
+    ids = np.asarray(input_ids)
+    types = np.zeros(ids.shape, dtype=np.int64)
+    types[ids == image_token_id] = IMAGE
+    types[ids == video_token_id] = VIDEO
+    return types
+
+
+def _runs(types: np.ndarray):
+    """Maximal runs of equal type: list of (type, start, end)."""
+    if types.size == 0:
+        return []
+    change = np.flatnonzero(np.diff(types)) + 1
+    starts = np.concatenate([[0], change])
+    ends = np.concatenate([change, [types.size]])
+    return [(int(types[s]), int(s), int(e)) for s, e in zip(starts, ends)]
+
+
+def get_rope_index(
+    input_ids,
+    *,
+    mm_token_type_ids=None,
+    image_grid_thw=None,
+    video_grid_thw=None,
+    config=None,
+    image_token_id: int | None = None,
+    video_token_id: int | None = None,
+    spatial_merge_size: int | None = None,
+):
+    """MRoPE positions of one prompt that may contain image and video runs.
+
+    Walk the maximal runs of equal token type with a running position `cur` (starting at 0):
+      * text run of n tokens: all three axes = cur + [0 .. n−1];  cur += n.
+      * image run: the next grid (gt, gh, gw) of `image_grid_thw`; tokens enumerate (t, h, w) over
+        gt × gh/m × gw/m as `vision_position_ids(cur, grid)`;  cur += max(gh, gw) / m.
+      * video run: as an image run, but each video (gt, gh, gw) is first split into gt frames (1, gh, gw),
+        one frame per run, because Qwen3.5 separates video frames with text timestamps (HF `get_rope_index`).
+    rope_delta = max(all positions) + 1 − T.  Vision start/end tokens are ordinary text tokens.
+
+    Token types come from `mm_token_type_ids` (0 text, 1 image, 2 video; what the HF processor emits) or, if
+    that is absent, from the token ids (`image_token_id`/`video_token_id`, or the ones in `config`).
+
+    Args:
+        input_ids: [T] integer token ids of one sequence (padding removed).
+        mm_token_type_ids: [T] optional.
+        image_grid_thw: [num_images, 3] patch grids, in prompt order.
+        video_grid_thw: [num_videos, 3] patch grids, in prompt order.
+        config: optional Qwen35Config (reads image_token_id, video_token_id, vision_config.spatial_merge_size).
+        spatial_merge_size: m (default: from config.vision_config, else 2).
+    Returns:
+        position_ids: [3, T] int64;  rope_delta: int (0 for text-only prompts).
+    """
+    ids = np.asarray(input_ids)
+    if ids.ndim != 1:
+        raise ValueError(f"input_ids must be one sequence [T], got shape {ids.shape}; call once per sequence")
+    T = ids.shape[0]
+    if spatial_merge_size is None:
+        vc = getattr(config, "vision_config", None) if config is not None else None
+        spatial_merge_size = int(getattr(vc, "spatial_merge_size", 2)) if vc is not None else 2
+    m = int(spatial_merge_size)
+
+    if mm_token_type_ids is not None:
+        types = np.asarray(mm_token_type_ids).astype(np.int64)
+        if types.shape != ids.shape:
+            raise ValueError(f"mm_token_type_ids shape {types.shape} != input_ids shape {ids.shape}")
+        if not np.isin(types, (TEXT, IMAGE, VIDEO)).all():
+            raise ValueError(f"mm_token_type_ids must only hold 0 (text), 1 (image) or 2 (video), got "
+                             f"{sorted(set(np.unique(types).tolist()) - {TEXT, IMAGE, VIDEO})}")
+    else:
+        if image_token_id is None and config is not None:
+            image_token_id = getattr(config, "image_token_id", None)
+        if video_token_id is None and config is not None:
+            video_token_id = getattr(config, "video_token_id", None)
+        types = mm_token_types(ids, -1 if image_token_id is None else image_token_id,
+                               -1 if video_token_id is None else video_token_id)
+
+    image_grids = [] if image_grid_thw is None else [tuple(int(v) for v in g) for g in np.asarray(image_grid_thw)]
+    frame_grids = []
+    if video_grid_thw is not None:
+        for gt, gh, gw in np.asarray(video_grid_thw):
+            frame_grids.extend([(1, int(gh), int(gw))] * int(gt))  # one run per frame (timestamps in between)
+    grids = {IMAGE: iter(image_grids), VIDEO: iter(frame_grids)}
+    names = {IMAGE: "image", VIDEO: "video frame"}
+
+    pieces = []
+    cur = 0
+    for kind, s, e in _runs(types):
+        n = e - s
+        if kind == TEXT:
+            pieces.append(text_position_ids(n, start=cur))  # [3, n]
+            cur += n
+            continue
+        grid = next(grids[kind], None)
+        if grid is None:
+            raise ValueError(f"more {names[kind]} runs in the prompt than grids were given (run at token {s})")
+        pos = vision_position_ids(cur, grid, m)  # [3, gt·gh/m·gw/m]
+        if pos.shape[1] != n:
+            raise ValueError(
+                f"{names[kind]} run at tokens [{s}, {e}) has {n} tokens but grid {grid} gives {pos.shape[1]} "
+                f"merged tokens (spatial_merge_size {m})"
+            )
+        pieces.append(pos)
+        cur += max(grid[1], grid[2]) // m
+    for kind in (IMAGE, VIDEO):
+        if next(grids[kind], None) is not None:
+            raise ValueError(f"more {names[kind]} grids were given than {names[kind]} runs in the prompt")
+
+    if T == 0:
+        return np.zeros((3, 0), dtype=np.int64), 0
+    position_ids = np.concatenate(pieces, axis=1)  # [3, T]
+    rope_delta = int(position_ids.max()) + 1 - T
+    return position_ids, rope_delta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The plan of a multimodal prefill, and the tower run
+# ----------------------------------------------------------------------------------------------------------------
 
 
 @dataclass

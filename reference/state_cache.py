@@ -1,10 +1,11 @@
-"""Per-request caches of the hybrid model: Gated DeltaNet state pools and the full-attention KV cache.
+"""Per-request state of the Gated DeltaNet layers: one persistent pool per linear layer, claimed by slot.
 
 Qwen3.5 keeps two kinds of per-request memory (docs/state_cache.md):
 
 * every **linear** (Gated DeltaNet) layer: a conv state `[conv_dim, K-1]` (last K-1 pre-activation inputs) and a
-  recurrent state `[H_v, D_k, D_v]` (K-major) — fixed size, however long the request;
-* every **full-attention** layer: the K and V of every past token `[T, H_kv, D_h]` — grows with the context.
+  recurrent state `[H_v, D_k, D_v]` (K-major) — fixed size, however long the request;  held here;
+* every **full-attention** layer: the K and V of every past token `[T, H_kv, D_h]` — grows with the context;
+  held by `reference.attention.KVCache`, beside the attention that reads it.
 
 `GatedDeltaNetStateCache` is the gather/scatter design of MAX's Qwen3.5 pipeline docs.  One persistent pool per
 linear layer, `conv [max_batch, conv_dim, K-1]` and `recurrent [max_batch, H_v, D_k, D_v]`, zero-initialised,
@@ -18,9 +19,6 @@ and bookkeeping `request_id -> slot`:
 At peak a forward step holds the pool, the gathered inputs and the model's outputs: 3 x max_batch x per_req
 bytes (`reference.memory`, rule "gather_scatter"); an in-place pool (what `optimized` does) holds 1x.
 
-`KVCache` holds the full-attention layers' K/V per request, indexed by `config.kv_cache_index(layer)` (layer 3 ->
-0, layer 7 -> 1, ...): only full layers have an entry.
-
 Every method validates all its arguments before touching any state, so an error never leaves a half-done update.
 """
 from __future__ import annotations
@@ -29,11 +27,12 @@ from typing import Hashable, Sequence
 
 import numpy as np
 
+from reference.attention import KVCache  # TEMPORARY re-export for model.py
 from reference.config import Qwen35Config
 from reference.errors import ConfigError, PoolFullError, StateCacheError, UnknownRequestError
 from reference.memory import conv_state_shape, recurrent_state_shape
 
-__all__ = ["StateCacheError", "PoolFullError", "UnknownRequestError", "GatedDeltaNetStateCache", "KVCache"]
+__all__ = ["StateCacheError", "PoolFullError", "UnknownRequestError", "GatedDeltaNetStateCache"]
 
 
 def _check_ids(request_ids: Sequence[Hashable], what: str) -> list:
@@ -174,64 +173,3 @@ class GatedDeltaNetStateCache:
         for i, (c, r) in enumerate(zip(conv_states, recurrent_states)):
             self.conv_pools[i][slots] = c
             self.recurrent_pools[i][slots] = r
-
-
-class KVCache:
-    """K and V of every past token of every live request, for the full-attention layers only.
-
-    Per request: a list with one (k [T, H_kv, D_h], v [T, H_kv, D_h]) pair per full layer, in KV-index order;
-    `config.kv_cache_index(layer)` maps a decoder layer to its entry.  K is stored post-norm, post-RoPE.
-    """
-
-    def __init__(self, config: Qwen35Config, dtype=np.float64):
-        self.config = config
-        self.dtype = np.dtype(dtype)
-        self._kv: dict[Hashable, list[tuple[np.ndarray, np.ndarray]]] = {}
-
-    @property
-    def num_layers(self) -> int:
-        return self.config.num_full_layers
-
-    def __contains__(self, request_id) -> bool:
-        return request_id in self._kv
-
-    @property
-    def active_requests(self) -> list:
-        return list(self._kv)
-
-    def claim(self, request_id) -> None:
-        """Start an empty cache for a new request (idempotent)."""
-        if request_id not in self._kv:
-            shape = (0, self.config.num_key_value_heads, self.config.head_dim)
-            self._kv[request_id] = [(np.zeros(shape, self.dtype), np.zeros(shape, self.dtype))
-                                    for _ in range(self.num_layers)]
-
-    def release(self, request_id) -> bool:
-        return self._kv.pop(request_id, None) is not None
-
-    def _entry(self, request_id):
-        if request_id not in self._kv:
-            raise UnknownRequestError(f"request {request_id!r} has no KV cache (never claimed, or released)")
-        return self._kv[request_id]
-
-    def seq_len(self, request_id) -> int:
-        """Tokens cached for the request (the same in every full layer)."""
-        entry = self._entry(request_id)
-        return int(entry[0][0].shape[0]) if entry else 0
-
-    def get(self, request_ids: Sequence[Hashable], layer: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The (k, v) pairs of decoder layer `layer` (a full-attention layer) for each request, in order."""
-        idx = self.config.kv_cache_index(layer)
-        return [self._entry(r)[idx] for r in request_ids]
-
-    def set(self, request_ids: Sequence[Hashable], layer: int, kv: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
-        """Replace the (k, v) pairs of decoder layer `layer` for each request (the attention returns past + new)."""
-        idx = self.config.kv_cache_index(layer)
-        entries = [self._entry(r) for r in request_ids]
-        if len(kv) != len(entries):
-            raise StateCacheError(f"KVCache.set: {len(kv)} (k, v) pairs for {len(entries)} requests")
-        for entry, (k, v) in zip(entries, kv):
-            entry[idx] = (np.asarray(k, self.dtype), np.asarray(v, self.dtype))
-
-    def nbytes(self, request_id) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self._entry(request_id))

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from reference.packing import check_cu_seqlens
+
 __all__ = [
     "VisionBlockWeights", "VisionWeights", "VisionInputs",
     "check_grid_thw", "num_patches", "num_merged_tokens",
@@ -441,9 +443,7 @@ def vision_attention(x: np.ndarray, w: VisionBlockWeights, num_heads: int, cos: 
     v = qkv[:, 2]  # [N, nh, D_h]
     scale = x.dtype.type(hd ** -0.5)
     out = np.empty_like(q)  # [N, nh, D_h]
-    cu = np.asarray(cu_seqlens, dtype=np.int64)
-    if cu[0] != 0 or cu[-1] != N or np.any(np.diff(cu) <= 0):
-        raise ValueError(f"cu_seqlens must rise strictly from 0 to N = {N}, got {cu.tolist()}")
+    cu = check_cu_seqlens(cu_seqlens, N, "vision_attention", nonempty=True)  # one non-empty segment per frame
     for s, e in zip(cu[:-1], cu[1:]):
         for h in range(num_heads):  # one head at a time keeps the [L, L] score matrix small
             scores = (q[s:e, h] @ k[s:e, h].T) * scale  # [L, L]

@@ -2,9 +2,12 @@
 
     weights = load_weights(directory, config=None, dtype=np.float64, *, allow_nonfinite=False)  # ModelWeights
 
+The files are read by `reference.safetensors_io` (format, index and shard rules, bf16 decoding); this module maps
+the tensors it finds onto the model: the names and shapes a config expects, the dtype each is used in, and the
+`ModelWeights` / `LayerWeights` the models take.
+
 What is accepted:
 
-* `model.safetensors` (one file) or `model.safetensors.index.json` + shards (`weight_map`: name -> file).
 * Both name prefixes: `model.` (Qwen3_5ForCausalLM) and `model.language_model.` (Qwen3_5ForConditionalGeneration;
   checked first, as MAX's adapter does).  `model.visual.*` is returned, prefix stripped, in `ModelWeights.visual`
   for the vision path; `mtp.*` (multi-token-prediction head) is skipped.
@@ -12,7 +15,7 @@ What is accepted:
   [E, H, I]`) or per expert (`mlp.experts.{e}.{gate,up,down}_proj.weight`, what transformers 5.x writes), which
   are stacked into the fused form (gate rows first, then up rows).
 * `conv1d.weight` as `[C, 1, K]` (PyTorch depthwise Conv1d) or `[C, K]`; stored as `[C, K]`.
-* Any float storage dtype: F64, F32, F16, BF16 (decoded here from the raw bytes: numpy has no bfloat16).
+* Any float storage dtype: F64, F32, F16, BF16.
 * Tied embeddings when the config says so (`lm_head.weight` then optional and unused: HF ties it to the embedding).
 
 Dtype rule: every tensor is cast to `dtype`, except `A_log`, `dt_bias` and the gated-norm weight
@@ -23,28 +26,14 @@ Full key coverage: every expected tensor must be present with the expected shape
 unexpected may be left over, else ONE `WeightLoadError` lists the missing, unexpected, mis-shaped and wrongly typed
 names (all of them, not just the first).  `attn_output_gate: false` expects q_proj [nh·hd, H] (no gate rows).
 
-Strictness (every refusal is a `CheckpointError` naming the file, and the tensor where one is at fault):
-
-* `directory` must be a directory (a file path, or one that does not exist, is refused); one with neither
-  `model.safetensors` nor an index "holds no weights".
-* The index must be a JSON object whose `weight_map` is an object of shard file names (strings); every shard
-  must exist and stay inside the directory (no absolute path, no `..`, no symlink out, except into the
-  `blobs/` of a Hugging Face hub cache snapshot); no tensor may be stored in two shards.
-* A safetensors header must be a JSON object (length field within the file) whose entries have a known
-  dtype, a shape of non-negative ints and data_offsets [b, e] with e − b = prod(shape) · itemsize, inside the
-  data section and not overlapping another tensor's bytes.
-* Every tensor the model uses must be finite in the requested dtype (no NaN / ±Inf, no overflow to float16),
-  unless `allow_nonfinite=True`.
+Every tensor the model uses must be finite in the requested dtype (no NaN / ±Inf, no overflow to float16), unless
+`allow_nonfinite=True` (else a `CheckpointError` naming the tensor and its file).  The directory, index and file
+refusals are those of `reference.safetensors_io`.
 """
 from __future__ import annotations
 
-import json
-import math
-import os
 import re
-import struct
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -52,284 +41,19 @@ from reference.attention import AttentionWeights
 from reference.config import LINEAR, Qwen35Config
 from reference.deltanet import DeltaNetWeights
 from reference.errors import CheckpointError, WeightLoadError
-from reference.mlp import MoEWeights
+from reference.mlp import MLPWeights, MoEWeights
+from reference.safetensors_io import checkpoint_dir, read_checkpoint
 
 __all__ = [
-    "WeightLoadError", "MLPWeights", "LayerWeights", "ModelWeights", "load_weights", "load_state_dict",
-    "weights_from_state_dict", "expected_lm_shapes", "expected_vision_shapes", "read_safetensors",
-    "write_safetensors", "bf16_to_float32", "float32_to_bf16", "FP32_KEPT_SUFFIXES",
+    "WeightLoadError", "LayerWeights", "ModelWeights", "load_weights", "weights_from_state_dict",
+    "expected_lm_shapes", "expected_vision_shapes", "FP32_KEPT_SUFFIXES", "LM_PREFIXES", "VISION_PREFIX",
 ]
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 LM_PREFIXES = ("model.language_model.", "model.")  # checked in this order (as MAX's weight adapter does)
 VISION_PREFIX = "model.visual."
 SKIPPED_PREFIXES = ("mtp.",)
 # Kept in float32 or wider whatever the requested dtype (pitfall B23; HF upcasts A_log with .float()).
 FP32_KEPT_SUFFIXES = ("linear_attn.A_log", "linear_attn.dt_bias", "linear_attn.norm.weight")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# safetensors files, read and written with NumPy only (bf16 included)
-# ----------------------------------------------------------------------------------------------------------------
-# Format: 8-byte little-endian header length n, n bytes of JSON {name: {dtype, shape, data_offsets: [b, e]}, ...,
-# "__metadata__": {...}}, then the raw little-endian data; offsets are relative to the end of the header.
-_ST_DTYPES = {
-    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
-    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
-    "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
-}
-_NP_TO_ST = {np.dtype("float64"): "F64", np.dtype("float32"): "F32", np.dtype("float16"): "F16",
-             np.dtype("int64"): "I64", np.dtype("int32"): "I32", np.dtype("int16"): "I16", np.dtype("int8"): "I8",
-             np.dtype("uint8"): "U8", np.dtype("bool"): "BOOL"}
-FLOAT_STORAGE = ("F64", "F32", "F16", "BF16")
-
-
-def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
-    """bfloat16 bit patterns (uint16) -> float32: bf16 is the top half of an IEEE float32, so shift left 16."""
-    return (np.asarray(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
-
-
-def float32_to_bf16(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest, ties to even (as torch's .to(bfloat16))."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-    nan = np.isnan(np.asarray(x, dtype=np.float32))
-    out = rounded.astype(np.uint16)
-    out[nan] = 0x7FC0  # a quiet NaN
-    return out
-
-
-def _shape_of(path: Path, name: str, info) -> tuple[int, ...]:
-    shape = info.get("shape")
-    if not isinstance(shape, list) or any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in shape):
-        raise CheckpointError(f"{path}: tensor {name!r} has shape {shape!r}; a shape is a list of non-negative "
-                              "integers")
-    return tuple(shape)
-
-
-def _offsets_of(path: Path, name: str, info) -> tuple[int, int]:
-    off = info.get("data_offsets")
-    if (not isinstance(off, list) or len(off) != 2
-            or any(not isinstance(o, int) or isinstance(o, bool) for o in off) or not 0 <= off[0] <= off[1]):
-        raise CheckpointError(f"{path}: tensor {name!r} has data_offsets {off!r}; expected [begin, end] with "
-                              "0 <= begin <= end (byte offsets into the data section)")
-    return off[0], off[1]
-
-
-def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Read every tensor of one .safetensors file.
-
-    Returns:
-        tensors: name -> array (BF16 decoded to float32; other dtypes as stored, as read-only views of the
-                 memory-mapped file: copy them before the file is rewritten)
-        dtypes:  name -> stored safetensors dtype string ("BF16", "F32", ...)
-    Raises:
-        CheckpointError naming the file (and the tensor, where one is at fault) if the file is unreadable,
-        truncated, or its header is not a JSON object of well-formed entries: a known dtype, a shape of
-        non-negative ints, data_offsets [b, e] with e − b = prod(shape)·itemsize inside the data section, and
-        no two tensors sharing bytes.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not a safetensors file (missing, or not a regular file)")
-    size = path.stat().st_size
-    if size < 8:
-        raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes; no header)")
-    # Memory-mapped: tensors are views into the file until they are cast, so a large checkpoint is not held twice.
-    data = np.memmap(path, dtype=np.uint8, mode="r")
-    (n,) = struct.unpack("<Q", bytes(data[:8]))
-    if 8 + n > size:
-        raise CheckpointError(f"{path}: truncated safetensors file (header claims {n} bytes, file has "
-                              f"{size - 8} after the length field)")
-    try:
-        header = json.loads(bytes(data[8:8 + n]).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
-        raise CheckpointError(f"{path}: malformed safetensors header, not JSON ({type(e).__name__}: "
-                              f"{str(e)[:200]})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: malformed safetensors header (a JSON {type(header).__name__}, "
-                              "expected an object {name: {dtype, shape, data_offsets}})")
-    body = data[8 + n:]
-    tensors, dtypes, ranges = {}, {}, []
-    for name, info in header.items():
-        if name == "__metadata__":
-            if not isinstance(info, dict):
-                raise CheckpointError(f"{path}: __metadata__ must be a JSON object, got {type(info).__name__}")
-            continue
-        if not isinstance(info, dict):
-            raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}: {str(info)[:100]!r} "
-                                  "(expected {dtype, shape, data_offsets})")
-        st_dtype = info.get("dtype")
-        if not isinstance(st_dtype, str) or st_dtype not in _ST_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {st_dtype!r}; accepted: "
-                                  f"{', '.join(_ST_DTYPES)}")
-        shape, (b, e) = _shape_of(path, name, info), _offsets_of(path, name, info)
-        np_dtype = _ST_DTYPES[st_dtype]
-        nbytes = math.prod(shape) * np_dtype.itemsize  # Python ints: no overflow for absurd shapes
-        if e - b != nbytes:
-            raise CheckpointError(f"{path}: tensor {name!r} {st_dtype}{list(shape)} needs {nbytes} bytes, "
-                                  f"header gives offsets [{b}, {e})")
-        if e > len(body):
-            raise CheckpointError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte {e} of the "
-                                  f"data section, which has only {len(body)} bytes")
-        if e > b:
-            ranges.append((b, e, name))
-        arr = body[b:e].view(np_dtype).reshape(shape)
-        if st_dtype == "BF16":
-            arr = bf16_to_float32(arr)
-        tensors[name] = arr
-        dtypes[name] = st_dtype
-    ranges.sort()
-    for (b0, e0, n0), (b1, e1, n1) in zip(ranges, ranges[1:]):
-        if b1 < e0:
-            raise CheckpointError(f"{path}: tensors {n0!r} [{b0}, {e0}) and {n1!r} [{b1}, {e1}) overlap in the "
-                                  "data section (each tensor must own its bytes)")
-    return tensors, dtypes
-
-
-def write_safetensors(path, tensors: dict[str, np.ndarray], *, bf16: tuple[str, ...] | bool = (),
-                      metadata: dict[str, str] | None = None) -> Path:
-    """Write tensors to one .safetensors file (sorted by name, 8-byte aligned header).
-
-    Args:
-        tensors: name -> array (float64/32/16, ints, bool).
-        bf16: names to store as BF16 (or True for every float tensor); their values are rounded from float32.
-        metadata: optional string -> string map (`{"format": "pt"}` is added, as transformers writes).
-    """
-    path = Path(path)
-    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
-    chunks, offset = [], 0
-    for name in sorted(tensors):
-        arr = np.asarray(tensors[name])
-        as_bf16 = (bf16 is True and np.issubdtype(arr.dtype, np.floating)) or (
-            not isinstance(bf16, bool) and name in bf16)
-        if as_bf16:
-            raw, st = float32_to_bf16(arr), "BF16"
-        else:
-            if arr.dtype not in _NP_TO_ST:
-                raise ValueError(f"write_safetensors: {name!r} has unsupported dtype {arr.dtype}")
-            raw, st = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False)), _NP_TO_ST[arr.dtype]
-        blob = raw.tobytes()
-        header[name] = {"dtype": st, "shape": list(arr.shape), "data_offsets": [offset, offset + len(blob)]}
-        chunks.append(blob)
-        offset += len(blob)
-    h = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    h += b" " * (-len(h) % 8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)))
-        f.write(h)
-        for blob in chunks:
-            f.write(blob)
-    return path
-
-
-def _inside(directory: Path, shard, index: Path) -> Path:
-    """The shard file `shard` of `index`, refused unless it stays in the checkpoint directory.
-
-    Refused: a non-string or empty name, an absolute path, any `..` component, and a symlink whose target
-    leaves the directory, except into the `blobs/` folder of a Hugging Face hub cache when the directory is one
-    of its `snapshots/<revision>` folders (that is how the hub cache stores every file)."""
-    if not isinstance(shard, str) or not shard:
-        raise CheckpointError(f"{index}: weight_map values must be shard file names (strings), got {shard!r}")
-    if "\0" in shard or not shard.isprintable():
-        raise CheckpointError(f"{index} names shard {shard!r}, which holds a control character; shard names are "
-                              "plain file names")
-    rel = Path(shard)
-    if rel.is_absolute() or ".." in rel.parts or "\\" in shard:
-        raise CheckpointError(f"{index} names shard {shard!r}, which is outside the checkpoint directory "
-                              f"{directory}; shards must be file names relative to it")
-    return _contained(directory, directory / rel, f"{index} names shard {shard!r}, which")
-
-
-def _contained(directory: Path, path: Path, what: str) -> Path:
-    """`path` if it resolves (symlinks followed) inside `directory` or, for a hub-cache snapshot, its blobs/."""
-    root = directory.resolve()
-    target = path.resolve()
-    allowed = [root]
-    if root.parent.name == "snapshots":
-        allowed.append(root.parent.parent / "blobs")
-    if not any(target == a or a in target.parents for a in allowed):
-        raise CheckpointError(f"{what} resolves to {target}, outside the checkpoint directory {directory} "
-                              "(a symlink out of it is refused)")
-    return path
-
-
-def _read_index(index: Path) -> dict[str, str]:
-    """weight_map of a model.safetensors.index.json: a JSON object {tensor name: shard file name}."""
-    try:
-        doc = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{index}: not a readable JSON safetensors index ({type(e).__name__}: "
-                              f"{str(e)[:200]})") from None
-    if not isinstance(doc, dict):
-        raise CheckpointError(f"{index}: a safetensors index must be a JSON object with a 'weight_map', got a "
-                              f"JSON {type(doc).__name__}")
-    weight_map = doc.get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index}: 'weight_map' must be a JSON object {{tensor name: shard file}}, got "
-                              f"{type(weight_map).__name__ if 'weight_map' in doc else 'nothing'}")
-    for name, shard in weight_map.items():
-        if not isinstance(shard, str):
-            raise CheckpointError(f"{index}: weight_map[{name!r}] must be a shard file name (a string), got "
-                                  f"{shard!r}")
-    return weight_map
-
-
-def _read_checkpoint(directory: Path) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, Path]]:
-    """(tensors, stored dtypes, file of each tensor) of a checkpoint directory: the index's shards or the
-    single file.  See `load_state_dict`."""
-    index = directory / INDEX_FILE
-    single = directory / SINGLE_FILE
-    if index.exists():
-        weight_map = _read_index(index)
-        tensors, dtypes, files = {}, {}, {}
-        for shard in sorted(set(weight_map.values())):
-            shard_path = _inside(directory, shard, index)
-            if not shard_path.is_file():
-                raise CheckpointError(f"{index} names shard {shard!r}, which is not a file in {directory}")
-            t, d = read_safetensors(shard_path)
-            for name in t:
-                if name in files:
-                    raise CheckpointError(f"tensor {name!r} is stored twice: in {files[name]} and in {shard_path}")
-                files[name] = shard_path
-            tensors.update(t)
-            dtypes.update(d)
-            absent = sorted(n for n, f in weight_map.items() if f == shard and n not in t)
-            if absent:
-                raise WeightLoadError(f"{index} lists {len(absent)} tensor(s) that shard {shard!r} does not hold: "
-                                      f"{absent[:10]}", missing=absent)
-        return tensors, dtypes, files
-    if single.exists():
-        path = _contained(directory, single, str(single))
-        t, d = read_safetensors(path)
-        return t, d, dict.fromkeys(t, path)
-    found = sorted(p.name for p in directory.glob("*.safetensors")) if directory.is_dir() else []
-    raise CheckpointError(f"{directory} holds no weights: no {SINGLE_FILE} and no {INDEX_FILE}"
-                          + (f" (found {found})" if found else ""))
-
-
-def load_state_dict(directory) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """All tensors of a checkpoint directory (single file or sharded index), names as stored.
-
-    Returns (tensors, stored dtypes).  Raises CheckpointError naming the file for a malformed index (not JSON,
-    not an object, `weight_map` not an object of strings), a shard that is absent or outside the directory, a
-    tensor stored in two shards, or a malformed safetensors file; WeightLoadError when the index names a
-    tensor its shard does not hold.
-    """
-    tensors, dtypes, _ = _read_checkpoint(_checkpoint_dir(directory))
-    return tensors, dtypes
-
-
-def _checkpoint_dir(directory) -> Path:
-    directory = Path(directory)
-    if not directory.exists():
-        raise CheckpointError(f"checkpoint directory {os.fspath(directory)!r} does not exist")
-    if not directory.is_dir():
-        raise CheckpointError(f"{os.fspath(directory)!r} is a file; a checkpoint is loaded from the directory that "
-                              f"holds config.json and the safetensors file(s) (e.g. {os.fspath(directory.parent)!r})")
-    return directory
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -407,15 +131,6 @@ def expected_vision_shapes(config: Qwen35Config) -> dict[str, tuple]:
 # ----------------------------------------------------------------------------------------------------------------
 # the loaded model
 # ----------------------------------------------------------------------------------------------------------------
-@dataclass
-class MLPWeights:
-    """Dense SwiGLU MLP: gate_proj [I, H], up_proj [I, H], down_proj [H, I]."""
-
-    gate_proj: np.ndarray
-    up_proj: np.ndarray
-    down_proj: np.ndarray
-
-
 @dataclass
 class LayerWeights:
     """One decoder layer: the two zero-centred norms, the token mixer (by layer type) and the MLP / MoE block."""
@@ -665,9 +380,9 @@ def load_weights(directory, config: Qwen35Config | None = None, dtype=np.float64
         ConfigError (config.json), CheckpointError (directory, index, safetensors files, non-finite values),
         WeightLoadError (the tensors do not fit the config).
     """
-    directory = _checkpoint_dir(directory)
+    directory = checkpoint_dir(directory)
     if config is None:
         config = Qwen35Config.from_pretrained(directory)
-    tensors, dtypes, files = _read_checkpoint(directory)
+    tensors, dtypes, files = read_checkpoint(directory)
     return weights_from_state_dict(tensors, config, dtype, source_dtypes=dtypes, where=str(directory),
                                    allow_nonfinite=allow_nonfinite, files={k: str(v) for k, v in files.items()})

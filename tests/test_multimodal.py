@@ -19,10 +19,10 @@ from reference.image_processing import expand_vision_placeholders
 from reference.multimodal import (
     TextAndVisionContext,
     VisionWeights,
+    get_rope_index,
     multimodal_prefill_inputs,
     split_visual_state_dict,
 )
-from reference.rope import get_rope_index
 from tests._tolerance import assert_close
 from tests.hf_checkpoints import load_hf_model, make_hf_checkpoint, tiny_config
 

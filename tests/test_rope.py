@@ -1,4 +1,4 @@
-"""reference/rope.py: partial RoPE, interleaved MRoPE, position bookkeeping and get_rope_index.
+"""reference/rope.py: partial RoPE, interleaved MRoPE, position bookkeeping; get_rope_index (reference/multimodal.py).
 
 Guards docs/pitfalls.md, B18 (partial rotary: frequencies over R, channels >= R untouched, large positions) and B19
 (interleaved vs sectioned MRoPE, text-only blind spot, non-contiguous [3, T] rows, chunked prefill / decode delta).
@@ -14,18 +14,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from reference.multimodal import get_rope_index, mm_token_types, vision_position_ids
 from reference.rope import (
     apply_partial_rope,
     decode_position_ids,
-    get_rope_index,
     inv_freq,
-    mm_token_types,
     mrope_angles,
     mrope_axis_of_frequency,
     mrope_cos_sin,
     rope_cos_sin,
     text_position_ids,
-    vision_position_ids,
 )
 from tests._tolerance import assert_close
 

@@ -12,11 +12,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from reference.attention import KVCache
 from reference.config import Qwen35Config
 from reference.memory import kv_bytes_per_token, state_bytes_per_request
-from reference.state_cache import (
-    GatedDeltaNetStateCache, KVCache, PoolFullError, StateCacheError, UnknownRequestError,
-)
+from reference.state_cache import GatedDeltaNetStateCache, PoolFullError, StateCacheError, UnknownRequestError
 
 CONFIG = Qwen35Config.tiny(linear_key_head_dim=4, linear_value_head_dim=4, num_hidden_layers=8)
 MAX_BATCH = 3

@@ -22,7 +22,8 @@ from reference.checkpoint import write_checkpoint
 from reference.config import Qwen35Config, VisionConfig
 from reference.errors import CheckpointError, ConfigError, Qwen35Error, WeightLoadError
 from reference.model import Qwen35Model
-from reference.weights import expected_lm_shapes, load_state_dict, load_weights, write_safetensors
+from reference.safetensors_io import load_state_dict, write_safetensors
+from reference.weights import expected_lm_shapes, load_weights
 
 TEXT = Qwen35Config.tiny().to_hf_dict()
 MM = Qwen35Config.tiny(model_type="qwen3_5").to_hf_dict()

@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 from hf_checkpoints import load_hf_model, make_hf_checkpoint
 from reference.config import Qwen35Config
 from reference.errors import CheckpointError
-from reference.weights import (
-    WeightLoadError, bf16_to_float32, float32_to_bf16, load_state_dict, load_weights, read_safetensors,
-    write_safetensors,
+from reference.safetensors_io import (
+    bf16_to_float32, float32_to_bf16, load_state_dict, read_safetensors, write_safetensors,
 )
+from reference.weights import WeightLoadError, load_weights
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,8 @@ from reference.config import Qwen35Config
 from reference.attention import AttentionWeights, gated_attention, split_q_gate, causal_attention
 from reference.norms import rms_norm, sigmoid
 from reference.rope import (inv_freq, mrope_axis_of_frequency, mrope_cos_sin, rope_cos_sin, apply_partial_rope,
-                            get_rope_index, text_position_ids)
+                            text_position_ids)
+from reference.multimodal import get_rope_index
 from qwen35.accuracy import error_metrics
 
 big = Qwen35Config.preset("27b")  # the published geometry, for the pictures

@@ -30,8 +30,8 @@ from matplotlib.patches import Rectangle
 from reference.config import Qwen35Config, VisionConfig
 from reference.image_processing import (ImageProcessor, smart_resize, patchify, expand_vision_placeholders)
 from reference.vision import (VisionWeights, vision_tower, merge_block_coordinates, num_merged_tokens)
-from reference.multimodal import (TextAndVisionContext, multimodal_prefill_inputs, split_visual_state_dict)
-from reference.rope import get_rope_index
+from reference.multimodal import (TextAndVisionContext, get_rope_index, multimodal_prefill_inputs,
+                                  split_visual_state_dict)
 from reference.checkpoint import random_state_dict, write_checkpoint
 from reference.model import Qwen35Model
 

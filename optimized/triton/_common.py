@@ -13,10 +13,7 @@ import os
 import torch
 import triton
 
-from optimized._checks import cu_seqlens_list  # shared with the torch twins; re-exported here
-
-__all__ = ["alloc", "poison_outputs", "force_blocks", "block", "interpreting", "check_device", "pow2",
-           "cu_seqlens_list"]
+__all__ = ["alloc", "poison_outputs", "force_blocks", "block", "interpreting", "check_device", "pow2"]
 
 _poison_depth = 0
 _forced_blocks: dict = {}

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from optimized._checks import conv_shapes, conv_update_shapes, conv_weight, silu_flag
+from optimized.slots import check_slot_ids, check_slot_range
 from optimized.triton._common import alloc, block, check_device, pow2
 
 __all__ = ["causal_conv1d", "causal_conv1d_update"]
@@ -194,15 +195,10 @@ def causal_conv1d_update(x, weight, *, conv_pool, slot_ids):
     who = "causal_conv1d_update"
     w = _conv_weight(who, weight)
     B, C, K = conv_update_shapes(who, x, w, conv_pool)
-    if slot_ids.dim() != 1 or slot_ids.shape[0] != B or slot_ids.is_floating_point():
-        raise ValueError(f"{who}: slot_ids must be an integer tensor [B={B}], got {slot_ids.dtype} "
-                         f"{tuple(slot_ids.shape)}")
+    check_slot_ids(who, slot_ids, B)
     dev = check_device(who, x, w, conv_pool, slot_ids)
-    if dev.type != "cuda":
-        bad = slot_ids[(slot_ids < -1) | (slot_ids >= conv_pool.shape[0])]
-        if bad.numel():
-            raise ValueError(f"{who}: slot ids must be -1 (padding) or in [0, {conv_pool.shape[0]}), got "
-                             f"{bad.tolist()}")
+    if dev.type != "cuda":  # a host check is free here; on CUDA it would sync (and break graph capture)
+        check_slot_range(who, slot_ids, conv_pool.shape[0])
     y = alloc((B, C), x.dtype, dev)
     if B == 0:
         return y

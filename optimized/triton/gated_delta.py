@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from optimized._checks import check_initial_state, cu_seqlens_list, gdn_shapes
+from optimized.slots import check_slot_ids, check_slot_range
 from optimized.triton._common import alloc, block, check_device, pow2
 
 __all__ = [
@@ -523,17 +524,12 @@ def fused_recurrent_gated_delta_rule_update(
                          f"{tuple(state_pool.shape)}")
     if not state_pool.is_contiguous():
         raise ValueError(f"{who}: state_pool must be contiguous (it is updated in place)")
-    if slot_ids.dim() != 1 or slot_ids.shape[0] != B or slot_ids.is_floating_point():
-        raise ValueError(f"{who}: slot_ids must be an integer tensor [B={B}], got {slot_ids.dtype} "
-                         f"{tuple(slot_ids.shape)}")
+    check_slot_ids(who, slot_ids, B)
     if D_k > 256 or D_v > 256:
         raise ValueError(f"{who}: D_k, D_v <= 256, got D_k={D_k}, D_v={D_v}")
     dev = check_device(who, q, k, v, g, beta, state_pool, slot_ids)
     if dev.type != "cuda":  # a host check is free here; on CUDA it would sync (and break graph capture)
-        bad = slot_ids[(slot_ids < -1) | (slot_ids >= state_pool.shape[0])]
-        if bad.numel():
-            raise ValueError(f"{who}: slot ids must be -1 (padding) or in [0, {state_pool.shape[0]}), got "
-                             f"{bad.tolist()}")
+        check_slot_range(who, slot_ids, state_pool.shape[0])
     scale = D_k ** -0.5 if scale is None else float(scale)
     o = alloc((B, 1, H_v, D_v), v.dtype, dev)
     if B == 0:
