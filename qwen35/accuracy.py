@@ -1,7 +1,7 @@
 """Accuracy of the optimized gated delta rule against the float64 oracle, written to JSON (pitfall B8, B24).
 
-Two experiments, both on physically valid inputs (tests/_factory.py: g = logsigmoid(·)/normalizer ≤ 0 with a few
-entries masked to 0, β = σ(·), q and k raw — the rule L2-normalises them):
+Two experiments, both on physically valid inputs (`qwen35.measure.gdn_inputs`: g = logsigmoid(·)/normalizer ≤ 0
+with a few entries masked to 0, β = σ(·), q and k raw — the rule L2-normalises them):
 
 1. **By sequence length.**  For T in a list of lengths, the optimized torch chunked (WY) form and the optimized torch
    per-token recurrence, with q/k/v in float32 or bfloat16 (g and β in float32, as the model computes them; the
@@ -15,7 +15,9 @@ entries masked to 0, β = σ(·), q and k raw — the rule L2-normalises them):
    stores its recurrent state in bf16 does; pitfall B8: SGLang, vLLM and mlx-lm all saw the difference).  Each
    step's output is compared with the float64 recurrence over the same inputs.
 
-Metrics (pitfall B24): relative RMS error ‖ref − got‖₂ / ‖ref‖₂, max-abs error, NMSE in dB = 20·log10(rel RMS).
+Metrics (pitfall B24, `qwen35.measure.error_metrics`): relative RMS error ‖ref − got‖₂ / ‖ref‖₂, max-abs error,
+NMSE in dB = 20·log10(rel RMS).  Every result file records the machine and the versions
+(`qwen35.measure.machine_info`); qwen35.report.accuracy_table renders it, qwen35.plot draws it.
 
     qwen35 accuracy                 # lengths 64..4096, 2048 decode steps  -> results/accuracy.json
     qwen35 accuracy --quick         # small sizes (seconds), for tests and CI
@@ -23,19 +25,12 @@ Metrics (pitfall B24): relative RMS error ‖ref − got‖₂ / ‖ref‖₂, m
 """
 from __future__ import annotations
 
-import json
-import math
 import os
-import platform
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO / "results"
+from qwen35.measure import error_metrics, gdn_inputs, machine_info
 
 # Geometry of one Gated DeltaNet layer: Qwen3.5 head sizes (D_k = D_v = 128, 2 value heads per key head) with fewer
 # heads so that the float64 oracle stays quick on a CPU.  Accuracy depends on D and on the decay, not on H.
@@ -44,89 +39,6 @@ FULL_LENGTHS = (64, 256, 1024, 4096)
 QUICK_LENGTHS = (16, 64, 160)
 FULL_STEPS = 2048
 QUICK_STEPS = 128
-
-
-# ------------------------------------------------------------------------------------------------ inputs, metrics
-def _logsigmoid(x):
-    return -np.logaddexp(0.0, -x)
-
-
-def gdn_inputs(seed: int, B: int, T: int, H_k: int, H_v: int, D_k: int, D_v: int, *, gate_normalizer: float = 1.0,
-               mask_p: float = 0.1) -> dict:
-    """Float64 inputs of the gated delta rule in the recipe of the shared test factory (tests/_factory.py).
-
-    Returns a dict of q, k [B, T, H_k, D_k]; v [B, T, H_v, D_v]; g, beta [B, T, H_v].
-    """
-    rng = np.random.default_rng(seed)
-    q = rng.standard_normal((B, T, H_k, D_k))
-    k = rng.standard_normal((B, T, H_k, D_k))
-    v = rng.standard_normal((B, T, H_v, D_v))
-    g = _logsigmoid(rng.standard_normal((B, T, H_v))) / gate_normalizer  # log-decay ≤ 0
-    g = np.where(rng.random(g.shape) < mask_p, 0.0, g)  # some steps do not decay at all
-    beta = 1.0 / (1.0 + np.exp(-rng.standard_normal((B, T, H_v))))  # write strength in (0, 1)
-    return dict(q=q, k=k, v=v, g=g, beta=beta)
-
-
-def error_metrics(ref, got) -> dict:
-    """Relative RMS error, max-abs error and NMSE (dB) of `got` against `ref` (float64 arrays)."""
-    ref = np.asarray(ref, dtype=np.float64)
-    got = np.asarray(got, dtype=np.float64)
-    if ref.shape != got.shape:
-        raise ValueError(f"shape mismatch: reference {ref.shape}, result {got.shape}")
-    if not np.all(np.isfinite(got)):
-        return {"rel_rms": float("inf"), "max_abs": float("inf"), "nmse_db": float("inf"), "finite": False}
-    err = float(np.sqrt(np.mean((ref - got) ** 2)))
-    den = float(np.sqrt(np.mean(ref ** 2)))
-    rel = err / den if den > 0 else err
-    return {"rel_rms": rel, "max_abs": float(np.max(np.abs(ref - got))) if ref.size else 0.0,
-            "nmse_db": 20.0 * math.log10(rel) if rel > 0 else -400.0, "finite": True}
-
-
-# ------------------------------------------------------------------------------------------------ metadata
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(device: str = "cpu") -> dict:
-    """Machine, versions and date, recorded in every result file (every plot states them)."""
-    import torch
-
-    info = {
-        "host_cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": device,
-        "device_name": (torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda")
-                        else f"CPU: {_cpu_name()}"),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "torch": torch.__version__,
-        "git_commit": _git_commit(),
-        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    return info
 
 
 # ------------------------------------------------------------------------------------------------ experiments
@@ -180,7 +92,7 @@ def accuracy_by_length(lengths=FULL_LENGTHS, *, shape=None, seed: int = 0, chunk
     bar = tqdm(jobs, desc="accuracy by length", disable=not progress, leave=False)
     for T, dt in bar:
         bar.set_postfix(T=T, dtype=dt)
-        x = gdn_inputs(seed + T, T=T, **shape)
+        x = gdn_inputs(seed + T, T=T, **shape, with_h0=False).as_dict()
         # The oracle sees exactly what the implementation sees: q, k, v rounded to dt; g and β in float32.
         xin = {name: _round_trip(x[name], dt if name in ("q", "k", "v") else "float32") for name in x}
         o_ref, s_ref = ref_rec(xin["q"], xin["k"], xin["v"], g=xin["g"], beta=xin["beta"])
@@ -222,7 +134,7 @@ def decode_drift(steps: int = FULL_STEPS, *, shape=None, seed: int = 1, gate_nor
     shape = dict(DEFAULT_SHAPE if shape is None else shape)
     B, H_k, H_v, D_k, D_v = (shape[n] for n in ("B", "H_k", "H_v", "D_k", "D_v"))
     B = max(B, 4)  # a few independent requests, so each step's error is an average over more than one row
-    x = gdn_inputs(seed, B, steps, H_k, H_v, D_k, D_v, gate_normalizer=gate_normalizer)
+    x = gdn_inputs(seed, B, steps, H_k, H_v, D_k, D_v, gate_normalizer=gate_normalizer, with_h0=False).as_dict()
     xin = {n: _round_trip(x[n], input_dtype if n in ("q", "k", "v") else "float32") for n in x}
     o_ref, _ = ref_rec(xin["q"], xin["k"], xin["v"], g=xin["g"], beta=xin["beta"])  # [B, steps, H_v, D_v]
     # The values are rounded to `input_dtype`, but carried in float32 tensors: the output is then not rounded to
@@ -286,30 +198,3 @@ def run_accuracy(*, quick: bool = False, lengths=None, steps: int | None = None,
         "drift": drift,
         "drift_slow_decay": drift_slow,
     }
-
-
-def accuracy_table(data: dict, tensor: str = "o") -> str:
-    """A Markdown table of the by-length rows for one tensor ("o" or "final_state")."""
-    rows = [r for r in data["by_length"] if r["tensor"] == tensor]
-    lines = ["| T | implementation | form | dtype | rel. RMS error | max abs error | NMSE (dB) |",
-             "|---:|---|---|---|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (r["T"], r["impl"] != "reference", r["form"], r["dtype"])):
-        lines.append(f"| {r['T']} | {r['impl']} | {r['form']} | {r['dtype']} | {r['rel_rms']:.2e} | "
-                     f"{r['max_abs']:.2e} | {r['nmse_db']:.1f} |")
-    return "\n".join(lines)
-
-
-def write_json(data: dict, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1) + "\n")
-    return path
-
-
-if __name__ == "__main__":  # python -m qwen35.accuracy --quick
-    from qwen35.commands.accuracy import add_arguments, run
-    import argparse
-
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    sys.exit(run(p.parse_args()))

@@ -1,85 +1,50 @@
-"""CPU benchmarks of the optimized PyTorch engine: one run, one thread, float32, medians -> table + JSON.
+"""CPU benchmarks of the optimized PyTorch engine: one run, one thread, float32, medians -> JSON.
 
     from qwen35.bench import run_all
     results = run_all(quick=False)          # or: qwen35 bench [--quick] [--out FILE]
 
-Three parts, each timed after a warm-up with several repeats (median reported):
+Four parts, each timed after a warm-up with several repeats (median reported):
 
 (a) Gated delta rule prefill core (q, k, v, g, β -> o, final state), H_k = H_v = 16, D_k = D_v = 128, B = 1,
     T ∈ {512, 2048, 4096}: optimized `chunk_gated_delta_rule` vs the reference NumPy chunked and per-token forms
     (float32) vs transformers' torch fallback `torch_chunk_gated_delta_rule`.  Reported against the same run's
-    sgemm rate on the chunked form's FLOPs (`gdn_chunk_flops`).
+    sgemm rate on the chunked form's FLOPs (`qwen35.measure.gdn_chunk_flops`, derived term by term there).
 (b) Decode step per layer: the fused in-place update (state pool, one slot) vs the reference per-token NumPy step;
     and one whole GDN layer (hidden 1024: projections + conv + rule + norm + out_proj) vs the reference layer.
 (c) Whole model on a checkpoint of the 0.8B geometry (hidden 1024, 4 layers L L L F, random weights, vocab 32768
     instead of 248320 — stated in the output): prefill tokens/s and decode tokens/s, optimized vs transformers
-    (`Qwen3_5ForCausalLM`, its torch fallbacks, sdpa attention) on the same checkpoint.  FLOPs: `model_prefill_flops`.
+    (`Qwen3_5ForCausalLM`, its torch fallbacks, sdpa attention) on the same checkpoint.  FLOPs:
+    `qwen35.measure.model_prefill_flops`; the decode floor: `qwen35.measure.decode_weight_bytes` at the measured
+    DRAM read rate.
+(d) `crossover_sweep`: the chunked vs the per-token form for T = 1 … 2048 (`qwen35 plot --measure-crossover`).
 
-FLOP conventions (dense matmul counts, 2 per multiply-add; nothing halved for triangular structure):
-
-    GDN chunked form, per token and value head (chunk C):
-        k̂k̂ᵀ and q̃k̂ᵀ in the chunk         4·C·D_k
-        [U|W] = (I+A)⁻¹ [βV | βγK̂]        2·C·(D_k + D_v)
-        W·S and (q̃⊙γ)·S                  4·D_k·D_v
-        Aqk·V_new                         2·C·D_v
-        K̂ᵀ·V_new (state update)          2·D_k·D_v
-    = 4·C·D_k + 2·C·(D_k+D_v) + 2·C·D_v + 6·D_k·D_v   (C=64, D=128: 180,224 per token-head; T=4096, H=16: 11.8 GF)
-    Model prefill, T tokens: 2·T·(all linear weights) + Σ_GDN layers (chunked form above) + Σ_attn layers
-    2·T²·nh·hd (QKᵀ and PV, causal half) + 2·H·V (lm_head for the one returned position).
+Inputs come from `qwen35.measure.gdn_inputs`, timers and the machine record from qwen35.measure; the console table
+and the Markdown of docs/benchmarks.md from qwen35.report.
 """
 from __future__ import annotations
 
-import json
 import os
-import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
-# One thread for every BLAS, set before NumPy (OpenBLAS) or torch (MKL/OpenMP) start their thread pools; the
-# `qwen35 bench` command re-executes itself when NumPy was already loaded without these.
-SINGLE_THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-for _k, _v in SINGLE_THREAD_ENV.items():
-    os.environ.setdefault(_k, _v)
+import numpy as np
 
-import numpy as np  # noqa: E402
+from qwen35.measure import (SINGLE_THREAD_ENV, decode_weight_bytes, gdn_chunk_flops, gdn_decode_bytes, gdn_inputs,
+                            machine_info, model_prefill_flops, pin_threads, timeit, timeit_interleaved)
 
 SHARED_NOTE = ("measured on a 2-core machine that ran other jobs at the same time; one BLAS thread, timings are "
                "medians of repeated runs, but the background load was not controlled")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# timing helpers
+# machine rates
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _single_thread():
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("MKL_NUM_THREADS", "1")
-    import torch
-
-    torch.set_num_threads(1)
-    return torch
-
-
-def timeit(fn, *, repeats: int = 5, warmup: int = 1, inner: int = 1) -> dict:
-    """Median / min seconds per call of fn() over `repeats` timings of `inner` calls, after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        ts.append((time.perf_counter() - t0) / inner)
-    return {"median_s": statistics.median(ts), "min_s": min(ts), "repeats": repeats, "inner": inner}
 
 
 def sgemm_rate(n: int = 2048, repeats: int = 5) -> dict:
     """Single-thread float32 matmul rate (GFLOP/s) of an n×n×n product in torch (MKL), median of repeats."""
-    torch = _single_thread()
+    torch = pin_threads()
     a, b = torch.randn(n, n), torch.randn(n, n)
     t = timeit(lambda: torch.mm(a, b), repeats=repeats)
     return {"n": n, "gflops": 2 * n ** 3 / t["median_s"] / 1e9, "best_gflops": 2 * n ** 3 / t["min_s"] / 1e9}
@@ -87,82 +52,10 @@ def sgemm_rate(n: int = 2048, repeats: int = 5) -> dict:
 
 def stream_bandwidth(mbytes: int = 256, repeats: int = 5) -> dict:
     """Single-thread DRAM read bandwidth (GB/s): a sum over a float32 buffer far larger than the caches."""
-    torch = _single_thread()
+    torch = pin_threads()
     x = torch.ones(mbytes * 1024 * 1024 // 4)
     t = timeit(lambda: x.sum(), repeats=repeats)
     return {"mbytes": mbytes, "read_gbps": x.numel() * 4 / t["median_s"] / 1e9}
-
-
-def decode_weight_bytes(config, dtype_bytes: int = 4) -> int:
-    """Bytes one decode step must stream: every linear weight once (the lm_head included), at `dtype_bytes` each."""
-    flops_per_token = model_prefill_flops(config, 1) - 2 * config.hidden_size * config.vocab_size
-    # model_prefill_flops(T=1) = 2·(linear weights) + tiny T-dependent terms; subtract them exactly:
-    c = config
-    gdn = c.num_linear_layers * gdn_chunk_flops(1, c.linear_num_value_heads, c.linear_key_head_dim,
-                                                c.linear_value_head_dim)
-    attn = c.num_full_layers * 2 * c.num_attention_heads * c.head_dim
-    linear_params = (flops_per_token - gdn - attn) // 2 + c.hidden_size * c.vocab_size
-    return int(linear_params * dtype_bytes)
-
-
-def machine_info() -> dict:
-    torch = _single_thread()
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch": torch.__version__, "numpy": np.__version__,
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "blas": "MKL" if torch.backends.mkl.is_available() else "?", "note": SHARED_NOTE,
-            "env": {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                                                   "THP_MEM_ALLOC_ENABLE", "MALLOC_MMAP_THRESHOLD_",
-                                                   "MALLOC_TRIM_THRESHOLD_")},
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        info["transformers"] = None
-    try:
-        info["load_avg_at_start"] = os.getloadavg()
-    except OSError:
-        pass
-    return info
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# FLOP formulas
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def gdn_chunk_flops(T: int, H_v: int, D_k: int, D_v: int, C: int = 64) -> int:
-    """FLOPs of the chunked gated delta rule (module docstring), T tokens, H_v value heads."""
-    per = 4 * C * D_k + 2 * C * (D_k + D_v) + 2 * C * D_v + 6 * D_k * D_v
-    return T * H_v * per
-
-
-def model_prefill_flops(config, T: int) -> int:
-    """FLOPs of one prefill of T tokens through the language model, logits for the last position only."""
-    c = config
-    H = c.hidden_size
-    lin = 0
-    for kind in c.layer_types:
-        if kind == "linear_attention":
-            lin += (c.conv_dim + c.value_dim + 2 * c.linear_num_value_heads) * H + H * c.value_dim
-        else:
-            nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-            lin += c.q_proj_rows * H + 2 * nkv * hd * H + H * nh * hd  # q(+gate), k, v, o projections
-        lin += 3 * c.intermediate_size * H if not c.is_moe else 0
-    total = 2 * T * lin + 2 * H * c.vocab_size
-    total += c.num_linear_layers * gdn_chunk_flops(T, c.linear_num_value_heads, c.linear_key_head_dim,
-                                                   c.linear_value_head_dim)
-    total += c.num_full_layers * 2 * T * T * c.num_attention_heads * c.head_dim
-    return int(total)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -170,20 +63,16 @@ def model_prefill_flops(config, T: int) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _gdn_inputs(T, H, D, seed=0):
-    rng = np.random.default_rng(seed)
-    q = rng.standard_normal((1, T, H, D)).astype(np.float32)
-    k = rng.standard_normal((1, T, H, D)).astype(np.float32)
-    v = rng.standard_normal((1, T, H, D)).astype(np.float32)
-    g = (-np.logaddexp(0.0, -rng.standard_normal((1, T, H)))).astype(np.float32)  # logsigmoid ≤ 0
-    beta = (1 / (1 + np.exp(-rng.standard_normal((1, T, H))))).astype(np.float32)
-    return q, k, v, g, beta
+def _rule_inputs(T, H, D, seed=0):
+    """float32 q, k, v, g, β of one sequence (B = 1, H_k = H_v = H, D_k = D_v = D) from the shared input factory."""
+    x = gdn_inputs(seed, 1, T, H, H, D, D, with_h0=False)
+    return tuple(a.astype(np.float32) for a in (x.q, x.k, x.v, x.g, x.beta))
 
 
 def bench_gdn_prefill(Ts=(512, 2048, 4096), H=16, D=128, *, quick=False, sgemm=None, log=print) -> list[dict]:
     """Per T: the optimized chunked rule, the transformers fallback and a 1024³ sgemm timed round-robin (so the
     fraction of the matmul rate is taken under the same machine load), then the slow NumPy references once."""
-    torch = _single_thread()
+    torch = pin_threads()
     import optimized.gated_delta as ogd
     import reference.gated_delta as rgd
 
@@ -199,7 +88,7 @@ def bench_gdn_prefill(Ts=(512, 2048, 4096), H=16, D=128, *, quick=False, sgemm=N
 
     rows = []
     for T in Ts:
-        q, k, v, g, beta = _gdn_inputs(T, H, D)
+        q, k, v, g, beta = _rule_inputs(T, H, D)
         tq, tk, tv, tg, tb = (torch.from_numpy(x) for x in (q, k, v, g, beta))
         flops = gdn_chunk_flops(T, H, D, D)
         row = {"T": T, "H_v": H, "D": D, "flops_chunked": flops}
@@ -207,7 +96,7 @@ def bench_gdn_prefill(Ts=(512, 2048, 4096), H=16, D=128, *, quick=False, sgemm=N
         if hf_chunk is not None:
             fns["hf_torch_fallback"] = lambda: hf_chunk(tq, tk, tv, g=tg, beta=tb, chunk_size=64,
                                                         output_final_state=True, use_qk_l2norm_in_kernel=True)
-        row.update(_interleaved(fns, 3 if quick else 7))
+        row.update(timeit_interleaved(fns, 3 if quick else 7))
         paired = 3 * 2 * 1024 ** 3 / row["sgemm_paired"]["median_s"] / 1e9
         row["sgemm_paired"]["gflops"] = paired
         ref_reps = 1 if quick else 2
@@ -237,14 +126,14 @@ def bench_gdn_prefill(Ts=(512, 2048, 4096), H=16, D=128, *, quick=False, sgemm=N
 
 
 def bench_decode_step(H=16, D=128, hidden=1024, *, quick=False, log=print) -> dict:
-    torch = _single_thread()
+    torch = pin_threads()
     import optimized.deltanet as odn
     import optimized.gated_delta as ogd
     import reference.deltanet as rdn
     import reference.gated_delta as rgd
     from reference.config import Qwen35Config
 
-    q, k, v, g, beta = _gdn_inputs(1, H, D, seed=1)
+    q, k, v, g, beta = _rule_inputs(1, H, D, seed=1)
     rng = np.random.default_rng(2)
     S = 8
     pool = torch.from_numpy(0.1 * rng.standard_normal((S, H, D, D)).astype(np.float32))
@@ -262,7 +151,7 @@ def bench_decode_step(H=16, D=128, hidden=1024, *, quick=False, log=print) -> di
             return (time.perf_counter() - t0) / n
         return run
 
-    both = _interleaved({
+    both = timeit_interleaved({
         "kernel_optimized": loop(lambda: ogd.fused_recurrent_gated_delta_rule_update(
             tq, tk, tv, g=tg, beta=tb, state_pool=pool, slot_ids=slots), inner),
         "kernel_reference_f32": loop(lambda: rgd.recurrent_gated_delta_rule(
@@ -270,7 +159,7 @@ def bench_decode_step(H=16, D=128, hidden=1024, *, quick=False, log=print) -> di
     }, reps)
     out.update(both)
     out["kernel_speedup"] = out["kernel_reference_f32"]["median_s"] / out["kernel_optimized"]["median_s"]
-    out["kernel_bytes_floor"] = 2 * H * D * D * 4  # read + write the fp32 state once
+    out["kernel_bytes_floor"] = gdn_decode_bytes(1, H, H, D, D, 4)  # the fp32 state read + written, q/k/v/o, g/β
 
     cfg = Qwen35Config.tiny(hidden_size=hidden, linear_num_key_heads=H, linear_num_value_heads=H,
                             linear_key_head_dim=D, linear_value_head_dim=D, intermediate_size=3584,
@@ -283,7 +172,7 @@ def bench_decode_step(H=16, D=128, hidden=1024, *, quick=False, log=print) -> di
     conv_pool = torch.zeros(S, cfg.conv_dim, cfg.linear_conv_kernel_dim - 1)
     conv0 = np.zeros((1, cfg.conv_dim, cfg.linear_conv_kernel_dim - 1), np.float32)
     out["layer_hidden"] = hidden
-    out.update(_interleaved({
+    out.update(timeit_interleaved({
         "layer_optimized": loop(lambda: odn.gated_deltanet_decode(
             tx, wt, cfg, conv_pool=conv_pool, state_pool=pool, slot_ids=slots, backend="torch"), max(5, inner // 5)),
         "layer_reference_f32": loop(lambda: rdn.gated_deltanet(
@@ -324,25 +213,11 @@ def write_random_checkpoint(directory, config, seed: int = 0) -> Path:
     return d
 
 
-def _interleaved(fns: dict, repeats: int) -> dict:
-    """Time several contenders round-robin (a, b, a, b, ...) after one warm-up each, so that a change of machine
-    load (this machine is shared) hits all of them alike.  fn() may return its own measured seconds."""
-    for f in fns.values():
-        f()
-    ts = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            r = f()
-            ts[k].append(r if isinstance(r, float) else time.perf_counter() - t0)
-    return {k: {"median_s": statistics.median(v), "min_s": min(v), "repeats": repeats} for k, v in ts.items()}
-
-
 def bench_model(*, quick=False, sgemm=None, log=print, prefill_Ts=None, decode_steps=None) -> dict:
     """Whole-model prefill (one request of T tokens, logits for its last position) and decode (B = 1, after a
     128-token prompt), optimized vs transformers on the same random checkpoint, timed round-robin.  The top-level
     `*_prefill` keys hold the largest T; `prefill_by_T` holds every T."""
-    torch = _single_thread()
+    torch = pin_threads()
     import optimized.model as OM
     from reference.context import TextContext
 
@@ -410,7 +285,7 @@ def bench_model(*, quick=False, sgemm=None, log=print, prefill_Ts=None, decode_s
             fns = {"optimized": lambda T=T: opt_prefill(T), "sgemm_paired": mm}
             if hf is not None:
                 fns["hf"] = lambda T=T: hf_prefill(T)
-            r = {"T": T, "flops": model_prefill_flops(cfg, T), **_interleaved(fns, reps)}
+            r = {"T": T, "flops": model_prefill_flops(cfg, T), **timeit_interleaved(fns, reps)}
             paired = n_mm * 2 * 1024 ** 3 / r["sgemm_paired"]["median_s"] / 1e9
             r["sgemm_paired"]["gflops"] = paired
             for name in ("optimized", "hf"):
@@ -429,7 +304,7 @@ def bench_model(*, quick=False, sgemm=None, log=print, prefill_Ts=None, decode_s
         fns = {"optimized": opt_decode}
         if hf is not None:
             fns["hf"] = hf_decode
-        dec = _interleaved(fns, reps)
+        dec = timeit_interleaved(fns, reps)
     out["optimized_decode"] = {"median_s_per_token": dec["optimized"]["median_s"] / steps, "repeats": reps}
     out["optimized_decode"]["tok_per_s"] = 1 / out["optimized_decode"]["median_s_per_token"]
     big = out["prefill_by_T"][-1]
@@ -464,7 +339,8 @@ GOALS = {
 
 
 def goals_report(res: dict) -> dict:
-    """Each issue-5 goal: target, measured value, met or not (GDN prefill judged at T = 2048 and 4096)."""
+    """Each CPU goal of docs/benchmarks.md: target, measured value, met or not (GDN prefill judged at T = 2048 and
+    4096, the smaller of the two)."""
     rep = {}
     big = [r for r in res.get("gdn_prefill", []) if r["T"] >= 2048] or res.get("gdn_prefill", [])
     if big:
@@ -488,9 +364,19 @@ def goals_report(res: dict) -> dict:
 
 
 def run_all(*, quick: bool = False, parts=("gdn", "decode", "model"), log=print) -> dict:
-    _single_thread()
-    res = {"machine": machine_info(), "quick": quick}
-    log(f"machine: {res['machine']['cpu']}, torch {res['machine']['torch']}, 1 thread")
+    """Every part in one process, one thread -> one JSON-ready dict (`qwen35 bench` prints it with
+    qwen35.report.format_table and writes it to docs/bench_cpu.json)."""
+    torch = pin_threads()
+    machine = machine_info("cpu")
+    machine.update(blas="MKL" if torch.backends.mkl.is_available() else "?", note=SHARED_NOTE,
+                   env={k: os.environ.get(k) for k in (*SINGLE_THREAD_ENV, "THP_MEM_ALLOC_ENABLE",
+                                                       "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")})
+    try:
+        machine["load_avg_at_start"] = os.getloadavg()
+    except OSError:
+        pass
+    res = {"machine": machine, "quick": quick}
+    log(f"machine: {res['machine']['host_cpu']}, torch {res['machine']['torch']}, 1 thread")
     res["sgemm"] = sgemm_rate(1024 if quick else 2048, repeats=3 if quick else 7)
     # The machine's matmul rate: the best of a few medians (the machine is shared, so a low reading is load, not
     # the machine; taking the best makes every "fraction of sgemm" conservative).
@@ -516,165 +402,57 @@ def run_all(*, quick: bool = False, parts=("gdn", "decode", "model"), log=print)
     return res
 
 
-def format_table(res: dict) -> str:
-    """The human-readable summary of a run_all result."""
-    L = []
-    sg = res["sgemm"]["gflops"]
-    L.append(f"sgemm (1 thread, fp32, n={res['sgemm']['n']}): {sg:.1f} GFLOP/s at start, "
-             f"{res.get('sgemm_end', {}).get('gflops', float('nan')):.1f} at end")
-    if "stream" in res:
-        L.append(f"DRAM read bandwidth (1 thread): {res['stream']['read_gbps']:.1f} GB/s")
-    if "gdn_prefill" in res:
-        L.append("")
-        L.append("(a) gated delta rule prefill core, H_v=16, D=128, fp32, 1 thread  [ms; GF/s on chunked FLOPs; % of "
-                 "the sgemm rate measured round-robin with it]")
-        L.append(f"{'T':>6} {'GFLOP':>7} | {'optimized':>22} | {'HF torch fallback':>22} | {'ref NumPy chunked':>22} |"
-                 f" {'ref NumPy per-token':>22}")
-        for r in res["gdn_prefill"]:
-            cells = []
-            for name in ("optimized", "hf_torch_fallback", "reference_chunked_f32", "reference_per_token_f32"):
-                if name in r:
-                    x = r[name]
-                    cells.append(f"{x['median_s'] * 1e3:8.1f} {x['gflops_on_chunked_flops']:5.1f} "
-                                 f"{100 * x.get('fraction_of_paired_sgemm', x.get('fraction_of_sgemm', 0)):5.1f}%")
-                else:
-                    cells.append(f"{'-':>22}")
-            L.append(f"{r['T']:>6} {r['flops_chunked'] / 1e9:7.2f} | " + " | ".join(cells))
-    if "decode" in res:
-        d = res["decode"]
-        L.append("")
-        L.append("(b) decode step (B=1), H_v=16, D=128, fp32, 1 thread  [µs per step]")
-        L.append(f"  rule (in-place pool update): optimized {d['kernel_optimized']['median_s'] * 1e6:.1f}  reference "
-                 f"{d['kernel_reference_f32']['median_s'] * 1e6:.1f}  -> {d['kernel_speedup']:.1f}x   (floor: "
-                 f"{d['kernel_bytes_floor'] / 1e6:.1f} MB of state read+written)")
-        L.append(f"  whole GDN layer (hidden {d['layer_hidden']}): optimized {d['layer_optimized']['median_s'] * 1e6:.1f}"
-                 f"  reference {d['layer_reference_f32']['median_s'] * 1e6:.1f}  -> {d['layer_speedup']:.1f}x")
-    if "model" in res:
-        m = res["model"]
-        L.append("")
-        L.append(f"(c) whole model: {m['geometry']}")
-        for r in m.get("prefill_by_T", []):
-            o = r["optimized"]
-            line = (f"  prefill T={r['T']} ({r['flops'] / 1e9:.1f} GFLOP): optimized {o['tok_per_s']:.0f} tok/s "
-                    f"({o['gflops']:.1f} GF/s, {100 * o.get('fraction_of_paired_sgemm', 0):.0f}% of the paired "
-                    f"sgemm {r.get('sgemm_paired', {}).get('gflops', 0):.0f} GF/s)")
-            if "hf" in r:
-                line += (f"; transformers {r['hf']['tok_per_s']:.0f} tok/s ({r['hf']['gflops']:.1f} GF/s) -> "
-                         f"{r['speedup_vs_hf']:.2f}x")
-            L.append(line)
-        if "decode_floor_tok_per_s" in m:
-            L.append(f"  decode floor: {m['decode_bytes_per_token'] / 1e6:.0f} MB of fp32 weights per token at "
-                     f"{res['stream']['read_gbps']:.1f} GB/s -> at most {m['decode_floor_tok_per_s']:.1f} tok/s")
-        L.append(f"  decode (context {m['decode_context']}, {m['decode_steps']} steps, B=1): optimized "
-                 f"{m['optimized_decode']['tok_per_s']:.1f} tok/s" + (
-                     f"; transformers {m['hf_decode']['tok_per_s']:.1f} tok/s -> {m['decode_speedup_vs_hf']:.2f}x"
-                     if "hf_decode" in m else ""))
-    if res.get("goals"):
-        L.append("")
-        L.append("goals:")
-        for k, g in res["goals"].items():
-            L.append(f"  {k:38s} target {g['target']:>5}  measured {g['measured']:.2f}  "
-                     f"{'MET' if g['met'] else 'missed'}")
-    L.append("")
-    L.append("note: " + SHARED_NOTE)
-    return "\n".join(L)
+# ----------------------------------------------------------------------------------------------------------------
+# (d) chunked vs per-token crossover
+# ----------------------------------------------------------------------------------------------------------------
 
 
-def write_json(res: dict, path) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(res, indent=2, default=float))
-    return p
+def crossover_sweep(lengths=None, *, H_v: int = 16, D: int = 128, quick: bool = False, repeats: int = 3,
+                    progress: bool = True) -> dict:
+    """Time the chunked and the per-token forms of the gated delta rule for T = 1 … 2048 (one thread, fp32).
 
+    Implementations: optimized torch chunked / recurrent, reference NumPy chunked / per-token (float32), and
+    transformers' torch chunked / recurrent fallbacks when transformers is installed.  Median of `repeats` calls
+    after one warm-up (one call for the slow ones from T = 512).  `qwen35 plot --measure-crossover` writes the
+    result to results/crossover.json, and qwen35.plot.plot_crossover draws it (pitfall B21: where to switch).
+    """
+    from tqdm.auto import tqdm
 
-def markdown_tables(res: dict) -> str:
-    """docs/benchmarks.md's result tables, generated from a run_all JSON (so the doc never drifts from the data)."""
-    L = []
-    sg = res["sgemm"]["gflops"]
-    m = res["machine"]
-    L.append(f"Run of {m.get('date', '?')}: {m.get('cpu')} ({m.get('logical_cpus')} logical CPUs), torch {m.get('torch')}"
-             f" ({m.get('blas')}), NumPy {m.get('numpy')}, transformers {m.get('transformers')}, 1 thread, float32; "
-             f"load average at start {tuple(round(x, 2) for x in m.get('load_avg_at_start', ()))}.")
-    L.append(f"sgemm {sg:.1f} GFLOP/s (best of the medians {[round(x, 1) for x in res['sgemm'].get('gflops_medians', [sg])]}"
-             f"; {res.get('sgemm_end', {}).get('gflops', float('nan')):.1f} at the end of the run)" + (
-                 f"; DRAM read {res['stream']['read_gbps']:.1f} GB/s." if "stream" in res else "."))
-    if "gdn_prefill" in res:
-        L.append("")
-        L.append("| T | chunked GFLOP | paired sgemm · floor (FLOP / sgemm) | optimized | transformers fallback | reference chunked | "
-                 "reference per-token | optimized vs transformers |")
-        L.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for r in res["gdn_prefill"]:
-            cells = []
-            for name in ("optimized", "hf_torch_fallback", "reference_chunked_f32", "reference_per_token_f32"):
-                x = r.get(name)
-                cells.append(f"{x['median_s'] * 1e3:.1f} ms · {x['gflops_on_chunked_flops']:.1f} GF/s · "
-                             f"{100 * x.get('fraction_of_paired_sgemm', x.get('fraction_of_sgemm', 0)):.0f} %"
-                             if x else "—")
-            psg = r.get("sgemm_paired", {}).get("gflops", sg)
-            L.append(f"| {r['T']} | {r['flops_chunked'] / 1e9:.2f} | {psg:.0f} GF/s · {r['flops_chunked'] / psg / 1e6:.0f} ms | "
-                     + " | ".join(cells) + f" | {r.get('speedup_vs_hf', float('nan')):.2f}× |")
-    if "decode" in res:
-        d = res["decode"]
-        L.append("")
-        L.append("| decode step, B = 1 | optimized | reference (NumPy, fp32) | speed-up |")
-        L.append("|---|---:|---:|---:|")
-        L.append(f"| gated delta rule only (H_v 16, D 128; in-place pool) | {d['kernel_optimized']['median_s'] * 1e6:.0f} µs"
-                 f" | {d['kernel_reference_f32']['median_s'] * 1e6:.0f} µs | {d['kernel_speedup']:.2f}× |")
-        L.append(f"| whole GDN layer (hidden {d['layer_hidden']}) | {d['layer_optimized']['median_s'] * 1e6:.0f} µs | "
-                 f"{d['layer_reference_f32']['median_s'] * 1e6:.0f} µs | {d['layer_speedup']:.2f}× |")
-    if "model" in res:
-        mm = res["model"]
-        L.append("")
-        L.append(f"Model: {mm['geometry']}.")
-        L.append("")
-        L.append("| phase | FLOP or bytes | floor | optimized | transformers | optimized vs transformers |")
-        L.append("|---|---:|---:|---:|---:|---:|")
-        for r in mm.get("prefill_by_T", []):
-            o, h = r["optimized"], r.get("hf")
-            psg = r.get("sgemm_paired", {}).get("gflops", sg)
-            L.append(f"| prefill T = {r['T']} | {r['flops'] / 1e9:.1f} GFLOP | {r['T'] / (r['flops'] / psg / 1e9):.0f} tok/s "
-                     f"(sgemm {psg:.0f} GF/s) | "
-                     f"{o['tok_per_s']:.0f} tok/s ({100 * o.get('fraction_of_paired_sgemm', 0):.0f} % sgemm) | "
-                     + (f"{h['tok_per_s']:.0f} tok/s ({100 * h.get('fraction_of_paired_sgemm', 0):.0f} % sgemm) | "
-                        f"{r['speedup_vs_hf']:.2f}× |" if h else "— | — |"))
-        if "decode_floor_tok_per_s" in mm:
-            L.append(f"| decode, context {mm['decode_context']} | {mm['decode_bytes_per_token'] / 1e6:.0f} MB / token | "
-                     f"{mm['decode_floor_tok_per_s']:.1f} tok/s | {mm['optimized_decode']['tok_per_s']:.1f} tok/s | "
-                     + (f"{mm['hf_decode']['tok_per_s']:.1f} tok/s | {mm['decode_speedup_vs_hf']:.2f}× |"
-                        if "hf_decode" in mm else "— | — |"))
-    if res.get("goals"):
-        L.append("")
-        L.append("| goal | target | measured | |")
-        L.append("|---|---:|---:|---|")
-        for k, g in res["goals"].items():
-            L.append(f"| {k} | {g['target']} | {g['measured']:.2f} | {'met' if g['met'] else 'missed'} |")
-    return "\n".join(L)
+    import optimized.gated_delta as ogd
+    import reference.gated_delta as rgd
 
+    torch = pin_threads()
+    lengths = list(lengths or ((1, 4, 16, 64, 256) if quick else (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)))
+    impls = {
+        "optimized torch chunked": lambda t, x: ogd.chunk_gated_delta_rule(*t[:3], g=t[3], beta=t[4]),
+        "optimized torch recurrent": lambda t, x: ogd.recurrent_gated_delta_rule(*t[:3], g=t[3], beta=t[4]),
+        "reference NumPy chunked": lambda t, x: rgd.chunk_gated_delta_rule(*x[:3], g=x[3], beta=x[4],
+                                                                           dtype=np.float32),
+        "reference NumPy per-token": lambda t, x: rgd.recurrent_gated_delta_rule(*x[:3], g=x[3], beta=x[4],
+                                                                                 dtype=np.float32),
+    }
+    try:  # transformers' own torch fallbacks (what runs when flash-linear-attention is missing; pitfall B21)
+        from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
 
-def gpu_markdown(data: dict) -> str:
-    """docs/benchmarks.md's GPU rows from the JSON of scripts/gpu_bench.py (schema qwen35.gpu_bench/1)."""
-    if data.get("kind") != "gpu_bench":
-        raise ValueError("not a scripts/gpu_bench.py JSON (kind != 'gpu_bench')")
-    m, pk = data.get("meta", {}), data.get("peaks", {})
-
-    def f(x, fmt):
-        return "—" if x is None else format(x, fmt)
-
-    L = [f"Run of {m.get('time_utc', '?')}: {m.get('gpu', m.get('device', '?'))} (SMs {m.get('sm_count', '?')}), "
-         f"torch {m.get('torch')}, triton {m.get('triton')}, CUDA {m.get('cuda')}, fla {m.get('fla')}, commit "
-         f"{str(m.get('git_commit'))[:10]}; peaks: bf16 matmul {f(pk.get('bf16_matmul_tflops'), '.0f')} TFLOP/s, "
-         f"copy {f(pk.get('copy_gbps'), '.0f')} GB/s.", "",
-         "| case | impl | shape | ms | TFLOP/s (% peak) | GB/s (% copy) | rel. RMS vs torch | vs fla |",
-         "|---|---|---|---:|---:|---:|---:|---:|"]
-    for r in data.get("records", []):
-        sh = r.get("shape")
-        sh = ", ".join(f"{k}={v}" for k, v in sh.items()) if isinstance(sh, dict) else str(sh)
-        pt = r.get("frac_peak_tflops")
-        pg = r.get("frac_peak_gbps")
-        L.append(f"| {r.get('case')} | {r.get('impl')} | {sh} | {f(r.get('ms'), '.4f')} | "
-                 f"{f(r.get('tflops'), '.2f')} ({f(pt and 100 * pt, '.0f')} %) | "
-                 f"{f(r.get('gbps'), '.0f')} ({f(pg and 100 * pg, '.0f')} %) | "
-                 f"{f(r.get('rel_rms_vs_torch'), '.1e')} | {f(r.get('rel_rms_vs_fla'), '.1e')} |")
-    for n in data.get("notes", []):
-        L.append(f"\nnote: {n}")
-    return "\n".join(L)
+        impls["transformers torch chunked"] = lambda t, x: hf.torch_chunk_gated_delta_rule(
+            *t[:3], g=t[3], beta=t[4], chunk_size=64, output_final_state=True, use_qk_l2norm_in_kernel=True)
+        impls["transformers torch recurrent"] = lambda t, x: hf.torch_recurrent_gated_delta_rule(
+            *t[:3], g=t[3], beta=t[4], output_final_state=True, use_qk_l2norm_in_kernel=True)
+    except ImportError:
+        pass
+    rows = []
+    for T in tqdm(lengths, desc="chunk vs recurrent", disable=not progress, leave=False):
+        x = _rule_inputs(T, H_v, D, seed=T)  # [1, T, H_v, D] q, k, v; [1, T, H_v] g, β
+        t = [torch.from_numpy(a) for a in x]
+        for name, fn in impls.items():
+            reps = 1 if (not name.startswith("optimized") and T >= 512) else repeats
+            with torch.no_grad():
+                timing = timeit(lambda: fn(t, x), repeats=reps, warmup=1)
+            rows.append({"impl": name, "T": T, "seconds": timing["median_s"], "phase": "prefill",
+                         "dtype": "float32"})
+    meta = machine_info("cpu")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    meta["load_avg_1min"] = load
+    meta["dtype_note"] = (f"float32, one thread, H_v = {H_v}, D_k = D_v = {D}, B = 1, chunk 64; median of {repeats}; "
+                          f"load average {load:.1f} on {os.cpu_count()} CPUs at the end (shared machine: noisy)")
+    return {"kind": "crossover", "schema": 1, "meta": meta, "rows": rows}

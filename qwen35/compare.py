@@ -16,7 +16,7 @@ How the points are captured:
 * optimized: `optimized_trace` below records the residual stream as it enters each RMSNorm of
   `optimized.model.Qwen35Model._forward` (the input norm of layer i sees the stream after layer i − 1; the final
   norm sees it after the last layer), by wrapping the module's `rms_norm` for the duration of one stateless call;
-* transformers: `qwen35.commands.diverge.hf_trace` (forward hooks on the decoder layers).
+* transformers: `hf_trace` below (forward hooks on the decoder layers; `qwen35 diverge` uses it too).
 """
 from __future__ import annotations
 
@@ -55,6 +55,38 @@ def _record_norm_inputs(model):
         yield calls
     finally:
         om.rms_norm = original
+
+
+def _hf_text_model(hf):
+    """The HF decoder stack (embed_tokens, layers, norm) of a CausalLM or a ConditionalGeneration model."""
+    inner = hf.model
+    return inner.language_model if hasattr(inner, "language_model") else inner
+
+
+def hf_trace(hf, tokens, names) -> list[tuple[str, np.ndarray]]:
+    """The trace points of `reference.divergence.trace_names` (`names`), captured from a transformers model with
+    forward hooks on the embedding, every decoder layer and the final norm, plus the logits."""
+    import torch
+
+    text = _hf_text_model(hf)
+    captured: list[np.ndarray] = []
+
+    def grab(_module, _inputs, output):
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        captured.append(out[0].detach().double().cpu().numpy())
+
+    modules = [text.embed_tokens, *text.layers, text.norm]
+    handles = [m.register_forward_hook(grab) for m in modules]
+    try:
+        with torch.no_grad():
+            logits = hf(input_ids=torch.as_tensor(np.asarray(tokens)[None], dtype=torch.long), use_cache=False).logits
+    finally:
+        for h in handles:
+            h.remove()
+    arrays = captured + [logits[0].double().numpy()]
+    if len(arrays) != len(names):
+        raise RuntimeError(f"captured {len(arrays)} points from the HF model, expected {len(names)}")
+    return list(zip(names, arrays))
 
 
 def optimized_trace(model, tokens) -> list[tuple[str, np.ndarray]]:
@@ -137,7 +169,7 @@ class Comparison:
     def as_dict(self) -> dict:
         from dataclasses import asdict
 
-        from qwen35.accuracy import machine_info
+        from qwen35.measure import machine_info
 
         try:
             rel = str(Path(self.checkpoint).resolve().relative_to(Path(__file__).resolve().parent.parent))
@@ -180,8 +212,6 @@ def compare_checkpoint(path, tokens, *, dtypes=("float32",), backend: str = "aut
     if with_hf:
         try:
             import transformers  # noqa: F401
-
-            from qwen35.commands.diverge import hf_trace
         except ImportError as e:
             out.skipped["transformers"] = f"not installed ({e})"
         else:

@@ -1,28 +1,31 @@
 """Plots from result JSON (results go to JSON first; plots are made from the JSON).
 
-| JSON (results/)          | written by                     | plot (docs/plots/)                          |
-|--------------------------|--------------------------------|---------------------------------------------|
-| memory.json              | `memory_sweep()` (this file)   | memory.png/.svg   max batch vs memory budget |
-| accuracy.json            | `qwen35 accuracy`              | accuracy.png, drift.png                      |
-| crossover.json           | `crossover_sweep()` (this file) | crossover.png  chunked vs per-token by T     |
-| docs/bench_cpu.json      | `qwen35 bench`                 | speed.png                                    |
-| compare_*.json           | `qwen35 compare --out`         | compare_*.png  error per layer vs float64    |
-| gpu_bench.json           | `scripts/gpu_bench.py`         | gpu_kernels.png  Triton vs torch (vs fla) on a GPU |
+| JSON (results/)          | written by                           | plot (docs/plots/)                          |
+|--------------------------|--------------------------------------|---------------------------------------------|
+| memory.json              | `memory_sweep()` (this file)         | memory.png/.svg   max batch vs memory budget |
+| accuracy.json            | `qwen35 accuracy`                    | accuracy.png, drift.png                      |
+| crossover.json           | `qwen35 plot --measure-crossover`    | crossover.png  chunked vs per-token by T     |
+| docs/bench_cpu.json      | `qwen35 bench`                       | speed.png                                    |
+| compare_*.json           | `qwen35 compare --out`               | compare_*.png  error per layer vs float64    |
+| gpu_bench.json           | `scripts/gpu_bench.py`               | gpu_kernels.png  Triton vs torch (vs fla) on a GPU |
+
+Nothing here times anything: the measurements are qwen35.bench (CPU speed, the crossover sweep),
+qwen35.accuracy, qwen35.compare and scripts/gpu_bench.py.  The one data step kept here is `memory_sweep`: the
+memory plot's numbers are analytic (reference.memory, no device, no clock), a pure function of the code, so
+`qwen35 plot` recomputes them on every run and the memory plot can never lag behind the memory model.
 
 Every figure carries a footer with the machine, the versions and the dtypes read from the JSON's `meta`, so a
 plot never travels without the conditions it was measured under.  matplotlib runs headless (Agg).
 
     qwen35 plot                       # refresh memory.json, render every known JSON in results/ to docs/plots/
-    qwen35 plot --measure-crossover   # also time chunked vs per-token (a minute, one thread) -> crossover.json
+    qwen35 plot --measure-crossover   # first time chunked vs per-token (a minute, one thread) -> crossover.json
 """
 from __future__ import annotations
 
-import json
 import os
+import sys
 import time
 from pathlib import Path
-
-import sys
 
 import matplotlib
 
@@ -34,8 +37,8 @@ import numpy as np  # noqa: E402
 plt.rcParams["svg.fonttype"] = "none"  # keep SVG text as text: smaller files, searchable footers
 plt.rcParams["svg.hashsalt"] = "qwen35"  # stable element ids, so re-rendering the same JSON gives the same SVG
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO / "results"
+from qwen35.measure import REPO, RESULTS_DIR, git_commit, load_json, write_json  # noqa: E402
+
 PLOTS_DIR = REPO / "docs" / "plots"
 
 GIB = 2 ** 30
@@ -47,17 +50,6 @@ STYLE_OF_RULE = {"in_place": "-", "gather_scatter": "--"}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def load_json(path) -> dict:
-    return json.loads(Path(path).read_text())
-
-
-def write_json(data: dict, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1) + "\n")
-    return path
-
-
 def footer_text(meta: dict, extra: str = "") -> str:
     """One or two lines: machine · versions · dtype · date (whatever of it the JSON's meta holds)."""
     parts = []
@@ -111,11 +103,9 @@ def memory_sweep(presets=None, budgets_gib=MEMORY_BUDGETS_GIB, *, context_len: i
     from reference.config import Qwen35Config, preset_names
     from reference.memory import memory_budget
 
-    from qwen35.accuracy import _git_commit
-
     presets = list(presets) if presets else preset_names()
     out = {"kind": "memory", "schema": 1,
-           "meta": {"machine": "analytic (reference.memory; no device needed)", "git_commit": _git_commit(),
+           "meta": {"machine": "analytic (reference.memory; no device needed)", "git_commit": git_commit(),
                     "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "context_len": context_len, "state_dtype": state_dtype, "kv_dtype": kv_dtype,
                     "weight_dtype": weight_dtype,
@@ -269,11 +259,13 @@ def is_bench(data: dict) -> bool:
 
 
 def bench_meta(data: dict) -> dict:
-    """The bench JSON's `machine` block in the footer's vocabulary."""
+    """The bench JSON's `machine` block in the footer's vocabulary (the CPU is `host_cpu` in a machine_info
+    record, `cpu` in older bench files)."""
     m = data.get("machine") or data.get("meta") or {}
     meta = dict(m)
-    if "cpu" in m:
-        meta["device_name"] = f"CPU: {m['cpu']} ({m.get('torch_threads', '?')} thread)"
+    cpu = m.get("host_cpu") or m.get("cpu")
+    if cpu:
+        meta["device_name"] = f"CPU: {cpu} ({m.get('torch_threads', '?')} thread)"
     if "date" in m and "date_utc" not in m:
         meta["date_utc"] = m["date"]
     sg = data.get("sgemm", {}).get("gflops")
@@ -330,66 +322,6 @@ def plot_speed(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: str 
     fig.tight_layout(rect=(0, 0.09, 1, 1))
     extra = f"model: {model['geometry']}" if model and model.get("geometry") else ""
     return _finish(fig, bench_meta(data), out_dir, stem, formats, extra=extra)
-
-
-def crossover_sweep(lengths=None, *, H_v: int = 16, D: int = 128, quick: bool = False, repeats: int = 3,
-                    progress: bool = True) -> dict:
-    """Time the chunked and the per-token forms of the gated delta rule for T = 1 … 2048 (one thread, fp32).
-
-    Implementations: optimized torch chunked / recurrent, reference NumPy chunked / per-token (float32), and
-    transformers' torch chunked / recurrent fallbacks when transformers is installed.  Median of `repeats` calls
-    after one warm-up (one call for the slow ones from T = 512).  Written to results/crossover.json by `qwen35 plot --measure-crossover`.
-    """
-    import statistics
-
-    import torch
-    from tqdm.auto import tqdm
-
-    import optimized.gated_delta as ogd
-    import reference.gated_delta as rgd
-    from qwen35.accuracy import gdn_inputs, machine_info
-
-    torch.set_num_threads(1)
-    lengths = list(lengths or ((1, 4, 16, 64, 256) if quick else (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)))
-    impls = {
-        "optimized torch chunked": lambda t, x: ogd.chunk_gated_delta_rule(*t[:3], g=t[3], beta=t[4]),
-        "optimized torch recurrent": lambda t, x: ogd.recurrent_gated_delta_rule(*t[:3], g=t[3], beta=t[4]),
-        "reference NumPy chunked": lambda t, x: rgd.chunk_gated_delta_rule(*x[:3], g=x[3], beta=x[4],
-                                                                           dtype=np.float32),
-        "reference NumPy per-token": lambda t, x: rgd.recurrent_gated_delta_rule(*x[:3], g=x[3], beta=x[4],
-                                                                                 dtype=np.float32),
-    }
-    try:  # transformers' own torch fallbacks (what runs when flash-linear-attention is missing; pitfall B21)
-        from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
-
-        impls["transformers torch chunked"] = lambda t, x: hf.torch_chunk_gated_delta_rule(
-            *t[:3], g=t[3], beta=t[4], chunk_size=64, output_final_state=True, use_qk_l2norm_in_kernel=True)
-        impls["transformers torch recurrent"] = lambda t, x: hf.torch_recurrent_gated_delta_rule(
-            *t[:3], g=t[3], beta=t[4], output_final_state=True, use_qk_l2norm_in_kernel=True)
-    except ImportError:
-        pass
-    rows = []
-    for T in tqdm(lengths, desc="chunk vs recurrent", disable=not progress, leave=False):
-        d = gdn_inputs(T, 1, T, H_v, H_v, D, D)
-        x = [d[n].astype(np.float32) for n in ("q", "k", "v", "g", "beta")]
-        t = [torch.from_numpy(a) for a in x]
-        for name, fn in impls.items():
-            reps = 1 if (not name.startswith("optimized") and T >= 512) else repeats
-            with torch.no_grad():
-                fn(t, x)  # warm-up
-                ts = []
-                for _ in range(reps):
-                    t0 = time.perf_counter()
-                    fn(t, x)
-                    ts.append(time.perf_counter() - t0)
-            rows.append({"impl": name, "T": T, "seconds": statistics.median(ts), "phase": "prefill",
-                         "dtype": "float32"})
-    meta = machine_info("cpu")
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    meta["load_avg_1min"] = load
-    meta["dtype_note"] = (f"float32, one thread, H_v = {H_v}, D_k = D_v = {D}, B = 1, chunk 64; median of {repeats}; "
-                          f"load average {load:.1f} on {os.cpu_count()} CPUs at the end (shared machine: noisy)")
-    return {"kind": "crossover", "schema": 1, "meta": meta, "rows": rows}
 
 
 def crossover_point(data: dict, fast: str = "optimized torch chunked", slow: str = "optimized torch recurrent"):
@@ -520,7 +452,7 @@ def plot_gpu_bench(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: 
     m = dict(data.get("meta") or {})
     m["device_name"] = m.get("gpu") or f"{m.get('device', '?')}" + (" (Triton interpreter)" if m.get("interpreter")
                                                                      else "")
-    m["date_utc"] = m.get("time_utc")
+    m["date_utc"] = m.get("time_utc") or m.get("date_utc")
     shapes = {r["case"]: r["shape"] for r in recs}
     dt = next(iter(shapes.values())).get("dtype", "?")
     notes = [n for n in data.get("notes", []) if "DRY RUN" in n]
@@ -534,18 +466,15 @@ BENCH_LOCATIONS = ("docs/bench_cpu.json",)  # where `qwen35 bench` writes by def
 
 
 def render_all(results_dir=RESULTS_DIR, out_dir=PLOTS_DIR, formats=("png", "svg"), refresh_memory: bool = True,
-               measure_crossover: bool = False, include_bench: bool = True, log=print) -> list[Path]:
-    """(Re)compute results/memory.json (and results/crossover.json if asked), then render every JSON in
-    `results_dir` whose kind is known, plus the bench JSON at its default location."""
+               include_bench: bool = True, log=print) -> list[Path]:
+    """(Re)compute results/memory.json (analytic), then render every JSON in `results_dir` whose kind is known, plus
+    the bench JSON at its default location."""
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     written: list[Path] = []
     mem_path = results_dir / "memory.json"
     if refresh_memory or not mem_path.exists():
         write_json(memory_sweep(), mem_path)
         log(f"wrote {mem_path}")
-    if measure_crossover:
-        write_json(crossover_sweep(), results_dir / "crossover.json")
-        log(f"wrote {results_dir / 'crossover.json'}")
     paths = sorted(results_dir.glob("*.json"))
     if include_bench and results_dir.resolve() == RESULTS_DIR.resolve():
         paths += [REPO / p for p in BENCH_LOCATIONS if (REPO / p).exists()]

@@ -18,11 +18,10 @@ Cases (pitfall B21, B22):
 Each row reports ms, achieved TFLOP/s and GB/s from the explicit formulas below, their fraction of the measured
 peaks, and the relative RMS difference of the output against the torch path (and fla) on the same inputs.
 
-FLOP / byte formulas (per call; e = bytes per element of the input dtype; see docs/triton_kernels.md):
-  chunk:  FLOPs = T·H_v·(6·C·K + 4·C·V + 6·K·V + C²/3)          (C = 64 chunk, K = D_k, V = D_v)
-          bytes = T·(2·H_k·K + 2·H_v·V)·e + T·H_v·2·4 + N·H_v·K·V·4   (q, k, v, o, g, β, final state)
-  decode: FLOPs = B·H_v·(6·K·V + 4·K + 2·V);  bytes = 2·B·H_v·K·V·4 + B·(2·H_k·K + 2·H_v·V)·e + 2·B·H_v·4
-  conv:   FLOPs = 2·K·C·T;  bytes = 2·T·C·e + C·K·e;   norm: FLOPs = 8·R·D;  bytes = 3·R·D·e + D·4
+FLOP / byte formulas (per call; e = bytes per element of the input dtype): qwen35.measure's gdn_chunk_flops /
+gdn_chunk_bytes, gdn_decode_flops / gdn_decode_bytes, causal_conv1d_*, gated_rms_norm_* (each derived in its
+docstring; the table is in docs/triton_kernels.md).  Inputs come from qwen35.measure.gdn_inputs, errors from
+qwen35.measure.rel_rms, the machine record from qwen35.measure.machine_info.
 
 The JSON (schema "qwen35.gpu_bench/1") holds meta (GPU, versions, git commit), peaks, one record per
 (case, implementation) and notes; `qwen35 bench` turns it into the GPU rows of docs/benchmarks.md.
@@ -30,20 +29,25 @@ The JSON (schema "qwen35.gpu_bench/1") holds meta (GPU, versions, git commit), p
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
+if str(ROOT) not in sys.path:  # run from a checkout (scripts/gpu_check.sh) or with the package installed
     sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
+import torch  # noqa: E402  (torch does not import triton: TRITON_INTERPRET can still be set in main())
 
-def _parse():
+from qwen35.measure import (causal_conv1d_bytes, causal_conv1d_flops, gated_rms_norm_bytes,  # noqa: E402
+                            gated_rms_norm_flops, gdn_chunk_bytes, gdn_chunk_flops, gdn_decode_bytes,
+                            gdn_decode_flops, gdn_inputs, machine_info, rel_rms, write_json)
+
+
+def _parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", nargs="?", default=None, help="JSON path (default results/gpu_bench.json)")
     p.add_argument("--out", dest="out_opt", default=None, help="JSON path (same as the positional argument)")
@@ -52,33 +56,7 @@ def _parse():
     p.add_argument("--arch", type=int, default=90, help="SM version for --aot-check (default 90 = H100/H200)")
     p.add_argument("--skip-fla", action="store_true", help="do not try flash-linear-attention")
     p.add_argument("--skip-torch", action="store_true", help="do not time the torch path (faster)")
-    return p.parse_args()
-
-
-ARGS = _parse() if __name__ == "__main__" else None
-if ARGS is not None and ARGS.dry_run:
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-# ------------------------------------------------------------------------------------------------ FLOP / byte models
-
-
-def chunk_flops(T, H_v, K, V, C=64):
-    return T * H_v * (6 * C * K + 4 * C * V + 6 * K * V + C * C / 3)
-
-
-def chunk_bytes(T, N, H_k, H_v, K, V, e):
-    return T * (2 * H_k * K + 2 * H_v * V) * e + T * H_v * 2 * 4 + N * H_v * K * V * 4
-
-
-def decode_flops(B, H_v, K, V):
-    return B * H_v * (6 * K * V + 4 * K + 2 * V)
-
-
-def decode_bytes(B, H_k, H_v, K, V, e):
-    return 2 * B * H_v * K * V * 4 + B * (2 * H_k * K + 2 * H_v * V) * e + 2 * B * H_v * 4
+    return p.parse_args(argv)
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -132,13 +110,6 @@ def time_fn(fn, dev, *, iters=30, warmup=5, graph=False, calls_per_replay=1):
         b.synchronize()
         ts.append(a.elapsed_time(b))
     return float(np.median(ts)) / calls_per_replay, how
-
-
-def rel_rms(ref, got):
-    ref, got = ref.detach().double().cpu(), got.detach().double().cpu()
-    den = float(ref.pow(2).mean().sqrt())
-    num = float((ref - got).pow(2).mean().sqrt())
-    return num / den if den else num
 
 
 # ------------------------------------------------------------------------------------------------ peaks
@@ -205,7 +176,6 @@ def _fla_chunk_call(fla_chunk, q, k, v, g, beta, H_v):
 
 
 def bench_chunk(dev, shapes, impls, records, notes):
-    from tests._factory import gdn_inputs
     import optimized.triton as tri
 
     T, H_k, H_v, D = shapes["T"], shapes["H_k"], shapes["H_v"], shapes["D"]
@@ -216,7 +186,7 @@ def bench_chunk(dev, shapes, impls, records, notes):
     g, beta = (torch.tensor(a, dtype=torch.float32, device=dev) for a in (x.g, x.beta))
     del x
     e = torch.tensor([], dtype=dt).element_size()
-    flops, nbytes = chunk_flops(T, H_v, D, D), chunk_bytes(T, 1, H_k, H_v, D, D, e)
+    flops, nbytes = gdn_chunk_flops(T, H_v, D, D), gdn_chunk_bytes(T, 1, H_k, H_v, D, D, e)
     shape = dict(B=1, T=T, H_k=H_k, H_v=H_v, D_k=D, D_v=D, dtype=str(dt).replace("torch.", ""), chunk=64)
 
     def run_tri():
@@ -253,7 +223,6 @@ def bench_chunk(dev, shapes, impls, records, notes):
 def bench_crossover(dev, shapes, impls, records, notes):
     """Chunked vs per-token Triton kernels over T (one sequence, the same heads): where the chunk form starts to win
     (pitfall B21: fla switches at T <= 64; a decode step must never go through the chunk path)."""
-    from tests._factory import gdn_inputs
     import optimized.triton as tri
 
     H_k, H_v, D, dt = shapes["H_k"], shapes["H_v"], shapes["D"], shapes["dtype"]
@@ -270,13 +239,12 @@ def bench_crossover(dev, shapes, impls, records, notes):
         for name, fn in (("triton_chunk", lambda: tri.chunk_gated_delta_rule(q, k, v, g=g, beta=beta)),
                          ("triton_recurrent", lambda: tri.recurrent_gated_delta_rule(q, k, v, g=g, beta=beta))):
             ms, timing = time_fn(fn, dev, iters=max(1, shapes["iters"] // 3), warmup=min(2, shapes["warmup"]))
-            records.append(_record("gdn_crossover", name, shape, ms, chunk_flops(T, H_v, D, D),
-                                   chunk_bytes(T, 1, H_k, H_v, D, D, e), timing, "chunk vs recurrent rel RMS in err",
+            records.append(_record("gdn_crossover", name, shape, ms, gdn_chunk_flops(T, H_v, D, D),
+                                   gdn_chunk_bytes(T, 1, H_k, H_v, D, D, e), timing, "chunk vs recurrent rel RMS in err",
                                    err, None))
 
 
 def bench_decode(dev, shapes, impls, records, notes):
-    from tests._factory import gdn_inputs
     import optimized.triton as tri
 
     H_k, H_v, D, S = shapes["H_k"], shapes["H_v"], shapes["D"], shapes["pool"]
@@ -294,7 +262,7 @@ def bench_decode(dev, shapes, impls, records, notes):
         perm = torch.randperm(S, generator=gen)[: n_sets * B].view(n_sets, B).to(dev)
         shape = dict(B=B, H_k=H_k, H_v=H_v, D_k=D, D_v=D, pool_slots=S, dtype=str(dt).replace("torch.", ""),
                      slot_sets_per_replay=n_sets)
-        flops, nbytes = decode_flops(B, H_v, D, D), decode_bytes(B, H_k, H_v, D, D, e)
+        flops, nbytes = gdn_decode_flops(B, H_v, D, D), gdn_decode_bytes(B, H_k, H_v, D, D, e)
 
         # accuracy on one call, on copies of the pool
         p_tri = pool.clone()
@@ -385,8 +353,8 @@ def bench_conv_norm(dev, shapes, impls, records, notes):
             cands.append(("torch", lambda: impls["conv"].causal_conv1d(x, w)))
     for name, fn in cands:
         ms, timing = time_fn(fn, dev, iters=shapes["iters"], warmup=shapes["warmup"])
-        records.append(_record("causal_conv1d_prefill", name, shape, ms, 2 * K * C * T, 2 * T * C * e + C * K * e,
-                               timing, "", err if name == "triton" else None, None))
+        records.append(_record("causal_conv1d_prefill", name, shape, ms, causal_conv1d_flops(T, C, K),
+                               causal_conv1d_bytes(T, C, K, e), timing, "", err if name == "triton" else None, None))
     R, D = shapes["norm_rows"], shapes["D"]
     xn = torch.randn((R, D), generator=gen).to(dev, dt)
     zn = torch.randn((R, D), generator=gen).to(dev, dt)
@@ -401,8 +369,8 @@ def bench_conv_norm(dev, shapes, impls, records, notes):
     shape = dict(rows=R, D=D, dtype=str(dt).replace("torch.", ""))
     for name, fn in cands:
         ms, timing = time_fn(fn, dev, iters=shapes["iters"], warmup=shapes["warmup"])
-        records.append(_record("gated_rms_norm", name, shape, ms, 8 * R * D, 3 * R * D * e + D * 4, timing, "",
-                               err if name == "triton" else None, None))
+        records.append(_record("gated_rms_norm", name, shape, ms, gated_rms_norm_flops(R, D),
+                               gated_rms_norm_bytes(R, D, e), timing, "", err if name == "triton" else None, None))
 
 
 PEAKS: dict = {}
@@ -430,23 +398,11 @@ def _record(case, impl, shape, ms, flops, nbytes, timing, how, err_vs_torch, err
 
 
 def _meta(dev, fla_version):
-    import triton
-
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-    except Exception:
-        commit = None
-    m = {
-        "python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
-        "cuda": torch.version.cuda, "device": str(dev), "git_commit": commit, "fla": fla_version,
-        "interpreter": os.environ.get("TRITON_INTERPRET") == "1", "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                          time.gmtime()),
-    }
-    if dev.type == "cuda":
-        p = torch.cuda.get_device_properties(dev)
-        m.update(gpu=p.name, sm_count=p.multi_processor_count, gpu_mem_gib=round(p.total_memory / 2 ** 30, 1),
-                 capability=f"{p.major}.{p.minor}")
+    """machine_info of the device (GPU name, SMs, versions, git commit) plus fla's version and whether the Triton
+    interpreter ran; the date under the schema's key `time_utc`."""
+    m = machine_info(str(dev))
+    m["time_utc"] = m.pop("date_utc")
+    m.update(fla=fla_version, interpreter=os.environ.get("TRITON_INTERPRET") == "1")
     return m
 
 
@@ -540,8 +496,10 @@ def aot_check(arch):
     return ok
 
 
-def main():
-    args = ARGS
+def main(argv=None):
+    args = _parse(argv)
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere (optimized.triton, machine_info)
     out = Path(args.out_opt or args.out or (ROOT / "results" / "gpu_bench.json"))
     if args.aot_check:
         sys.exit(0 if aot_check(args.arch) else 1)
@@ -580,12 +538,11 @@ def main():
     if fla_chunk is not None:  # last: fla's autotuning can take a while, and a timeout must not cost the rest
         phases += [("fla chunk prefill", bench_chunk, "fla"), ("fla decode", bench_decode, "fla")]
 
+    meta = _meta(dev, fla_version)
+
     def write(complete):
-        result = {"kind": "gpu_bench", "schema": "qwen35.gpu_bench/1", "complete": complete,
-                  "meta": _meta(dev, fla_version), "peaks": PEAKS, "records": records, "notes": notes,
-                  "wall_s": time.time() - t_start}
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2, default=str))
+        write_json({"kind": "gpu_bench", "schema": "qwen35.gpu_bench/1", "complete": complete, "meta": meta,
+                    "peaks": PEAKS, "records": records, "notes": notes, "wall_s": time.time() - t_start}, out)
 
     for name, fn, phase in phases:
         t0 = time.time()
@@ -602,7 +559,7 @@ def main():
         write(complete=False)  # partial results survive a timeout
     write(complete=True)
     print(_table(records))
-    print(f"peaks: {json.dumps(PEAKS, default=str)}")
+    print(f"peaks: {PEAKS}")
     for n_ in notes:
         print("note:", n_)
     print(f"[gpu_bench] wrote {out}")

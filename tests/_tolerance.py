@@ -1,11 +1,14 @@
 """One place for every numerical budget.
 
-`assert_close(name, ref, got, budget)` reports the relative RMS error ‖ref−got‖₂/‖ref‖₂ (fla's ratio) and the
-max-abs error, and fails on any NaN/Inf.  Budgets are named; loosening one needs a comment citing evidence.
+`assert_close(name, ref, got, budget)` reports the relative RMS error ‖ref−got‖₂/‖ref‖₂ (fla's ratio,
+`qwen35.measure.rel_rms`) and the max-abs error, and fails on any NaN/Inf.  Budgets are named; loosening one needs
+a comment citing evidence.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from qwen35.measure import rel_rms, to_numpy
 
 # Relative-RMS budgets, by (what is compared).
 BUDGETS = {
@@ -18,24 +21,6 @@ BUDGETS = {
     # bf16 inputs with an fp32 state vs the float64 oracle.
     "bf16": 1e-2,
 }
-
-
-def to_numpy(x) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch tensor, without importing torch here
-        x = x.detach().cpu()
-        if str(x.dtype) == "torch.bfloat16":
-            x = x.float()
-        x = x.numpy()
-    return np.asarray(x, dtype=np.float64)
-
-
-def rel_rms(ref, got) -> float:
-    ref, got = to_numpy(ref), to_numpy(got)
-    den = float(np.sqrt(np.mean(ref * ref)))
-    num = float(np.sqrt(np.mean((ref - got) ** 2)))
-    if den == 0.0:
-        return num
-    return num / den
 
 
 def assert_close(name: str, ref, got, budget: float | str, *, atol: float = 1e-12) -> float:

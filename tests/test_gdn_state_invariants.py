@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from _factory import gdn_inputs, random_cu_seqlens
+from _factory import random_cu_seqlens
 from _tolerance import assert_close
+from qwen35.measure import gdn_inputs
 from reference.gated_delta import chunk_gated_delta_rule, recurrent_gated_delta_rule
 
 RULES = {"recurrent": recurrent_gated_delta_rule, "chunk": chunk_gated_delta_rule}

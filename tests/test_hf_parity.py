@@ -14,8 +14,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from _tolerance import BUDGETS, assert_close, rel_rms
+from _tolerance import BUDGETS, assert_close
 from hf_checkpoints import hf_logits, load_hf_model, make_hf_checkpoint
+from qwen35.measure import rel_rms
 from reference.model import Qwen35Model, TextContext
 
 pytestmark = pytest.mark.hf
@@ -180,7 +181,7 @@ def test_greedy_check_rejects_a_real_divergence(pair):
 # ------------------------------------------------------------------------------------------ divergence report
 @pytest.mark.parametrize("pair", ["moe"], indirect=True)
 def test_divergence_report_within_tolerance_and_finds_an_injected_bug(pair, tmp_path):
-    from qwen35.commands.diverge import hf_trace
+    from qwen35.compare import hf_trace
     from reference.divergence import compare_traces, reference_trace, trace_names
 
     kind, model, hf = pair

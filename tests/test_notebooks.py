@@ -171,7 +171,8 @@ def test_committed_memory_results_are_current():
 
 
 def test_crossover_sweep_times_every_form_and_plots(tmp_path):
-    from qwen35.plot import crossover_point, crossover_sweep, plot_crossover
+    from qwen35.bench import crossover_sweep
+    from qwen35.plot import crossover_point, plot_crossover
 
     d = crossover_sweep((1, 8, 64), H_v=2, D=16, repeats=1, progress=False)
     impls = {r["impl"] for r in d["rows"]}

@@ -207,12 +207,14 @@ def test_triton_backend_model_matches_torch(pair, monkeypatch):
 
 
 def test_bench_flop_and_byte_formulas_match_the_checkpoint_shapes():
-    """qwen35.bench's FLOP / byte counts agree with the tensor shapes reference.weights expects."""
-    from qwen35.bench import bench_config, decode_weight_bytes, gdn_chunk_flops, model_prefill_flops
+    """qwen35.measure's FLOP / byte counts agree with the tensor shapes reference.weights expects."""
+    from qwen35.bench import bench_config
+    from qwen35.measure import decode_weight_bytes, gdn_chunk_flops, model_prefill_flops
     from reference.weights import expected_lm_shapes
 
-    assert gdn_chunk_flops(1, 1, 128, 128, 64) == 180_224
-    assert gdn_chunk_flops(4096, 16, 128, 128) == 4096 * 16 * 180_224
+    # per token and value head of a full chunk: 6·C·K + 4·C·V + 6·K·V + (C² − 1)/3 = 180,224 + 1,365 (the inverse)
+    assert gdn_chunk_flops(64, 1, 128, 128, 64) == 64 * 181_589
+    assert gdn_chunk_flops(4096, 16, 128, 128) == 4096 * 16 * 181_589
     cfg = bench_config()
     shapes = expected_lm_shapes(cfg)
     matrices = sum(int(np.prod(s)) for n, s in shapes.items()

@@ -26,10 +26,11 @@ from hypothesis import strategies as st
 
 import optimized.model as OM
 import reference.model as RM
+from qwen35.measure import rel_rms
 from reference.context import TextContext
 from reference.multimodal import TextAndVisionContext, plan_multimodal_prefill
 from tests._mm_cases import CFG, IMG, hf_kwargs, inside_placeholder_runs, prompt_case
-from tests._tolerance import assert_close, rel_rms
+from tests._tolerance import assert_close
 from tests.hf_checkpoints import load_hf_model, make_hf_checkpoint
 
 torch = pytest.importorskip("torch")

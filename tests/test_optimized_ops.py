@@ -25,7 +25,7 @@ import reference.gated_delta as rgd
 import reference.mlp as rmlp
 import reference.norms as rnorms
 import reference.rope as rrope
-from _factory import gdn_inputs, random_cu_seqlens
+from _factory import random_cu_seqlens
 from _tolerance import assert_close
 from optimized import attention as oatt
 from optimized import conv as oconv
@@ -33,6 +33,7 @@ from optimized import deltanet as odn
 from optimized import mlp as omlp
 from optimized import norms as onorms
 from optimized import rope as orope
+from qwen35.measure import gdn_inputs
 from reference.config import Qwen35Config
 
 torch.set_num_threads(1)

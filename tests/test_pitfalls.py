@@ -30,10 +30,10 @@ import optimized.backend as OB
 import optimized.model as OM
 import optimized.norms as onorms
 import reference.attention as ratt
-from _factory import gdn_inputs
-from _tolerance import assert_close, rel_rms
+from _tolerance import assert_close
 from optimized import attention as oatt
 from optimized.deltanet import RECURRENT_MAX_TOKENS
+from qwen35.measure import gdn_inputs, rel_rms
 from reference.checkpoint import random_state_dict
 from reference.config import Qwen35Config
 from reference.context import TextContext
@@ -174,7 +174,7 @@ def test_b7_accuracy_and_gpu_bench_json_record_versions():
     import importlib.util
 
     triton = pytest.importorskip("triton")
-    from qwen35.accuracy import machine_info
+    from qwen35.measure import machine_info
 
     meta = machine_info("cpu")
     assert meta["torch"] == torch.__version__ and meta["triton"] == triton.__version__

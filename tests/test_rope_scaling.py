@@ -24,8 +24,9 @@ import optimized.model as OM
 import optimized.rope as orope
 import reference.model as RM
 import reference.rope as rrope
-from _tolerance import assert_close, rel_rms
+from _tolerance import assert_close
 from hf_checkpoints import hf_logits, load_hf_model, make_hf_checkpoint
+from qwen35.measure import rel_rms
 from reference.config import Qwen35Config
 from reference.context import TextContext
 from reference.errors import ConfigError

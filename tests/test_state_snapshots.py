@@ -20,8 +20,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from _tolerance import assert_close, rel_rms
+from _tolerance import assert_close
 from hf_checkpoints import make_hf_checkpoint
+from qwen35.measure import rel_rms
 from reference.model import PoolFullError, Qwen35Model, RequestError, RequestSnapshot, TextContext, \
     UnknownRequestError
 

@@ -28,10 +28,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
+from qwen35.measure import gdn_inputs  # noqa: E402
 from reference import conv as ref_conv  # noqa: E402
 from reference import gated_delta as ref_gd  # noqa: E402
 from reference import norms as ref_norms  # noqa: E402
-from tests._factory import gdn_inputs, random_cu_seqlens  # noqa: E402
+from tests._factory import random_cu_seqlens  # noqa: E402
 from tests._tolerance import assert_close  # noqa: E402
 
 try:

@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
+from qwen35.measure import rel_rms
 from reference.config import VisionConfig
 from reference.multimodal import split_visual_state_dict
 from reference.vision import (
@@ -27,7 +28,7 @@ from reference.vision import (
     vision_rotary_position_ids,
     vision_tower,
 )
-from tests._tolerance import assert_close, rel_rms
+from tests._tolerance import assert_close
 from tests.hf_checkpoints import load_hf_model, make_hf_checkpoint, tiny_config
 
 torch = pytest.importorskip("torch")

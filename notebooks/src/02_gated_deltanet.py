@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt
 from reference.gated_delta import recurrent_gated_delta_rule, chunk_gated_delta_rule
 from reference.conv import causal_conv1d, causal_conv1d_update
 from reference.norms import l2_norm
-from qwen35.accuracy import gdn_inputs, error_metrics
+from qwen35.measure import gdn_inputs, error_metrics
 
 T = 512 if FULL else 96  # tokens
 D = 128 if FULL else 16  # head size D_k = D_v
@@ -123,7 +123,7 @@ ax.set_title("The gate: a stored value fades as α^t"); plt.show()
 # entries 0, $\beta = \sigma(\cdot)$.
 
 # %%
-x = gdn_inputs(seed=1, B=1, T=T, H_k=2, H_v=4, D_k=D, D_v=D)
+x = gdn_inputs(seed=1, B=1, T=T, H_k=2, H_v=4, D_k=D, D_v=D).as_dict()
 o_rec, S_rec = recurrent_gated_delta_rule(x["q"], x["k"], x["v"], g=x["g"], beta=x["beta"])
 print("o:", o_rec.shape, " final state:", S_rec.shape, " (state size does not depend on T =", T, ")")
 

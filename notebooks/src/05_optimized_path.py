@@ -36,7 +36,7 @@ from hypothesis import given, settings, strategies as st, HealthCheck
 import optimized.gated_delta as torch_gd
 import optimized.backend as backend
 from reference.gated_delta import recurrent_gated_delta_rule as oracle
-from qwen35.accuracy import gdn_inputs, error_metrics
+from qwen35.measure import gdn_inputs, error_metrics
 
 try:
     import optimized.triton.gated_delta as triton_gd
@@ -66,7 +66,7 @@ def to_np(t):
 # %%
 T = 1024 if FULL else 256
 shape = dict(B=1, H_k=2, H_v=4, D_k=64, D_v=64)
-x = gdn_inputs(seed=0, T=T, **shape)
+x = gdn_inputs(seed=0, T=T, **shape).as_dict()
 xt = {k: to_t(v) for k, v in x.items()}
 
 t0 = time.perf_counter(); o_ref, s_ref = oracle(x["q"], x["k"], x["v"], g=x["g"], beta=x["beta"]); t_ref = time.perf_counter() - t0
@@ -132,7 +132,7 @@ tried = []
 
 def gdn_case(c, n_seq=1):
     x = gdn_inputs(c["seed"], 1, c["T"], c["H_k"], c["H_k"] * c["r"], c["D_k"], c["D_v"],
-                   gate_normalizer=c["normalizer"])
+                   gate_normalizer=c["normalizer"]).as_dict()
     h0 = 0.5 * np.random.default_rng(c["seed"] + 1).standard_normal((n_seq, c["H_k"] * c["r"], c["D_k"], c["D_v"]))
     return x, h0
 
@@ -207,7 +207,7 @@ if triton_gd is not None:
 # comes from `qwen35 accuracy --backend triton --device cuda` on a GPU.
 
 # %%
-xb = gdn_inputs(seed=3, B=1, T=40, H_k=1, H_v=2, D_k=16, D_v=16)
+xb = gdn_inputs(seed=3, B=1, T=40, H_k=1, H_v=2, D_k=16, D_v=16).as_dict()
 o_ref_b, _ = oracle(*(to_np(to_t(xb[n], torch.bfloat16)) for n in ("q", "k", "v")), g=xb["g"], beta=xb["beta"])
 bf16_err = {}
 for name, mod in [("torch", torch_gd)] + ([("triton", triton_gd)] if triton_gd is not None else []):
@@ -273,7 +273,7 @@ H_k, H_v, D = 1, 2, 16
 n_slots, slot_ids = 6, [4, -1, 1]  # request 0 owns slot 4, row 1 is padding, request 2 owns slot 1
 rng = np.random.default_rng(5)
 pool0 = rng.standard_normal((n_slots, H_v, D, D)) * 0.5
-step = gdn_inputs(7, len(slot_ids), 1, H_k, H_v, D, D)
+step = gdn_inputs(7, len(slot_ids), 1, H_k, H_v, D, D).as_dict()
 impls = {"torch": torch_gd.fused_recurrent_gated_delta_rule_update}
 if triton_gd is not None:
     impls["triton"] = triton_gd.fused_recurrent_gated_delta_rule_update

@@ -29,9 +29,11 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from qwen35.plot import (RESULTS_DIR, PLOTS_DIR, REPO, load_json, plot_accuracy, plot_drift, plot_crossover,
-                         plot_compare, plot_speed, crossover_point, render_all)
-from qwen35.accuracy import accuracy_table, run_accuracy
+from qwen35.measure import RESULTS_DIR, REPO, load_json
+from qwen35.plot import (PLOTS_DIR, plot_accuracy, plot_drift, plot_crossover, plot_compare, plot_speed,
+                         crossover_point, render_all)
+from qwen35.accuracy import run_accuracy
+from qwen35.report import accuracy_table
 
 checks = {}
 print("results:", sorted(p.name for p in RESULTS_DIR.glob("*.json")))
@@ -183,7 +185,8 @@ if bench_path.exists():
             print(f"T = {r['T']:>5}: optimized / reference NumPy chunked time = "
                   f"{r['optimized']['median_s'] / r['reference_chunked_f32']['median_s']:.2f}")
     checks["bench JSON has GDN prefill rows with a machine block"] = (
-        0.0 if bench["gdn_prefill"] and bench.get("machine", {}).get("cpu") else 1.0, 0.0)
+        0.0 if bench["gdn_prefill"] and (bench.get("machine", {}).get("host_cpu") or bench["machine"].get("cpu"))
+        else 1.0, 0.0)
 else:
     print("no docs/bench_cpu.json yet: run `qwen35 bench` and then `qwen35 plot`")
 

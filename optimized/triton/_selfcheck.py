@@ -18,13 +18,6 @@ import torch
 from optimized.triton._common import poison_outputs
 
 
-def _rel_rms(ref, got) -> float:
-    got = got.detach().float().cpu().numpy().astype(np.float64)
-    den = float(np.sqrt(np.mean(ref * ref)))
-    num = float(np.sqrt(np.mean((ref - got) ** 2)))
-    return num / den if den else num
-
-
 def _time(fn, dev, iters):
     fn()
     if dev.type == "cuda":
@@ -43,6 +36,10 @@ def _time(fn, dev, iters):
 
 
 def main(which: str) -> None:
+    # The shared error metric; imported here, when a kernel file runs as __main__, so that importing optimized
+    # never imports qwen35.
+    from qwen35.measure import rel_rms
+
     gpu = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
     if not gpu and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("no CUDA device: run with TRITON_INTERPRET=1 to use the Triton interpreter on CPU")
@@ -81,7 +78,7 @@ def main(which: str) -> None:
                 with poison_outputs():
                     o, h = fn(*args, **kw)
                 ms = _time(lambda: fn(*args, **kw), dev, iters if name == "chunk" or gpu else 1)
-                rows.append((f"{name} T={T} H_v={H_v} D={D}", str(dt), _rel_rms(o_ref, o), _rel_rms(h_ref, h), ms))
+                rows.append((f"{name} T={T} H_v={H_v} D={D}", str(dt), rel_rms(o_ref, o), rel_rms(h_ref, h), ms))
             pool0 = (0.5 * rng.standard_normal((S, H_v, D, D))).astype(np.float32)
             slots = rng.permutation(S)[:B]
             x = [rnd(rng.standard_normal((B, 1, H_k, D)), dt) for _ in range(2)] + \
@@ -93,9 +90,9 @@ def main(which: str) -> None:
                                                    slot_ids=torch.tensor(slots, device=dev)))
             with poison_outputs():
                 o = K.fused_recurrent_gated_delta_rule_update(*dargs[0], **dargs[1])
-            err_h = _rel_rms(h_ref, pool[torch.tensor(slots, device=dev)])
+            err_h = rel_rms(h_ref, pool[torch.tensor(slots, device=dev)])
             ms = _time(lambda: K.fused_recurrent_gated_delta_rule_update(*dargs[0], **dargs[1]), dev, iters)
-            rows.append((f"decode B={B} H_v={H_v} D={D}", str(dt), _rel_rms(o_ref, o), err_h, ms))
+            rows.append((f"decode B={B} H_v={H_v} D={D}", str(dt), rel_rms(o_ref, o), err_h, ms))
     elif which == "conv":
         from optimized.triton import conv as K
         from reference import conv as R
@@ -111,7 +108,7 @@ def main(which: str) -> None:
             kw = dict(conv_state=t(st, dt), cu_seqlens=torch.tensor(cu, device=dev))
             with poison_outputs():
                 y, s = K.causal_conv1d(*args, **kw)
-            rows.append((f"conv T={T} C={C}", str(dt), _rel_rms(y_ref, y), _rel_rms(s_ref, s),
+            rows.append((f"conv T={T} C={C}", str(dt), rel_rms(y_ref, y), rel_rms(s_ref, s),
                          _time(lambda: K.causal_conv1d(*args, **kw), dev, iters)))
             pool0 = rnd(rng.standard_normal((S, C, Kc - 1)), dt)
             slots = rng.permutation(S)[:B]
@@ -121,8 +118,8 @@ def main(which: str) -> None:
             ids = torch.tensor(slots, device=dev)
             with poison_outputs():
                 y = K.causal_conv1d_update(t(xb, dt), args[1], conv_pool=pool, slot_ids=ids)
-            err_s = _rel_rms(s_ref, pool[ids])
-            rows.append((f"conv update B={B} C={C}", str(dt), _rel_rms(y_ref, y), err_s,
+            err_s = rel_rms(s_ref, pool[ids])
+            rows.append((f"conv update B={B} C={C}", str(dt), rel_rms(y_ref, y), err_s,
                          _time(lambda: K.causal_conv1d_update(t(xb, dt), args[1], conv_pool=pool, slot_ids=ids),
                                dev, iters)))
     elif which == "norm":
@@ -135,7 +132,7 @@ def main(which: str) -> None:
             w = rng.standard_normal(D).astype(np.float32).astype(np.float64)
             with poison_outputs():
                 y = K.gated_rms_norm(t(x, dt), t(z, dt), t(w), 1e-6)
-            rows.append((f"gated_rms_norm R={R_} D={D}", str(dt), _rel_rms(R.gated_rms_norm(x, z, w, 1e-6), y), None,
+            rows.append((f"gated_rms_norm R={R_} D={D}", str(dt), rel_rms(R.gated_rms_norm(x, z, w, 1e-6), y), None,
                          _time(lambda: K.gated_rms_norm(t(x, dt), t(z, dt), t(w), 1e-6), dev, iters)))
     else:
         raise ValueError(which)

@@ -26,7 +26,9 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from qwen35.accuracy import RESULTS_DIR, accuracy_table, run_accuracy, write_json
+    from qwen35.accuracy import run_accuracy
+    from qwen35.measure import RESULTS_DIR, write_json
+    from qwen35.report import accuracy_table
 
     check_backend(args.backend, args.device, strict=True)
     default = "accuracy" + ("" if args.backend == "torch" else f"_{args.backend}") + ("_quick" if args.quick else "")

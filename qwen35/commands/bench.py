@@ -1,6 +1,8 @@
 """`qwen35 bench`: CPU speed runs of the optimized engine vs the NumPy reference and transformers -> table + JSON."""
 from __future__ import annotations
 
+from qwen35.measure import SINGLE_THREAD_ENV
+
 from ._validate import UsageError, comma_list, output_path, read_json_file, writing
 
 NAME = "bench"
@@ -24,12 +26,12 @@ def add_arguments(parser):
                              "scripts/gpu_bench.py")
 
 
-# The process environment of a benchmark run: one thread for every BLAS.  With --tuned-allocator also the settings
-# that keep large CPU buffers from being page-faulted in afresh on every call: glibc returns freed blocks >= 32 MiB
-# to the OS, so a 32 MiB output costs ~8,000 page faults per call (≈ 45 ms at T = 4096 on this KVM guest); raising
-# the mmap/trim thresholds makes freed blocks reusable, and THP_MEM_ALLOC_ENABLE gives torch's large buffers huge
-# pages.  They apply to every contender in the process alike (and help the transformers fallback more than us).
-THREAD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# The process environment of a benchmark run: one thread for every BLAS (qwen35.measure.SINGLE_THREAD_ENV).  With
+# --tuned-allocator also the settings that keep large CPU buffers from being page-faulted in afresh on every call:
+# glibc returns freed blocks >= 32 MiB to the OS, so a 32 MiB output costs ~8,000 page faults per call (≈ 45 ms at
+# T = 4096 on this KVM guest); raising the mmap/trim thresholds makes freed blocks reusable, and
+# THP_MEM_ALLOC_ENABLE gives torch's large buffers huge pages.  They apply to every contender in the process alike
+# (and help the transformers fallback more than us).
 ALLOCATOR_ENV = {"THP_MEM_ALLOC_ENABLE": "1", "MALLOC_MMAP_THRESHOLD_": str(2 ** 32),
                  "MALLOC_TRIM_THRESHOLD_": str(2 ** 32)}
 
@@ -43,7 +45,7 @@ def _reexec(tuned_allocator: bool) -> None:
 
     if os.environ.get("QWEN35_BENCH_REEXEC") == "1":
         return
-    want = dict(THREAD_ENV, **(ALLOCATOR_ENV if tuned_allocator else {}))
+    want = dict(SINGLE_THREAD_ENV, **(ALLOCATOR_ENV if tuned_allocator else {}))
     drop = [] if tuned_allocator else [k for k in ALLOCATOR_ENV if k in os.environ]
     if all(os.environ.get(k) == v for k, v in want.items()) and not drop:
         return
@@ -55,7 +57,7 @@ def _reexec(tuned_allocator: bool) -> None:
 
 def run(args) -> int:
     if getattr(args, "gpu_json", None):
-        from qwen35.bench import gpu_markdown
+        from qwen35.report import gpu_markdown
 
         data = read_json_file(args.gpu_json, "--gpu-json")
         if data.get("kind") != "gpu_bench":
@@ -65,7 +67,9 @@ def run(args) -> int:
         return 0
     output_path(args.out, "--out")  # before the (long) run, not after it
     _reexec(getattr(args, "tuned_allocator", False))
-    from qwen35.bench import format_table, run_all, write_json
+    from qwen35.bench import run_all
+    from qwen35.measure import write_json
+    from qwen35.report import format_table
 
     res = run_all(quick=args.quick, parts=tuple(args.parts))
     print()

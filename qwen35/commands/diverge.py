@@ -2,7 +2,7 @@
 
 For one prompt, record the embedding, every decoder layer's output, the final norm and the logits in both models
 (forward hooks on the HF side), and print per point the max / mean absolute difference and the relative RMS
-error, flagging the first point above the tolerance.  `hf_trace` is importable for tests.
+error, flagging the first point above the tolerance.  The HF side is `qwen35.compare.hf_trace`.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen35.compare import hf_trace
 from reference.errors import CheckpointError
 
 from ._common import add_checkpoint_prompt_arguments, checkpoint_dir, prompt_tokens, read_config
@@ -28,37 +29,6 @@ def add_arguments(parser):
                         help="relative RMS error above which a point counts as divergent (default 1e-4: fp32 "
                              "rounding reaches a few 1e-5 on small random models)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-
-def _text_model(hf):
-    """The HF decoder stack (embed_tokens, layers, norm) of a CausalLM or a ConditionalGeneration model."""
-    inner = hf.model
-    return inner.language_model if hasattr(inner, "language_model") else inner
-
-
-def hf_trace(hf, tokens, names) -> list[tuple[str, np.ndarray]]:
-    """The same trace points as reference.divergence.reference_trace, captured with forward hooks on an HF model."""
-    import torch
-
-    text = _text_model(hf)
-    captured: list[np.ndarray] = []
-
-    def grab(_module, _inputs, output):
-        out = output[0] if isinstance(output, (tuple, list)) else output
-        captured.append(out[0].detach().double().cpu().numpy())
-
-    modules = [text.embed_tokens, *text.layers, text.norm]
-    handles = [m.register_forward_hook(grab) for m in modules]
-    try:
-        with torch.no_grad():
-            logits = hf(input_ids=torch.as_tensor(np.asarray(tokens)[None], dtype=torch.long), use_cache=False).logits
-    finally:
-        for h in handles:
-            h.remove()
-    arrays = captured + [logits[0].double().numpy()]
-    if len(arrays) != len(names):
-        raise RuntimeError(f"captured {len(arrays)} points from the HF model, expected {len(names)}")
-    return list(zip(names, arrays))
 
 
 def divergence_vs_hf(path, tokens, *, dtype=np.float64, tolerance: float = 1e-4, hf=None,

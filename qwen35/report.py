@@ -1,0 +1,197 @@
+"""Text renderings of result JSON: the console summary of a CPU bench run and the Markdown tables of the docs.
+
+    from qwen35.report import format_table, markdown_tables, gpu_markdown, accuracy_table
+
+| function          | reads                                      | used by                                          |
+|-------------------|--------------------------------------------|--------------------------------------------------|
+| `format_table`    | a `qwen35 bench` result (qwen35/bench.py)  | `qwen35 bench` (printed after the run)           |
+| `markdown_tables` | the same JSON                              | docs/benchmarks.md, CPU section                  |
+| `gpu_markdown`    | a scripts/gpu_bench.py JSON                | `qwen35 bench --gpu-json FILE`, GPU section      |
+| `accuracy_table`  | a `qwen35 accuracy` JSON                   | `qwen35 accuracy`, notebook 06                   |
+
+Nothing here measures; each function is a pure function of its JSON.  A bench JSON's `machine` block is read in
+both vocabularies it has been written in (`host_cpu` / `cpu_count` / `date_utc` from `qwen35.measure.machine_info`,
+and `cpu` / `logical_cpus` / `date` in older files such as docs/bench_cpu.json).
+"""
+from __future__ import annotations
+
+
+def _machine(res: dict) -> dict:
+    """A bench JSON's machine block with the keys this module reads, whichever vocabulary it was written in."""
+    m = dict(res.get("machine") or {})
+    m.setdefault("host_cpu", m.get("cpu"))
+    m.setdefault("cpu_count", m.get("logical_cpus"))
+    m.setdefault("date_utc", m.get("date"))
+    return m
+
+
+def format_table(res: dict) -> str:
+    """The console summary of a `qwen35.bench.run_all` result."""
+    L = []
+    sg = res["sgemm"]["gflops"]
+    L.append(f"sgemm (1 thread, fp32, n={res['sgemm']['n']}): {sg:.1f} GFLOP/s at start, "
+             f"{res.get('sgemm_end', {}).get('gflops', float('nan')):.1f} at end")
+    if "stream" in res:
+        L.append(f"DRAM read bandwidth (1 thread): {res['stream']['read_gbps']:.1f} GB/s")
+    if "gdn_prefill" in res:
+        L.append("")
+        L.append("(a) gated delta rule prefill core, H_v=16, D=128, fp32, 1 thread  [ms; GF/s on chunked FLOPs; % of "
+                 "the sgemm rate measured round-robin with it]")
+        L.append(f"{'T':>6} {'GFLOP':>7} | {'optimized':>22} | {'HF torch fallback':>22} | {'ref NumPy chunked':>22} |"
+                 f" {'ref NumPy per-token':>22}")
+        for r in res["gdn_prefill"]:
+            cells = []
+            for name in ("optimized", "hf_torch_fallback", "reference_chunked_f32", "reference_per_token_f32"):
+                if name in r:
+                    x = r[name]
+                    cells.append(f"{x['median_s'] * 1e3:8.1f} {x['gflops_on_chunked_flops']:5.1f} "
+                                 f"{100 * x.get('fraction_of_paired_sgemm', x.get('fraction_of_sgemm', 0)):5.1f}%")
+                else:
+                    cells.append(f"{'-':>22}")
+            L.append(f"{r['T']:>6} {r['flops_chunked'] / 1e9:7.2f} | " + " | ".join(cells))
+    if "decode" in res:
+        d = res["decode"]
+        L.append("")
+        L.append("(b) decode step (B=1), H_v=16, D=128, fp32, 1 thread  [µs per step]")
+        L.append(f"  rule (in-place pool update): optimized {d['kernel_optimized']['median_s'] * 1e6:.1f}  reference "
+                 f"{d['kernel_reference_f32']['median_s'] * 1e6:.1f}  -> {d['kernel_speedup']:.1f}x   (floor: "
+                 f"{d['kernel_bytes_floor'] / 1e6:.1f} MB moved, almost all of it the state read + written)")
+        L.append(f"  whole GDN layer (hidden {d['layer_hidden']}): optimized {d['layer_optimized']['median_s'] * 1e6:.1f}"
+                 f"  reference {d['layer_reference_f32']['median_s'] * 1e6:.1f}  -> {d['layer_speedup']:.1f}x")
+    if "model" in res:
+        m = res["model"]
+        L.append("")
+        L.append(f"(c) whole model: {m['geometry']}")
+        for r in m.get("prefill_by_T", []):
+            o = r["optimized"]
+            line = (f"  prefill T={r['T']} ({r['flops'] / 1e9:.1f} GFLOP): optimized {o['tok_per_s']:.0f} tok/s "
+                    f"({o['gflops']:.1f} GF/s, {100 * o.get('fraction_of_paired_sgemm', 0):.0f}% of the paired "
+                    f"sgemm {r.get('sgemm_paired', {}).get('gflops', 0):.0f} GF/s)")
+            if "hf" in r:
+                line += (f"; transformers {r['hf']['tok_per_s']:.0f} tok/s ({r['hf']['gflops']:.1f} GF/s) -> "
+                         f"{r['speedup_vs_hf']:.2f}x")
+            L.append(line)
+        if "decode_floor_tok_per_s" in m:
+            L.append(f"  decode floor: {m['decode_bytes_per_token'] / 1e6:.0f} MB of fp32 weights per token at "
+                     f"{res['stream']['read_gbps']:.1f} GB/s -> at most {m['decode_floor_tok_per_s']:.1f} tok/s")
+        L.append(f"  decode (context {m['decode_context']}, {m['decode_steps']} steps, B=1): optimized "
+                 f"{m['optimized_decode']['tok_per_s']:.1f} tok/s" + (
+                     f"; transformers {m['hf_decode']['tok_per_s']:.1f} tok/s -> {m['decode_speedup_vs_hf']:.2f}x"
+                     if "hf_decode" in m else ""))
+    if res.get("goals"):
+        L.append("")
+        L.append("goals:")
+        for k, g in res["goals"].items():
+            L.append(f"  {k:38s} target {g['target']:>5}  measured {g['measured']:.2f}  "
+                     f"{'MET' if g['met'] else 'missed'}")
+    note = (res.get("machine") or {}).get("note")
+    if note:
+        L.append("")
+        L.append("note: " + note)
+    return "\n".join(L)
+
+
+def markdown_tables(res: dict) -> str:
+    """docs/benchmarks.md's result tables, generated from a `qwen35 bench` JSON (so the doc never drifts from the
+    data)."""
+    L = []
+    sg = res["sgemm"]["gflops"]
+    m = _machine(res)
+    L.append(f"Run of {m.get('date_utc') or '?'}: {m.get('host_cpu')} ({m.get('cpu_count')} logical CPUs), torch {m.get('torch')}"
+             f" ({m.get('blas')}), NumPy {m.get('numpy')}, transformers {m.get('transformers')}, 1 thread, float32; "
+             f"load average at start {tuple(round(x, 2) for x in m.get('load_avg_at_start', ()))}.")
+    L.append(f"sgemm {sg:.1f} GFLOP/s (best of the medians {[round(x, 1) for x in res['sgemm'].get('gflops_medians', [sg])]}"
+             f"; {res.get('sgemm_end', {}).get('gflops', float('nan')):.1f} at the end of the run)" + (
+                 f"; DRAM read {res['stream']['read_gbps']:.1f} GB/s." if "stream" in res else "."))
+    if "gdn_prefill" in res:
+        L.append("")
+        L.append("| T | chunked GFLOP | paired sgemm · floor (FLOP / sgemm) | optimized | transformers fallback | reference chunked | "
+                 "reference per-token | optimized vs transformers |")
+        L.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in res["gdn_prefill"]:
+            cells = []
+            for name in ("optimized", "hf_torch_fallback", "reference_chunked_f32", "reference_per_token_f32"):
+                x = r.get(name)
+                cells.append(f"{x['median_s'] * 1e3:.1f} ms · {x['gflops_on_chunked_flops']:.1f} GF/s · "
+                             f"{100 * x.get('fraction_of_paired_sgemm', x.get('fraction_of_sgemm', 0)):.0f} %"
+                             if x else "—")
+            psg = r.get("sgemm_paired", {}).get("gflops", sg)
+            L.append(f"| {r['T']} | {r['flops_chunked'] / 1e9:.2f} | {psg:.0f} GF/s · {r['flops_chunked'] / psg / 1e6:.0f} ms | "
+                     + " | ".join(cells) + f" | {r.get('speedup_vs_hf', float('nan')):.2f}× |")
+    if "decode" in res:
+        d = res["decode"]
+        L.append("")
+        L.append("| decode step, B = 1 | optimized | reference (NumPy, fp32) | speed-up |")
+        L.append("|---|---:|---:|---:|")
+        L.append(f"| gated delta rule only (H_v 16, D 128; in-place pool) | {d['kernel_optimized']['median_s'] * 1e6:.0f} µs"
+                 f" | {d['kernel_reference_f32']['median_s'] * 1e6:.0f} µs | {d['kernel_speedup']:.2f}× |")
+        L.append(f"| whole GDN layer (hidden {d['layer_hidden']}) | {d['layer_optimized']['median_s'] * 1e6:.0f} µs | "
+                 f"{d['layer_reference_f32']['median_s'] * 1e6:.0f} µs | {d['layer_speedup']:.2f}× |")
+    if "model" in res:
+        mm = res["model"]
+        L.append("")
+        L.append(f"Model: {mm['geometry']}.")
+        L.append("")
+        L.append("| phase | FLOP or bytes | floor | optimized | transformers | optimized vs transformers |")
+        L.append("|---|---:|---:|---:|---:|---:|")
+        for r in mm.get("prefill_by_T", []):
+            o, h = r["optimized"], r.get("hf")
+            psg = r.get("sgemm_paired", {}).get("gflops", sg)
+            L.append(f"| prefill T = {r['T']} | {r['flops'] / 1e9:.1f} GFLOP | {r['T'] / (r['flops'] / psg / 1e9):.0f} tok/s "
+                     f"(sgemm {psg:.0f} GF/s) | "
+                     f"{o['tok_per_s']:.0f} tok/s ({100 * o.get('fraction_of_paired_sgemm', 0):.0f} % sgemm) | "
+                     + (f"{h['tok_per_s']:.0f} tok/s ({100 * h.get('fraction_of_paired_sgemm', 0):.0f} % sgemm) | "
+                        f"{r['speedup_vs_hf']:.2f}× |" if h else "— | — |"))
+        if "decode_floor_tok_per_s" in mm:
+            L.append(f"| decode, context {mm['decode_context']} | {mm['decode_bytes_per_token'] / 1e6:.0f} MB / token | "
+                     f"{mm['decode_floor_tok_per_s']:.1f} tok/s | {mm['optimized_decode']['tok_per_s']:.1f} tok/s | "
+                     + (f"{mm['hf_decode']['tok_per_s']:.1f} tok/s | {mm['decode_speedup_vs_hf']:.2f}× |"
+                        if "hf_decode" in mm else "— | — |"))
+    if res.get("goals"):
+        L.append("")
+        L.append("| goal | target | measured | |")
+        L.append("|---|---:|---:|---|")
+        for k, g in res["goals"].items():
+            L.append(f"| {k} | {g['target']} | {g['measured']:.2f} | {'met' if g['met'] else 'missed'} |")
+    return "\n".join(L)
+
+
+def gpu_markdown(data: dict) -> str:
+    """docs/benchmarks.md's GPU rows from the JSON of scripts/gpu_bench.py (schema qwen35.gpu_bench/1)."""
+    if data.get("kind") != "gpu_bench":
+        raise ValueError("not a scripts/gpu_bench.py JSON (kind != 'gpu_bench')")
+    m, pk = data.get("meta", {}), data.get("peaks", {})
+
+    def f(x, fmt):
+        return "—" if x is None else format(x, fmt)
+
+    when = m.get("time_utc") or m.get("date_utc") or "?"
+    L = [f"Run of {when}: {m.get('gpu', m.get('device', '?'))} (SMs {m.get('sm_count', '?')}), "
+         f"torch {m.get('torch')}, triton {m.get('triton')}, CUDA {m.get('cuda')}, fla {m.get('fla')}, commit "
+         f"{str(m.get('git_commit'))[:10]}; peaks: bf16 matmul {f(pk.get('bf16_matmul_tflops'), '.0f')} TFLOP/s, "
+         f"copy {f(pk.get('copy_gbps'), '.0f')} GB/s.", "",
+         "| case | impl | shape | ms | TFLOP/s (% peak) | GB/s (% copy) | rel. RMS vs torch | vs fla |",
+         "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in data.get("records", []):
+        sh = r.get("shape")
+        sh = ", ".join(f"{k}={v}" for k, v in sh.items()) if isinstance(sh, dict) else str(sh)
+        pt = r.get("frac_peak_tflops")
+        pg = r.get("frac_peak_gbps")
+        L.append(f"| {r.get('case')} | {r.get('impl')} | {sh} | {f(r.get('ms'), '.4f')} | "
+                 f"{f(r.get('tflops'), '.2f')} ({f(pt and 100 * pt, '.0f')} %) | "
+                 f"{f(r.get('gbps'), '.0f')} ({f(pg and 100 * pg, '.0f')} %) | "
+                 f"{f(r.get('rel_rms_vs_torch'), '.1e')} | {f(r.get('rel_rms_vs_fla'), '.1e')} |")
+    for n in data.get("notes", []):
+        L.append(f"\nnote: {n}")
+    return "\n".join(L)
+
+
+def accuracy_table(data: dict, tensor: str = "o") -> str:
+    """A Markdown table of the by-length rows for one tensor ("o" or "final_state")."""
+    rows = [r for r in data["by_length"] if r["tensor"] == tensor]
+    lines = ["| T | implementation | form | dtype | rel. RMS error | max abs error | NMSE (dB) |",
+             "|---:|---|---|---|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["T"], r["impl"] != "reference", r["form"], r["dtype"])):
+        lines.append(f"| {r['T']} | {r['impl']} | {r['form']} | {r['dtype']} | {r['rel_rms']:.2e} | "
+                     f"{r['max_abs']:.2e} | {r['nmse_db']:.1f} |")
+    return "\n".join(lines)
