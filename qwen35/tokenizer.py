@@ -9,6 +9,10 @@
 (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, `<|pad|>`).  The bundled demo model uses it, and its directory
 also carries an equivalent `tokenizer.json` (a byte-level BPE without merges, written by `byte_tokenizer_json`)
 so that the `tokenizers` path gives the very same ids.
+
+`tokenizers` is optional (the `tokenizers` extra).  Without it, a `tokenizer.json` that is exactly the one
+`byte_tokenizer_json` writes (the demo's) is read as the ByteTokenizer it describes; any other one raises a
+MissingDependencyError (a Qwen35Error) naming the file and the extra.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ import json
 from pathlib import Path
 
 from reference.errors import CheckpointError
+
+from .extras import MissingDependencyError, require
 
 __all__ = ["ByteTokenizer", "HFTokenizer", "load_tokenizer", "byte_tokenizer_json", "BYTE_SPECIAL_TOKENS",
            "bytes_to_unicode"]
@@ -41,7 +47,7 @@ def bytes_to_unicode() -> dict[int, str]:
 class ByteTokenizer:
     """UTF-8 bytes as tokens 0..255, special tokens from 256 (see the module docstring)."""
 
-    def __init__(self, special_tokens=BYTE_SPECIAL_TOKENS, eos_token: str = "<|endoftext|>"):
+    def __init__(self, special_tokens=BYTE_SPECIAL_TOKENS, eos_token: str | None = "<|endoftext|>"):
         self.special_tokens = tuple(special_tokens)
         self._special_ids = {t: 256 + i for i, t in enumerate(self.special_tokens)}
         self.eos_token = eos_token
@@ -96,28 +102,19 @@ class ByteTokenizer:
 class HFTokenizer:
     """A checkpoint's `tokenizer.json`, through the `tokenizers` library (no transformers needed).  A file that
     cannot be read, is not JSON, or that `tokenizers` rejects raises CheckpointError naming the file; so does a
-    `tokenizer_config.json` that is not a JSON object or whose eos_token is neither a string nor {"content": ...}."""
+    `tokenizer_config.json` that is not a JSON object or whose eos_token is neither a string nor {"content": ...}.
+    Without `tokenizers` installed: MissingDependencyError naming the file and the extra."""
 
     def __init__(self, directory):
-        from tokenizers import Tokenizer
-
         directory = Path(directory)
         path = directory / "tokenizer.json"
         spec = _read_json(path)
+        Tokenizer = require("tokenizers", f"reading {path}").Tokenizer
         try:
             self._tok = Tokenizer.from_str(spec)
         except Exception as e:  # the tokenizers library raises a bare Exception for a spec it rejects
             raise CheckpointError(f"{path}: not a tokenizer.json the tokenizers library accepts ({e})") from None
-        cfg_path = directory / "tokenizer_config.json"
-        cfg = json.loads(_read_json(cfg_path)) if cfg_path.exists() else {}
-        if not isinstance(cfg, dict):
-            raise CheckpointError(f"{cfg_path}: expected a JSON object, got a {type(cfg).__name__}")
-        eos = cfg.get("eos_token")
-        if isinstance(eos, dict):
-            eos = eos.get("content")
-        if eos is not None and not isinstance(eos, str):
-            raise CheckpointError(f"{cfg_path}: eos_token must be a string or {{\"content\": string}}, got {eos!r}")
-        self.eos_token = eos
+        self.eos_token = eos = _eos_token(directory)
         self._eos_ids = []
         if eos is not None and self._tok.token_to_id(eos) is not None:
             self._eos_ids.append(self._tok.token_to_id(eos))
@@ -153,11 +150,42 @@ def _read_json(path: Path) -> str:
     return text
 
 
+def _eos_token(directory: Path) -> str | None:
+    """The eos_token of `directory`'s tokenizer_config.json (None without one); CheckpointError naming the file if
+    it is not a JSON object or its eos_token is neither a string nor {"content": string}."""
+    cfg_path = directory / "tokenizer_config.json"
+    cfg = json.loads(_read_json(cfg_path)) if cfg_path.exists() else {}
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object, got a {type(cfg).__name__}")
+    eos = cfg.get("eos_token")
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    if eos is not None and not isinstance(eos, str):
+        raise CheckpointError(f"{cfg_path}: eos_token must be a string or {{\"content\": string}}, got {eos!r}")
+    return eos
+
+
+def _tokenizers_installed() -> bool:
+    try:
+        require("tokenizers", "tokenizer.json")
+    except MissingDependencyError:
+        return False
+    return True
+
+
 def load_tokenizer(directory=None):
-    """`tokenizer.json` of `directory` through `tokenizers` when it exists, else the built-in ByteTokenizer."""
-    if directory is not None and (Path(directory) / "tokenizer.json").exists():
-        return HFTokenizer(directory)
-    return ByteTokenizer()
+    """`tokenizer.json` of `directory` through `tokenizers` when it exists, else the built-in ByteTokenizer.
+    Without `tokenizers` installed, the byte-level tokenizer.json of `byte_tokenizer_json` becomes the
+    ByteTokenizer it describes (with tokenizer_config.json's eos_token, as HFTokenizer would have it); any other
+    tokenizer.json raises MissingDependencyError naming the file and the `tokenizers` extra."""
+    if directory is None or not (Path(directory) / "tokenizer.json").exists():
+        return ByteTokenizer()
+    directory = Path(directory)
+    if not _tokenizers_installed():
+        spec = json.loads(_read_json(directory / "tokenizer.json"))
+        if spec == json.loads(byte_tokenizer_json()):
+            return ByteTokenizer(eos_token=_eos_token(directory))
+    return HFTokenizer(directory)
 
 
 def byte_tokenizer_json(special_tokens=BYTE_SPECIAL_TOKENS) -> str:

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install qwen35 into it.  Usage: scripts/bootstrap.sh [extra]
-# extra = "" (run the package) or "test" (run the test suite).
-# torch is pinned first to a CPU build (on the project's machines torch==2.13.0 lies on local disk);
-# installing plain `torch` would pull a multi-GB CUDA build.
+# Create .venv (if missing) and install qwen35 into it.  Usage: scripts/bootstrap.sh [EXTRAS]
+# EXTRAS = "" (the core: numpy + safetensors, the NumPy oracle), or comma-separated extras of pyproject.toml,
+# e.g. "torch,tokenizers" (scripts/run.sh) or "test" (scripts/test.sh: everything the test suite needs).
+# With any extra, torch is pinned first to a CPU build (on the project's machines torch==2.13.0 lies on local
+# disk): an extra that pulls plain `torch` would otherwise bring a multi-GB CUDA build.  QWEN35_TORCH_VERSION picks
+# another version.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extra="${1:-}"
@@ -12,11 +14,12 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=".venv/.qwen35-installed${extra:+-$extra}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    .venv/bin/python -m pip install -q --disable-pip-version-check "torch==${QWEN35_TORCH_VERSION:-2.13.0}"
+    pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
     if [ -n "$extra" ]; then
-        .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$extra]"
+        "${pip[@]}" "torch==${QWEN35_TORCH_VERSION:-2.13.0}"
+        "${pip[@]}" -e ".[$extra]"
     else
-        .venv/bin/python -m pip install -q --disable-pip-version-check -e .
+        "${pip[@]}" -e .
     fi
     touch "$stamp"
 fi

@@ -20,6 +20,7 @@ import os
 import re
 from pathlib import Path
 
+from qwen35.extras import MissingDependencyError, require
 from reference.errors import Qwen35Error
 
 __all__ = ["UsageError", "positive_int", "nonnegative_int", "positive_float", "temperature", "probability",
@@ -111,13 +112,17 @@ def dtype_name(text: str) -> str:
 
 def device(text: str) -> str:
     """A torch device the optimized engine runs on: cpu, cuda or cuda:N, and CUDA must be present for cuda.
-    torch is imported only for a cuda device (parsing stays fast)."""
+    torch is imported only for a cuda device (parsing stays fast; without torch installed, cuda is refused naming
+    the extra that installs it)."""
     s = text.strip().lower()
     m = re.fullmatch(r"(cpu|cuda)(?::([0-9]+))?", s)
     if not m:
         raise argparse.ArgumentTypeError(f"unknown device {text!r}; accepted: cpu, cuda, cuda:N")
     if m.group(1) == "cuda":
-        import torch
+        try:
+            torch = require("torch", f"device {text!r}")
+        except MissingDependencyError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
 
         if not torch.cuda.is_available():
             why = (f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None
@@ -132,7 +137,9 @@ def device(text: str) -> str:
 def check_backend(backend: str, device_name: str, *, strict: bool = False) -> None:
     """The optimized engine's backend choice, before any work: $QWEN35_BACKEND (read by optimized.backend for
     "auto") must name a backend, and with `strict` a requested "triton" must really run Triton (a CUDA device, or
-    TRITON_INTERPRET=1 on the CPU, and an importable optimized.triton) instead of falling back to the torch ops."""
+    TRITON_INTERPRET=1 on the CPU, and an importable optimized.triton) instead of falling back to the torch ops.
+    Without torch installed: MissingDependencyError naming the `torch` extra."""
+    require("torch", "the optimized engine")
     from optimized import backend as B
 
     env = os.environ.get(B.ENV_VAR)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen35.extras import require
+
 from ._common import (add_allow_nonfinite_argument, add_model_argument, add_prompt_ids_argument, check_token_ids,
                       checkpoint_dir, read_config)
 from ._validate import UsageError, check_backend, device, nonnegative_int, positive_int, probability, temperature
@@ -49,6 +51,7 @@ def _check_engine_arguments(args) -> None:
     args.device = args.device or "cpu"
     args.dtype = args.dtype or "float32"
     if args.engine == "optimized":
+        require("torch", "--engine optimized")
         check_backend("auto", args.device)
 
 
