@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from _loading_cases import read_header, rewrite_header, tiny_checkpoint, write_header
+from qwen35.measure import rel_rms
 from reference.attention import AttentionWeights
 from reference.checkpoint import write_checkpoint
 from reference.config import Qwen35Config, VisionConfig
@@ -222,8 +223,8 @@ def test_gate_flag_and_q_proj_rows_disagreeing_is_explained(tmp_path):
 
 
 def _rel_rms(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.sqrt(np.mean((a - b) ** 2)) / np.sqrt(np.mean(b ** 2)))
+    """The relative RMS error of `a` against the reference `b`."""
+    return rel_rms(b, a)
 
 
 @pytest.mark.hf

@@ -30,7 +30,7 @@ from reference.norms import rms_norm, sigmoid
 from reference.rope import (inv_freq, mrope_axis_of_frequency, mrope_cos_sin, rope_cos_sin, apply_partial_rope,
                             text_position_ids)
 from reference.multimodal import get_rope_index
-from qwen35.accuracy import error_metrics
+from qwen35.measure import error_metrics
 
 big = Qwen35Config.preset("27b")  # the published geometry, for the pictures
 cfg = Qwen35Config.tiny(hidden_size=128, head_dim=32, partial_rotary_factor=0.5, mrope_section=(4, 2, 2))
