@@ -17,10 +17,11 @@ What differs from the reference (which keeps the gather/scatter design of MAX's 
 * On CUDA, `max_batch_size=None` sizes the pool with `reference.memory.infer_optimal_batch_size(..., rule=
   "in_place")` from `torch.cuda.mem_get_info` (the documented fallback of 32 when the query fails), and a
   requested batch that does not fit is refused at start with a message that gives the numbers.
-* Config, weight loading / name mapping, memory sizing, TextContext, token sampling, the multimodal plan
-  (placeholder checks, MRoPE positions, per-chunk slices), `RequestSnapshot` and the request checks
-  (`reference.model.RequestChecks`: tokens, lengths, capacity, prompt continuation, return counts) come from
-  `reference`.
+* Config, weight loading / name mapping, memory sizing, TextContext and the multimodal plan (placeholder checks,
+  MRoPE positions, per-chunk slices) come from `reference`; the request layer — the `ModelInputs` /
+  `ModelOutputs` / `RequestSnapshot` contract, the request checks (`reference.pipeline.RequestChecks`: tokens,
+  lengths, capacity, prompt continuation, return counts), sampling and the generate loop — is reference.pipeline,
+  shared with the NumPy engine.
 
 Multimodal prompts (`TextAndVisionContext`), as in reference.model: the first context of a request holds the whole
 prompt; the PyTorch vision tower (`optimized.vision.VisionTower`, built once per model from the `model.visual.*`
@@ -42,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Hashable, Sequence
 
@@ -56,62 +57,20 @@ from optimized.deltanet import DeltaNetWeightsT, gated_deltanet, gated_deltanet_
 from optimized.linear import linear
 from optimized.mlp import MoEWeightsT, sparse_moe_block, swiglu_mlp
 from optimized.norms import rms_norm
+from reference import pipeline
 from reference.config import LINEAR, Qwen35Config
-from reference.context import TextContext
-from reference.errors import ConfigError, StateCacheError
+from reference.context import TextContext, request_name
+from reference.errors import ConfigError, PoolFullError, RequestError, StateCacheError, UnknownRequestError
 from reference.memory import FALLBACK_MAX_BATCH, infer_optimal_batch_size, state_bytes_per_request
-# ModelOutputs is the reference's container; here its logits / hidden_states are torch tensors on the model's device.
-from reference.context import request_name
-from reference.model import (ModelOutputs, RequestChecks, RequestError, RequestSnapshot, _chunk_inputs, _has_vision,
-                             serialized)
-from reference.state_cache import PoolFullError, UnknownRequestError
+# The contract is the reference's; here its arrays are torch tensors on the model's device.
+from reference.pipeline import (RETURN_LOGITS, ModelInputs, ModelOutputs, RequestChecks, RequestRecord,
+                                RequestSnapshot, has_vision, pack_chunks, serialized)
 from reference.weights import MLPWeights, load_weights
 
 __all__ = ["Qwen35Model", "ModelInputs", "ModelOutputs", "RequestSnapshot", "TextContext", "RequestError",
            "PoolFullError", "UnknownRequestError", "STATE_RULE"]
 
 STATE_RULE = "in_place"
-RETURN_LOGITS = ("last", "all", "variable")
-
-
-@dataclass
-class ModelInputs:
-    """One step's packed inputs.
-
-    tokens [total] int64, input_row_offsets [B+1], request_ids, return_n_logits [B], position_ids [3, total],
-    slot_ids [B] (state-pool rows of the requests — no gathered state copies), start_lengths [B],
-    image_token_indices [n] (rows of `tokens` whose embeddings are replaced) and lm_image_embeddings [n, H]
-    (the vision embeddings, model dtype) or None, epochs [B] (each request's epoch when prepared: a claim or a
-    `restore` starts a new one, and `execute` refuses inputs of an older one), host_tokens (a host copy of tokens),
-    model_tag (the preparing model's private tag: another instance refuses them), executed (set by `execute`).
-    """
-
-    tokens: torch.Tensor
-    input_row_offsets: list
-    request_ids: list
-    return_n_logits: list
-    position_ids: torch.Tensor
-    slot_ids: torch.Tensor
-    start_lengths: list
-    image_token_indices: torch.Tensor | None = None
-    lm_image_embeddings: torch.Tensor | None = None
-    epochs: list | None = None
-    host_tokens: np.ndarray | None = None
-    model_tag: object | None = None
-    executed: bool = False
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.request_ids)
-
-    @property
-    def seq_lens(self) -> list:
-        o = self.input_row_offsets
-        return [b - a for a, b in zip(o, o[1:])]
-
-    @property
-    def is_decode(self) -> bool:
-        return all(n == 1 for n in self.seq_lens)
 
 
 @dataclass
@@ -121,24 +80,6 @@ class _Layer:
     post_attention_layernorm: torch.Tensor
     mixer: object  # DeltaNetWeightsT | AttentionWeightsT
     mlp: object  # dict of dense tensors | MoEWeightsT
-
-
-@dataclass
-class _Request:
-    """slot: state-pool row; length / tokens: consumed so far; kv: one KVCache per full-attention layer;
-    rope_delta: MRoPE offset of positions past the prompt; mm: the prompt's MultimodalPrefill (torch embeddings)
-    and prompt: [P] the whole prompt of a first TextAndVisionContext (both dropped once consumed); epoch: bumped
-    by claim and restore; broken: why the state is unusable (a decode step failed half-way), else None."""
-
-    slot: int
-    length: int = 0
-    kv: list = field(default_factory=list)
-    tokens: list = field(default_factory=list)
-    rope_delta: int = 0
-    mm: object | None = None
-    prompt: np.ndarray | None = None
-    epoch: int = 0
-    broken: str | None = None
 
 
 class Qwen35Model(RequestChecks):
@@ -182,9 +123,9 @@ class Qwen35Model(RequestChecks):
         self.state_pools = [torch.zeros(S, H_v, D_k, D_v, dtype=torch.float32, device=self.device)
                             for _ in range(c.num_linear_layers)]
         self._free = list(range(S - 1, -1, -1))  # pop() hands out slot 0 first
-        self._requests: dict[Hashable, _Request] = {}
+        self._requests: dict[Hashable, RequestRecord] = {}
         self._epochs = itertools.count(1)
-        self.lock = threading.RLock()  # held by every public pipeline call (reference.model.serialized)
+        self.lock = threading.RLock()  # held by every public pipeline call (reference.pipeline.serialized)
         self._tag = object()  # marks the inputs this instance prepares
         self._vision_tower = None  # built on the first request with pixels (optimized.vision.VisionTower)
 
@@ -260,7 +201,7 @@ class Qwen35Model(RequestChecks):
                 "to size it automatically).")
         return requested
 
-    # ------------------------------------------------------------------ bookkeeping (and RequestChecks)
+    # ------------------------------------------------------------------ bookkeeping
     @serialized
     def release(self, request_id) -> bool:
         """Free the request's slot and KV cache; unknown ids are a no-op (returns False)."""
@@ -275,21 +216,15 @@ class Qwen35Model(RequestChecks):
         return [KVCache(c.num_key_value_heads, c.head_dim, dtype=self.dtype, device=self.device)
                 for _ in range(c.num_full_layers)]
 
-    def _claim(self, rid) -> _Request:
+    def _claim(self, rid) -> RequestRecord:
         if not self._free:
             raise PoolFullError(f"no free state slot for request {rid!r} (max_batch_size={self.max_batch_size})")
         slot = self._free.pop()
         for p in self.conv_pools + self.state_pools:
             p[slot].zero_()  # a fresh request starts from zero state
-        req = _Request(slot=slot, kv=self._new_kv(), epoch=next(self._epochs))
+        req = RequestRecord(slot=slot, kv=self._new_kv(), epoch=next(self._epochs))
         self._requests[rid] = req
         return req
-
-    # ------------------------------------------------------------------ validation (touches nothing)
-    def _check_usable(self, request_id) -> None:
-        req = self._requests.get(request_id)
-        if req is not None and req.broken is not None:
-            raise RequestError(f"{request_name(request_id)} cannot continue: {req.broken}; release it")
 
     # ------------------------------------------------------------------ the vision path
     @serialized
@@ -306,7 +241,7 @@ class Qwen35Model(RequestChecks):
             self._visual_weights = {}
         return self._vision_tower
 
-    def _multimodal_prefill(self, ctx):
+    def multimodal_prefill(self, ctx):
         """MultimodalPrefill of a whole prompt: the placeholder checks and MRoPE plan (reference), the tower once
         (optimized.vision), embeddings as a tensor on the model's device and dtype."""
         from optimized.vision import multimodal_prefill_inputs
@@ -326,11 +261,11 @@ class Qwen35Model(RequestChecks):
         tokens[:chunk_end] run now; the vision tower runs here, once.  Later chunks are TextContexts holding the
         prompt's next tokens (checked).  Everything is validated before any slot is claimed.
         """
-        contexts, ids, arrays, prompts = self._check_contexts(contexts)
-        counts = self._return_counts(return_n_logits, [a.size for a in arrays], ids)
-        self._check_capacity(ids)
+        contexts, ids, arrays, prompts = self.check_contexts(contexts)
+        counts = self.return_counts(return_n_logits, [a.size for a in arrays], ids)
+        self.check_capacity(ids)
         # The tower (placeholder checks first) can still fail on bad pixels: nothing has been claimed yet.
-        mm = {ctx.request_id: self._multimodal_prefill(ctx) for ctx in contexts if _has_vision(ctx)}
+        mm = {ctx.request_id: self.multimodal_prefill(ctx) for ctx in contexts if has_vision(ctx)}
         # --- validated: from here on, state changes ---
         for rid in ids:
             if rid not in self._requests:
@@ -343,37 +278,29 @@ class Qwen35Model(RequestChecks):
         return self._build_inputs(ids, arrays, counts)
 
     @serialized
-    def prepare_next_token_inputs(self, next_tokens, prev: ModelInputs) -> ModelInputs:
+    def prepare_next_token_inputs(self, next_tokens, prev: ModelInputs, request_ids=None) -> ModelInputs:
         """Inputs for one decode step: token b continues request prev.request_ids[b] (validated; no state
-        changes): `prev` must be this model's executed inputs."""
+        changes): `prev` must be this model's executed inputs.  `request_ids` (some of prev's requests, each once)
+        continues only those, token b then continuing request_ids[b] (as reference.model)."""
         if isinstance(next_tokens, torch.Tensor):
             next_tokens = next_tokens.detach().cpu().numpy()
-        ids, arrays = self._check_next_tokens(next_tokens, prev)
+        ids, arrays = self.check_next_tokens(next_tokens, prev, request_ids)
         return self._build_inputs(ids, arrays, [1] * len(ids))
 
     def _build_inputs(self, ids, arrays, counts) -> ModelInputs:
-        lens = [a.size for a in arrays]
-        offsets = [0] + list(itertools.accumulate(lens))
         reqs = [self._requests[r] for r in ids]
         starts = [r.length for r in reqs]
-        pos, rows, embs = [], [], []
-        for b, req in enumerate(reqs):
-            r, e, p = _chunk_inputs(req.mm, req.rope_delta, starts[b], lens[b])
-            if r is not None and r.size:
-                rows.append(r + offsets[b])
-                embs.append(e)
-            pos.append(p)
+        offsets, positions, rows, embs = pack_chunks(
+            [(r.mm, r.rope_delta, s, a.size) for r, s, a in zip(reqs, starts, arrays)])
         host = np.concatenate(arrays).astype(np.int64)
-        pos = pos[0] if len(pos) == 1 else np.concatenate(pos, axis=1)
+        dev = self.device
         return ModelInputs(
-            tokens=torch.as_tensor(host, device=self.device),
-            input_row_offsets=offsets, request_ids=list(ids), return_n_logits=[int(n) for n in counts],
-            position_ids=torch.as_tensor(pos.astype(np.int64), device=self.device),
-            slot_ids=torch.tensor([r.slot for r in reqs], dtype=torch.long, device=self.device),
-            start_lengths=starts,
-            image_token_indices=torch.as_tensor(np.concatenate(rows), device=self.device) if rows else None,
-            lm_image_embeddings=torch.cat(embs) if embs else None,
-            epochs=[r.epoch for r in reqs], host_tokens=host, model_tag=self._tag)
+            tokens=torch.as_tensor(host, device=dev), input_row_offsets=offsets.tolist(), request_ids=list(ids),
+            return_n_logits=[int(n) for n in counts], position_ids=torch.as_tensor(positions, device=dev),
+            start_lengths=starts, image_token_indices=None if rows is None else torch.as_tensor(rows, device=dev),
+            lm_image_embeddings=torch.cat(embs) if embs else None, epochs=[r.epoch for r in reqs],
+            model_tag=self._tag, slot_ids=torch.tensor([r.slot for r in reqs], dtype=torch.long, device=dev),
+            host_tokens=host)
 
     @serialized
     @torch.inference_mode()
@@ -384,15 +311,15 @@ class Qwen35Model(RequestChecks):
         re-claimed since, advanced since; a slot changes only with a claim, which starts a new epoch).  A
         prefill chunk commits its final states only after the forward pass and the logits succeeded.
         """
-        self._check_own_inputs(inputs, executed=False)
-        self._check_current_inputs(inputs)
+        self.check_own_inputs(inputs, executed=False)
+        self.check_current_inputs(inputs)
         reqs = [self._requests[r] for r in inputs.request_ids]
         kv_lens = [[kv.length for kv in r.kv] for r in reqs]
         writes = []  # prefill: (pool, final states) committed after success
         try:
-            h = self._forward(inputs.tokens, inputs.input_row_offsets, inputs.position_ids, inputs.slot_ids,
-                              [r.kv for r in reqs], inputs.is_decode, image_rows=inputs.image_token_indices,
-                              image_emb=inputs.lm_image_embeddings, writes=writes)
+            h = self.forward(inputs.tokens, inputs.input_row_offsets, inputs.position_ids, inputs.slot_ids,
+                             [r.kv for r in reqs], inputs.is_decode, image_rows=inputs.image_token_indices,
+                             image_emb=inputs.lm_image_embeddings, writes=writes)
             offs, counts = inputs.input_row_offsets, inputs.return_n_logits
             rows = torch.cat([torch.arange(offs[b + 1] - counts[b], offs[b + 1]) for b in range(len(reqs))]).to(
                 self.device)
@@ -411,10 +338,7 @@ class Qwen35Model(RequestChecks):
         host = inputs.host_tokens if inputs.host_tokens is not None else inputs.tokens.cpu().numpy()
         offs = inputs.input_row_offsets
         for b, r in enumerate(reqs):
-            r.length += inputs.seq_lens[b]
-            r.tokens.extend(host[offs[b]:offs[b + 1]].tolist())
-            if r.prompt is not None and r.length >= r.prompt.size:
-                r.prompt = r.mm = None  # prompt consumed: decode needs only rope_delta (frees the embeddings)
+            r.commit(host[offs[b]:offs[b + 1]])
         inputs.executed = True
         return ModelOutputs(logits=logits, logit_offsets=[0] + list(itertools.accumulate(counts)),
                             request_ids=list(inputs.request_ids))
@@ -425,9 +349,10 @@ class Qwen35Model(RequestChecks):
             return swiglu_mlp(m, mlp["gate_proj"], mlp["up_proj"], mlp["down_proj"], gate_up=mlp["gate_up"])
         return sparse_moe_block(m, mlp, self.config)
 
-    def _forward(self, tokens, offsets, position_ids, slot_ids, kv_lists, is_decode, stateless=False,
-                 image_rows=None, image_emb=None, writes=None):
-        """Layers over packed tokens; returns the final-normed hidden states [total, H].
+    def forward(self, tokens, offsets, position_ids, slot_ids, kv_lists, is_decode, stateless=False,
+                image_rows=None, image_emb=None, writes=None):
+        """Layers over packed tokens (embedding -> layers -> final norm); returns the final-normed hidden states
+        [total, H].
 
         stateless: zero initial states, nothing written to the pools (model.logits).
         image_rows [n] / image_emb [n, H]: embedding rows replaced by vision embeddings.
@@ -471,14 +396,14 @@ class Qwen35Model(RequestChecks):
     # ------------------------------------------------------------------ snapshots (prefix caching, rollback)
     @serialized
     def snapshot(self, request_id) -> RequestSnapshot:
-        """A deep copy of the request's committed state (reference.model.RequestSnapshot, with torch tensors on
+        """A deep copy of the request's committed state (reference.pipeline.RequestSnapshot, with torch tensors on
         the model's device): the slot's conv and recurrent rows of every linear layer (copied out of the in-place
         pools), the K/V of every full-attention layer, tokens consumed and their ids, rope_delta, and the
         multimodal prompt while the request is inside it.  Nothing is shared with the model."""
         req = self._requests.get(request_id)
         if req is None:
             raise UnknownRequestError(f"snapshot of {request_name(request_id)}, which is not live")
-        self._check_usable(request_id)
+        self.check_usable(request_id)
         n = req.length
         mm = None
         if req.mm is not None:
@@ -501,9 +426,9 @@ class Qwen35Model(RequestChecks):
         """
         if not isinstance(snapshot, RequestSnapshot):
             raise TypeError(f"restore: expected a RequestSnapshot, got {type(snapshot).__name__}")
-        self._check_snapshot(request_id, snapshot)
+        self.check_snapshot(request_id, snapshot)
         if request_id not in self._requests:
-            self._check_capacity([request_id])
+            self.check_capacity([request_id])
         # --- checked: now commit ---
         req = self._requests.get(request_id)
         if req is None:
@@ -522,7 +447,7 @@ class Qwen35Model(RequestChecks):
         req.prompt = None if snapshot.prompt is None else np.array(snapshot.prompt, dtype=np.int64)
         req.epoch, req.broken = next(self._epochs), None
 
-    def _check_snapshot_tensors(self, snap: RequestSnapshot, n: int, fail) -> None:
+    def check_snapshot_tensors(self, snap: RequestSnapshot, n: int, fail) -> None:
         """Each state of `snap` (n tokens) is a torch tensor of this model's shape, dtype and device type (the
         recurrent state fp32), and its vision embeddings, if any, a tensor [n_img_rows, H]."""
         c = self.config
@@ -549,17 +474,28 @@ class Qwen35Model(RequestChecks):
     def logits(self, batch) -> list[torch.Tensor]:
         """Stateless all-position logits [T_b, V] per sequence (token lists or contexts, with pixels too; a
         context's `chunk_end` is honoured); no live state used or changed."""
-        arrays, rows, embs, pos = self._stateless_batch(batch)  # checked, then the vision tower (if pixels)
-        lens = [a.size for a in arrays]
-        offsets = [0] + list(itertools.accumulate(lens))
+        arrays, offsets, positions, rows, embs = self.stateless_batch(batch)  # checked, then the tower (pixels)
+        offsets = offsets.tolist()
         kv = [self._new_kv() for _ in arrays]
         dev = self.device
-        h = self._forward(torch.as_tensor(np.concatenate(arrays).astype(np.int64), device=dev), offsets,
-                          torch.as_tensor(np.concatenate(pos, axis=1).astype(np.int64), device=dev), None, kv, False,
-                          stateless=True, image_rows=torch.as_tensor(np.concatenate(rows), device=dev) if rows
-                          else None, image_emb=torch.cat(embs) if embs else None)
+        h = self.forward(torch.as_tensor(np.concatenate(arrays).astype(np.int64), device=dev), offsets,
+                         torch.as_tensor(positions, device=dev), None, kv, False, stateless=True,
+                         image_rows=None if rows is None else torch.as_tensor(rows, device=dev),
+                         image_emb=torch.cat(embs) if embs else None)
         logits = F.linear(h, self.lm_head)
         return [logits[offsets[b]:offsets[b + 1]] for b in range(len(arrays))]
+
+    def generate(self, prompts, max_new_tokens: int = 16, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, stop_token_ids=None) -> list[list[int]]:
+        """Generate up to `max_new_tokens` tokens for each prompt (token lists or contexts, with pixels too);
+        returns the new ids per prompt.
+
+        Runs `reference.pipeline.generate`, the loop both engines share (prompts grouped by free slots, private
+        request ids, errors naming "prompt i", the stop rules of reference.model.Qwen35Model.generate, everything
+        checked before the first step, the model's lock held throughout).
+        """
+        return pipeline.generate(self, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, seed=seed, stop_token_ids=stop_token_ids)
 
 
 def __getattr__(name):

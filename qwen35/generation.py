@@ -1,33 +1,30 @@
-"""Text generation on top of the pipeline API, with timing (what `qwen35 generate` runs).
+"""Text generation from one prompt, with timing (what `qwen35 generate` runs).
 
     result = generate_tokens(model, prompt_ids, max_new_tokens=32, temperature=0.0, seed=0)
-    result.new_ids, result.prefill_tokens_per_s, result.decode_tokens_per_s
+    result.new_ids, result.stopped_by, result.prefill_tokens_per_s, result.decode_tokens_per_s
 
-It drives any model with the pipeline interface (docs/pipeline_api.md: reference.model.Qwen35Model, or
-optimized's twin): one prefill (`prepare_initial_token_inputs` + `execute`), then decode steps
-(`prepare_next_token_inputs` + `execute`) until max_new_tokens, a stop token or max_length, then `release`.
-Prefill and decode are timed separately, because they are different workloads (one pass over the prompt vs one
-token per step).  Parameters, prompt and max_length follow the rules of the models' own `generate`
-(`reference.model.check_generation_params`, `check_prompt_room`), so both stop at the same total and refuse the
-same input with the same message.
+It runs `reference.pipeline.generate`, the generation loop of both engines' `model.generate`, on any model with the
+pipeline interface (docs/pipeline_api.md: reference.model.Qwen35Model, or optimized's twin): one prefill, then
+decode steps until max_new_tokens, a stop token or max_length, then `release`.  So parameters, prompt checks and
+the max_length rule are the models' own, and both refuse the same input with the same message.  The loop's
+per-step reports give the timing: prefill and decode separately, because they are different workloads (one pass
+over the prompt vs one token per step).
 """
 from __future__ import annotations
 
-import contextlib
-import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from reference.context import PromptId, TextContext, as_token_array, request_name
+from reference.context import as_token_array, request_name
 from reference.errors import RequestError
-from reference.model import check_generation_params, check_prompt_room, host_logits, sample_next_token
+from reference.pipeline import StepReport, generate
 
 __all__ = ["GenerationResult", "generate_tokens"]
 
 
 @dataclass
 class GenerationResult:
+    """One prompt's generation: its ids, the new ids, the wall seconds of prefill and of decode, why it stopped."""
+
     prompt_ids: list[int]
     new_ids: list[int] = field(default_factory=list)
     prefill_seconds: float = 0.0
@@ -42,6 +39,8 @@ class GenerationResult:
     def decode_tokens_per_s(self) -> float:
         """New tokens after the first (each needs one decode step) per second of decode time."""
         n = max(len(self.new_ids) - 1, 0)
+        if n == 0:
+            return 0.0  # no decode step ran
         return n / self.decode_seconds if self.decode_seconds > 0 else float("inf")
 
     @property
@@ -60,50 +59,24 @@ def generate_tokens(model, prompt_ids, *, max_new_tokens: int = 32, temperature:
     """Generate from one prompt through the pipeline API, timing prefill and decode.
 
     Stops after max_new_tokens, at a stop token (included), or when prompt + new tokens reach the model's
-    max_length.  `request_id` None (the default) uses a private id (`PromptId(0)`, errors name "prompt 0", as
+    max_length.  `request_id` None (the default) uses a private id (errors name "prompt 0", as
     `model.generate([prompt_ids])` does); a given id must not be live (its request would be continued, then
-    released).  Holds the model's lock (if it has one) for the whole run, so concurrent callers cannot interleave.
+    released).  Holds the model's lock for the whole run, so concurrent callers cannot interleave.
     """
-    rid = PromptId(0) if request_id is None else request_id
-    stop = check_generation_params(max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids)
-    with getattr(model, "lock", contextlib.nullcontext()):
+    steps: list[StepReport] = []
+    with model.lock:
         if request_id is not None and request_id in model.active_requests:
-            raise RequestError(f"generate_tokens: {request_name(rid)} is live; pass a new request_id (or None for a "
-                               "private one): generating under it would continue that request and then release it")
-        prompt = as_token_array(prompt_ids, request_id=rid, vocab_size=model.config.vocab_size)
-        max_len = getattr(model, "max_length", None)
-        if max_len is not None:
-            check_prompt_room(rid, prompt.size, max_len)
-        result = GenerationResult(prompt_ids=prompt.tolist())
-        if max_new_tokens == 0:
-            return result
-        rng = np.random.default_rng(seed)
-        try:
-            t0 = time.perf_counter()
-            inputs = model.prepare_initial_token_inputs([TextContext(rid, prompt)])
-            token = _sample(model.execute(inputs), rid, temperature, top_k, top_p, rng)
-            result.prefill_seconds = time.perf_counter() - t0
-            result.new_ids.append(token)
-            t0 = time.perf_counter()
-            while True:
-                if token in stop:
-                    result.stopped_by = "stop token"
-                    break
-                if len(result.new_ids) >= max_new_tokens:
-                    break
-                if max_len is not None and prompt.size + len(result.new_ids) >= max_len:
-                    result.stopped_by = "max length"  # prompt + new tokens <= max_length, as model.generate
-                    break
-                inputs = model.prepare_next_token_inputs(np.array([token]), inputs)
-                token = _sample(model.execute(inputs), rid, temperature, top_k, top_p, rng)
-                result.new_ids.append(token)
-            result.decode_seconds = time.perf_counter() - t0
-        finally:
-            model.release(rid)
+            raise RequestError(f"generate_tokens: {request_name(request_id)} is live; pass a new request_id (or None "
+                               "for a private one): generating under it would continue that request and then "
+                               "release it")
+        (new_ids,) = generate(model, [prompt_ids], max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids,
+                              request_ids=None if request_id is None else [request_id], on_step=steps.append)
+    result = GenerationResult(prompt_ids=as_token_array(prompt_ids).tolist(), new_ids=new_ids)
+    for step in steps:
+        if step.phase == "prefill":
+            result.prefill_seconds += step.seconds
+        else:
+            result.decode_seconds += step.seconds
+        result.stopped_by = step.stopped.get(0, result.stopped_by)
     return result
-
-
-def _sample(out, request_id, temperature, top_k, top_p, rng) -> int:
-    """The next token from a step's last logit row (a NumPy array or a torch tensor)."""
-    return sample_next_token(host_logits(out.logits)[-1], temperature=temperature, top_k=top_k, top_p=top_p,
-                             rng=rng, who=request_name(request_id))

@@ -4,7 +4,8 @@
     model = Qwen35Model.from_pretrained(path, max_batch_size=8)     # float64; dtype=np.float32 on request
 
 Every component lives in its own module (config, norms, conv, gated_delta, deltanet, rope, attention, mlp,
-vision, state_cache, weights, model); docs/index.md is the map.  Errors share one base class, `Qwen35Error`.
+vision, state_cache, weights, model; pipeline holds the request layer both engines share); docs/index.md is the
+map.  Errors share one base class, `Qwen35Error`.
 """
 from reference.config import Qwen35Config, VisionConfig
 from reference.context import TextContext

@@ -36,14 +36,14 @@ def reference_trace(model, tokens) -> list[tuple[str, np.ndarray]]:
     Returns [(name, array [T, H] or [T, V])] in `trace_names(model.config)` order.
     """
     tokens = as_token_array(tokens, request_id="trace")
-    model._check_tokens("trace", tokens)
+    model.check_tokens("trace", tokens)
     T = tokens.size
     conv = [np.zeros((1,) + p.shape[1:], model.dtype) for p in model.state_cache.conv_pools]
     rec = [np.zeros((1,) + p.shape[1:], model.dtype) for p in model.state_cache.recurrent_pools]
     past = {layer: None for layer in model.config.full_layer_indices}
     hidden: list[np.ndarray] = []
-    h, *_ = model._forward(tokens, np.array([0, T], np.int64), decode_position_ids(0, T), conv, rec, past,
-                           hidden_trace=hidden)
+    h, *_ = model.forward(tokens, np.array([0, T], np.int64), decode_position_ids(0, T), conv, rec, past,
+                          hidden_trace=hidden)
     logits = h @ model.weights.lm_head.T.astype(model.dtype, copy=False)
     return list(zip(trace_names(model.config), hidden + [h, logits]))
 

@@ -20,8 +20,9 @@ from hypothesis.stateful import (
 from _tolerance import assert_close
 from hf_checkpoints import make_hf_checkpoint
 from reference.model import (
-    ModelInputs, PoolFullError, Qwen35Model, RequestError, TextContext, UnknownRequestError, sample_next_token,
+    ModelInputs, PoolFullError, Qwen35Model, RequestError, TextContext, UnknownRequestError,
 )
+from reference.pipeline import sample_next_token
 
 V = 97  # tiny vocabulary
 

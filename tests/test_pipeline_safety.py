@@ -31,8 +31,8 @@ from hf_checkpoints import make_hf_checkpoint
 from qwen35.generation import generate_tokens
 from reference.context import TextContext
 from reference.errors import RequestError
-from reference.model import sample_next_token
 from reference.multimodal import TextAndVisionContext
+from reference.pipeline import sample_next_token
 from tests._mm_cases import IMG, VID, prompt_case
 
 torch.set_num_threads(1)
