@@ -21,11 +21,11 @@ from optimized.linear import linear
 from optimized.norms import rms_norm
 from optimized.rope import apply_partial_rope, packed_rope_tables
 
-__all__ = ["AttentionWeightsT", "KVCache", "gated_attention", "split_q_gate"]
+__all__ = ["TorchAttentionWeights", "KVCache", "gated_attention", "split_q_gate"]
 
 
 @dataclass
-class AttentionWeightsT:
+class TorchAttentionWeights:
     """Torch twin of reference.attention.AttentionWeights (same names and shapes)."""
 
     q_proj: torch.Tensor  # [2·nh·hd, H] (per-head q | gate rows); [nh·hd, H] when attn_output_gate is false
@@ -36,7 +36,7 @@ class AttentionWeightsT:
     k_norm: torch.Tensor  # [hd]
 
     @classmethod
-    def from_reference(cls, w, *, dtype=torch.float32, device="cpu") -> "AttentionWeightsT":
+    def from_reference(cls, w, *, dtype=torch.float32, device="cpu") -> "TorchAttentionWeights":
         conv = lambda a: torch.from_numpy(np.array(a)).to(device=device, dtype=dtype).contiguous()  # noqa: E731
         return cls(**{name: conv(getattr(w, name)) for name in cls.__dataclass_fields__})
 
@@ -98,13 +98,13 @@ def _attend(q, k, v, scale, q_offset):
     return o[0].transpose(0, 1)  # [T, nh, hd]
 
 
-def gated_attention(x, w: AttentionWeightsT, config, *, position_ids=None, cu_seqlens=None, past_kv=None,
+def gated_attention(x, w: TorchAttentionWeights, config, *, position_ids=None, cu_seqlens=None, past_kv=None,
                     kv_caches=None):
     """Gated full attention over a ragged batch with a KV cache.
 
     Args:
         x:            [T_total, H]
-        w:            AttentionWeightsT
+        w:            TorchAttentionWeights
         config:       Qwen35Config
         position_ids: [3, T_total] or [T_total] integer; None = text positions T_past_n + arange(T_n)
         cu_seqlens:   [N+1] or None (one sequence)

@@ -13,14 +13,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from optimized import backend as B
+from optimized import backend as dispatch
 from optimized.linear import linear
 
-__all__ = ["DeltaNetWeightsT", "gated_deltanet", "gated_deltanet_decode"]
+__all__ = ["TorchDeltaNetWeights", "gated_deltanet", "gated_deltanet_decode"]
 
 
 @dataclass
-class DeltaNetWeightsT:
+class TorchDeltaNetWeights:
     """Torch twin of reference.deltanet.DeltaNetWeights, plus the fused input projection `in_proj_all`."""
 
     in_proj_qkv: torch.Tensor  # [conv_dim, H]
@@ -41,7 +41,7 @@ class DeltaNetWeightsT:
             self.in_proj_all = torch.cat([self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a], 0)
 
     @classmethod
-    def from_reference(cls, w, *, dtype=torch.float32, device="cpu") -> "DeltaNetWeightsT":
+    def from_reference(cls, w, *, dtype=torch.float32, device="cpu") -> "TorchDeltaNetWeights":
         def conv(name):
             a = torch.from_numpy(np.array(getattr(w, name)))
             # A_log, dt_bias and the gated-norm weight stay fp32 (float64 for float64 models) — as MAX does, pitfall B23
@@ -81,7 +81,7 @@ def _split_qkv(mixed, config):
 def _output(o, z, w, config, backend):
     T = o.shape[0]
     H_v, D_v = config.linear_num_value_heads, config.linear_value_head_dim
-    y = B.gated_rms_norm(o.contiguous(), z.reshape(T, H_v, D_v).contiguous(), w.norm, config.rms_norm_eps,
+    y = dispatch.gated_rms_norm(o.contiguous(), z.reshape(T, H_v, D_v).contiguous(), w.norm, config.rms_norm_eps,
                          backend=backend)
     return linear(y.reshape(T, H_v * D_v), w.out_proj)
 
@@ -101,7 +101,7 @@ def _max_seq_len(x, cu_seqlens) -> int:
     return max((b - a for a, b in zip(cu[:-1], cu[1:])), default=0)
 
 
-def gated_deltanet(x, w: DeltaNetWeightsT, config, *, cu_seqlens=None, conv_state=None, recurrent_state=None,
+def gated_deltanet(x, w: TorchDeltaNetWeights, config, *, cu_seqlens=None, conv_state=None, recurrent_state=None,
                    mode: str = "chunk", chunk_size: int = 64, backend="auto"):
     """One GDN layer over packed sequences (same contract as reference.deltanet.gated_deltanet).
 
@@ -119,20 +119,20 @@ def gated_deltanet(x, w: DeltaNetWeightsT, config, *, cu_seqlens=None, conv_stat
     if mode == "auto":
         mode = "recurrent" if _max_seq_len(x, cu_seqlens) <= RECURRENT_MAX_TOKENS else "chunk"
     qkv, z, b, a = _split_projection(x, w, config)
-    mixed, conv_state = B.causal_conv1d(qkv, w.conv1d, conv_state=conv_state, cu_seqlens=cu_seqlens,
+    mixed, conv_state = dispatch.causal_conv1d(qkv, w.conv1d, conv_state=conv_state, cu_seqlens=cu_seqlens,
                                         activation="silu", backend=backend)
     q, k, v = _split_qkv(mixed, config)
     g, beta = _gates(b, a, w)
     kw = dict(g=g[None], beta=beta[None], initial_state=recurrent_state, output_final_state=True,
               use_qk_l2norm=True, cu_seqlens=cu_seqlens, backend=backend)
     if mode == "chunk":
-        o, recurrent_state = B.chunk_gated_delta_rule(q, k, v, chunk_size=chunk_size, **kw)
+        o, recurrent_state = dispatch.chunk_gated_delta_rule(q, k, v, chunk_size=chunk_size, **kw)
     else:
-        o, recurrent_state = B.recurrent_gated_delta_rule(q, k, v, **kw)
+        o, recurrent_state = dispatch.recurrent_gated_delta_rule(q, k, v, **kw)
     return _output(o[0], z, w, config, backend), conv_state, recurrent_state
 
 
-def gated_deltanet_decode(x, w: DeltaNetWeightsT, config, *, conv_pool, state_pool, slot_ids, backend="auto"):
+def gated_deltanet_decode(x, w: TorchDeltaNetWeights, config, *, conv_pool, state_pool, slot_ids, backend="auto"):
     """One decode token per row; conv and recurrent states updated IN PLACE in the pools at `slot_ids`.
 
     Args:
@@ -142,10 +142,10 @@ def gated_deltanet_decode(x, w: DeltaNetWeightsT, config, *, conv_pool, state_po
         y [B, H]
     """
     qkv, z, b, a = _split_projection(x, w, config)
-    mixed = B.causal_conv1d_update(qkv, w.conv1d, conv_pool=conv_pool, slot_ids=slot_ids, backend=backend)
+    mixed = dispatch.causal_conv1d_update(qkv, w.conv1d, conv_pool=conv_pool, slot_ids=slot_ids, backend=backend)
     q, k, v = _split_qkv(mixed, config)  # [1, B, ...] -> per-row tokens
     q, k, v = (t.transpose(0, 1).contiguous() for t in (q, k, v))  # [B, 1, H, D]
     g, beta = _gates(b, a, w)
-    o = B.fused_recurrent_gated_delta_rule_update(q, k, v, g=g[:, None], beta=beta[:, None], state_pool=state_pool,
+    o = dispatch.fused_recurrent_gated_delta_rule_update(q, k, v, g=g[:, None], beta=beta[:, None], state_pool=state_pool,
                                                   slot_ids=slot_ids, use_qk_l2norm=True, backend=backend)
     return _output(o[:, 0], z, w, config, backend)

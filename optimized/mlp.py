@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from optimized.linear import linear
 
-__all__ = ["swiglu_mlp", "MoEWeightsT", "sparse_moe_block", "route"]
+__all__ = ["swiglu_mlp", "TorchMoEWeights", "sparse_moe_block", "route"]
 
 
 def swiglu_mlp(x: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
@@ -34,7 +34,7 @@ def swiglu_mlp(x: torch.Tensor, gate_proj: torch.Tensor, up_proj: torch.Tensor, 
 
 
 @dataclass
-class MoEWeightsT:
+class TorchMoEWeights:
     """Torch twin of reference.mlp.MoEWeights (same field names and shapes)."""
 
     gate: torch.Tensor  # [E, H]
@@ -46,7 +46,7 @@ class MoEWeightsT:
     shared_expert_gate: torch.Tensor  # [1, H]
 
     @classmethod
-    def from_reference(cls, w, *, dtype=torch.float32, device="cpu") -> "MoEWeightsT":
+    def from_reference(cls, w, *, dtype=torch.float32, device="cpu") -> "TorchMoEWeights":
         conv = lambda a: torch.from_numpy(np.array(a)).to(device=device, dtype=dtype).contiguous()  # noqa: E731
         return cls(**{name: conv(getattr(w, name)) for name in cls.__dataclass_fields__})
 
@@ -61,7 +61,7 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, k: int):
     return logits, w.to(x.dtype), idx
 
 
-def sparse_moe_block(x: torch.Tensor, w: MoEWeightsT, config) -> torch.Tensor:
+def sparse_moe_block(x: torch.Tensor, w: TorchMoEWeights, config) -> torch.Tensor:
     """Sparse MoE block.   x [N, H] -> [N, H]
 
         y = Σ_{e∈topk(x)} w_e(x) · Expert_e(x)  +  σ(x W_sgᵀ) · SharedMLP(x)

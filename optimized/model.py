@@ -51,11 +51,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from optimized import backend as B
-from optimized.attention import AttentionWeightsT, KVCache, gated_attention
-from optimized.deltanet import DeltaNetWeightsT, gated_deltanet, gated_deltanet_decode
+from optimized import backend as dispatch
+from optimized.attention import TorchAttentionWeights, KVCache, gated_attention
+from optimized.deltanet import TorchDeltaNetWeights, gated_deltanet, gated_deltanet_decode
 from optimized.linear import linear
-from optimized.mlp import MoEWeightsT, sparse_moe_block, swiglu_mlp
+from optimized.mlp import TorchMoEWeights, sparse_moe_block, swiglu_mlp
 from optimized.norms import rms_norm
 from reference import pipeline
 from reference.config import LINEAR, Qwen35Config
@@ -65,7 +65,8 @@ from reference.memory import FALLBACK_MAX_BATCH, infer_optimal_batch_size, state
 # The contract is the reference's; here its arrays are torch tensors on the model's device.
 from reference.pipeline import (RETURN_LOGITS, ModelInputs, ModelOutputs, RequestChecks, RequestRecord,
                                 RequestSnapshot, has_vision, pack_chunks, serialized)
-from reference.weights import MLPWeights, load_weights
+from reference.mlp import MLPWeights
+from reference.weights import load_weights
 
 __all__ = ["Qwen35Model", "ModelInputs", "ModelOutputs", "RequestSnapshot", "TextContext", "RequestError",
            "PoolFullError", "UnknownRequestError", "STATE_RULE"]
@@ -78,8 +79,8 @@ class _Layer:
     layer_type: str
     input_layernorm: torch.Tensor
     post_attention_layernorm: torch.Tensor
-    mixer: object  # DeltaNetWeightsT | AttentionWeightsT
-    mlp: object  # dict of dense tensors | MoEWeightsT
+    mixer: object  # TorchDeltaNetWeights | TorchAttentionWeights
+    mlp: object  # dict of dense tensors | TorchMoEWeights
 
 
 class Qwen35Model(RequestChecks):
@@ -109,7 +110,7 @@ class Qwen35Model(RequestChecks):
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {device!r}: CUDA is not available on this machine (use device='cpu')")
         self.dtype = dtype
-        self.backend = B.resolve_backend(backend, self.device)
+        self.backend = dispatch.resolve_backend(backend, self.device)
         self.return_logits = return_logits
         self.max_length = self.config.resolve_max_seq_len(max_length)
         self._load(weights)
@@ -153,16 +154,16 @@ class Qwen35Model(RequestChecks):
         self.layers = []
         for lw in w.layers:
             if lw.layer_type == LINEAR:
-                mixer = DeltaNetWeightsT.from_reference(lw.mixer, dtype=dt, device=dev)
+                mixer = TorchDeltaNetWeights.from_reference(lw.mixer, dtype=dt, device=dev)
             else:
-                mixer = AttentionWeightsT.from_reference(lw.mixer, dtype=dt, device=dev)
+                mixer = TorchAttentionWeights.from_reference(lw.mixer, dtype=dt, device=dev)
                 mixer.q_norm, mixer.k_norm = self._t(lw.mixer.q_norm, torch.float32), self._t(lw.mixer.k_norm,
                                                                                              torch.float32)
             if isinstance(lw.mlp, MLPWeights):
                 g, u, d = (self._t(a) for a in (lw.mlp.gate_proj, lw.mlp.up_proj, lw.mlp.down_proj))
                 mlp = {"gate_proj": g, "up_proj": u, "down_proj": d, "gate_up": torch.cat([g, u], 0)}
             else:
-                mlp = MoEWeightsT.from_reference(lw.mlp, dtype=dt, device=dev)
+                mlp = TorchMoEWeights.from_reference(lw.mlp, dtype=dt, device=dev)
             self.layers.append(_Layer(lw.layer_type, self._t(lw.input_layernorm, torch.float32),
                                       self._t(lw.post_attention_layernorm, torch.float32), mixer, mlp))
 

@@ -52,14 +52,14 @@ def _ops(backend: str, device: str):
     Returns the implementation label ("optimized-torch" / "optimized-triton") and the three functions; asking for
     "triton" where it cannot run (no CUDA and no TRITON_INTERPRET=1) is an error here, not a silent fallback.
     """
-    from optimized import backend as B
+    from optimized import backend as dispatch
 
-    got = B.resolve_backend(backend, device)
+    got = dispatch.resolve_backend(backend, device)
     if got != backend:
         raise RuntimeError(f"backend {backend!r} is not available on {device} (resolved to {got!r}); for Triton on "
                            "a CPU set TRITON_INTERPRET=1 (slow: use small --lengths and --steps)")
     names = ("chunk_gated_delta_rule", "recurrent_gated_delta_rule", "fused_recurrent_gated_delta_rule_update")
-    return f"optimized-{got}", tuple(B.get_op(n, backend, device) for n in names)
+    return f"optimized-{got}", tuple(dispatch.get_op(n, backend, device) for n in names)
 
 
 def _to_torch(x, dtype, device):

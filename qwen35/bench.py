@@ -166,7 +166,7 @@ def bench_decode_step(H=16, D=128, hidden=1024, *, quick=False, log=print) -> di
                             num_attention_heads=8, num_key_value_heads=2, head_dim=256, partial_rotary_factor=0.25,
                             mrope_section=(11, 11, 10), vocab_size=1000)
     w = rdn.DeltaNetWeights.random(cfg, 0).astype(np.float32)
-    wt = odn.DeltaNetWeightsT.from_reference(w)
+    wt = odn.TorchDeltaNetWeights.from_reference(w)
     x = rng.standard_normal((1, hidden)).astype(np.float32)
     tx = torch.from_numpy(x)
     conv_pool = torch.zeros(S, cfg.conv_dim, cfg.linear_conv_kernel_dim - 1)

@@ -33,6 +33,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "results"  # where result JSON goes by default (the plots are drawn from it)
+PLOTS_DIR = REPO / "docs" / "plots"  # where `qwen35 plot` draws to by default
 
 
 # ================================================================================================================

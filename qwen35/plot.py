@@ -37,9 +37,8 @@ import numpy as np  # noqa: E402
 plt.rcParams["svg.fonttype"] = "none"  # keep SVG text as text: smaller files, searchable footers
 plt.rcParams["svg.hashsalt"] = "qwen35"  # stable element ids, so re-rendering the same JSON gives the same SVG
 
-from qwen35.measure import REPO, RESULTS_DIR, git_commit, load_json, write_json  # noqa: E402
+from qwen35.measure import PLOTS_DIR, REPO, RESULTS_DIR, git_commit, load_json, write_json  # noqa: E402
 
-PLOTS_DIR = REPO / "docs" / "plots"
 
 GIB = 2 ** 30
 # Device memory budgets of the sweep, GiB: a 24 GB card up to 8 x 141 GB (one H200 node) and a bit beyond.

@@ -2,7 +2,7 @@
 
     ref = reference_trace(model, tokens)            # [(name, array)]: embedding, every layer, final norm, logits
     other = ...                                     # the same points from another implementation (e.g. HF hooks:
-                                                    #   qwen35.commands.diverge.hf_trace)
+                                                    #   qwen35.compare.hf_trace)
     report = compare_traces(ref, other, tolerance=1e-4)
     print(report.format());  report.first_divergent  # the first point whose relative RMS exceeds the tolerance
 

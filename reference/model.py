@@ -44,17 +44,17 @@ from pathlib import Path
 import numpy as np
 
 from reference import pipeline
-from reference.attention import gated_attention
+from reference.attention import KVCache, gated_attention
 from reference.config import LINEAR, Qwen35Config
 from reference.context import TextContext, request_name
 from reference.deltanet import gated_deltanet
 from reference.errors import ConfigError, PoolFullError, RequestError, UnknownRequestError
-from reference.mlp import sparse_moe_block, swiglu_mlp
+from reference.mlp import MLPWeights, sparse_moe_block, swiglu_mlp
 from reference.norms import rms_norm
 from reference.pipeline import (RETURN_LOGITS, ModelInputs, ModelOutputs, RequestChecks, RequestRecord,
                                 RequestSnapshot, has_vision, pack_chunks, serialized)
-from reference.state_cache import GatedDeltaNetStateCache, KVCache
-from reference.weights import MLPWeights, ModelWeights, load_weights
+from reference.state_cache import GatedDeltaNetStateCache
+from reference.weights import ModelWeights, load_weights
 
 __all__ = ["Qwen35Model", "ModelInputs", "ModelOutputs", "RequestSnapshot", "TextContext", "RequestError",
            "PoolFullError", "UnknownRequestError", "RETURN_LOGITS", "RETURN_HIDDEN_STATES"]

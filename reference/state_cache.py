@@ -27,7 +27,6 @@ from typing import Hashable, Sequence
 
 import numpy as np
 
-from reference.attention import KVCache  # TEMPORARY re-export for model.py
 from reference.config import Qwen35Config
 from reference.errors import ConfigError, PoolFullError, StateCacheError, UnknownRequestError
 from reference.memory import conv_state_shape, recurrent_state_shape

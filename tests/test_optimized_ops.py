@@ -26,14 +26,14 @@ import reference.mlp as rmlp
 import reference.norms as rnorms
 import reference.rope as rrope
 from _factory import random_cu_seqlens
-from _tolerance import assert_close
+from _tolerance import BUDGETS, assert_close
 from optimized import attention as oatt
 from optimized import conv as oconv
 from optimized import deltanet as odn
 from optimized import mlp as omlp
 from optimized import norms as onorms
 from optimized import rope as orope
-from qwen35.measure import gdn_inputs
+from qwen35.measure import gdn_inputs, rel_rms
 from reference.config import Qwen35Config
 
 torch.set_num_threads(1)
@@ -304,7 +304,7 @@ def test_gated_attention_matches_reference(seed, lengths, past, use_cache_object
     pkv = [(rng.standard_normal((p, cfg.num_key_value_heads, cfg.head_dim)),
             rng.standard_normal((p, cfg.num_key_value_heads, cfg.head_dim))) for p in past[:N]]
     ry, rkv = ratt.gated_attention(x, w, cfg, cu_seqlens=cu, past_kv=pkv)
-    wt = oatt.AttentionWeightsT.from_reference(w)
+    wt = oatt.TorchAttentionWeights.from_reference(w)
     if use_cache_objects:
         caches = []
         for k, v in pkv:
@@ -333,7 +333,7 @@ def test_mlp_and_moe_match_reference(seed, n):
                  omlp.swiglu_mlp(T(x), T(gp), T(up), T(dp), gate_up=fused), "f32")
     w = rmlp.MoEWeights.random(cfg, seed)
     assert_close("moe", rmlp.sparse_moe_block(x, w, cfg),
-                 omlp.sparse_moe_block(T(x), omlp.MoEWeightsT.from_reference(w), cfg), "f32")
+                 omlp.sparse_moe_block(T(x), omlp.TorchMoEWeights.from_reference(w), cfg), "f32")
 
 
 @given(seed=st.integers(0, 2**16), lengths=st.lists(st.sampled_from([1, 2, 5, 19]), min_size=1, max_size=3),
@@ -342,13 +342,18 @@ def test_deltanet_layer_prefill_then_decode(seed, lengths, mode):
     cfg = Qwen35Config.tiny()
     rng = np.random.default_rng(seed)
     w = rdn.DeltaNetWeights.random(cfg, seed)
-    wt = odn.DeltaNetWeightsT.from_reference(w)
+    wt = odn.TorchDeltaNetWeights.from_reference(w)
     N = len(lengths)
     cu = random_cu_seqlens(seed, lengths)
     x = rng.standard_normal((int(cu[-1]), cfg.hidden_size))
     ry, rc, rs = rdn.gated_deltanet(x, w, cfg, cu_seqlens=cu, mode=mode, chunk_size=16)
     y, c, s = odn.gated_deltanet(T(x), wt, cfg, cu_seqlens=cu, mode=mode, chunk_size=16, backend="torch")
-    assert_close("layer y", ry, y, "f32")
+    # Some inputs amplify float32 rounding (e.g. one token whose gated-norm input nearly cancels: seed 226, lengths
+    # [1] reaches 1.5e-5 here and 1.9e-5 in the NumPy oracle run in float32), so y's budget is the f32 one or 4x what
+    # the oracle itself reaches in float32 on the same input, whichever is larger.
+    r32, _, _ = rdn.gated_deltanet(x.astype(np.float32), w, cfg, cu_seqlens=cu, mode=mode, chunk_size=16,
+                                   dtype=np.float32)
+    assert_close("layer y", ry, y, max(BUDGETS["f32"], 4 * rel_rms(ry, r32)))
     assert_close("layer conv", rc, c, "f32")
     assert_close("layer state", rs, s, "f32")
     # decode one token per sequence in place in pools, slots scattered with a padding row

@@ -201,7 +201,7 @@ def test_b18_b19_optimized_attention_at_large_positions_from_strided_slices(dtyp
     cfg = Qwen35Config.tiny(**ROPE_CFG)
     rng = np.random.default_rng(18)
     w = ratt.AttentionWeights.random(cfg, 18)
-    wt = oatt.AttentionWeightsT.from_reference(w, dtype=dtype)
+    wt = oatt.TorchAttentionWeights.from_reference(w, dtype=dtype)
     T = 7
     x = rng.standard_normal((T, cfg.hidden_size))
     buf = torch.zeros((3, 64), dtype=torch.int64)

@@ -140,16 +140,16 @@ def check_backend(backend: str, device_name: str, *, strict: bool = False) -> No
     TRITON_INTERPRET=1 on the CPU, and an importable optimized.triton) instead of falling back to the torch ops.
     Without torch installed: MissingDependencyError naming the `torch` extra."""
     require("torch", "the optimized engine")
-    from optimized import backend as B
+    from optimized import backend as dispatch
 
-    env = os.environ.get(B.ENV_VAR)
-    if backend == "auto" and env and env.lower() not in B.BACKENDS:
-        raise UsageError(f"${B.ENV_VAR}={env!r}: expected one of {', '.join(B.BACKENDS)}")
+    env = os.environ.get(dispatch.ENV_VAR)
+    if backend == "auto" and env and env.lower() not in dispatch.BACKENDS:
+        raise UsageError(f"${dispatch.ENV_VAR}={env!r}: expected one of {', '.join(dispatch.BACKENDS)}")
     if strict and backend == "triton":
-        if not device_name.startswith("cuda") and not B.interpreting():
+        if not device_name.startswith("cuda") and not dispatch.interpreting():
             raise UsageError(f"--backend triton on --device {device_name}: the Triton kernels need a CUDA device, "
                              "or TRITON_INTERPRET=1 (the interpreter, small sizes only) on the CPU")
-        if not B.triton_available():
+        if not dispatch.triton_available():
             raise UsageError("--backend triton: optimized.triton does not import here (is triton installed?)")
 
 

@@ -9,8 +9,7 @@ HELP = ("render plots from result JSON: refreshes results/memory.json (analytic,
 
 
 def add_arguments(parser):
-    from qwen35.measure import RESULTS_DIR
-    from qwen35.plot import PLOTS_DIR
+    from qwen35.measure import PLOTS_DIR, RESULTS_DIR
 
     parser.add_argument("--results", default=str(RESULTS_DIR), metavar="DIR",
                         help=f"directory of result JSON (default {RESULTS_DIR})")
