@@ -36,7 +36,7 @@ class TorchAttentionWeights:
     k_norm: torch.Tensor  # [hd]
 
     @classmethod
-    def from_reference(cls, w, *, dtype=torch.float32, device="cpu") -> "TorchAttentionWeights":
+    def from_reference(cls, w, *, dtype=torch.float32, device="cpu") -> TorchAttentionWeights:
         conv = lambda a: torch.from_numpy(np.array(a)).to(device=device, dtype=dtype).contiguous()  # noqa: E731
         return cls(**{name: conv(getattr(w, name)) for name in cls.__dataclass_fields__})
 

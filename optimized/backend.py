@@ -22,11 +22,10 @@ import warnings
 
 import torch
 
-from reference.errors import ConfigError
-
 from optimized import conv as _conv
 from optimized import gated_delta as _gd
 from optimized import norms as _norms
+from reference.errors import ConfigError
 
 __all__ = [
     "resolve_backend",

@@ -41,7 +41,7 @@ class TorchDeltaNetWeights:
             self.in_proj_all = torch.cat([self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a], 0)
 
     @classmethod
-    def from_reference(cls, w, *, dtype=torch.float32, device="cpu") -> "TorchDeltaNetWeights":
+    def from_reference(cls, w, *, dtype=torch.float32, device="cpu") -> TorchDeltaNetWeights:
         def conv(name):
             a = torch.from_numpy(np.array(getattr(w, name)))
             # A_log, dt_bias and the gated-norm weight stay fp32 (float64 for float64 models) — as MAX does, pitfall B23

@@ -46,7 +46,7 @@ class TorchMoEWeights:
     shared_expert_gate: torch.Tensor  # [1, H]
 
     @classmethod
-    def from_reference(cls, w, *, dtype=torch.float32, device="cpu") -> "TorchMoEWeights":
+    def from_reference(cls, w, *, dtype=torch.float32, device="cpu") -> TorchMoEWeights:
         conv = lambda a: torch.from_numpy(np.array(a)).to(device=device, dtype=dtype).contiguous()  # noqa: E731
         return cls(**{name: conv(getattr(w, name)) for name in cls.__dataclass_fields__})
 

@@ -43,16 +43,16 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import threading
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Hashable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from optimized import backend as dispatch
-from optimized.attention import TorchAttentionWeights, KVCache, gated_attention
+from optimized.attention import KVCache, TorchAttentionWeights, gated_attention
 from optimized.deltanet import TorchDeltaNetWeights, gated_deltanet, gated_deltanet_decode
 from optimized.linear import linear
 from optimized.mlp import TorchMoEWeights, sparse_moe_block, swiglu_mlp
@@ -62,10 +62,20 @@ from reference.config import LINEAR, Qwen35Config
 from reference.context import TextContext, request_name
 from reference.errors import ConfigError, PoolFullError, RequestError, StateCacheError, UnknownRequestError
 from reference.memory import FALLBACK_MAX_BATCH, infer_optimal_batch_size, state_bytes_per_request
-# The contract is the reference's; here its arrays are torch tensors on the model's device.
-from reference.pipeline import (RETURN_LOGITS, ModelInputs, ModelOutputs, RequestChecks, RequestRecord,
-                                RequestSnapshot, has_vision, pack_chunks, serialized)
 from reference.mlp import MLPWeights
+
+# The contract is the reference's; here its arrays are torch tensors on the model's device.
+from reference.pipeline import (
+    RETURN_LOGITS,
+    ModelInputs,
+    ModelOutputs,
+    RequestChecks,
+    RequestRecord,
+    RequestSnapshot,
+    has_vision,
+    pack_chunks,
+    serialized,
+)
 from reference.weights import load_weights
 
 __all__ = ["Qwen35Model", "ModelInputs", "ModelOutputs", "RequestSnapshot", "TextContext", "RequestError",
@@ -134,7 +144,7 @@ class Qwen35Model(RequestChecks):
     @classmethod
     def from_pretrained(cls, path, *, device="cpu", dtype=torch.float32, backend="auto", max_batch_size=None,
                         return_logits: str = "last", max_length: int | None = None,
-                        config: Qwen35Config | None = None, allow_nonfinite: bool = False) -> "Qwen35Model":
+                        config: Qwen35Config | None = None, allow_nonfinite: bool = False) -> Qwen35Model:
         """Load a Hugging Face checkpoint directory through reference.weights (names, prefixes, dtype rules, the
         strict checks: CheckpointError for a file path, a malformed checkpoint or a NaN / Inf weight unless
         `allow_nonfinite=True`)."""
@@ -246,7 +256,6 @@ class Qwen35Model(RequestChecks):
         """MultimodalPrefill of a whole prompt: the placeholder checks and MRoPE plan (reference), the tower once
         (optimized.vision), embeddings as a tensor on the model's device and dtype."""
         from optimized.vision import multimodal_prefill_inputs
-
         from reference.multimodal import plan_multimodal_prefill
 
         plan = plan_multimodal_prefill(ctx, self.config)  # placeholder / pixel checks before the tower is built

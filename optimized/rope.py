@@ -15,7 +15,6 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
-
 import torch
 
 from reference.rope import RopeScaling, mrope_axis_of_frequency

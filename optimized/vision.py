@@ -99,7 +99,7 @@ class VisionTower:
         self.m_fc2_b = get("merger.linear_fc2.bias", (vc.out_hidden_size,))
 
     @classmethod
-    def from_state_dict(cls, tensors: dict, vision_config, *, device="cpu", dtype=torch.float32) -> "VisionTower":
+    def from_state_dict(cls, tensors: dict, vision_config, *, device="cpu", dtype=torch.float32) -> VisionTower:
         """From the `model.visual.*` tensors with the prefix stripped (numpy arrays or torch tensors)."""
         return cls(tensors, vision_config, device=device, dtype=dtype)
 

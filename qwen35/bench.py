@@ -30,8 +30,18 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen35.measure import (SINGLE_THREAD_ENV, decode_weight_bytes, gdn_chunk_flops, gdn_decode_bytes, gdn_inputs,
-                            machine_info, model_prefill_flops, pin_threads, timeit, timeit_interleaved)
+from qwen35.measure import (
+    SINGLE_THREAD_ENV,
+    decode_weight_bytes,
+    gdn_chunk_flops,
+    gdn_decode_bytes,
+    gdn_inputs,
+    machine_info,
+    model_prefill_flops,
+    pin_threads,
+    timeit,
+    timeit_interleaved,
+)
 
 SHARED_NOTE = ("measured on a 2-core machine that ran other jobs at the same time; one BLAS thread, timings are "
                "medians of repeated runs, but the background load was not controlled")

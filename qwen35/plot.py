@@ -39,7 +39,6 @@ plt.rcParams["svg.hashsalt"] = "qwen35"  # stable element ids, so re-rendering t
 
 from qwen35.measure import PLOTS_DIR, REPO, RESULTS_DIR, git_commit, load_json, write_json  # noqa: E402
 
-
 GIB = 2 ** 30
 # Device memory budgets of the sweep, GiB: a 24 GB card up to 8 x 141 GB (one H200 node) and a bit beyond.
 MEMORY_BUDGETS_GIB = tuple(int(round(x)) for x in np.geomspace(16, 2048, 36))

@@ -24,8 +24,8 @@ nkv = H_kv KV heads, hd = D_h head dim, R rotary dim.
 """
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Hashable, Sequence
 
 import numpy as np
 
@@ -75,7 +75,7 @@ class AttentionWeights:
                         else " (attn_output_gate is false: q_proj holds q only, nh·hd rows, no gate rows)")
                 raise ValueError(f"AttentionWeights.{name} has shape {got}, expected {shape}{hint}")
 
-    def without_gate(self, config) -> "AttentionWeights":
+    def without_gate(self, config) -> AttentionWeights:
         """The same layer with its gate rows dropped: q_proj [2·nh·hd, H] → [nh·hd, H] (the per-head query
         rows), for a config with attn_output_gate false.  Other arrays are shared, not copied."""
         nh, hd = config.num_attention_heads, config.head_dim
@@ -83,7 +83,7 @@ class AttentionWeights:
         return AttentionWeights(**{**self.__dict__, "q_proj": q.reshape(nh * hd, -1)})
 
     @classmethod
-    def random(cls, config, seed: int = 0, *, std: float = 0.2, norm_std: float = 0.1) -> "AttentionWeights":
+    def random(cls, config, seed: int = 0, *, std: float = 0.2, norm_std: float = 0.1) -> AttentionWeights:
         """Random float64 weights of the right shapes (tests, notebooks)."""
         rng = np.random.default_rng(seed)
         H, nh, nkv, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim

@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from reference.errors import ConfigError
 from reference.rope import RopeScaling
@@ -100,7 +101,7 @@ class VisionConfig:
         return math.isqrt(self.num_position_embeddings)
 
     @classmethod
-    def from_hf_dict(cls, d: Mapping[str, Any], where: str = "vision_config") -> "VisionConfig":
+    def from_hf_dict(cls, d: Mapping[str, Any], where: str = "vision_config") -> VisionConfig:
         """Build from the `vision_config` object of a config.json; `where` is its path in error messages."""
         _check_object(where, d)
         kw = {f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None}
@@ -548,7 +549,7 @@ class Qwen35Config:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_hf_dict(cls, d: Mapping[str, Any]) -> "Qwen35Config":
+    def from_hf_dict(cls, d: Mapping[str, Any]) -> Qwen35Config:
         """Build from a Hugging Face `config.json` dict (any of the four model types)."""
         if not isinstance(d, Mapping):
             raise ConfigError(f"config must be a JSON object (the parsed config.json), got {_show(d)}")
@@ -620,7 +621,7 @@ class Qwen35Config:
         return cls(**kw)
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "Qwen35Config":
+    def from_json_file(cls, path: str | os.PathLike) -> Qwen35Config:
         path = Path(path)
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
@@ -633,13 +634,13 @@ class Qwen35Config:
         return cls.from_hf_dict(d)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "Qwen35Config":
+    def from_pretrained(cls, path: str | os.PathLike) -> Qwen35Config:
         """Read `<dir>/config.json` (or a config.json path)."""
         p = Path(path)
         return cls.from_json_file(p / "config.json" if p.is_dir() else p)
 
     @classmethod
-    def preset(cls, name: str) -> "Qwen35Config":
+    def preset(cls, name: str) -> Qwen35Config:
         """A published size: 0.8b, 2b, 4b, 9b, 27b, 35b-a3b, 122b-a10b, 397b-a17b (files in reference/presets)."""
         key = name.lower().replace("qwen3.5-", "").replace("_", "-")
         path = PRESET_DIR / f"{key}.json"
@@ -650,7 +651,7 @@ class Qwen35Config:
         return cls.from_hf_dict(d)
 
     @classmethod
-    def tiny(cls, **overrides) -> "Qwen35Config":
+    def tiny(cls, **overrides) -> Qwen35Config:
         """A tiny text-only geometry for tests (4 layers: L L L F), overridable field by field."""
         base = dict(
             model_type="qwen3_5_text", vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
@@ -669,7 +670,7 @@ class Qwen35Config:
         base.update(overrides)
         return cls(**base)
 
-    def replace(self, **changes) -> "Qwen35Config":
+    def replace(self, **changes) -> Qwen35Config:
         return replace(self, **changes)
 
     # ------------------------------------------------------------------ serialisation

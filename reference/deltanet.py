@@ -83,11 +83,11 @@ class DeltaNetWeights:
             if got != shape:
                 raise ValueError(f"DeltaNetWeights.{name}: expected shape {shape}, got {got}")
 
-    def astype(self, dtype) -> "DeltaNetWeights":
+    def astype(self, dtype) -> DeltaNetWeights:
         return DeltaNetWeights(**{f.name: np.asarray(getattr(self, f.name), dtype=dtype) for f in fields(self)})
 
     @classmethod
-    def random(cls, config, seed: int = 0, *, scale: float = 1.0) -> "DeltaNetWeights":
+    def random(cls, config, seed: int = 0, *, scale: float = 1.0) -> DeltaNetWeights:
         """Random weights of the right shapes (for tests and notebooks), scaled like a trained layer:
         projections ~ N(0, 1/fan_in), A_log = log(U(0.01, 16)) as in HF's init, dt_bias and norm near 1."""
         rng = np.random.default_rng(seed)

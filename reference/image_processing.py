@@ -267,7 +267,7 @@ class ImageProcessor:
     dtype: type = np.float32
 
     @classmethod
-    def from_vision_config(cls, vision_config, **overrides) -> "ImageProcessor":
+    def from_vision_config(cls, vision_config, **overrides) -> ImageProcessor:
         kw = dict(patch_size=vision_config.patch_size, temporal_patch_size=vision_config.temporal_patch_size,
                   merge_size=vision_config.spatial_merge_size)
         kw.update(overrides)

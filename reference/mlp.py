@@ -110,7 +110,7 @@ class MoEWeights:
                 raise ValueError(f"MoEWeights.{name} has shape {got}, expected {shape}")
 
     @classmethod
-    def random(cls, config, seed: int = 0, *, std: float = 0.2) -> "MoEWeights":
+    def random(cls, config, seed: int = 0, *, std: float = 0.2) -> MoEWeights:
         """Random float64 weights of the right shapes (tests, notebooks)."""
         rng = np.random.default_rng(seed)
         H, E = config.hidden_size, config.num_experts

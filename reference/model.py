@@ -51,8 +51,17 @@ from reference.deltanet import gated_deltanet
 from reference.errors import ConfigError, PoolFullError, RequestError, UnknownRequestError
 from reference.mlp import MLPWeights, sparse_moe_block, swiglu_mlp
 from reference.norms import rms_norm
-from reference.pipeline import (RETURN_LOGITS, ModelInputs, ModelOutputs, RequestChecks, RequestRecord,
-                                RequestSnapshot, has_vision, pack_chunks, serialized)
+from reference.pipeline import (
+    RETURN_LOGITS,
+    ModelInputs,
+    ModelOutputs,
+    RequestChecks,
+    RequestRecord,
+    RequestSnapshot,
+    has_vision,
+    pack_chunks,
+    serialized,
+)
 from reference.state_cache import GatedDeltaNetStateCache
 from reference.weights import ModelWeights, load_weights
 

@@ -22,9 +22,9 @@ Shape legend: T tokens, R rotary dim, D_h head dim, "heads" any head count.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import fields as dataclass_fields
-from typing import Mapping
 
 import numpy as np
 
@@ -174,7 +174,7 @@ class RopeScaling:
 
     @classmethod
     def from_rope_parameters(cls, params: Mapping, *, max_position_embeddings: int,
-                             source: str = "rope_parameters") -> "RopeScaling":
+                             source: str = "rope_parameters") -> RopeScaling:
         """Parse a `rope_parameters` (or legacy `rope_scaling`) mapping, as transformers reads it.
 
         * `rope_type`, or its legacy alias `type` (`rope_type` wins when both are present); absent -> "default".

@@ -23,7 +23,7 @@ Every method validates all its arguments before touching any state, so an error 
 """
 from __future__ import annotations
 
-from typing import Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 

@@ -329,7 +329,7 @@ class VisionWeights:
     merger_fc2_bias: np.ndarray
 
     @classmethod
-    def from_state_dict(cls, tensors, vision_config, *, dtype=np.float64) -> "VisionWeights":
+    def from_state_dict(cls, tensors, vision_config, *, dtype=np.float64) -> VisionWeights:
         """Build from the `model.visual.*` tensors with that prefix stripped (`patch_embed.proj.weight`, …).
 
         Every expected name must be present with the expected shape, and no other name may be left over

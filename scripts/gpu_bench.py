@@ -42,9 +42,20 @@ if str(ROOT) not in sys.path:  # run from a checkout (scripts/gpu_check.sh) or w
 import numpy as np  # noqa: E402
 import torch  # noqa: E402  (torch does not import triton: TRITON_INTERPRET can still be set in main())
 
-from qwen35.measure import (causal_conv1d_bytes, causal_conv1d_flops, gated_rms_norm_bytes,  # noqa: E402
-                            gated_rms_norm_flops, gdn_chunk_bytes, gdn_chunk_flops, gdn_decode_bytes,
-                            gdn_decode_flops, gdn_inputs, machine_info, rel_rms, write_json)
+from qwen35.measure import (  # noqa: E402
+    causal_conv1d_bytes,
+    causal_conv1d_flops,
+    gated_rms_norm_bytes,
+    gated_rms_norm_flops,
+    gdn_chunk_bytes,
+    gdn_chunk_flops,
+    gdn_decode_bytes,
+    gdn_decode_flops,
+    gdn_inputs,
+    machine_info,
+    rel_rms,
+    write_json,
+)
 
 
 def _parse(argv=None):
@@ -149,9 +160,9 @@ def _import_torch_path():
 
 def _import_fla():
     try:
+        import fla
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
         from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_rec
-        import fla
         return fla_chunk, fla_rec, getattr(fla, "__version__", "?"), None
     except Exception as exc:
         return None, None, None, f"flash-linear-attention not importable ({type(exc).__name__}: {exc}); skipped"

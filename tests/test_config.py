@@ -7,8 +7,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from reference.config import (FULL, LINEAR, ConfigError, Qwen35Config, VisionConfig, default_mrope_section,
-                              derive_layer_types, preset_names)
+from reference.config import (
+    FULL,
+    LINEAR,
+    ConfigError,
+    Qwen35Config,
+    VisionConfig,
+    default_mrope_section,
+    derive_layer_types,
+    preset_names,
+)
 
 
 # ---------------------------------------------------------------- layer map

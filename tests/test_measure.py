@@ -12,9 +12,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qwen35.measure import (decode_weight_bytes, error_metrics, gdn_chunk_flops, gdn_decode_bytes, gdn_inputs,
-                            linear_weights_per_token, load_json, machine_info, model_prefill_flops, rel_rms,
-                            write_json)
+from qwen35.measure import (
+    decode_weight_bytes,
+    error_metrics,
+    gdn_chunk_flops,
+    gdn_decode_bytes,
+    gdn_inputs,
+    linear_weights_per_token,
+    load_json,
+    machine_info,
+    model_prefill_flops,
+    rel_rms,
+    write_json,
+)
 from reference.config import Qwen35Config
 from reference.weights import expected_lm_shapes
 

@@ -6,9 +6,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from reference.config import Qwen35Config
-from reference.memory import (FALLBACK_MAX_BATCH, dtype_bytes, estimate_activation_memory, infer_optimal_batch_size,
-                              kv_bytes_per_token, memory_budget, parameter_counts, parse_bytes,
-                              state_bytes_per_request, weight_bytes)
+from reference.memory import (
+    FALLBACK_MAX_BATCH,
+    dtype_bytes,
+    estimate_activation_memory,
+    infer_optimal_batch_size,
+    kv_bytes_per_token,
+    memory_budget,
+    parameter_counts,
+    parse_bytes,
+    state_bytes_per_request,
+    weight_bytes,
+)
 
 MiB = 2**20
 

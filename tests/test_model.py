@@ -14,13 +14,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
-    RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test,
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
 )
 
 from _tolerance import assert_close
 from hf_checkpoints import make_hf_checkpoint
 from reference.model import (
-    ModelInputs, PoolFullError, Qwen35Model, RequestError, TextContext, UnknownRequestError,
+    ModelInputs,
+    PoolFullError,
+    Qwen35Model,
+    RequestError,
+    TextContext,
+    UnknownRequestError,
 )
 from reference.pipeline import sample_next_token
 

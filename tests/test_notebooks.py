@@ -138,10 +138,9 @@ def test_plot_renders_every_kind_with_its_footer(tmp_path, quick_accuracy):
 
 
 def test_memory_sweep_agrees_with_the_memory_model():
+    from qwen35.plot import GIB, memory_sweep
     from reference.config import Qwen35Config
     from reference.memory import infer_optimal_batch_size, weight_bytes
-
-    from qwen35.plot import GIB, memory_sweep
 
     d = memory_sweep(["27b", "0.8b"], budgets_gib=(16, 80, 141))
     for name in ("27b", "0.8b"):
@@ -192,7 +191,6 @@ def test_compare_on_the_demo_matches_and_localizes_an_injected_bug(monkeypatch, 
     """`qwen35 compare`: the optimized model matches the reference on the demo; a bug injected into the optimized
     full-attention layer is reported at that layer, not before it."""
     import optimized.model as om
-
     from qwen35.commands._common import DEMO_DIR
     from qwen35.compare import compare_checkpoint
 

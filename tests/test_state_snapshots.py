@@ -23,8 +23,7 @@ from hypothesis import strategies as st
 from _tolerance import assert_close
 from hf_checkpoints import make_hf_checkpoint
 from qwen35.measure import rel_rms
-from reference.model import PoolFullError, Qwen35Model, RequestError, RequestSnapshot, TextContext, \
-    UnknownRequestError
+from reference.model import PoolFullError, Qwen35Model, RequestError, RequestSnapshot, TextContext, UnknownRequestError
 
 V = 97  # tiny vocabulary
 

@@ -18,7 +18,11 @@ from hf_checkpoints import load_hf_model, make_hf_checkpoint
 from reference.config import Qwen35Config
 from reference.errors import CheckpointError
 from reference.safetensors_io import (
-    bf16_to_float32, float32_to_bf16, load_state_dict, read_safetensors, write_safetensors,
+    bf16_to_float32,
+    float32_to_bf16,
+    load_state_dict,
+    read_safetensors,
+    write_safetensors,
 )
 from reference.weights import WeightLoadError, load_weights
 

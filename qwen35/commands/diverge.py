@@ -36,6 +36,7 @@ def divergence_vs_hf(path, tokens, *, dtype=np.float64, tolerance: float = 1e-4,
     """Build both models from checkpoint `path` and compare them on `tokens` (a DivergenceReport); allow_nonfinite
     goes to the reference's from_pretrained (a NaN / inf tensor is refused by default)."""
     import transformers  # first, so a machine with neither is told the one extra that brings both (hf)
+    # isort: split
     import torch
 
     from reference.divergence import compare_traces, reference_trace, trace_names

@@ -8,8 +8,14 @@ import numpy as np
 
 from qwen35.extras import require
 
-from ._common import (add_allow_nonfinite_argument, add_model_argument, add_prompt_ids_argument, check_token_ids,
-                      checkpoint_dir, read_config)
+from ._common import (
+    add_allow_nonfinite_argument,
+    add_model_argument,
+    add_prompt_ids_argument,
+    check_token_ids,
+    checkpoint_dir,
+    read_config,
+)
 from ._validate import UsageError, check_backend, device, nonnegative_int, positive_int, probability, temperature
 
 NAME = "generate"
