@@ -20,7 +20,8 @@ from reference.config import Qwen35Config
 from reference.errors import CheckpointError, ConfigError, Qwen35Error, RequestError
 
 __all__ = [
-    "Qwen35Config", "Qwen35Model", "ModelInputs", "ModelOutputs", "TextContext", "TextAndVisionContext", "RequestSnapshot",
+    "Qwen35Config", "Qwen35Model", "ModelInputs", "ModelOutputs", "TextContext", "TextAndVisionContext",
+    "RequestSnapshot",
     "resolve_backend", "Qwen35Error", "ConfigError", "CheckpointError", "RequestError",
     "chunk_gated_delta_rule", "recurrent_gated_delta_rule", "fused_recurrent_gated_delta_rule_update",
     "causal_conv1d", "causal_conv1d_update", "gated_rms_norm",

@@ -6,6 +6,8 @@ Torch only (no triton import), so the torch path works where Triton is missing.
 """
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 
 
@@ -37,7 +39,7 @@ def cu_seqlens_list(cu_seqlens, total: int, who: str) -> list[int]:
         cu = [int(c) for c in cu_seqlens.tolist()]
     else:
         cu = [int(c) for c in cu_seqlens]
-    if len(cu) < 2 or cu[0] != 0 or cu[-1] != total or any(b < a for a, b in zip(cu, cu[1:])):
+    if len(cu) < 2 or cu[0] != 0 or cu[-1] != total or any(b < a for a, b in pairwise(cu)):
         raise ValueError(f"{who}: cu_seqlens must rise from 0 to the packed length {total} with N >= 1, got {cu}")
     return cu
 

@@ -16,6 +16,8 @@ Version log:
 """
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 import torch.nn.functional as F
 
@@ -53,7 +55,7 @@ def causal_conv1d(x, weight, *, conv_state=None, cu_seqlens=None, activation="si
     # Extended buffer: sequence n occupies rows [cu[n] + n·P, cu[n+1] + (n+1)·P): its P state rows, then its tokens.
     ext = torch.zeros(total + N * P, C, dtype=cdt, device=dev)  # [T_total + N·P, C]
     seq_of_tok = torch.repeat_interleave(
-        torch.arange(N, device=dev), torch.tensor([b - a for a, b in zip(cu, cu[1:])], device=dev)
+        torch.arange(N, device=dev), torch.tensor([b - a for a, b in pairwise(cu)], device=dev)
     )  # [T_total]
     tok_rows = torch.arange(total, device=dev) + (seq_of_tok + 1) * P  # [T_total]  row of each token in ext
     ext.index_copy_(0, tok_rows, x2.to(cdt))

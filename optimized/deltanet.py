@@ -8,6 +8,7 @@ with one large matmul.  Kernel ops (delta rule, conv, gated norm) go through `op
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -98,7 +99,7 @@ def _max_seq_len(x, cu_seqlens) -> int:
     if cu_seqlens is None:
         return x.shape[0]
     cu = cu_seqlens.tolist() if hasattr(cu_seqlens, "tolist") else list(cu_seqlens)
-    return max((b - a for a, b in zip(cu[:-1], cu[1:])), default=0)
+    return max((b - a for a, b in pairwise(cu)), default=0)
 
 
 def gated_deltanet(x, w: TorchDeltaNetWeights, config, *, cu_seqlens=None, conv_state=None, recurrent_state=None,
@@ -146,6 +147,7 @@ def gated_deltanet_decode(x, w: TorchDeltaNetWeights, config, *, conv_pool, stat
     q, k, v = _split_qkv(mixed, config)  # [1, B, ...] -> per-row tokens
     q, k, v = (t.transpose(0, 1).contiguous() for t in (q, k, v))  # [B, 1, H, D]
     g, beta = _gates(b, a, w)
-    o = dispatch.fused_recurrent_gated_delta_rule_update(q, k, v, g=g[:, None], beta=beta[:, None], state_pool=state_pool,
-                                                  slot_ids=slot_ids, use_qk_l2norm=True, backend=backend)
+    o = dispatch.fused_recurrent_gated_delta_rule_update(q, k, v, g=g[:, None], beta=beta[:, None],
+                                                         state_pool=state_pool, slot_ids=slot_ids, use_qk_l2norm=True,
+                                                         backend=backend)
     return _output(o[:, 0], z, w, config, backend)

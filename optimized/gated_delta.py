@@ -30,6 +30,7 @@ normalised with `optimized.norms.l2_norm` (its eps `L2_EPS` also in the fused re
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import torch
 
@@ -72,7 +73,7 @@ def _lengths(B, T, cu_seqlens, who) -> list[int]:
     if B != 1:
         raise ValueError(f"{who}: with cu_seqlens the batch must be 1 (packed sequences), got B={B}")
     cu = cu_seqlens_list(cu_seqlens, T, who)
-    return [b - a for a, b in zip(cu, cu[1:])]
+    return [b - a for a, b in pairwise(cu)]
 
 
 def _initial_state(initial_state, N, H_v, D_k, D_v, cdtype, device, who):
@@ -478,7 +479,8 @@ def fused_recurrent_gated_delta_rule_update(
     if T != 1:
         raise ValueError(f"{who}: one token per row (T=1), got T={T}")
     if state_pool.dim() != 4 or tuple(state_pool.shape[1:]) != (H_v, D_k, D_v):
-        raise ValueError(f"{who}: state_pool must be [S, H_v={H_v}, D_k={D_k}, D_v={D_v}], got {tuple(state_pool.shape)}")
+        raise ValueError(f"{who}: state_pool must be [S, H_v={H_v}, D_k={D_k}, D_v={D_v}], "
+                         f"got {tuple(state_pool.shape)}")
     if state_pool.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"{who}: state_pool must be fp32 (or float64), got {state_pool.dtype} (pitfall B8)")
     ids = check_slots(who, slot_ids, B, state_pool.shape[0])

@@ -47,7 +47,8 @@ class TorchMoEWeights:
 
     @classmethod
     def from_reference(cls, w, *, dtype=torch.float32, device="cpu") -> TorchMoEWeights:
-        conv = lambda a: torch.from_numpy(np.array(a)).to(device=device, dtype=dtype).contiguous()  # noqa: E731
+        def conv(a):
+            return torch.from_numpy(np.array(a)).to(device=device, dtype=dtype).contiguous()
         return cls(**{name: conv(getattr(w, name)) for name in cls.__dataclass_fields__})
 
 

@@ -301,7 +301,7 @@ class Qwen35Model(RequestChecks):
         reqs = [self._requests[r] for r in ids]
         starts = [r.length for r in reqs]
         offsets, positions, rows, embs = pack_chunks(
-            [(r.mm, r.rope_delta, s, a.size) for r, s, a in zip(reqs, starts, arrays)])
+            [(r.mm, r.rope_delta, s, a.size) for r, s, a in zip(reqs, starts, arrays, strict=True)])
         host = np.concatenate(arrays).astype(np.int64)
         dev = self.device
         return ModelInputs(
@@ -335,8 +335,8 @@ class Qwen35Model(RequestChecks):
                 self.device)
             logits = linear(h.index_select(0, rows), self.lm_head)
         except BaseException as exc:
-            for r, lens in zip(reqs, kv_lens):  # K/V: drop what this step appended
-                for kv, n in zip(r.kv, lens):
+            for r, lens in zip(reqs, kv_lens, strict=True):  # K/V: drop what this step appended
+                for kv, n in zip(r.kv, lens, strict=True):
                     kv.length = n
             if inputs.is_decode:  # the in-place decode update may have run on some layers
                 for r in reqs:
@@ -443,10 +443,11 @@ class Qwen35Model(RequestChecks):
         req = self._requests.get(request_id)
         if req is None:
             req = self._claim(request_id)
-        for pool, st in zip(self.conv_pools + self.state_pools, snapshot.conv_states + snapshot.recurrent_states):
+        for pool, st in zip(self.conv_pools + self.state_pools, snapshot.conv_states + snapshot.recurrent_states,
+                            strict=True):
             pool[req.slot].copy_(st)
         req.kv = self._new_kv()
-        for kv, (k, v) in zip(req.kv, snapshot.kv):
+        for kv, (k, v) in zip(req.kv, snapshot.kv, strict=True):
             kv.append(k, v)  # copies into the cache's own buffers
         mm = snapshot.mm
         if mm is not None:
@@ -465,7 +466,7 @@ class Qwen35Model(RequestChecks):
         checks = [("conv state", a, tuple(self.conv_pools[0].shape[1:]), self.dtype) for a in snap.conv_states]
         checks += [("recurrent state", a, tuple(self.state_pools[0].shape[1:]), torch.float32)
                    for a in snap.recurrent_states]
-        checks += [(what, a, kv_shape, self.dtype) for kv in snap.kv for what, a in zip("kv", kv)]
+        checks += [(what, a, kv_shape, self.dtype) for kv in snap.kv for what, a in zip("kv", kv, strict=True)]
         for what, a, shape, dt in checks:
             if not (torch.is_tensor(a) and tuple(a.shape) == shape and a.dtype == dt
                     and a.device.type == self.device.type):

@@ -13,6 +13,7 @@ batch, or one per request under `dynamic` (whose frequencies depend on each requ
 from __future__ import annotations
 
 from functools import lru_cache
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -98,7 +99,7 @@ def packed_rope_tables(position_ids: torch.Tensor, cu_seqlens, config, *, dtype=
     cu = [int(c) for c in cu_seqlens]
     if not scaling.depends_on_seq_len or len(cu) <= 2:
         return rope_tables(position_ids, config, dtype=dtype)
-    parts = [rope_tables(position_ids[:, s:e], config, dtype=dtype) for s, e in zip(cu, cu[1:]) if e > s]
+    parts = [rope_tables(position_ids[:, s:e], config, dtype=dtype) for s, e in pairwise(cu) if e > s]
     if not parts:
         return rope_tables(position_ids, config, dtype=dtype)
     return torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts])

@@ -19,6 +19,7 @@ Shape legend: N patches, D vision hidden, nh heads, D_h head dim, m merge size, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -85,7 +86,7 @@ class VisionTower:
 
         D, I, m2 = vc.hidden_size, vc.intermediate_size, vc.merge_unit
         shapes = dict(zip(_BLOCK_KEYS, [(D,), (D,), (3 * D, D), (3 * D,), (D, D), (D,), (D,), (D,), (I, D), (I,),
-                                        (D, I), (D,)]))
+                                        (D, I), (D,)], strict=True))
         self.patch_w = get("patch_embed.proj.weight", (D, vc.in_channels, vc.temporal_patch_size, vc.patch_size,
                                                        vc.patch_size)).reshape(D, -1)  # [D, C·T_p·P·P]
         self.patch_b = get("patch_embed.proj.bias", (D,))
@@ -113,7 +114,7 @@ class VisionTower:
         k = (k * cos[:, None] + _rotate_half(k) * sin[:, None]).to(x.dtype)
         v = qkv[:, 2]
         out = torch.empty_like(v)  # [N, nh, D_h]
-        for s, e in zip(cu[:-1], cu[1:]):  # one image / frame per call: no cross-segment attention
+        for s, e in pairwise(cu):  # one image / frame per call: no cross-segment attention
             o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1),
                                                v[s:e].transpose(0, 1))  # [nh, L, D_h]
             out[s:e] = o.transpose(0, 1)

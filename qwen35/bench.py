@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -102,19 +103,19 @@ def bench_gdn_prefill(Ts=(512, 2048, 4096), H=16, D=128, *, quick=False, sgemm=N
         tq, tk, tv, tg, tb = (torch.from_numpy(x) for x in (q, k, v, g, beta))
         flops = gdn_chunk_flops(T, H, D, D)
         row = {"T": T, "H_v": H, "D": D, "flops_chunked": flops}
-        fns = {"optimized": lambda: ogd.chunk_gated_delta_rule(tq, tk, tv, g=tg, beta=tb), "sgemm_paired": mm3}
+        fns = {"optimized": partial(ogd.chunk_gated_delta_rule, tq, tk, tv, g=tg, beta=tb), "sgemm_paired": mm3}
         if hf_chunk is not None:
-            fns["hf_torch_fallback"] = lambda: hf_chunk(tq, tk, tv, g=tg, beta=tb, chunk_size=64,
-                                                        output_final_state=True, use_qk_l2norm_in_kernel=True)
+            fns["hf_torch_fallback"] = partial(hf_chunk, tq, tk, tv, g=tg, beta=tb, chunk_size=64,
+                                               output_final_state=True, use_qk_l2norm_in_kernel=True)
         row.update(timeit_interleaved(fns, 3 if quick else 7))
         paired = 3 * 2 * 1024 ** 3 / row["sgemm_paired"]["median_s"] / 1e9
         row["sgemm_paired"]["gflops"] = paired
         ref_reps = 1 if quick else 2
         row["reference_chunked_f32"] = timeit(
-            lambda: rgd.chunk_gated_delta_rule(q, k, v, g=g, beta=beta, dtype=np.float32), repeats=ref_reps, warmup=0)
+            partial(rgd.chunk_gated_delta_rule, q, k, v, g=g, beta=beta, dtype=np.float32), repeats=ref_reps, warmup=0)
         if not quick or T <= 512:
             row["reference_per_token_f32"] = timeit(
-                lambda: rgd.recurrent_gated_delta_rule(q, k, v, g=g, beta=beta, dtype=np.float32), repeats=1,
+                partial(rgd.recurrent_gated_delta_rule, q, k, v, g=g, beta=beta, dtype=np.float32), repeats=1,
                 warmup=0)
         for name in ("optimized", "hf_torch_fallback", "reference_chunked_f32", "reference_per_token_f32"):
             if name in row:
@@ -457,7 +458,7 @@ def crossover_sweep(lengths=None, *, H_v: int = 16, D: int = 128, quick: bool = 
         for name, fn in impls.items():
             reps = 1 if (not name.startswith("optimized") and T >= 512) else repeats
             with torch.no_grad():
-                timing = timeit(lambda: fn(t, x), repeats=reps, warmup=1)
+                timing = timeit(partial(fn, t, x), repeats=reps, warmup=1)
             rows.append({"impl": name, "T": T, "seconds": timing["median_s"], "phase": "prefill",
                          "dtype": "float32"})
     meta = machine_info("cpu")

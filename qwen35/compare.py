@@ -86,7 +86,7 @@ def hf_trace(hf, tokens, names) -> list[tuple[str, np.ndarray]]:
     arrays = captured + [logits[0].double().numpy()]
     if len(arrays) != len(names):
         raise RuntimeError(f"captured {len(arrays)} points from the HF model, expected {len(names)}")
-    return list(zip(names, arrays))
+    return list(zip(names, arrays, strict=True))
 
 
 def optimized_trace(model, tokens) -> list[tuple[str, np.ndarray]]:
@@ -103,7 +103,7 @@ def optimized_trace(model, tokens) -> list[tuple[str, np.ndarray]]:
                            "optimized/model.py changed — update qwen35/compare.py")
     stream = [by_key[("in", i)][0] for i in range(L)] + [by_key[("final", None)][0]]  # embedding, after layers
     arrays = stream + [by_key[("final", None)][1], logits.detach().double().cpu().numpy()]
-    return list(zip(trace_names(model.config), arrays))
+    return list(zip(trace_names(model.config), arrays, strict=True))
 
 
 @dataclass
@@ -158,7 +158,8 @@ class Comparison:
             ag = self.agreement.get(label)
             if ag is not None:
                 extra = ("" if ag.min_gap_at_disagreement is None
-                         else f"; smallest reference top-1/top-2 gap where they differ: {ag.min_gap_at_disagreement:.3g}")
+                         else "; smallest reference top-1/top-2 gap where they differ: "
+                              f"{ag.min_gap_at_disagreement:.3g}")
                 lines.append(f"   greedy argmax agrees at {100 * ag.argmax_agree:.1f} % of {ag.positions} positions "
                              f"(median top-1/top-2 gap {ag.median_gap:.3g}{extra})")
             lines.extend(f"   note: {n}" for n in rep.notes)
@@ -211,7 +212,7 @@ def compare_checkpoint(path, tokens, *, dtypes=("float32",), backend: str = "aut
         out.agreement[label] = logit_agreement(ref[-1][1], other[-1][1])
     if with_hf:
         try:
-            import transformers  # noqa: F401
+            import transformers
         except ImportError as e:
             out.skipped["transformers"] = f"not installed ({e})"
         else:

@@ -31,13 +31,13 @@ import matplotlib
 
 if not os.environ.get("MPLBACKEND") and "ipykernel" not in sys.modules:
     matplotlib.use("Agg")  # headless: CI and servers have no display (a notebook keeps its inline backend)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+
+from qwen35.measure import PLOTS_DIR, REPO, RESULTS_DIR, git_commit, load_json, write_json
 
 plt.rcParams["svg.fonttype"] = "none"  # keep SVG text as text: smaller files, searchable footers
 plt.rcParams["svg.hashsalt"] = "qwen35"  # stable element ids, so re-rendering the same JSON gives the same SVG
-
-from qwen35.measure import PLOTS_DIR, REPO, RESULTS_DIR, git_commit, load_json, write_json  # noqa: E402
 
 GIB = 2 ** 30
 # Device memory budgets of the sweep, GiB: a 24 GB card up to 8 x 141 GB (one H200 node) and a bit beyond.
@@ -134,7 +134,7 @@ def plot_memory(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg")) -> list[P
     names = list(data["presets"])
     colors = [plt.cm.tab10(i % 10) for i in range(len(names))]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5.4), gridspec_kw={"width_ratios": [1.6, 1]})
-    for name, col in zip(names, colors):
+    for name, col in zip(names, colors, strict=True):
         e = data["presets"][name]
         for rule, ls in STYLE_OF_RULE.items():
             y = np.asarray(e[rule]["state_max_batch"], dtype=float)
@@ -156,7 +156,7 @@ def plot_memory(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg")) -> list[P
     ctx = data["meta"].get("context_len", 8192)
     toks = [data["presets"][n]["kv_tokens_equal_to_state"] for n in names]
     ax2.barh(range(len(names)), toks, color=colors)
-    for i, (n, t) in enumerate(zip(names, toks)):
+    for i, (n, t) in enumerate(zip(names, toks, strict=True)):
         e = data["presets"][n]
         ax2.text(t, i, f"  {t:,.0f} tok  ({e['state_bytes_per_request'] / 2**20:.1f} MiB state, "
                        f"{e['kv_bytes_per_token'] / 1024:.0f} KiB KV/token)", va="center", fontsize=7)
@@ -216,7 +216,7 @@ def plot_drift(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: str 
     runs = [data[k] for k in ("drift", "drift_slow_decay") if data.get(k)]
     fig, ax = plt.subplots(figsize=(9.5, 4.8))
     colors = {"float32": "tab:green", "bfloat16": "tab:red"}
-    for run, ls in zip(runs, ("-", "--")):
+    for run, ls in zip(runs, ("-", "--"), strict=False):
         for state, errs in run["rel_rms"].items():
             e = np.asarray(errs)
             steps = np.arange(1, len(e) + 1)
@@ -285,7 +285,7 @@ def plot_speed(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: str 
     for key, (label, color) in BENCH_IMPLS.items():
         pts = [(r["T"], r["T"] / r[key]["median_s"]) for r in rows if key in r]
         if pts:
-            T, tps = zip(*sorted(pts))
+            T, tps = zip(*sorted(pts), strict=True)
             ax.plot(T, tps, "-o", color=color, label=label, ms=5)
     r0 = rows[0]
     ax.set_xscale("log", base=2)
@@ -301,7 +301,7 @@ def plot_speed(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: str 
         for impl, name, color in (("optimized", "optimized torch", "tab:blue"), ("hf", "transformers", "tab:purple")):
             pts = sorted((r["T"], r[impl]["tok_per_s"]) for r in by_T if impl in r and "tok_per_s" in r[impl])
             if pts:
-                a2.plot(*zip(*pts), "-o", color=color, label=f"{name}, prefill", ms=5)
+                a2.plot(*zip(*pts, strict=True), "-o", color=color, label=f"{name}, prefill", ms=5)
             dec = model.get(f"{impl}_decode", {}).get("tok_per_s")
             if dec:
                 a2.axhline(dec, color=color, ls="--", lw=1.2,
@@ -411,7 +411,8 @@ def plot_gpu_bench(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: 
     recs = data.get("records") or []
     if not recs:
         raise ValueError("gpu_bench JSON has no records")
-    label = lambda r: r["impl"] + (f" ({r['how']})" if r.get("how") else "")  # noqa: E731
+    def label(r):
+        return r["impl"] + (f" ({r['how']})" if r.get("how") else "")
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     cases = [c for c in dict.fromkeys(r["case"] for r in recs) if c != "gdn_decode_step"]
     impls = list(dict.fromkeys(label(r) for r in recs if r["case"] != "gdn_decode_step"))
@@ -433,7 +434,8 @@ def plot_gpu_bench(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: 
     ax.set_ylabel("ms per call (label: % of measured peak)")
     ax.set_title("Prefill-type kernels", fontsize=10)
     handles, labels = ax.get_legend_handles_labels()
-    ax.legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), fontsize=8)
+    by_label = dict(zip(labels, handles, strict=True))
+    ax.legend(by_label.values(), by_label.keys(), fontsize=8)
     ax.grid(True, axis="y", which="both", alpha=0.25)
     dec = [r for r in recs if r["case"] == "gdn_decode_step" and r.get("ms")]
     for name in dict.fromkeys(label(r) for r in dec):

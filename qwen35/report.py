@@ -56,8 +56,9 @@ def format_table(res: dict) -> str:
         L.append(f"  rule (in-place pool update): optimized {d['kernel_optimized']['median_s'] * 1e6:.1f}  reference "
                  f"{d['kernel_reference_f32']['median_s'] * 1e6:.1f}  -> {d['kernel_speedup']:.1f}x   (floor: "
                  f"{d['kernel_bytes_floor'] / 1e6:.1f} MB moved, almost all of it the state read + written)")
-        L.append(f"  whole GDN layer (hidden {d['layer_hidden']}): optimized {d['layer_optimized']['median_s'] * 1e6:.1f}"
-                 f"  reference {d['layer_reference_f32']['median_s'] * 1e6:.1f}  -> {d['layer_speedup']:.1f}x")
+        L.append(f"  whole GDN layer (hidden {d['layer_hidden']}): optimized "
+                 f"{d['layer_optimized']['median_s'] * 1e6:.1f}  reference "
+                 f"{d['layer_reference_f32']['median_s'] * 1e6:.1f}  -> {d['layer_speedup']:.1f}x")
     if "model" in res:
         m = res["model"]
         L.append("")
@@ -97,16 +98,18 @@ def markdown_tables(res: dict) -> str:
     L = []
     sg = res["sgemm"]["gflops"]
     m = _machine(res)
-    L.append(f"Run of {m.get('date_utc') or '?'}: {m.get('host_cpu')} ({m.get('cpu_count')} logical CPUs), torch {m.get('torch')}"
-             f" ({m.get('blas')}), NumPy {m.get('numpy')}, transformers {m.get('transformers')}, 1 thread, float32; "
+    L.append(f"Run of {m.get('date_utc') or '?'}: {m.get('host_cpu')} ({m.get('cpu_count')} logical CPUs), "
+             f"torch {m.get('torch')} ({m.get('blas')}), NumPy {m.get('numpy')}, "
+             f"transformers {m.get('transformers')}, 1 thread, float32; "
              f"load average at start {tuple(round(x, 2) for x in m.get('load_avg_at_start', ()))}.")
-    L.append(f"sgemm {sg:.1f} GFLOP/s (best of the medians {[round(x, 1) for x in res['sgemm'].get('gflops_medians', [sg])]}"
+    medians = [round(x, 1) for x in res["sgemm"].get("gflops_medians", [sg])]
+    L.append(f"sgemm {sg:.1f} GFLOP/s (best of the medians {medians}"
              f"; {res.get('sgemm_end', {}).get('gflops', float('nan')):.1f} at the end of the run)" + (
                  f"; DRAM read {res['stream']['read_gbps']:.1f} GB/s." if "stream" in res else "."))
     if "gdn_prefill" in res:
         L.append("")
-        L.append("| T | chunked GFLOP | paired sgemm · floor (FLOP / sgemm) | optimized | transformers fallback | reference chunked | "
-                 "reference per-token | optimized vs transformers |")
+        L.append("| T | chunked GFLOP | paired sgemm · floor (FLOP / sgemm) | optimized | transformers fallback | "
+                 "reference chunked | reference per-token | optimized vs transformers |")
         L.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in res["gdn_prefill"]:
             cells = []
@@ -116,15 +119,17 @@ def markdown_tables(res: dict) -> str:
                              f"{100 * x.get('fraction_of_paired_sgemm', x.get('fraction_of_sgemm', 0)):.0f} %"
                              if x else "—")
             psg = r.get("sgemm_paired", {}).get("gflops", sg)
-            L.append(f"| {r['T']} | {r['flops_chunked'] / 1e9:.2f} | {psg:.0f} GF/s · {r['flops_chunked'] / psg / 1e6:.0f} ms | "
+            L.append(f"| {r['T']} | {r['flops_chunked'] / 1e9:.2f} | "
+                     f"{psg:.0f} GF/s · {r['flops_chunked'] / psg / 1e6:.0f} ms | "
                      + " | ".join(cells) + f" | {r.get('speedup_vs_hf', float('nan')):.2f}× |")
     if "decode" in res:
         d = res["decode"]
         L.append("")
         L.append("| decode step, B = 1 | optimized | reference (NumPy, fp32) | speed-up |")
         L.append("|---|---:|---:|---:|")
-        L.append(f"| gated delta rule only (H_v 16, D 128; in-place pool) | {d['kernel_optimized']['median_s'] * 1e6:.0f} µs"
-                 f" | {d['kernel_reference_f32']['median_s'] * 1e6:.0f} µs | {d['kernel_speedup']:.2f}× |")
+        L.append(f"| gated delta rule only (H_v 16, D 128; in-place pool) | "
+                 f"{d['kernel_optimized']['median_s'] * 1e6:.0f} µs | "
+                 f"{d['kernel_reference_f32']['median_s'] * 1e6:.0f} µs | {d['kernel_speedup']:.2f}× |")
         L.append(f"| whole GDN layer (hidden {d['layer_hidden']}) | {d['layer_optimized']['median_s'] * 1e6:.0f} µs | "
                  f"{d['layer_reference_f32']['median_s'] * 1e6:.0f} µs | {d['layer_speedup']:.2f}× |")
     if "model" in res:
@@ -137,13 +142,14 @@ def markdown_tables(res: dict) -> str:
         for r in mm.get("prefill_by_T", []):
             o, h = r["optimized"], r.get("hf")
             psg = r.get("sgemm_paired", {}).get("gflops", sg)
-            L.append(f"| prefill T = {r['T']} | {r['flops'] / 1e9:.1f} GFLOP | {r['T'] / (r['flops'] / psg / 1e9):.0f} tok/s "
-                     f"(sgemm {psg:.0f} GF/s) | "
+            L.append(f"| prefill T = {r['T']} | {r['flops'] / 1e9:.1f} GFLOP | "
+                     f"{r['T'] / (r['flops'] / psg / 1e9):.0f} tok/s (sgemm {psg:.0f} GF/s) | "
                      f"{o['tok_per_s']:.0f} tok/s ({100 * o.get('fraction_of_paired_sgemm', 0):.0f} % sgemm) | "
                      + (f"{h['tok_per_s']:.0f} tok/s ({100 * h.get('fraction_of_paired_sgemm', 0):.0f} % sgemm) | "
                         f"{r['speedup_vs_hf']:.2f}× |" if h else "— | — |"))
         if "decode_floor_tok_per_s" in mm:
-            L.append(f"| decode, context {mm['decode_context']} | {mm['decode_bytes_per_token'] / 1e6:.0f} MB / token | "
+            L.append(f"| decode, context {mm['decode_context']} | "
+                     f"{mm['decode_bytes_per_token'] / 1e6:.0f} MB / token | "
                      f"{mm['decode_floor_tok_per_s']:.1f} tok/s | {mm['optimized_decode']['tok_per_s']:.1f} tok/s | "
                      + (f"{mm['hf_decode']['tok_per_s']:.1f} tok/s | {mm['decode_speedup_vs_hf']:.2f}× |"
                         if "hf_decode" in mm else "— | — |"))

@@ -322,7 +322,7 @@ class KVCache:
         entries = [self._entry(r) for r in request_ids]
         if len(kv) != len(entries):
             raise StateCacheError(f"KVCache.set: {len(kv)} (k, v) pairs for {len(entries)} requests")
-        for entry, (k, v) in zip(entries, kv):
+        for entry, (k, v) in zip(entries, kv, strict=True):
             entry[idx] = (np.asarray(k, self.dtype), np.asarray(v, self.dtype))
 
     def nbytes(self, request_id) -> int:

@@ -289,8 +289,9 @@ def _check_rope_section(text: Mapping, prefix: str) -> None:
     def no_null(section: Mapping, keys, where: str) -> None:  # the RoPE block reads a present key as a value
         for k in keys:
             if k in section and section[k] is None:
-                raise ConfigError(f"{where}{k} is null; give a value or leave the key out (accepted: "
-                                  f"{'a string' if k == 'rope_type' else 'a JSON boolean' if k == 'mrope_interleaved' else 'a number'})")
+                accepted = ("a string" if k == "rope_type" else "a JSON boolean" if k == "mrope_interleaved"
+                            else "a number")
+                raise ConfigError(f"{where}{k} is null; give a value or leave the key out (accepted: {accepted})")
 
     for key in ("rope_parameters", "rope_scaling"):
         rope = text.get(key)

@@ -45,7 +45,7 @@ def reference_trace(model, tokens) -> list[tuple[str, np.ndarray]]:
     h, *_ = model.forward(tokens, np.array([0, T], np.int64), decode_position_ids(0, T), conv, rec, past,
                           hidden_trace=hidden)
     logits = h @ model.weights.lm_head.T.astype(model.dtype, copy=False)
-    return list(zip(trace_names(model.config), hidden + [h, logits]))
+    return list(zip(trace_names(model.config), hidden + [h, logits], strict=True))
 
 
 @dataclass
@@ -98,7 +98,7 @@ def compare_traces(ref, other, tolerance: float = 1e-4, labels=("reference", "ot
     if [n for n, _ in ref] != [n for n, _ in other]:
         raise ValueError(f"traces name different points: {[n for n, _ in ref]} vs {[n for n, _ in other]}")
     rows = []
-    for (name, a), (_, b) in zip(ref, other):
+    for (name, a), (_, b) in zip(ref, other, strict=True):
         a = np.asarray(a, dtype=np.float64)
         b = np.asarray(b, dtype=np.float64)
         if a.shape != b.shape:

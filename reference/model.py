@@ -223,7 +223,7 @@ class Qwen35Model(RequestChecks):
         reqs = [self._requests[r] for r in ids]
         starts = np.array([r.length for r in reqs], dtype=np.int64)
         offsets, positions, rows, embs = pack_chunks(
-            [(r.mm, r.rope_delta, s, a.size) for r, s, a in zip(reqs, starts, token_arrays)])
+            [(r.mm, r.rope_delta, s, a.size) for r, s, a in zip(reqs, starts, token_arrays, strict=True)])
         conv, rec = self.state_cache.get_states(ids)  # gather: fresh [B, ...] copies
         return ModelInputs(
             tokens=np.concatenate(token_arrays).astype(np.int64), input_row_offsets=offsets, request_ids=list(ids),
@@ -315,7 +315,7 @@ class Qwen35Model(RequestChecks):
         self.kv_cache.claim(request_id)
         self.state_cache.update_states([request_id], [c[None] for c in snapshot.conv_states],
                                        [r[None] for r in snapshot.recurrent_states])  # copies into the pools
-        for layer, (k, v) in zip(self.config.full_layer_indices, snapshot.kv):
+        for layer, (k, v) in zip(self.config.full_layer_indices, snapshot.kv, strict=True):
             self.kv_cache.set([request_id], layer, [(k.copy(), v.copy())])
         self._requests[request_id] = RequestRecord(
             length=int(snapshot.length), tokens=[int(t) for t in snapshot.tokens], rope_delta=int(snapshot.rope_delta),

@@ -168,7 +168,7 @@ def _runs(types: np.ndarray):
     change = np.flatnonzero(np.diff(types)) + 1
     starts = np.concatenate([[0], change])
     ends = np.concatenate([change, [types.size]])
-    return [(int(types[s]), int(s), int(e)) for s, e in zip(starts, ends)]
+    return [(int(types[s]), int(s), int(e)) for s, e in zip(starts, ends, strict=True)]
 
 
 def get_rope_index(

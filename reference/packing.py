@@ -4,8 +4,8 @@ A packed batch is a [T_total, ...] array plus `cu_seqlens` [N+1], the cumulative
 
     sequence n = rows cu_seqlens[n] .. cu_seqlens[n+1] − 1,   cu_seqlens[0] = 0,   cu_seqlens[N] = T_total
 
-(the varlen convention of flash-attention and fla; the models' `input_row_offsets` are these offsets).  A sequence may be
-empty (two equal offsets) unless the caller says otherwise.  Every packed op of the oracle — the causal conv, the
+(the varlen convention of flash-attention and fla; the models' `input_row_offsets` are these offsets).  A sequence may
+be empty (two equal offsets) unless the caller says otherwise.  Every packed op of the oracle — the causal conv, the
 gated delta rule, gated attention, the vision tower's attention — validates the offsets with `check_cu_seqlens`,
 so they accept and refuse the same arrays with the same messages.  The torch twin is
 `optimized._checks.cu_seqlens_list` (tensors or lists in, host ints out).

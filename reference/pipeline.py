@@ -407,7 +407,7 @@ class RequestChecks:
             raise RequestError("per-request return_n_logits needs return_logits='variable'")
         if counts.shape != (B,):
             raise RequestError(f"return_n_logits has {counts.shape[0]} entries for {B} requests")
-        for rid, n, T in zip(request_ids, counts, seq_lens):
+        for rid, n, T in zip(request_ids, counts, seq_lens, strict=True):
             if not 1 <= n <= T:
                 raise RequestError(f"{request_name(rid)}: return_n_logits = {int(n)} must be between 1 and its "
                                    f"{int(T)} new tokens")
@@ -440,7 +440,7 @@ class RequestChecks:
                                           "prefilled)")
             self.check_usable(rid)
         arrays = [self.check_tokens(rid, tokens[b:b + 1]) for b, rid in enumerate(ids)]
-        for rid, arr in zip(ids, arrays):
+        for rid, arr in zip(ids, arrays, strict=True):
             self._check_length(rid, 1)
             self._check_prompt_continuation(rid, arr)
         return ids, arrays
@@ -522,7 +522,7 @@ class RequestChecks:
         if not arrays:
             raise RequestError("logits: empty batch")
         chunks = []
-        for b, (item, arr) in enumerate(zip(items, arrays)):
+        for b, (item, arr) in enumerate(zip(items, arrays, strict=True)):
             end = item.prompt_chunk_end() if getattr(item, "chunk_end", None) is not None else arr.size
             pre = self.multimodal_prefill(item) if has_vision(item) else None
             chunks.append((pre, 0 if pre is None else pre.rope_delta, 0, end))  # tokens[:chunk_end]
@@ -721,7 +721,7 @@ def generate(model, prompts, *, max_new_tokens: int = 16, temperature: float = 0
         if live:
             raise RequestError(f"generate: {request_name(live[0])} is live; pass ids of no live request "
                                "(generating under it would continue that request and then release it)")
-        contexts = [_generate_context(p, rid) for p, rid in zip(items, ids)]
+        contexts = [_generate_context(p, rid) for p, rid in zip(items, ids, strict=True)]
         _check_prompts(model, contexts)
         results: list[list[int]] = [[] for _ in contexts]
         if max_new_tokens == 0 or not contexts:

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import struct
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -159,7 +160,7 @@ def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         tensors[name] = arr
         dtypes[name] = st_dtype
     ranges.sort()
-    for (b0, e0, n0), (b1, e1, n1) in zip(ranges, ranges[1:]):
+    for (b0, e0, n0), (b1, e1, n1) in pairwise(ranges):
         if b1 < e0:
             raise CheckpointError(f"{path}: tensors {n0!r} [{b0}, {e0}) and {n1!r} [{b1}, {e1}) overlap in the "
                                   "data section (each tensor must own its bytes)")

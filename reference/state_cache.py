@@ -162,13 +162,13 @@ class GatedDeltaNetStateCache:
             raise StateCacheError(
                 f"update_states: expected {self.num_layers} conv and recurrent states (one per linear layer), got "
                 f"{len(conv_states)} and {len(recurrent_states)}")
-        for i, (c, r) in enumerate(zip(conv_states, recurrent_states)):
+        for i, (c, r) in enumerate(zip(conv_states, recurrent_states, strict=True)):
             want_c = (B,) + self.conv_pools[i].shape[1:]
             want_r = (B,) + self.recurrent_pools[i].shape[1:]
             if np.shape(c) != want_c or np.shape(r) != want_r:
                 raise StateCacheError(
                     f"update_states: linear layer {i}: expected conv {want_c} and recurrent {want_r}, got "
                     f"{np.shape(c)} and {np.shape(r)}")
-        for i, (c, r) in enumerate(zip(conv_states, recurrent_states)):
+        for i, (c, r) in enumerate(zip(conv_states, recurrent_states, strict=True)):
             self.conv_pools[i][slots] = c
             self.recurrent_pools[i][slots] = r

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 
@@ -444,7 +445,7 @@ def vision_attention(x: np.ndarray, w: VisionBlockWeights, num_heads: int, cos: 
     scale = x.dtype.type(hd ** -0.5)
     out = np.empty_like(q)  # [N, nh, D_h]
     cu = check_cu_seqlens(cu_seqlens, N, "vision_attention", nonempty=True)  # one non-empty segment per frame
-    for s, e in zip(cu[:-1], cu[1:]):
+    for s, e in pairwise(cu):
         for h in range(num_heads):  # one head at a time keeps the [L, L] score matrix small
             scores = (q[s:e, h] @ k[s:e, h].T) * scale  # [L, L]
             scores = scores - scores.max(axis=-1, keepdims=True)
@@ -512,7 +513,10 @@ def vision_tower(pixel_values, grid_thw, weights: VisionWeights, vision_config, 
     if pv.ndim != 2 or pv.shape != (N, vc.patch_dim):
         raise ValueError(f"pixel_values must be [{N}, {vc.patch_dim}] for grid_thw {inp.grid_thw.tolist()} "
                          f"(Σ t·h·w patches of C·T_p·P·P values), got shape {pv.shape}")
-    cast = (lambda a: a.astype(dt, copy=False))
+
+    def cast(a):
+        return a.astype(dt, copy=False)
+
     x = patch_embed(cast(pv), cast(weights.patch_embed_weight), cast(weights.patch_embed_bias))  # [N, D]
     x = x + interpolate_pos_embed(cast(weights.pos_embed), inp.indices, cast(inp.weights))  # [N, D]
     cos, sin = vision_rope_cos_sin(inp.position_ids, vc.head_dim, vc.rope_theta, dtype=dt)  # [N, D_h] each

@@ -33,16 +33,17 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout (scripts/gpu_check.sh) or with the package installed
     sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402  (torch does not import triton: TRITON_INTERPRET can still be set in main())
+import numpy as np
+import torch  # torch does not import triton: TRITON_INTERPRET can still be set in main()
 
-from qwen35.measure import (  # noqa: E402
+from qwen35.measure import (
     causal_conv1d_bytes,
     causal_conv1d_flops,
     gated_rms_norm_bytes,
@@ -132,12 +133,12 @@ def measure_peaks(dev, dry):
     n = 8192
     a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
-    ms, _ = time_fn(lambda: a @ b, dev, iters=20, warmup=5)
+    ms, _ = time_fn(partial(torch.matmul, a, b), dev, iters=20, warmup=5)
     tflops = 2 * n ** 3 / (ms * 1e-3) / 1e12
     del a, b
     src = torch.empty(2 ** 28, device=dev, dtype=torch.float32)  # 1 GiB
     dst = torch.empty_like(src)
-    ms_c, _ = time_fn(lambda: dst.copy_(src), dev, iters=20, warmup=5)
+    ms_c, _ = time_fn(partial(dst.copy_, src), dev, iters=20, warmup=5)
     gbps = 2 * src.numel() * 4 / (ms_c * 1e-3) / 1e9  # read + write
     del src, dst
     torch.cuda.empty_cache()
@@ -177,8 +178,8 @@ def _fla_chunk_call(fla_chunk, q, k, v, g, beta, H_v):
     except Exception:
         r = H_v // q.shape[2]
         qr, kr = q.repeat_interleave(r, dim=2), k.repeat_interleave(r, dim=2)
-        fn = lambda: fla_chunk(qr, kr, v, g=g, beta=beta, output_final_state=True,  # noqa: E731
-                               use_qk_l2norm_in_kernel=True)
+        def fn():
+            return fla_chunk(qr, kr, v, g=g, beta=beta, output_final_state=True, use_qk_l2norm_in_kernel=True)
         o, ht = fn()
         return fn, o, "q/k repeated to H_v heads outside the timed call (this fla version has no GVA)"
 
@@ -247,102 +248,108 @@ def bench_crossover(dev, shapes, impls, records, notes):
         o_r, _ = tri.recurrent_gated_delta_rule(q, k, v, g=g, beta=beta)
         err = rel_rms(o_r, o_c)
         shape = dict(B=1, T=T, H_k=H_k, H_v=H_v, D_k=D, D_v=D, dtype=str(dt).replace("torch.", ""))
-        for name, fn in (("triton_chunk", lambda: tri.chunk_gated_delta_rule(q, k, v, g=g, beta=beta)),
-                         ("triton_recurrent", lambda: tri.recurrent_gated_delta_rule(q, k, v, g=g, beta=beta))):
+        for name, fn in (("triton_chunk", partial(tri.chunk_gated_delta_rule, q, k, v, g=g, beta=beta)),
+                         ("triton_recurrent", partial(tri.recurrent_gated_delta_rule, q, k, v, g=g, beta=beta))):
             ms, timing = time_fn(fn, dev, iters=max(1, shapes["iters"] // 3), warmup=min(2, shapes["warmup"]))
             records.append(_record("gdn_crossover", name, shape, ms, gdn_chunk_flops(T, H_v, D, D),
-                                   gdn_chunk_bytes(T, 1, H_k, H_v, D, D, e), timing, "chunk vs recurrent rel RMS in err",
-                                   err, None))
+                                   gdn_chunk_bytes(T, 1, H_k, H_v, D, D, e), timing,
+                                   "chunk vs recurrent rel RMS in err", err, None))
 
 
 def bench_decode(dev, shapes, impls, records, notes):
+    S, H_v, D = shapes["pool"], shapes["H_v"], shapes["D"]
+    gen = torch.Generator().manual_seed(0)
+    pool = (0.1 * torch.randn((S, H_v, D, D), generator=gen)).to(dev)  # fp32 state pool (B8)
+    for B in shapes["batches"]:
+        _bench_decode_batch(B, pool, gen, dev, shapes, impls, records, notes)
+
+
+def _bench_decode_batch(B, pool, gen, dev, shapes, impls, records, notes):
+    """bench_decode at batch size B: accuracy on one call, then each candidate, built and timed here."""
     import optimized.triton as tri
 
     H_k, H_v, D, S = shapes["H_k"], shapes["H_v"], shapes["D"], shapes["pool"]
     dt = shapes["dtype"]
     e = torch.tensor([], dtype=dt).element_size()
-    gen = torch.Generator().manual_seed(0)
-    pool = (0.1 * torch.randn((S, H_v, D, D), generator=gen)).to(dev)  # fp32 state pool (B8)
-    for B in shapes["batches"]:
-        x = gdn_inputs(B, B, 1, H_k, H_v, D, D, with_h0=False)
-        q, k = (torch.tensor(a, dtype=dt, device=dev) for a in (x.q, x.k))
-        v = torch.tensor(x.v, dtype=dt, device=dev)
-        g, beta = (torch.tensor(a, dtype=torch.float32, device=dev) for a in (x.g, x.beta))
-        # disjoint slot sets, cycled inside one replay so small batches do not just re-hit L2 (B22)
-        n_sets = max(1, min(8, S // B))
-        perm = torch.randperm(S, generator=gen)[: n_sets * B].view(n_sets, B).to(dev)
-        shape = dict(B=B, H_k=H_k, H_v=H_v, D_k=D, D_v=D, pool_slots=S, dtype=str(dt).replace("torch.", ""),
-                     slot_sets_per_replay=n_sets)
-        flops, nbytes = gdn_decode_flops(B, H_v, D, D), gdn_decode_bytes(B, H_k, H_v, D, D, e)
+    x = gdn_inputs(B, B, 1, H_k, H_v, D, D, with_h0=False)
+    q, k = (torch.tensor(a, dtype=dt, device=dev) for a in (x.q, x.k))
+    v = torch.tensor(x.v, dtype=dt, device=dev)
+    g, beta = (torch.tensor(a, dtype=torch.float32, device=dev) for a in (x.g, x.beta))
+    # disjoint slot sets, cycled inside one replay so small batches do not just re-hit L2 (B22)
+    n_sets = max(1, min(8, S // B))
+    perm = torch.randperm(S, generator=gen)[: n_sets * B].view(n_sets, B).to(dev)
+    shape = dict(B=B, H_k=H_k, H_v=H_v, D_k=D, D_v=D, pool_slots=S, dtype=str(dt).replace("torch.", ""),
+                 slot_sets_per_replay=n_sets)
+    flops, nbytes = gdn_decode_flops(B, H_v, D, D), gdn_decode_bytes(B, H_k, H_v, D, D, e)
 
-        # accuracy on one call, on copies of the pool
-        p_tri = pool.clone()
-        o_tri = tri.fused_recurrent_gated_delta_rule_update(q, k, v, g=g, beta=beta, state_pool=p_tri,
-                                                            slot_ids=perm[0])
-        err = None
-        if impls["torch"] is not None and impls["phase"] == "main":
-            p_t = pool.clone()
-            o_t = impls["torch"].fused_recurrent_gated_delta_rule_update(q, k, v, g=g, beta=beta, state_pool=p_t,
-                                                                         slot_ids=perm[0])
-            err = rel_rms(o_t, o_tri)
-            notes.append(f"decode B={B}: triton vs torch rel RMS o={err:.2e}, "
-                         f"state={rel_rms(p_t[perm[0]], p_tri[perm[0]]):.2e}")
-            del p_t
+    # accuracy on one call, on copies of the pool
+    p_tri = pool.clone()
+    o_tri = tri.fused_recurrent_gated_delta_rule_update(q, k, v, g=g, beta=beta, state_pool=p_tri,
+                                                        slot_ids=perm[0])
+    err = None
+    if impls["torch"] is not None and impls["phase"] == "main":
+        p_t = pool.clone()
+        o_t = impls["torch"].fused_recurrent_gated_delta_rule_update(q, k, v, g=g, beta=beta, state_pool=p_t,
+                                                                     slot_ids=perm[0])
+        err = rel_rms(o_t, o_tri)
+        notes.append(f"decode B={B}: triton vs torch rel RMS o={err:.2e}, "
+                     f"state={rel_rms(p_t[perm[0]], p_tri[perm[0]]):.2e}")
+        del p_t
 
-        def many(fn_one):
-            def run():
-                for i in range(n_sets):
-                    fn_one(perm[i])
-            return run
+    def many(fn_one):
+        def run():
+            for i in range(n_sets):
+                fn_one(perm[i])
+        return run
 
-        cands = []
-        if impls["phase"] == "main":
-            tri_run = many(lambda s: tri.fused_recurrent_gated_delta_rule_update(
-                q, k, v, g=g, beta=beta, state_pool=pool, slot_ids=s))
-            # graph replay for the Triton kernel (its wrapper never syncs); every implementation also eagerly, so
-            # the comparison with ops that cannot be captured (a host sync in the torch path) stays apples to
-            # apples.  A failed capture can poison the CUDA context, so only the Triton op is captured.
-            cands += [("triton", tri_run, "CUDA-graph replay", True, err),
-                      ("triton-eager", tri_run, "eager", False, err)]
-            if impls["torch"] is not None and impls["time_torch"]:
-                cands.append(("torch", many(lambda s: impls["torch"].fused_recurrent_gated_delta_rule_update(
-                    q, k, v, g=g, beta=beta, state_pool=pool, slot_ids=s)), "eager", False, None))
-        elif impls["fla_rec"] is not None:
-            fla_rec = impls["fla_rec"]
-            r = H_v // H_k
-            qr, kr = q.repeat_interleave(r, dim=2), k.repeat_interleave(r, dim=2)
-            gva = {"native": (q, k), "repeated": (qr, kr)}
-            mode = []
+    cands = []
+    if impls["phase"] == "main":
+        tri_run = many(lambda s: tri.fused_recurrent_gated_delta_rule_update(
+            q, k, v, g=g, beta=beta, state_pool=pool, slot_ids=s))
+        # graph replay for the Triton kernel (its wrapper never syncs); every implementation also eagerly, so
+        # the comparison with ops that cannot be captured (a host sync in the torch path) stays apples to
+        # apples.  A failed capture can poison the CUDA context, so only the Triton op is captured.
+        cands += [("triton", tri_run, "CUDA-graph replay", True, err),
+                  ("triton-eager", tri_run, "eager", False, err)]
+        if impls["torch"] is not None and impls["time_torch"]:
+            cands.append(("torch", many(lambda s: impls["torch"].fused_recurrent_gated_delta_rule_update(
+                q, k, v, g=g, beta=beta, state_pool=pool, slot_ids=s)), "eager", False, None))
+    elif impls["fla_rec"] is not None:
+        fla_rec = impls["fla_rec"]
+        r = H_v // H_k
+        qr, kr = q.repeat_interleave(r, dim=2), k.repeat_interleave(r, dim=2)
+        gva = {"native": (q, k), "repeated": (qr, kr)}
+        mode = []
 
-            def fla_one(s, target=pool):  # fla has no slot pool: gather, run, scatter (the in-place kernels don't)
-                qq, kk = gva[mode[0]]
-                o, ht = fla_rec(qq, kk, v, g=g, beta=beta, initial_state=target.index_select(0, s),
-                                output_final_state=True, use_qk_l2norm_in_kernel=True)
-                target.index_copy_(0, s, ht.to(target.dtype))
-                return o
-            try:
-                p_f = pool.clone()
-                for m in ("native", "repeated"):  # older fla versions need q/k repeated to the value heads
-                    mode[:] = [m]
-                    try:
-                        o_f = fla_one(perm[0], p_f)
-                        break
-                    except Exception:
-                        if m == "repeated":
-                            raise
-                notes.append(f"decode B={B}: fla ({mode[0]} GVA) vs triton rel RMS o={rel_rms(o_f, o_tri):.2e}, "
-                             f"state={rel_rms(p_f[perm[0]], p_tri[perm[0]]):.2e}")
-                _set_vs_fla(records, "gdn_decode_step", B, rel_rms(o_f, o_tri))
-                del p_f
-                cands.append(("fla", many(fla_one), f"eager; gather + fused_recurrent + scatter; {mode[0]} GVA",
-                              False, None))
-            except Exception as exc:
-                notes.append(f"decode B={B}: fla call failed ({type(exc).__name__}: {str(exc)[:120]})")
-        del p_tri
-        for name, fn, how, graph, e_t in cands:
-            ms, timing = time_fn(fn, dev, iters=shapes["iters"], warmup=shapes["warmup"], graph=graph,
-                                 calls_per_replay=n_sets)
-            records.append(_record("gdn_decode_step", name, shape, ms, flops, nbytes, timing, how, e_t, None))
+        def fla_one(s, target=pool):  # fla has no slot pool: gather, run, scatter (the in-place kernels don't)
+            qq, kk = gva[mode[0]]
+            o, ht = fla_rec(qq, kk, v, g=g, beta=beta, initial_state=target.index_select(0, s),
+                            output_final_state=True, use_qk_l2norm_in_kernel=True)
+            target.index_copy_(0, s, ht.to(target.dtype))
+            return o
+        try:
+            p_f = pool.clone()
+            for m in ("native", "repeated"):  # older fla versions need q/k repeated to the value heads
+                mode[:] = [m]
+                try:
+                    o_f = fla_one(perm[0], p_f)
+                    break
+                except Exception:
+                    if m == "repeated":
+                        raise
+            notes.append(f"decode B={B}: fla ({mode[0]} GVA) vs triton rel RMS o={rel_rms(o_f, o_tri):.2e}, "
+                         f"state={rel_rms(p_f[perm[0]], p_tri[perm[0]]):.2e}")
+            _set_vs_fla(records, "gdn_decode_step", B, rel_rms(o_f, o_tri))
+            del p_f
+            cands.append(("fla", many(fla_one), f"eager; gather + fused_recurrent + scatter; {mode[0]} GVA",
+                          False, None))
+        except Exception as exc:
+            notes.append(f"decode B={B}: fla call failed ({type(exc).__name__}: {str(exc)[:120]})")
+    del p_tri
+    for name, fn, how, graph, e_t in cands:
+        ms, timing = time_fn(fn, dev, iters=shapes["iters"], warmup=shapes["warmup"], graph=graph,
+                             calls_per_replay=n_sets)
+        records.append(_record("gdn_decode_step", name, shape, ms, flops, nbytes, timing, how, e_t, None))
 
 
 def bench_conv_norm(dev, shapes, impls, records, notes):

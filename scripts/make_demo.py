@@ -24,9 +24,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qwen35.tokenizer import BYTE_SPECIAL_TOKENS, byte_tokenizer_json  # noqa: E402
-from reference.checkpoint import random_state_dict, write_checkpoint  # noqa: E402
-from reference.config import Qwen35Config  # noqa: E402
+from qwen35.tokenizer import BYTE_SPECIAL_TOKENS, byte_tokenizer_json
+from reference.checkpoint import random_state_dict, write_checkpoint
+from reference.config import Qwen35Config
 
 VOCAB = 256 + len(BYTE_SPECIAL_TOKENS)
 EOS, PAD = 256, 256 + BYTE_SPECIAL_TOKENS.index("<|pad|>")

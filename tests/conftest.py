@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import pytest  # noqa: E402
+import pytest
 
 try:  # a GPU machine may lack hypothesis: scripts/gpu_check.sh then runs the explicit tables only
     from hypothesis import HealthCheck, settings

@@ -54,10 +54,12 @@ def test_newest_input_meets_last_tap():
     """An impulse at the last token is scaled by w[:, K-1]; the oldest state column by w[:, 0] (vllm-ascend#8544)."""
     C, K = 3, 4
     w = np.arange(1.0, C * K + 1).reshape(C, K)
-    x = np.zeros((1, C)); x[0] = 1.0
+    x = np.zeros((1, C))
+    x[0] = 1.0
     y, _ = causal_conv1d(x, w, activation=None)
     np.testing.assert_array_equal(y[0], w[:, K - 1])
-    state = np.zeros((1, C, K - 1)); state[0, :, 0] = 1.0  # only the oldest column is set
+    state = np.zeros((1, C, K - 1))
+    state[0, :, 0] = 1.0  # only the oldest column is set
     y, _ = causal_conv1d(np.zeros((1, C)), w, conv_state=state, activation=None)
     np.testing.assert_array_equal(y[0], w[:, 0])
 
@@ -130,8 +132,11 @@ def test_batched_rows_independent_bitwise_and_equal_packed():
     B, T, C, K = 3, 6, 4, 4
     x, w, s = rng.standard_normal((B, T, C)), rng.standard_normal((C, K)), rng.standard_normal((B, C, K - 1))
     y, new = causal_conv1d(x, w, conv_state=s)
-    x2 = x.copy(); x2[0] = 1e3; x2[2] = -7.0  # change the neighbours of row 1
-    s2 = s.copy(); s2[[0, 2]] = 5.0
+    x2 = x.copy()
+    x2[0] = 1e3
+    x2[2] = -7.0  # change the neighbours of row 1
+    s2 = s.copy()
+    s2[[0, 2]] = 5.0
     y2, new2 = causal_conv1d(x2, w, conv_state=s2)
     np.testing.assert_array_equal(y[1], y2[1])
     np.testing.assert_array_equal(new[1], new2[1])
@@ -183,7 +188,8 @@ def test_matches_hugging_face_conv_prefill_and_update():
     rng = np.random.default_rng(0)
     B, T, C, K = 2, 9, 6, 4
     x, w = rng.standard_normal((B, T, C)), rng.standard_normal((C, K))
-    t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    def t(a):
+        return torch.tensor(a, dtype=torch.float32)
     y_hf = m.causal_conv1d_fn(t(x).transpose(1, 2), t(w), None, activation="silu").transpose(1, 2)
     y, state = causal_conv1d(x, w)
     assert_close("y vs HF causal_conv1d_fn", y, y_hf, "f32")

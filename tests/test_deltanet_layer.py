@@ -239,7 +239,8 @@ def test_matches_hugging_face_layer_prefill_continue_and_decode():
     x = _x(10, 2 * 9)
     x_b = x.reshape(2, 9, CFG.hidden_size)  # two rows of 9 tokens: 6 prefill + 2 continued + 1 decode
     cache = transformers.DynamicCache(config=hc)
-    t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    def t(a):
+        return torch.tensor(a, dtype=torch.float32)
     with torch.no_grad():
         hf_outs = [layer(t(x_b[:, s:e]), cache=cache).numpy() for s, e in [(0, 6), (6, 8), (8, 9)]]
     hf_y = np.concatenate(hf_outs, axis=1)  # [2, 9, H]
@@ -254,7 +255,7 @@ def test_matches_hugging_face_layer_prefill_continue_and_decode():
     assert_close("recurrent_state vs HF", s, hf_rec, "f32")
     # And our own three-step path, against the same HF outputs.
     c_, s_ = None, None
-    for (a, b), mode in zip([(0, 6), (6, 8), (8, 9)], ["chunk", "chunk", "recurrent"]):
+    for (a, b), mode in zip([(0, 6), (6, 8), (8, 9)], ["chunk", "chunk", "recurrent"], strict=True):
         rows = np.concatenate([x_b[0, a:b], x_b[1, a:b]])
         y_, c_, s_ = gated_deltanet(rows, w, CFG, cu_seqlens=np.array([0, b - a, 2 * (b - a)]), conv_state=c_,
                                     recurrent_state=s_, mode=mode)

@@ -139,7 +139,8 @@ def test_decay_applies_before_delta_correction():
     """One token, S0 ≠ 0, α = 0.5, β = 1: u = v − (α S0)ᵀk̂, not v − S0ᵀk̂ (fla#885; B1)."""
     rng = np.random.default_rng(0)
     D = 4
-    k = np.zeros((1, 1, 1, D)); k[..., 0] = 1.0  # k̂ ≈ e_0
+    k = np.zeros((1, 1, 1, D))
+    k[..., 0] = 1.0  # k̂ ≈ e_0
     q = k.copy()
     v = rng.standard_normal((1, 1, 1, 3))
     S0 = rng.standard_normal((1, 1, D, 3))
@@ -188,11 +189,13 @@ def test_value_head_reads_key_head_h_div_r(name):
     """H_v = 3·H_k: value head h uses key head h // 3 (repeat_interleave), not h % H_k (tile)."""
     x = gdn_inputs(8, 1, 12, 2, 6, 4, 3)
     o, S = RULES[name](x.q, x.k, x.v, g=x.g, beta=x.beta, initial_state=x.h0)
-    rep = lambda a: np.repeat(a, 3, axis=2)  # noqa: E731  [B, T, H_v, D_k], head h ← key head h // 3
+    def rep(a):  # [B, T, H_v, D_k], head h ← key head h // 3
+        return np.repeat(a, 3, axis=2)
     o_ref, S_ref = RULES[name](rep(x.q), rep(x.k), x.v, g=x.g, beta=x.beta, initial_state=x.h0)
     assert_close("o", o_ref, o, "f64_exact")
     assert_close("final_state", S_ref, S, "f64_exact")
-    tile = lambda a: np.tile(a, (1, 1, 3, 1))  # noqa: E731  the wrong (h % H_k) mapping
+    def tile(a):  # the wrong (h % H_k) mapping
+        return np.tile(a, (1, 1, 3, 1))
     o_wrong, _ = RULES[name](tile(x.q), tile(x.k), x.v, g=x.g, beta=x.beta, initial_state=x.h0)
     assert rel_rms(o_ref, o_wrong) > 1e-2
 
@@ -260,7 +263,8 @@ def test_matches_hugging_face_torch_rule(hf_name, T):
     """HF's fp32 torch rule vs our float64 rule: equal within fp32 rounding (budget `f32`)."""
     torch, m = _hf()
     x = gdn_inputs(T, 2, T, 2, 4, 16, 12)
-    t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    def t(a):
+        return torch.tensor(a, dtype=torch.float32)
     o_hf, s_hf = getattr(m, hf_name)(t(x.q), t(x.k), t(x.v), g=t(x.g), beta=t(x.beta), initial_state=t(x.h0),
                                      output_final_state=True, use_qk_l2norm_in_kernel=True)
     for rule in RULES.values():

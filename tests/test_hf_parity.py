@@ -48,7 +48,7 @@ def check_greedy_agreement(prompt, ours, theirs, model, hf) -> int | None:
     8 x eps_fp32 x max|logit|).  Returns the first differing step (None if identical).
     """
     assert len(ours) == len(theirs)
-    diff = [j for j, (a, b) in enumerate(zip(ours, theirs)) if a != b]
+    diff = [j for j, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b]
     if not diff:
         return None
     j = diff[0]
@@ -86,7 +86,7 @@ def test_greedy_32_tokens(pair):
     kind, model, hf = pair
     prompts = _prompts(2)[1:3]
     ours = model.generate(prompts, max_new_tokens=32)
-    for p, o in zip(prompts, ours):
+    for p, o in zip(prompts, ours, strict=True):
         with torch.no_grad():
             g = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                             max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
@@ -147,7 +147,7 @@ def test_image_prompt_through_the_vision_hook(pair):
     assert_close("image prompt logits", ref, model.logits([ctx])[0], "f32_logits")
     ours = model.generate([ctx], max_new_tokens=12)[0]
     theirs = g[0, len(tokens):].tolist()
-    j = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+    j = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b), None)
     assert j is None, f"image prompt: greedy tokens differ at step {j}: {ours} vs {theirs}"
 
 

@@ -7,6 +7,8 @@ a still image fills both temporal slots, videos pad with their last frame, place
 """
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -127,7 +129,7 @@ def test_preprocess_matches_hf_qwen_image_processor_bitwise():
     np.testing.assert_array_equal(got["hv"]["image_grid_thw"], want["image_grid_thw"])
     assert got["hv"]["pixel_values"].dtype == np.float32
     ends = np.cumsum([0] + np.prod(want["image_grid_thw"], axis=1).tolist())
-    for i, (s, e) in enumerate(zip(ends[:-1], ends[1:])):
+    for i, (s, e) in enumerate(pairwise(ends)):
         ref = want["pixel_values"][s:e]
         assert any(np.array_equal(got[o]["pixel_values"][s:e], ref) for o in ("hv", "vh")), f"image {i}"
 

@@ -193,7 +193,8 @@ def test_measure_imports_with_numpy_alone():
         x = M.gdn_inputs(0, 1, 8, 1, 2, 4, 4)
         info = M.machine_info("cpu")
         print(json.dumps({"loaded": sorted(m for m in BLOCKED if m in sys.modules), "torch": info["torch"],
-                          "triton": info["triton"], "rel": M.rel_rms(x.q, x.q), "flops": M.gdn_chunk_flops(8, 2, 4, 4)}))
+                          "triton": info["triton"], "rel": M.rel_rms(x.q, x.q),
+                          "flops": M.gdn_chunk_flops(8, 2, 4, 4)}))
     """)
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -208,7 +208,8 @@ def test_hf_sparse_moe_block():
     cfg = moe_cfg(hidden_size=H, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=I,
                   shared_expert_intermediate_size=I_s)
     w = MoEWeights.random(cfg, 10, std=0.3)
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).float()  # noqa: E731
+    def t(a):
+        return torch.from_numpy(np.ascontiguousarray(a)).float()
     with torch.no_grad():
         block.gate.weight.copy_(t(w.gate))
         block.experts.gate_up_proj.copy_(t(w.gate_up_proj))

@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -63,11 +65,11 @@ def _snapshot(m: Qwen35Model):
 
 
 def _assert_same_snapshot(a, b):
-    for pa, pb in zip(a[0] + a[1], b[0] + b[1]):
+    for pa, pb in zip(a[0] + a[1], b[0] + b[1], strict=True):
         np.testing.assert_array_equal(pa, pb)
     assert a[2].keys() == b[2].keys() and a[3] == b[3]
     for r in a[2]:
-        for (ka, va), (kb, vb) in zip(a[2][r], b[2][r]):
+        for (ka, va), (kb, vb) in zip(a[2][r], b[2][r], strict=True):
             np.testing.assert_array_equal(ka, kb)
             np.testing.assert_array_equal(va, vb)
 
@@ -85,7 +87,7 @@ def test_chunked_prefill_equals_one_prefill(model, n, cuts, seed):
     tokens = _prompt(seed, n)
     full = model.logits([tokens])[0]  # [n, V]
     bounds = sorted({c for c in cuts if c < n - 1} | {0, n - 1})
-    for s, e in zip(bounds[:-1], bounds[1:]):
+    for s, e in pairwise(bounds):
         out = model.execute(model.prepare_initial_token_inputs([TextContext("r", tokens[s:e])],
                                                                return_n_logits=e - s))
         assert_close(f"chunk [{s}, {e})", full[s:e], out.logits, "f64_exact")
@@ -98,7 +100,8 @@ def test_chunked_prefill_equals_one_prefill(model, n, cuts, seed):
 
 @pytest.mark.parametrize("T", [2, 3, 4, 5, 63, 64, 65, 129])
 def test_prefill_minus_one_plus_decode_equals_full(model, T):
-    """prefill(T-1) + decode(1) == full(T) around the conv window and the 64-token chunk size (docs/pitfalls.md, B11)."""
+    """prefill(T-1) + decode(1) == full(T) around the conv window and the 64-token chunk size (docs/pitfalls.md,
+    B11)."""
     _release_all(model)
     tokens = _prompt(100 + T, T)
     full = model.logits([tokens])[0]
@@ -310,7 +313,7 @@ class PipelineMachine(RuleBasedStateMachine):
         candidates = live + [r for r in ("a", "b", "c", "d") if r not in self.history][:3 - len(live)]
         ids = data.draw(st.lists(st.sampled_from(candidates), min_size=1, max_size=3, unique=True))
         lengths = [data.draw(st.integers(1, 9)) for _ in ids]
-        new = {r: self.rng.integers(0, V, n).tolist() for r, n in zip(ids, lengths)}
+        new = {r: self.rng.integers(0, V, n).tolist() for r, n in zip(ids, lengths, strict=True)}
         out = self.m.execute(self.m.prepare_initial_token_inputs([TextContext(r, new[r]) for r in ids],
                                                                  return_n_logits=lengths))
         for r in ids:

@@ -135,7 +135,7 @@ def test_batch_of_image_and_text_prompts_matches_one_by_one(ref_model):
     batch = ref_model.logits([TextAndVisionContext("a", toks1, **kw1), TextContext("b", text),
                               TextAndVisionContext("c", toks2, **kw2)])
     for got, single in zip(batch, [TextAndVisionContext("a", toks1, **kw1), TextContext("b", text),
-                                   TextAndVisionContext("c", toks2, **kw2)]):
+                                   TextAndVisionContext("c", toks2, **kw2)], strict=True):
         np.testing.assert_allclose(got, ref_model.logits([single])[0], rtol=0, atol=1e-10)
 
 

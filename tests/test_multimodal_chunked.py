@@ -14,6 +14,8 @@ tokens[:chunk_end] run now.  Later chunks are plain `TextContext`s with the prom
 """
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -78,7 +80,7 @@ def _run_chunked(m, rid, toks, kw, bounds):
     others as TextContexts.  Returns every position's logits [T, V] (the model returns all positions)."""
     out = [m.execute(m.prepare_initial_token_inputs(
         [TextAndVisionContext(rid, toks, chunk_end=bounds[1], **kw)])).logits]
-    for s, e in zip(bounds[1:-1], bounds[2:]):
+    for s, e in pairwise(bounds[1:]):
         out.append(m.execute(m.prepare_initial_token_inputs([TextContext(rid, toks[s:e])])).logits)
     return np.concatenate(out)
 
@@ -109,7 +111,7 @@ def test_any_split_equals_one_shot_and_hf(model, hf_logits, one_shot, name, data
     model.execute(model.prepare_initial_token_inputs([TextAndVisionContext("one", toks, **kw)]))
     (sa, la), (sb, lb) = _state(model, "c"), _state(model, "one")
     assert la == lb == T
-    for a, b in zip(sa, sb):
+    for a, b in zip(sa, sb, strict=True):
         assert_close("state after the prompt", b, a, "f64_exact")
     _release_all(model)
 
@@ -211,7 +213,7 @@ def _everything(m):
 
 def _assert_unchanged(before, after):
     (pa, sa), (pb, sb) = before, after
-    for a, b in zip(pa, pb):
+    for a, b in zip(pa, pb, strict=True):
         np.testing.assert_array_equal(a, b)
     assert sa.keys() == sb.keys()
     for r in sa:
@@ -220,7 +222,7 @@ def _assert_unchanged(before, after):
         np.testing.assert_array_equal(x.tokens, y.tokens)
         np.testing.assert_array_equal(x.prompt, y.prompt)
         for a, b in zip(x.conv_states + x.recurrent_states + [a for kv in x.kv for a in kv],
-                        y.conv_states + y.recurrent_states + [b for kv in y.kv for b in kv]):
+                        y.conv_states + y.recurrent_states + [b for kv in y.kv for b in kv], strict=True):
             np.testing.assert_array_equal(a, b)
 
 

@@ -102,9 +102,11 @@ def test_gated_norm_is_per_row():
     rng = np.random.default_rng(4)
     x, z, w = rng.standard_normal((3, 4, 8)), rng.standard_normal((3, 4, 8)), rng.standard_normal(8)
     y = gated_rms_norm(x, z, w)
-    x2 = x.copy(); x2[1, 2] *= 1e4  # one head much larger
+    x2 = x.copy()
+    x2[1, 2] *= 1e4  # one head much larger
     y2 = gated_rms_norm(x2, z, w)
-    mask = np.ones((3, 4), bool); mask[1, 2] = False
+    mask = np.ones((3, 4), bool)
+    mask[1, 2] = False
     np.testing.assert_array_equal(y[mask], y2[mask])
     assert_close("scaled row", y[1, 2], y2[1, 2], 1e-5)  # equal up to the eps = 1e-6 in the denominator
 
@@ -174,7 +176,8 @@ def test_matches_hugging_face_norm_modules():
     rng = np.random.default_rng(7)
     x, z = rng.standard_normal((2, 5, 64)), rng.standard_normal((2, 5, 64))
     w0, w1 = 0.3 * rng.standard_normal(64), 1 + 0.3 * rng.standard_normal(64)
-    t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    def t(a):
+        return torch.tensor(a, dtype=torch.float32)
     with torch.no_grad():
         norm = m.Qwen3_5RMSNorm(64, eps=1e-6)
         norm.weight.copy_(t(w0))

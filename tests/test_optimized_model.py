@@ -35,7 +35,7 @@ def _prompt(seed, n):
 def test_stateless_logits_match_reference(pair):
     _, ref, opt = pair
     prompts = [_prompt(1, 7), _prompt(2, 70), _prompt(3, 1), _prompt(4, 64)]
-    for r, o in zip(ref.logits(prompts), opt.logits(prompts)):
+    for r, o in zip(ref.logits(prompts), opt.logits(prompts), strict=True):
         assert o.dtype == torch.float32
         assert_close("logits", r, o, "f32_logits")
 
@@ -101,9 +101,9 @@ def test_decode_updates_pool_in_place(pair):
     inputs = opt.prepare_next_token_inputs([1, 2], inputs)
     opt.execute(inputs)
     assert [p.data_ptr() for p in opt.state_pools + opt.conv_pools] == ptrs
-    for p, b in zip(opt.state_pools, before):
+    for p, b in zip(opt.state_pools, before, strict=True):
         assert torch.equal(p[other], b)
-    assert any(not torch.equal(p[inputs.slot_ids], c) for p, c in zip(opt.state_pools, changed_before))
+    assert any(not torch.equal(p[inputs.slot_ids], c) for p, c in zip(opt.state_pools, changed_before, strict=True))
     assert all(p.dtype == torch.float32 for p in opt.state_pools)  # fp32 recurrent state (B8)
     opt.release("p"), opt.release("q")
 
@@ -153,7 +153,7 @@ def test_snapshot_rollback_and_failed_calls_change_nothing(pair):
         with pytest.raises(OM.RequestError):
             opt.prepare_initial_token_inputs(bad)
     assert opt.active_requests == ["s"] and opt.seq_len("s") == 40
-    assert all(torch.equal(a, b) for a, b in zip(pools, opt.conv_pools + opt.state_pools))
+    assert all(torch.equal(a, b) for a, b in zip(pools, opt.conv_pools + opt.state_pools, strict=True))
     opt.release("s")
 
 
@@ -202,7 +202,7 @@ def test_triton_backend_model_matches_torch(pair, monkeypatch):
         second = m.execute(inputs).logits
         m.release("t")
         outs.append((first, second))
-    for a, b in zip(outs[0], outs[1]):
+    for a, b in zip(outs[0], outs[1], strict=True):
         assert_close("triton vs torch logits", a, b, 1e-4)
 
 

@@ -19,6 +19,8 @@ Oracles: the float64 reference pipeline model (reference.model) and Hugging Face
 """
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -96,7 +98,7 @@ def _step(m, rid, toks):
 def _run_chunked(m, rid, name, bounds):
     toks, _ = CASES[name]
     out = [_step(m, rid, _ctx(rid, name, chunk_end=bounds[1]))]
-    out += [_step(m, rid, toks[s:e]) for s, e in zip(bounds[1:-1], bounds[2:])]
+    out += [_step(m, rid, toks[s:e]) for s, e in pairwise(bounds[1:])]
     return torch.cat(out)
 
 
@@ -107,7 +109,7 @@ def _arrays(s):
 def _assert_same(a, b, budget=None):
     assert a.length == b.length and a.rope_delta == b.rope_delta
     np.testing.assert_array_equal(a.tokens, b.tokens)
-    for i, (x, y) in enumerate(zip(_arrays(a), _arrays(b))):
+    for i, (x, y) in enumerate(zip(_arrays(a), _arrays(b), strict=True)):
         if budget is None:
             assert torch.equal(x, y), f"state array {i} differs"
         else:
@@ -129,7 +131,7 @@ def _everything(m):
 def _assert_unchanged(before, after):
     (pa, ra, fa), (pb, rb, fb) = before, after
     assert fa == fb
-    for a, b in zip(pa, pb):
+    for a, b in zip(pa, pb, strict=True):
         assert torch.equal(a, b)
     assert ra.keys() == rb.keys()
     for rid in ra:
@@ -138,7 +140,7 @@ def _assert_unchanged(before, after):
             assert x[key] == y[key], (rid, key)
         np.testing.assert_array_equal(x["prompt"], y["prompt"])
         assert (x["mm"] is None) == (y["mm"] is None) and (x["mm"] is None or torch.equal(x["mm"], y["mm"]))
-        for (la, ka, va), (lb, kb, vb) in zip(x["kv"], y["kv"]):
+        for (la, ka, va), (lb, kb, vb) in zip(x["kv"], y["kv"], strict=True):
             assert la == lb and torch.equal(ka, kb) and torch.equal(va, vb)
 
 
@@ -308,7 +310,7 @@ def test_resume_from_a_block_checkpoint_equals_the_full_run(opt, target, block, 
     n = len(seq)
     bounds = list(range(0, n, block)) + [n]
     logits, ckpts = [], {}
-    for s, e in zip(bounds[:-1], bounds[1:]):
+    for s, e in pairwise(bounds):
         logits.append(_step(opt, "full", _ctx("full", "two-images", chunk_end=e) if s == 0 else seq[s:e]))
         ckpts[e] = opt.snapshot("full")
     logits, final = torch.cat(logits), ckpts[n]
@@ -319,7 +321,7 @@ def test_resume_from_a_block_checkpoint_equals_the_full_run(opt, target, block, 
     if target == "live":  # a slot that holds another request's state: restore overwrites all of it
         _step(opt, "resume", [5, 6, 7, 8, 9])
     opt.restore("resume", snap)
-    got = torch.cat([_step(opt, "resume", seq[s:e]) for s, e in zip(bounds[:-1], bounds[1:]) if s >= c])
+    got = torch.cat([_step(opt, "resume", seq[s:e]) for s, e in pairwise(bounds) if s >= c])
     assert torch.equal(got, logits[c:])
     _assert_same(opt.snapshot("resume"), final)
     _release_all(opt)
@@ -363,7 +365,7 @@ def test_a_snapshot_is_independent_of_the_pools(opt, opt_one_shot):
     frozen = [x.clone() for x in _arrays(snap)]
     _step(opt, "a", toks[k:])
     _step(opt, "a", [2])
-    for x, y in zip(_arrays(snap), frozen):  # the request moved on; the snapshot did not
+    for x, y in zip(_arrays(snap), frozen, strict=True):  # the request moved on; the snapshot did not
         assert torch.equal(x, y)
     opt.restore("b", snap)
     with pytest.raises(OM.RequestError, match="request 'b'.*differs"):  # the restored prompt is checked
@@ -531,7 +533,7 @@ def test_an_exception_inside_the_forward_pass(opt, opt_one_shot, monkeypatch):
     after = _everything(opt)
     _assert_unchanged(([], {"m": before[1]["m"]}, []), ([], {"m": after[1]["m"]}, []))  # "m": bookkeeping, K/V
     slot_m = opt._requests["m"].slot
-    for a, b in zip(before[0], after[0]):  # ... and its pool rows
+    for a, b in zip(before[0], after[0], strict=True):  # ... and its pool rows
         assert torch.equal(a[slot_m], b[slot_m])
     assert [kv[0] for kv in after[1]["other"]["kv"]] == [kv[0] for kv in before[1]["other"]["kv"]]  # K/V undone
     rest = _step(opt, "m", toks[k:])  # the failed prefill is simply retried

@@ -316,7 +316,7 @@ def test_gated_attention_matches_reference(seed, lengths, past, use_cache_object
     else:
         y, kv = oatt.gated_attention(T(x), wt, cfg, cu_seqlens=cu, past_kv=[(T(k), T(v)) for k, v in pkv])
     assert_close("attention y", ry, y, "f32")
-    for (rk, rv), (k, v) in zip(rkv, kv):
+    for (rk, rv), (k, v) in zip(rkv, kv, strict=True):
         assert_close("k cache", rk, k, "f32")
         assert_close("v cache", rv, v, "f32")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import threading
+from functools import partial
 
 import numpy as np
 import pytest
@@ -103,7 +104,7 @@ def _assert_unchanged(before, after):
     for rid in before:
         b, a = before[rid], after[rid]
         assert a[:3] == b[:3], rid
-        for x, y in zip(b[3], a[3]):
+        for x, y in zip(b[3], a[3], strict=True):
             np.testing.assert_array_equal(x, y)
 
 
@@ -195,7 +196,7 @@ def test_every_public_call_waits_for_the_lock(model):
     }
     for name, call in calls.items():
         finished = threading.Event()
-        t = threading.Thread(target=lambda c=call: (c(), finished.set()), daemon=True)
+        t = threading.Thread(target=lambda c=call, done=finished: (c(), done.set()), daemon=True)
         with model.lock:
             t.start()
             assert not finished.wait(0.1), f"{name} ran while another thread held the model's lock"
@@ -255,10 +256,10 @@ def test_inputs_of_another_model_are_refused(engine, model, dense_dir):
     _step(model, "a", [1, 2, 3])
     for m in (other, other_engine):
         foreign, _ = _step(m, "a", [4, 5, 6])  # same id, same length: only the tag tells them apart
-        _refused(model, lambda: model.prepare_next_token_inputs([7], foreign),
+        _refused(model, partial(model.prepare_next_token_inputs, [7], foreign),
                  "prepare_next_token_inputs: these inputs .* not prepared by this model instance")
         pending = m.prepare_next_token_inputs([7], foreign)
-        _refused(model, lambda: model.execute(pending), "execute: these inputs .* not prepared by this model")
+        _refused(model, partial(model.execute, pending), "execute: these inputs .* not prepared by this model")
         m.execute(pending)  # its own model still runs them
     assert model.seq_len("a") == 3 and other.seq_len("a") == 4
     _release_all(model)
@@ -338,7 +339,7 @@ def test_generate_errors_name_the_prompt(model):
         ([[1], [0.5]], r"^prompt 1: tokens must be integers"),
         ([np.array([2 ** 64 - 1], dtype=np.uint64)], "^prompt 0: token id 18446744073709551615 at position 0"),
     ]:
-        _refused(model, lambda: model.generate(prompts, max_new_tokens=2), match)
+        _refused(model, partial(model.generate, prompts, max_new_tokens=2), match)
         assert model.active_requests == ["user"]
     _release_all(model)
 

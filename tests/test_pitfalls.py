@@ -107,7 +107,8 @@ def _recombine(shards, config):
     def qkv(parts):
         return np.concatenate([p[:kd] for p in parts] + [p[kd:2 * kd] for p in parts] + [p[2 * kd:] for p in parts])
 
-    cat = lambda f: np.concatenate([getattr(s, f) for s in shards])  # noqa: E731
+    def cat(f):
+        return np.concatenate([getattr(s, f) for s in shards])
     return DeltaNetWeights(in_proj_qkv=qkv([s.in_proj_qkv for s in shards]), in_proj_z=cat("in_proj_z"),
                            in_proj_b=cat("in_proj_b"), in_proj_a=cat("in_proj_a"),
                            conv1d=qkv([s.conv1d for s in shards]), dt_bias=cat("dt_bias"), A_log=cat("A_log"),

@@ -287,7 +287,8 @@ def test_get_rope_index_video_is_split_per_frame():
     """A video (gt=2, 4x4) is two frame runs of 4 tokens, separated by timestamp text; each frame has t = cur."""
     ids = _prompt([("text", 2), ("vid", 4), ("text", 3), ("vid", 4), ("text", 1)])
     pos, delta = get_rope_index(ids, video_grid_thw=[[2, 4, 4]], image_token_id=IMG, video_token_id=VID)
-    frame = lambda c: np.array([[c] * 4, [c, c, c + 1, c + 1], [c, c + 1, c, c + 1]])  # noqa: E731
+    def frame(c):
+        return np.array([[c] * 4, [c, c, c + 1, c + 1], [c, c + 1, c, c + 1]])
     expect = np.concatenate(
         [text_position_ids(2, 0), frame(2), text_position_ids(3, 4), frame(7), text_position_ids(1, 9)], axis=1)
     assert np.array_equal(pos, expect)

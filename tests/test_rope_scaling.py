@@ -69,7 +69,8 @@ def _independent(params, R, theta, mpe, seq_len):
     # yarn: dimension d at which n full rotations of wavelength 2π θ^(2d/R) fit in the window L
     L = params.get("original_max_position_embeddings", mpe)
     fast, slow = params.get("beta_fast", 32.0), params.get("beta_slow", 1.0)
-    d_of = lambda n: R * math.log(L / (2 * math.pi * n)) / (2 * math.log(theta))  # noqa: E731
+    def d_of(n):
+        return R * math.log(L / (2 * math.pi * n)) / (2 * math.log(theta))
     lo, hi = d_of(fast), d_of(slow)
     if params.get("truncate", True):
         lo, hi = math.floor(lo), math.ceil(hi)
@@ -79,7 +80,8 @@ def _independent(params, R, theta, mpe, seq_len):
     for j, f in enumerate(plain):
         gamma = min(max((j - lo) / (hi - lo), 0.0), 1.0)  # 0: keep f (extrapolate), 1: f / s (interpolate)
         out.append(gamma * f / s + (1 - gamma) * f)
-    mscale = lambda m: 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0  # noqa: E731
+    def mscale(m):
+        return 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
     if params.get("attention_factor") is not None:
         a = params["attention_factor"]
     elif params.get("mscale") and params.get("mscale_all_dim"):
@@ -322,7 +324,8 @@ def test_logits_past_the_window_match_transformers(checkpoints, name):
     assert ref.max_length == opt.max_length == ref.config.rope_scaling.max_seq_len(ref.config.max_position_embeddings)
     prompts = [_prompt(1, 40), _prompt(2, 9), _prompt(3, 27)]
     theirs = [hf_logits(_reset_dynamic(hf), p) for p in prompts]
-    for p, r, o, h in zip(prompts, ref.logits(prompts), opt.logits(prompts), theirs):  # one packed batch each
+    # one packed batch each
+    for p, r, o, h in zip(prompts, ref.logits(prompts), opt.logits(prompts), theirs, strict=True):
         assert_close(f"{name} reference T={len(p)}", h, r, "f32_logits")
         assert_close(f"{name} optimized T={len(p)}", h, o, "f32_logits")
     # the scaling matters here: plain RoPE on the same weights is far off at 40 tokens
@@ -404,7 +407,8 @@ def test_image_prompt_under_yarn_matches_transformers(tmp_path):
                  mm_token_type_ids=torch.tensor([[int(t == c.image_token_id) for t in tokens]]))
     with torch.no_grad():
         theirs = hf(**hf_in, use_cache=False).logits[0].double().numpy()
-    ctx = lambda: TextAndVisionContext("img", tokens, pixel_values=pixels, image_grid_thw=grid)  # noqa: E731
+    def ctx():
+        return TextAndVisionContext("img", tokens, pixel_values=pixels, image_grid_thw=grid)
     assert_close("yarn image prompt, reference", theirs, RM.Qwen35Model.from_pretrained(d).logits([ctx()])[0],
                  "f32_logits")
     opt = OM.Qwen35Model.from_pretrained(d, backend="torch")

@@ -15,6 +15,8 @@ full layer), length, token ids and MRoPE offset; `restore(id, snapshot)` puts it
 """
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -60,7 +62,7 @@ def _assert_same(a: RequestSnapshot, b: RequestSnapshot, budget=None):
     """Two snapshots hold the same state: bitwise (budget None) or within a relative-RMS budget."""
     assert a.length == b.length and a.rope_delta == b.rope_delta
     np.testing.assert_array_equal(a.tokens, b.tokens)
-    for i, (x, y) in enumerate(zip(_arrays(a), _arrays(b))):
+    for i, (x, y) in enumerate(zip(_arrays(a), _arrays(b), strict=True)):
         if budget is None:
             np.testing.assert_array_equal(x, y, err_msg=f"state array {i}")
         else:
@@ -78,7 +80,7 @@ def test_resume_from_a_block_checkpoint_equals_the_full_run(model, target, n, bl
     toks = _tokens(seed, n)
     bounds = list(range(0, n, block)) + [n]
     logits, ckpts = [], {}
-    for s, e in zip(bounds[:-1], bounds[1:]):  # the full run, block by block, checkpointing at every boundary
+    for s, e in pairwise(bounds):  # the full run, block by block, checkpointing at every boundary
         logits.append(_step(model, "full", toks[s:e]))
         ckpts[e] = model.snapshot("full")
     logits = np.concatenate(logits)
@@ -91,7 +93,7 @@ def test_resume_from_a_block_checkpoint_equals_the_full_run(model, target, n, bl
         _step(model, "resume", _tokens(seed + 1, 5))
     model.restore("resume", snap)
     assert model.seq_len("resume") == c
-    got = [_step(model, "resume", toks[s:e]) for s, e in zip(bounds[:-1], bounds[1:]) if s >= c]
+    got = [_step(model, "resume", toks[s:e]) for s, e in pairwise(bounds) if s >= c]
     got = np.concatenate(got) if got else np.zeros((0, V))
     np.testing.assert_array_equal(got, logits[c:])  # same blocks after the checkpoint: bitwise
     _assert_same(model.snapshot("resume"), final)
@@ -196,7 +198,7 @@ def test_a_snapshot_is_independent_of_later_mutation(model):
         assert not any(np.shares_memory(x, y) for y in pool_arrays + kv_arrays)
     _step(model, "a", toks[12:])  # the request moves on ...
     _step(model, "a", [2])  # a decode step (one token)
-    for x, y in zip(_arrays(snap) + [snap.tokens], frozen):  # ... the snapshot does not
+    for x, y in zip(_arrays(snap) + [snap.tokens], frozen, strict=True):  # ... the snapshot does not
         np.testing.assert_array_equal(x, y)
     # restored twice, with the snapshot scribbled on in between: both copies run like the original
     model.restore("b", snap)
@@ -206,7 +208,7 @@ def test_a_snapshot_is_independent_of_later_mutation(model):
     nl = model.config.num_linear_layers
     kv = frozen[2 * nl:-1]
     pristine = RequestSnapshot(request_id="a", length=12, tokens=frozen[-1], conv_states=frozen[:nl],
-                               recurrent_states=frozen[nl:2 * nl], kv=list(zip(kv[0::2], kv[1::2])))
+                               recurrent_states=frozen[nl:2 * nl], kv=list(zip(kv[0::2], kv[1::2], strict=True)))
     model.restore("c", pristine)
     lb, lc = _step(model, "b", toks[12:]), _step(model, "c", toks[12:])
     np.testing.assert_array_equal(lb, lc)

@@ -28,12 +28,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-from qwen35.measure import gdn_inputs  # noqa: E402
-from reference import conv as ref_conv  # noqa: E402
-from reference import gated_delta as ref_gd  # noqa: E402
-from reference import norms as ref_norms  # noqa: E402
-from tests._factory import random_cu_seqlens  # noqa: E402
-from tests._tolerance import assert_close  # noqa: E402
+from qwen35.measure import gdn_inputs
+from reference import conv as ref_conv
+from reference import gated_delta as ref_gd
+from reference import norms as ref_norms
+from tests._factory import random_cu_seqlens
+from tests._tolerance import assert_close
 
 try:
     from hypothesis import given
@@ -53,7 +53,7 @@ pytestmark = [
                        reason="needs TRITON_INTERPRET=1 (CPU) or QWEN35_TRITON_GPU=1 with a CUDA device"),
 ]
 
-from optimized.triton import (  # noqa: E402
+from optimized.triton import (
     causal_conv1d,
     causal_conv1d_update,
     chunk_gated_delta_rule,
@@ -62,7 +62,7 @@ from optimized.triton import (  # noqa: E402
     poison_outputs,
     recurrent_gated_delta_rule,
 )
-from optimized.triton._common import alloc, force_blocks  # noqa: E402
+from optimized.triton._common import alloc, force_blocks
 
 cuda_only = pytest.mark.skipif(not ON_GPU, reason="bf16 is only meaningful on a CUDA GPU (the interpreter "
                                                   "computes bf16 arithmetic wrongly); run scripts/gpu_check.sh")
@@ -373,7 +373,8 @@ def test_wrappers_reject_bad_shapes():
 # split D_v across programs and tile tokens/channels.  Force those tilings here — with ragged last tiles — so the
 # index arithmetic of every multi-program path is checked on CPU too.
 def test_gdn_split_value_blocks():
-    arrs, cu = _gdn_case(14, lengths=[1, 37, 70], H_k=1, H_v=2, D_k=24, D_v=40)  # D_v = 40: blocks 16, 16, 8 (+8 masked)
+    # D_v = 40: blocks 16, 16, 8 (+8 masked)
+    arrs, cu = _gdn_case(14, lengths=[1, 37, 70], H_k=1, H_v=2, D_k=24, D_v=40)
     with force_blocks(gdn_bv=16):
         _check_gdn(chunk_gated_delta_rule, arrs, cu, chunk_size=32)
         _check_gdn(recurrent_gated_delta_rule, arrs, cu)
@@ -435,7 +436,7 @@ if HAVE_HYPOTHESIS:
         S = draw(st.integers(B, B + 4))
         slots = draw(st.permutations(range(S)))[:B]
         pad = draw(st.lists(st.booleans(), min_size=B, max_size=B))
-        slots = [-1 if p else s for s, p in zip(slots, pad)]
+        slots = [-1 if p else s for s, p in zip(slots, pad, strict=True)]
         return dict(B=B, S=S, H_k=H_k, H_v=H_k * draw(st.integers(1, 3)), D_k=draw(_D), D_v=draw(_D), slots=slots)
 
     @_gpu_cap
@@ -457,7 +458,7 @@ if HAVE_HYPOTHESIS:
         slots = draw(st.permutations(range(S)))[:B]
         pad = draw(st.lists(st.booleans(), min_size=B, max_size=B))
         return dict(B=B, S=S, C=draw(st.integers(1, 40)), K=draw(st.integers(2, 4)),
-                    slots=[-1 if p else s for s, p in zip(slots, pad)])
+                    slots=[-1 if p else s for s, p in zip(slots, pad, strict=True)])
 
     @_gpu_cap
     @given(case=_conv_update_case(), seed=st.integers(0, 2**16))

@@ -16,10 +16,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 pytest.importorskip("transformers")  # the tiny checkpoint is written with save_pretrained
 
-import optimized.model as OM  # noqa: E402
-from reference.context import TextContext  # noqa: E402
-from tests._tolerance import assert_close  # noqa: E402
-from tests.hf_checkpoints import make_hf_checkpoint  # noqa: E402
+import optimized.model as OM
+from reference.context import TextContext
+from tests._tolerance import assert_close
+from tests.hf_checkpoints import make_hf_checkpoint
 
 ON_GPU = os.environ.get("QWEN35_TRITON_GPU") == "1" and torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -51,7 +51,7 @@ def _prompt(seed, n):
 def test_triton_backend_logits_and_generation_match_torch(ckpt):
     torch_m, triton_m = _models(ckpt)
     prompts = [_prompt(1, 7), _prompt(2, 70), _prompt(3, 1)]  # ragged: 70 crosses a 64-token chunk
-    for a, b in zip(torch_m.logits(prompts), triton_m.logits(prompts)):
+    for a, b in zip(torch_m.logits(prompts), triton_m.logits(prompts), strict=True):
         assert_close("logits", a, b, "f32_logits")
     assert triton_m.generate(prompts, max_new_tokens=4) == torch_m.generate(prompts, max_new_tokens=4)
     assert triton_m.active_requests == []
@@ -79,5 +79,5 @@ def test_triton_backend_split_prefill_then_decode(ckpt):
 def test_triton_backend_bf16_cuda(ckpt):
     torch_m, triton_m = _models(ckpt, dtype=torch.bfloat16)
     prompts = [_prompt(5, 9), _prompt(6, 130)]
-    for a, b in zip(torch_m.logits(prompts), triton_m.logits(prompts)):
+    for a, b in zip(torch_m.logits(prompts), triton_m.logits(prompts), strict=True):
         assert_close("logits bf16", a.float(), b.float(), "bf16")

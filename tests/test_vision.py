@@ -134,7 +134,7 @@ def test_bilinear_weights_sum_to_one_and_are_exact_on_grid_points(grid, side):
 def test_merge_block_order_is_a_permutation_of_whole_windows(h, w, m):
     H, W = h * m, w * m
     row, col = merge_block_coordinates(H, W, m)
-    assert sorted(zip(row.tolist(), col.tolist())) == [(r, c) for r in range(H) for c in range(W)]
+    assert sorted(zip(row.tolist(), col.tolist(), strict=True)) == [(r, c) for r in range(H) for c in range(W)]
     win = (row // m) * w + col // m  # window id of each patch
     assert np.all(win.reshape(-1, m * m) == win[:: m * m, None])  # m² consecutive rows = one window
     assert np.all(np.diff(win[:: m * m]) == 1)  # windows in row-major order

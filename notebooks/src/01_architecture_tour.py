@@ -21,24 +21,23 @@
 # %%
 FULL = False  # True: a longer prompt; everything else is already small
 
-import os
 from pathlib import Path
 
-import numpy as np
 import matplotlib.pyplot as plt
+import numpy as np
 from matplotlib.colors import ListedColormap
 
 import qwen35
-from reference.config import Qwen35Config, preset_names, LINEAR, FULL as FULL_ATTN
+from qwen35.tokenizer import load_tokenizer
+from reference.attention import gated_attention
+from reference.config import FULL as FULL_ATTN
+from reference.config import LINEAR, Qwen35Config, preset_names
+from reference.deltanet import gated_deltanet
+from reference.memory import format_bytes, kv_bytes_per_token, parameter_counts, state_bytes_per_request, weight_bytes
+from reference.mlp import swiglu_mlp
 from reference.model import Qwen35Model
 from reference.norms import rms_norm
-from reference.deltanet import gated_deltanet
-from reference.attention import gated_attention
-from reference.mlp import swiglu_mlp
 from reference.rope import text_position_ids
-from reference.memory import (parameter_counts, weight_bytes, state_bytes_per_request, kv_bytes_per_token,
-                              format_bytes, dtype_bytes)
-from qwen35.tokenizer import load_tokenizer
 
 DEMO = Path(qwen35.__file__).parent / "demo"
 checks = {}
@@ -67,8 +66,10 @@ kinds = np.array([t == FULL_ATTN for t in big.layer_types])[None].astype(int)
 ax.imshow(kinds, cmap=ListedColormap(["tab:blue", "tab:red"]), aspect="auto")
 for i in big.full_layer_indices:
     ax.text(i, 0, f"KV{big.kv_cache_index(i)}", ha="center", va="center", fontsize=6, color="w")
-ax.set_yticks([]); ax.set_xlabel("layer index (blue: Gated DeltaNet, red: gated full attention + its KV-cache index)")
-ax.set_title("Qwen3.5-27B layer map: [L L L F] x 16", fontsize=10); plt.show()
+ax.set_yticks([])
+ax.set_xlabel("layer index (blue: Gated DeltaNet, red: gated full attention + its KV-cache index)")
+ax.set_title("Qwen3.5-27B layer map: [L L L F] x 16", fontsize=10)
+plt.show()
 checks["27B: 48 linear + 16 full layers"] = (abs(big.num_linear_layers - 48) + abs(big.num_full_layers - 16), 0)
 checks["27B: layer 7 is the second KV layer"] = (abs(big.kv_cache_index(7) - 1), 0)
 
@@ -163,7 +164,7 @@ model.release("r")
 
 # %%
 fig, axs = plt.subplots(1, 2, figsize=(12, 3.6))
-for ax, name in zip(axs, ("27b", "35b-a3b")):
+for ax, name in zip(axs, ("27b", "35b-a3b"), strict=True):
     c = Qwen35Config.preset(name)
     counts = {k: v for k, v in parameter_counts(c).items() if v}
     total = sum(counts.values())
@@ -173,7 +174,8 @@ for ax, name in zip(axs, ("27b", "35b-a3b")):
     ax.set_xlim(0, max(counts.values()) / 1e9 * 1.45)
     ax.set_title(f"{name}: {total / 1e9:.1f} B parameters, {format_bytes(weight_bytes(c))} in bf16", fontsize=10)
     ax.set_xlabel("parameters (billions)")
-plt.tight_layout(); plt.show()
+plt.tight_layout()
+plt.show()
 
 # %% [markdown]
 # ## 6. Check: analytic sizes vs measured bytes
@@ -197,7 +199,8 @@ mem_analytic = weight_bytes(cfg, "float64")
 disk = (DEMO / "model.safetensors").stat().st_size
 disk_analytic = weight_bytes(cfg, "float32")
 header = 8 + int.from_bytes((DEMO / "model.safetensors").read_bytes()[:8], "little")  # safetensors: u64 length + JSON
-state_measured = sum(c.nbytes + r.nbytes for i, (c, r) in ((i, s) for i, s in states.items() if i in cfg.linear_layer_indices))
+state_measured = sum(c.nbytes + r.nbytes
+                     for i, (c, r) in ((i, s) for i, s in states.items() if i in cfg.linear_layer_indices))
 kv_measured = sum(k.nbytes + v.nbytes for i, kv in states.items() if i in cfg.full_layer_indices for k, v in kv)
 rows = [("weights in memory (float64)", mem_analytic, mem_measured),
         ("weights on disk (float32) + header", disk_analytic + header, disk),

@@ -20,13 +20,13 @@
 # %%
 FULL = False  # True: longer sequences and real head sizes (D = 128); a minute or two on a laptop
 
-import numpy as np
 import matplotlib.pyplot as plt
+import numpy as np
 
-from reference.gated_delta import recurrent_gated_delta_rule, chunk_gated_delta_rule
+from qwen35.measure import error_metrics, gdn_inputs
 from reference.conv import causal_conv1d, causal_conv1d_update
+from reference.gated_delta import chunk_gated_delta_rule, recurrent_gated_delta_rule
 from reference.norms import l2_norm
-from qwen35.measure import gdn_inputs, error_metrics
 
 T = 512 if FULL else 96  # tokens
 D = 128 if FULL else 16  # head size D_k = D_v
@@ -39,7 +39,8 @@ np.set_printoptions(precision=4, suppress=True, linewidth=110)
 # Causal softmax attention reads all previous keys: its cache grows by one key and one value per token.  Drop the
 # softmax and the output becomes
 #
-# $$o_t = \sum_{s \le t} (q_t \cdot k_s)\, v_s = S_t^\top q_t, \qquad S_t = S_{t-1} + k_t v_t^\top \in \mathbb{R}^{D_k \times D_v}.$$
+# $$o_t = \sum_{s \le t} (q_t \cdot k_s)\, v_s = S_t^\top q_t, \qquad
+# S_t = S_{t-1} + k_t v_t^\top \in \mathbb{R}^{D_k \times D_v}.$$
 #
 # The whole past is summarised by $S_t$, of size $D_k \times D_v$ whatever $t$ is.  That is the state a Gated DeltaNet
 # layer keeps per head.  But $S \leftarrow S + k v^\top$ can only *add*: store two values under the same key and the
@@ -59,7 +60,8 @@ print("linear attention reads back v1 + v2:", np.allclose(S_linear.T @ key, v1 +
 # The delta rule (Widrow–Hoff; Schlag et al. 2021, Yang et al. 2024) first reads what the state already holds for
 # $k_t$, and writes only the correction, with a strength $\beta_t \in (0, 1)$:
 #
-# $$u_t = \beta_t\,(v_t - S_{t-1}^\top k_t), \qquad S_t = S_{t-1} + k_t u_t^\top = (I - \beta_t k_t k_t^\top) S_{t-1} + \beta_t k_t v_t^\top .$$
+# $$u_t = \beta_t\,(v_t - S_{t-1}^\top k_t), \qquad
+# S_t = S_{t-1} + k_t u_t^\top = (I - \beta_t k_t k_t^\top) S_{t-1} + \beta_t k_t v_t^\top .$$
 #
 # With $\beta = 1$ and a unit key, the second write *replaces* the first.  Below, the reference rule does it: two
 # tokens with the same key, no decay ($g = 0$), $\beta = 1$, and the query of the second token equal to the key
@@ -85,10 +87,11 @@ checks["delta rule overwrites (max |o - v2|)"] = (np.abs(o[0, 1, 0] - v2).max(),
 # $g = -e^{A_{\log}} \cdot \mathrm{softplus}(a + \text{dt\_bias})$).  The state decays **first**, and the delta
 # correction is taken against the *decayed* state:
 #
-# $$S \leftarrow \alpha_t S, \quad u_t = \beta_t (v_t - S^\top k_t), \quad S \leftarrow S + k_t u_t^\top, \quad o_t = S^\top q_t .$$
+# $$S \leftarrow \alpha_t S, \quad u_t = \beta_t (v_t - S^\top k_t), \quad
+# S \leftarrow S + k_t u_t^\top, \quad o_t = S^\top q_t .$$
 #
-# (Correcting against the undecayed state is a real bug class: docs/pitfalls.md, B1, fla#885.)  A memory written once then
-# fades as $\prod \alpha_t$: below, one value is written at t = 0 and read back with the same key later, for three
+# (Correcting against the undecayed state is a real bug class: docs/pitfalls.md, B1, fla#885.)  A memory written once
+# then fades as $\prod \alpha_t$: below, one value is written at t = 0 and read back with the same key later, for three
 # decay strengths.
 
 # %%
@@ -96,16 +99,22 @@ steps = 40
 fig, ax = plt.subplots(figsize=(7, 3.2))
 for g_value in (0.0, -0.05, -0.3):
     qs = np.tile(key, (steps, 1))  # query = the stored key at every step
-    ks = np.zeros((steps, D)); ks[0] = key  # write only at t = 0 (a zero key writes nothing)
-    vs = np.zeros((steps, D)); vs[0] = v1
+    ks = np.zeros((steps, D))
+    ks[0] = key  # write only at t = 0 (a zero key writes nothing)
+    vs = np.zeros((steps, D))
+    vs[0] = v1
     o, _ = recurrent_gated_delta_rule(one_head(qs), one_head(ks), one_head(vs), g=np.full((1, steps, 1), g_value),
                                       beta=np.ones((1, steps, 1)), scale=1.0, use_qk_l2norm=False)
     recall = o[0, :, 0] @ v1 / (v1 @ v1)  # fraction of v1 still retrievable
     ax.plot(recall, label=f"g = {g_value}  (α = {np.exp(g_value):.3f})")
     if g_value == -0.05:
         checks["recall after 20 steps == α^20"] = (abs(recall[20] - np.exp(-0.05 * 20)), 1e-12)
-ax.set_xlabel("tokens after the write"); ax.set_ylabel("fraction of v recalled"); ax.legend(); ax.grid(alpha=.3)
-ax.set_title("The gate: a stored value fades as α^t"); plt.show()
+ax.set_xlabel("tokens after the write")
+ax.set_ylabel("fraction of v recalled")
+ax.legend()
+ax.grid(alpha=.3)
+ax.set_title("The gate: a stored value fades as α^t")
+plt.show()
 
 # %% [markdown]
 # ## 4. Naive: the per-token recurrence (the ground truth)
@@ -118,9 +127,9 @@ ax.set_title("The gate: a stored value fades as α^t"); plt.show()
 # q, k [B, T, H_k, D_k]   v [B, T, H_v, D_v]   g, beta [B, T, H_v]   initial_state [N, H_v, D_k, D_v]
 # ```
 #
-# with keyword-only `g=` and `beta=` so the two cannot be swapped.  Value head $h$ reads key head $h \,/\!/\, (H_v/H_k)$.
-# The inputs come from the project's recipe for physically valid inputs: $g = \log\sigma(\cdot) \le 0$ with some
-# entries 0, $\beta = \sigma(\cdot)$.
+# with keyword-only `g=` and `beta=` so the two cannot be swapped.  Value head $h$ reads key head
+# $h \,/\!/\, (H_v/H_k)$.  The inputs come from the project's recipe for physically valid inputs:
+# $g = \log\sigma(\cdot) \le 0$ with some entries 0, $\beta = \sigma(\cdot)$.
 
 # %%
 x = gdn_inputs(seed=1, B=1, T=T, H_k=2, H_v=4, D_k=D, D_v=D).as_dict()
@@ -140,7 +149,8 @@ print("o:", o_rec.shape, " final state:", S_rec.shape, " (state size does not de
 #
 # $$u_i = \beta_i \Big(v_i - \gamma_i S_0^\top k_i - \sum_{j<i} e^{G_i - G_j} (k_i \cdot k_j)\, u_j\Big).$$
 #
-# That is a unit lower-triangular system $(I + A)\,U_{\text{all}} = \mathrm{diag}(\beta)\,V - \mathrm{diag}(\beta\gamma) K S_0$ with
+# That is a unit lower-triangular system
+# $(I + A)\,U_{\text{all}} = \mathrm{diag}(\beta)\,V - \mathrm{diag}(\beta\gamma) K S_0$ with
 # $A_{ij} = \beta_i (k_i\cdot k_j)\, e^{G_i - G_j}$ for $i > j$.  Splitting the right-hand side gives the **WY form**
 #
 # $$W = (I+A)^{-1}\mathrm{diag}(\beta\gamma)K, \qquad U = (I+A)^{-1}\mathrm{diag}(\beta)V, \qquad u = U - W S_0,$$
@@ -203,10 +213,13 @@ checks["chunk end state == recurrence"] = (err_S, 1e-12)
 # %%
 fig, axs = plt.subplots(1, 3, figsize=(11, 3.3))
 for a_, M, title in zip(axs, (A, np.linalg.inv(I + A) - I, (Qc @ Kc.T) * decay),
-                        ("A (strictly lower)", "(I + A)⁻¹ − I", "(QKᵀ) ⊙ decay, causal")):
+                        ("A (strictly lower)", "(I + A)⁻¹ − I", "(QKᵀ) ⊙ decay, causal"), strict=True):
     im = a_.imshow(M, cmap="RdBu_r", vmin=-abs(M).max(), vmax=abs(M).max())
-    a_.set_title(title); a_.set_xlabel("j (key token)"); a_.set_ylabel("i (query token)")
-plt.tight_layout(); plt.show()
+    a_.set_title(title)
+    a_.set_xlabel("j (key token)")
+    a_.set_ylabel("i (query token)")
+plt.tight_layout()
+plt.show()
 
 # %% [markdown]
 # ## 6. Check: the reference chunked form equals the recurrence, for every chunk size
@@ -278,10 +291,10 @@ print("state after the sequence (channel 0):", st[0, 0], "  last 3 inputs:", xc[
 #   between the two lies is measured in notebook 06.
 # * **State.**  One request holds, per linear layer, $H_v D_k D_v$ recurrent-state numbers plus
 #   $\text{conv\_dim} \cdot (K-1)$ conv-state numbers, independent of the context length (notebook 04 sizes it).
-# * **Precision.**  The state is a running product of $T$ contractions: keep it in fp32 (docs/pitfalls.md, B8).  Notebook 06
-#   shows the drift of a bf16 state over a long decode.
-# * **Further reading.**  `docs/gated_deltanet.md`; HF `Qwen3_5GatedDeltaNet`; Yang, Kautz & Hatamizadeh, *Gated Delta Networks*
-#   (2024); the WY representation of products of Householder-like matrices (Bischof & Van Loan 1987).
+# * **Precision.**  The state is a running product of $T$ contractions: keep it in fp32 (docs/pitfalls.md, B8).
+#   Notebook 06 shows the drift of a bf16 state over a long decode.
+# * **Further reading.**  `docs/gated_deltanet.md`; HF `Qwen3_5GatedDeltaNet`; Yang, Kautz & Hatamizadeh, *Gated Delta
+#   Networks* (2024); the WY representation of products of Householder-like matrices (Bischof & Van Loan 1987).
 
 # %% [markdown]
 # ## What was checked

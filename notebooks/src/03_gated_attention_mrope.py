@@ -12,7 +12,8 @@
 # 3. **MRoPE**: each rotary frequency follows one of three position axes (time, height, width), assigned
 #    *interleaved* in Qwen3.5 and *chunked* in Qwen2-VL — drawn as a picture;
 # 4. the **positions of an image prompt** (`get_rope_index`) and the `rope_delta` that decode continues from;
-# 5. that the layer with a KV cache (prefill, then decode) equals one shot, and that the gate really acts after attention.
+# 5. that the layer with a KV cache (prefill, then decode) equals one shot, and that the gate really acts after
+#    attention.
 #
 # All model code comes from `reference/` (NumPy, float64).  Narrative: motivation → naive → optimized → check →
 # discussion.
@@ -20,17 +21,23 @@
 # %%
 FULL = False  # True: the 27B head geometry for the attention checks (slower)
 
-import numpy as np
 import matplotlib.pyplot as plt
+import numpy as np
 from matplotlib.colors import ListedColormap
 
-from reference.config import Qwen35Config
-from reference.attention import AttentionWeights, gated_attention, split_q_gate, causal_attention
-from reference.norms import rms_norm, sigmoid
-from reference.rope import (inv_freq, mrope_axis_of_frequency, mrope_cos_sin, rope_cos_sin, apply_partial_rope,
-                            text_position_ids)
-from reference.multimodal import get_rope_index
 from qwen35.measure import error_metrics
+from reference.attention import AttentionWeights, gated_attention, split_q_gate
+from reference.config import Qwen35Config
+from reference.multimodal import get_rope_index
+from reference.norms import rms_norm, sigmoid
+from reference.rope import (
+    apply_partial_rope,
+    inv_freq,
+    mrope_axis_of_frequency,
+    mrope_cos_sin,
+    rope_cos_sin,
+    text_position_ids,
+)
 
 big = Qwen35Config.preset("27b")  # the published geometry, for the pictures
 cfg = Qwen35Config.tiny(hidden_size=128, head_dim=32, partial_rotary_factor=0.5, mrope_section=(4, 2, 2))
@@ -76,7 +83,8 @@ axs[1].set_title("what a block split [all q | all gates] believes (wrong)", font
 for a in axs:
     a.set_yticks([])
     a.set_xticks(range(0, 2 * nh * hd, hd))
-plt.tight_layout(); plt.show()
+plt.tight_layout()
+plt.show()
 print("head 1 query channels:", q[0, 1], " head 1 gate channels:", gate[0, 1])
 checks["q of head 1 = flat[6:9]"] = (np.abs(q[0, 1] - flat[0, 6:9]).max(), 0.0)
 checks["gate of head 1 = flat[9:12]"] = (np.abs(gate[0, 1] - flat[0, 9:12]).max(), 0.0)
@@ -106,7 +114,8 @@ def score(m, n):  # q at position m, k at position n
 rot = apply_partial_rope(qv, *rope_cos_sin(np.array([37]), f))
 checks["pass-through channels unchanged"] = (np.abs(rot[..., R:] - qv[..., R:]).max(), 0.0)
 checks["score depends on distance only"] = (abs(score(10, 3) - score(1010, 1003)), 1e-9)
-print(f"rotary channels: {R} of {D_h};  score(10, 3) = {score(10, 3):.6f},  score(1010, 1003) = {score(1010, 1003):.6f}")
+print(f"rotary channels: {R} of {D_h};  score(10, 3) = {score(10, 3):.6f},  "
+      f"score(1010, 1003) = {score(1010, 1003):.6f}")
 
 # %% [markdown]
 # ## 4. MRoPE: three position axes share the frequencies
@@ -124,20 +133,22 @@ print(f"rotary channels: {R} of {D_h};  score(10, 3) = {score(10, 3):.6f},  scor
 # %%
 fig, axs = plt.subplots(2, 1, figsize=(10, 2.6), sharex=True)
 cmap = ListedColormap(["tab:blue", "tab:green", "tab:red"])
-for a, inter in zip(axs, (True, False)):
+for a, inter in zip(axs, (True, False), strict=True):
     axis = mrope_axis_of_frequency(big.mrope_section, interleaved=inter)
     a.imshow(axis[None], cmap=cmap, vmin=0, vmax=2, aspect="auto")
     a.set_yticks([])
     a.set_title(("interleaved (Qwen3.5)" if inter else "chunked (Qwen2-VL; not Qwen3.5)")
                 + f": frequency j → axis  (blue t, green h, red w), mrope_section = {big.mrope_section}", fontsize=9)
 axs[1].set_xlabel("frequency index j (0 = fastest rotation, 31 = slowest)")
-plt.tight_layout(); plt.show()
+plt.tight_layout()
+plt.show()
 
 fb = inv_freq(big.rotary_dim, big.rope_theta)
 for inter in (True, False):
     axis = mrope_axis_of_frequency(big.mrope_section, interleaved=inter)
     span = {name: (fb[axis == i].max(), fb[axis == i].min()) for i, name in enumerate("thw")}
-    print(("interleaved" if inter else "chunked    "), " ".join(f"{n}: {hi:.1e}..{lo:.1e}" for n, (hi, lo) in span.items()))
+    print(("interleaved" if inter else "chunked    "),
+          " ".join(f"{n}: {hi:.1e}..{lo:.1e}" for n, (hi, lo) in span.items()))
 inter_axis = mrope_axis_of_frequency(big.mrope_section, interleaved=True)
 checks["interleaved: counts = mrope_section"] = (
     float(np.abs(np.bincount(inter_axis, minlength=3) - np.array(big.mrope_section)).max()), 0.0)
@@ -169,18 +180,22 @@ n_img = (grid[1] // 2) * (grid[2] // 2)  # merged tokens
 ids = np.array([5, 6, 7, mm.vision_start_token_id] + [mm.image_token_id] * n_img + [mm.vision_end_token_id, 8, 9, 10])
 position_ids, rope_delta = get_rope_index(ids, image_grid_thw=[grid], config=mm)
 fig, axs = plt.subplots(1, 2, figsize=(12, 3.4), gridspec_kw={"width_ratios": [2, 1]})
-for row, name, col in zip(position_ids, "thw", ("tab:blue", "tab:green", "tab:red")):
+for row, name, col in zip(position_ids, "thw", ("tab:blue", "tab:green", "tab:red"), strict=True):
     axs[0].plot(row, ".-", color=col, label=name, ms=4)
 img = np.flatnonzero(ids == mm.image_token_id)
 axs[0].axvspan(img[0] - 0.5, img[-1] + 0.5, color="0.9", zorder=0, label="image tokens")
-axs[0].set_xlabel("token index"); axs[0].set_ylabel("position"); axs[0].legend(fontsize=8); axs[0].grid(alpha=.3)
+axs[0].set_xlabel("token index")
+axs[0].set_ylabel("position")
+axs[0].legend(fontsize=8)
+axs[0].grid(alpha=.3)
 axs[0].set_title(f"{len(ids)} tokens, positions up to {position_ids.max()}: rope_delta = {rope_delta}", fontsize=9)
 hw = position_ids[1:, img] - position_ids[1:, img].min(axis=1, keepdims=True)
 axs[1].imshow(np.arange(n_img).reshape(grid[1] // 2, grid[2] // 2), cmap="Greys", alpha=0.3)
 for i, (hh, ww) in enumerate(hw.T):
     axs[1].text(ww, hh, f"{i}", ha="center", va="center", fontsize=7)
 axs[1].set_title("image tokens in order, placed at their (h, w) positions", fontsize=9)
-plt.tight_layout(); plt.show()
+plt.tight_layout()
+plt.show()
 checks["rope_delta = max + 1 - T"] = (abs(rope_delta - (position_ids.max() + 1 - len(ids))), 0)
 checks["image tokens share one t position"] = (float(np.ptp(position_ids[0, img])), 0.0)
 checks["text after the image resumes at start + max(gh, gw)/2"] = (
@@ -209,7 +224,8 @@ cos, sin = rope_cos_sin(np.arange(T_seq), inv_freq(cfg.rotary_dim, cfg.rope_thet
 qh = apply_partial_rope(rms_norm(q_all[:, head:head + 1], w.q_norm, cfg.rms_norm_eps), cos, sin)[:, 0]  # [T, hd]
 kh = apply_partial_rope(rms_norm(k_all[:, kv_head:kv_head + 1], w.k_norm, cfg.rms_norm_eps), cos, sin)[:, 0]
 scores = qh @ kh.T / np.sqrt(hd) + np.triu(np.full((T_seq, T_seq), -np.inf), k=1)  # causal mask
-p = np.exp(scores - scores.max(1, keepdims=True)); p /= p.sum(1, keepdims=True)
+p = np.exp(scores - scores.max(1, keepdims=True))
+p /= p.sum(1, keepdims=True)
 o_head = (p @ v_all[:, kv_head]) * sigmoid(gate_all[:, head])  # [T, hd]
 err = error_metrics(o_head, y[:, head * hd:(head + 1) * hd])["rel_rms"]
 print(f"head {head} by hand vs gated_attention: rel. RMS error {err:.1e}")
@@ -256,8 +272,8 @@ print(f"mean σ(gate) = {sigmoid(gate_flat).mean():.3f}; rel. RMS check error {e
 # * **What can silently go wrong:** a block split of `q_proj` (B2), RoPE over all of `head_dim` or with the exponent
 #   over `head_dim` instead of $R$ (B18), the chunked MRoPE layout (B19), the RMSNorm weight read as $w$ instead of
 #   $1 + w$ (B4).  Each is a one-line change that still runs; each has a test in `tests/`.
-# * **Where the numbers come from:** HF `Qwen3_5Attention` and `Qwen3_5TextRotaryEmbedding`; `docs/gated_attention.md`, `docs/rope_and_mrope.md`.
-#   Notebook 07 follows an image from pixels to these positions.
+# * **Where the numbers come from:** HF `Qwen3_5Attention` and `Qwen3_5TextRotaryEmbedding`; `docs/gated_attention.md`,
+#   `docs/rope_and_mrope.md`.  Notebook 07 follows an image from pixels to these positions.
 
 # %% [markdown]
 # ## What was checked

@@ -20,17 +20,24 @@
 # %%
 FULL = False  # True: also allocate a 27B-sized pool to measure it (≈ 0.6 GB of RAM)
 
-import numpy as np
 import matplotlib.pyplot as plt
+import numpy as np
 from matplotlib.patches import Rectangle
 
-from reference.config import Qwen35Config, preset_names
-from reference.memory import (state_bytes_per_request, kv_bytes_per_token, conv_state_bytes_per_layer,
-                              recurrent_state_bytes_per_layer, infer_optimal_batch_size, memory_budget,
-                              weight_bytes, format_bytes, RULES)
-from reference.state_cache import GatedDeltaNetStateCache, PoolFullError
-from reference.deltanet import DeltaNetWeights, gated_deltanet
 from qwen35.plot import memory_sweep, plot_memory
+from reference.config import Qwen35Config, preset_names
+from reference.deltanet import DeltaNetWeights, gated_deltanet
+from reference.memory import (
+    conv_state_bytes_per_layer,
+    format_bytes,
+    infer_optimal_batch_size,
+    kv_bytes_per_token,
+    memory_budget,
+    recurrent_state_bytes_per_layer,
+    state_bytes_per_request,
+    weight_bytes,
+)
+from reference.state_cache import GatedDeltaNetStateCache, PoolFullError
 
 GiB = 2**30
 checks = {}
@@ -46,10 +53,12 @@ big = Qwen35Config.preset("27b")
 per_req = state_bytes_per_request(big, "bfloat16")
 conv_l, rec_l = conv_state_bytes_per_layer(big, "bfloat16"), recurrent_state_bytes_per_layer(big, "bfloat16")
 kv_tok = kv_bytes_per_token(big, "bfloat16")
-print(f"per linear layer: conv {conv_l:,} B [{big.conv_dim} x {big.linear_conv_kernel_dim - 1}] + recurrent {rec_l:,} B "
+print(f"per linear layer: conv {conv_l:,} B [{big.conv_dim} x {big.linear_conv_kernel_dim - 1}] "
+      f"+ recurrent {rec_l:,} B "
       f"[{big.linear_num_value_heads} x {big.linear_key_head_dim} x {big.linear_value_head_dim}]")
 print(f"one request's state, {big.num_linear_layers} linear layers: {per_req:,} B = {format_bytes(per_req)}")
-print(f"KV cache per token, {big.num_full_layers} full layers: {kv_tok:,} B;  state = KV of {per_req / kv_tok:,.0f} tokens")
+print(f"KV cache per token, {big.num_full_layers} full layers: {kv_tok:,} B;  "
+      f"state = KV of {per_req / kv_tok:,.0f} tokens")
 checks["27B state per request == 78,446,592 B (74.8 MiB, the MAX figure)"] = (abs(per_req - 78_446_592), 0)
 
 ctx = np.arange(0, 32769, 256)
@@ -61,8 +70,12 @@ ax.plot(ctx, ctx * kv_bytes_per_token(all_full) / GiB, ":", label="if all 64 lay
 ax.axhline(per_req / GiB, color="0.5", lw=0.8)
 ax.axvline(per_req / kv_tok, color="0.5", lw=0.8)
 ax.text(per_req / kv_tok, ax.get_ylim()[1] * 0.9, f"  KV = state at {per_req / kv_tok:,.0f} tokens", fontsize=8)
-ax.set_xlabel("context length (tokens)"); ax.set_ylabel("GiB per request (bf16)"); ax.legend(fontsize=8)
-ax.grid(alpha=0.3); ax.set_title("Memory of one request", fontsize=10); plt.show()
+ax.set_xlabel("context length (tokens)")
+ax.set_ylabel("GiB per request (bf16)")
+ax.legend(fontsize=8)
+ax.grid(alpha=0.3)
+ax.set_title("Memory of one request", fontsize=10)
+plt.show()
 
 # %% [markdown]
 # ## 2. The pool and its lifecycle
@@ -88,36 +101,47 @@ def snap(title, gathered=()):
 
 
 snap("empty pool")
-cache.claim("a"); cache.claim("b"); snap('claim("a"), claim("b")')
-conv, rec = cache.get_states(["b", "a"]); snap('gather ["b", "a"]', gathered=["b", "a"])
+cache.claim("a")
+cache.claim("b")
+snap('claim("a"), claim("b")')
+conv, rec = cache.get_states(["b", "a"])
+snap('gather ["b", "a"]', gathered=["b", "a"])
 # The model runs one linear layer on the gathered copies: one token per request (decode), weights random.
 w = DeltaNetWeights.random(tiny, seed=0)
 x = np.random.default_rng(1).standard_normal((2, tiny.hidden_size))
 _, c0, r0 = gated_deltanet(x, w, tiny, cu_seqlens=np.array([0, 1, 2]), conv_state=conv[0], recurrent_state=rec[0])
 new_conv = [c0] + conv[1:]
 new_rec = [r0] + rec[1:]
-cache.update_states(["b", "a"], new_conv, new_rec); snap('scatter ["b", "a"]')
-cache.release("a"); snap('release("a")')
-cache.claim("c"); snap('claim("c")  (slot 0 again, zeroed)')
+cache.update_states(["b", "a"], new_conv, new_rec)
+snap('scatter ["b", "a"]')
+cache.release("a")
+snap('release("a")')
+cache.claim("c")
+snap('claim("c")  (slot 0 again, zeroed)')
 
 fig, axs = plt.subplots(1, len(snapshots), figsize=(2.2 * len(snapshots), 3.0))
-for a, (title, owners, fill, gathered) in zip(axs, snapshots):
-    for s, (o, f) in enumerate(zip(owners, fill)):
+for a, (title, owners, fill, gathered) in zip(axs, snapshots, strict=True):
+    for s, (o, f) in enumerate(zip(owners, fill, strict=True)):
         a.add_patch(Rectangle((0, 3 - s), 1, 0.9, facecolor=colors[o], edgecolor="k", alpha=0.35 + 0.5 * f))
         a.text(0.5, 3.45 - s, f"slot {s}\n{o or 'free'}", ha="center", va="center", fontsize=8)
     for j, r in enumerate(gathered):  # the gathered batch: a separate dense copy
         a.add_patch(Rectangle((1.4, 3 - j), 1, 0.9, facecolor=colors[r], edgecolor="k", ls="--", alpha=0.6))
         a.text(1.9, 3.45 - j, f"row {j}\ncopy of {r}", ha="center", va="center", fontsize=7)
-    a.set_xlim(-0.1, 2.5); a.set_ylim(-0.2, 4.1); a.axis("off"); a.set_title(title, fontsize=8)
+    a.set_xlim(-0.1, 2.5)
+    a.set_ylim(-0.2, 4.1)
+    a.axis("off")
+    a.set_title(title, fontsize=8)
 fig.suptitle("GatedDeltaNetStateCache: the pool (left column) and a gathered batch (right, dashed); "
              "darker = non-zero state", fontsize=9)
-plt.tight_layout(); plt.show()
+plt.tight_layout()
+plt.show()
 
 checks["released-then-claimed slot starts from zero"] = (
     float(np.abs(cache.recurrent_pools[0][cache.slot_of("c")]).max()), 0.0)
 checks["scatter wrote b's new state to b's slot"] = (
     float(np.abs(cache.recurrent_pools[0][cache.slot_of("b")] - r0[0]).max()), 0.0)
-cache.claim("d"); cache.claim("e")
+cache.claim("d")
+cache.claim("e")
 try:
     cache.claim("f")
     refused = 0.0
@@ -133,7 +157,8 @@ checks["a full pool refuses a new request"] = (1.0 - refused, 0.0)
 # **gathered inputs** and the layers' **outputs** before they are scattered back.  So MAX budgets
 # $3 \times \text{max\_batch} \times \text{per\_req}$ and gives the state 15 % of free memory:
 #
-# $$\text{max\_batch}_{\text{gather/scatter}} = \max\!\big(1, \lfloor 0.15 \cdot \text{free} \rfloor \,/\!/\, (3 \cdot \text{per\_req})\big).$$
+# $$\text{max\_batch}_{\text{gather/scatter}} =
+# \max\!\big(1, \lfloor 0.15 \cdot \text{free} \rfloor \,/\!/\, (3 \cdot \text{per\_req})\big).$$
 #
 # The optimized model (`optimized.model.Qwen35Model`) passes **slot ids** to kernels that read and write the pool in
 # place (notebook 05), so only the pool exists: the same 15 % holds three times as many requests.
@@ -166,10 +191,10 @@ import tracemalloc
 
 import torch
 
+from optimized.model import Qwen35Model as OptModel
 from reference.checkpoint import write_checkpoint
 from reference.context import TextContext
 from reference.model import Qwen35Model as RefModel
-from optimized.model import Qwen35Model as OptModel
 
 wide = Qwen35Config.tiny(hidden_size=64, linear_num_key_heads=8, linear_num_value_heads=16, linear_key_head_dim=64,
                          linear_value_head_dim=64)
@@ -196,8 +221,8 @@ opt_model.execute(opt_inputs)
 ptrs = [p.data_ptr() for p in opt_model.state_pools]
 before = [p.clone() for p in opt_model.state_pools]
 opt_model.execute(opt_model.prepare_next_token_inputs(np.arange(B) + 5, opt_inputs))
-same_storage = all(p.data_ptr() == q for p, q in zip(opt_model.state_pools, ptrs))
-changed = all(not torch.equal(p, b) for p, b in zip(opt_model.state_pools, before))
+same_storage = all(p.data_ptr() == q for p, q in zip(opt_model.state_pools, ptrs, strict=True))
+changed = all(not torch.equal(p, b) for p, b in zip(opt_model.state_pools, before, strict=True))
 opt_pool = sum(p.nbytes for p in opt_model.state_pools) + sum(p.nbytes for p in opt_model.conv_pools)
 print(f"optimized (in place): pools {format_bytes(opt_pool)} = {B} x {opt_model.state_bytes_per_request():,} B; "
       f"decode kept the same storage: {same_storage}, and updated it: {changed}")
@@ -230,9 +255,14 @@ for rule, ls in (("in_place", "-"), ("gather_scatter", "--")):
             label=f"state bound ({rule})")
     ax.plot(contexts, [budgets[c].rules[rule]["kv_max_batch"] for c in contexts], ls, color="tab:blue",
             label=f"KV bound ({rule})")
-ax.set_xscale("log", base=2); ax.set_yscale("log"); ax.grid(alpha=0.3, which="both")
-ax.set_xlabel("context length per request (tokens)"); ax.set_ylabel("max concurrent requests")
-ax.legend(fontsize=8); ax.set_title("Qwen3.5-27B on 141 GB (bf16): the smaller bound wins", fontsize=10); plt.show()
+ax.set_xscale("log", base=2)
+ax.set_yscale("log")
+ax.grid(alpha=0.3, which="both")
+ax.set_xlabel("context length per request (tokens)")
+ax.set_ylabel("max concurrent requests")
+ax.legend(fontsize=8)
+ax.set_title("Qwen3.5-27B on 141 GB (bf16): the smaller bound wins", fontsize=10)
+plt.show()
 print(f"{'context':>8} | {'bound (in place)':>16} {'batch':>6} | {'bound (gather/scatter)':>22} {'batch':>6}")
 for c in contexts:
     r1, r3 = budgets[c].rules["in_place"], budgets[c].rules["gather_scatter"]
@@ -275,8 +305,8 @@ for name, dt, a, m, tot in rows:
 # * **Fixed cost, paid up front.**  A request's state costs the same at token 1 and token 100 000; for 27B it equals
 #   the KV cache of ~1 200 tokens.  Short-context, high-concurrency serving (chat, agents) is therefore bounded by
 #   state memory, and the 3× vs 1× choice is a 3× difference in concurrency.
-# * **Engines differ.**  vLLM keeps the recurrent state in fp32 and the conv state in bf16 (docs/pitfalls.md, B8); every such
-#   choice changes `per_req` (`state_bytes_per_request(config, dtype, conv_dtype=...)`).  Prefix caching and
+# * **Engines differ.**  vLLM keeps the recurrent state in fp32 and the conv state in bf16 (docs/pitfalls.md, B8); every
+#   such choice changes `per_req` (`state_bytes_per_request(config, dtype, conv_dtype=...)`).  Prefix caching and
 #   speculative decoding add more state copies per request (B20) — this model does not count them.
 # * **Refuse, do not truncate.**  A full pool raises `PoolFullError`; the optimized model refuses a `max_batch_size`
 #   that does not fit at start, with the numbers (vLLM does the same; B20).

@@ -31,12 +31,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 import time
 
 import numpy as np
-from hypothesis import given, settings, strategies as st, HealthCheck
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-import optimized.gated_delta as torch_gd
 import optimized.backend as backend
+import optimized.gated_delta as torch_gd
+from qwen35.measure import error_metrics, gdn_inputs
 from reference.gated_delta import recurrent_gated_delta_rule as oracle
-from qwen35.measure import gdn_inputs, error_metrics
 
 try:
     import optimized.triton.gated_delta as triton_gd
@@ -69,7 +70,9 @@ shape = dict(B=1, H_k=2, H_v=4, D_k=64, D_v=64)
 x = gdn_inputs(seed=0, T=T, **shape).as_dict()
 xt = {k: to_t(v) for k, v in x.items()}
 
-t0 = time.perf_counter(); o_ref, s_ref = oracle(x["q"], x["k"], x["v"], g=x["g"], beta=x["beta"]); t_ref = time.perf_counter() - t0
+t0 = time.perf_counter()
+o_ref, s_ref = oracle(x["q"], x["k"], x["v"], g=x["g"], beta=x["beta"])
+t_ref = time.perf_counter() - t0
 with torch.no_grad():
     torch_gd.chunk_gated_delta_rule(xt["q"], xt["k"], xt["v"], g=xt["g"], beta=xt["beta"])  # warm-up
     t0 = time.perf_counter()
@@ -93,8 +96,9 @@ for name, o, s in (("torch chunk", o_c, s_c), ("torch recurrent", o_r, s_r)):
 #
 # | op | reference (NumPy) | torch twin | Triton twin |
 # |---|---|---|---|
-# | chunked prefill | `reference.gated_delta.chunk_gated_delta_rule` | `optimized.gated_delta.chunk_gated_delta_rule` | `optimized.triton.gated_delta.chunk_gated_delta_rule` |
-# | per-token recurrence | `...recurrent_gated_delta_rule` | same name | same name |
+# | (gated delta rule module) | `reference.gated_delta` | `optimized.gated_delta` | `optimized.triton.gated_delta` |
+# | chunked prefill | `chunk_gated_delta_rule` | same name | same name |
+# | per-token recurrence | `recurrent_gated_delta_rule` | same name | same name |
 # | decode step on a pool | (the recurrence, T = 1) | `fused_recurrent_gated_delta_rule_update` | same name |
 # | causal conv (+ update) | `reference.conv` | `optimized.conv` | `optimized.triton.conv` |
 #
@@ -108,7 +112,8 @@ logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", force=Tr
 for req in ("auto", "torch", "triton"):
     print(f"backend={req!r:9} on {DEVICE} -> {backend.resolve_backend(req, DEVICE)}")
 logging.getLogger().setLevel(logging.WARNING)
-checks["auto on CPU picks the torch ops"] = (0.0 if DEVICE != "cpu" or backend.resolve_backend("auto", "cpu") == "torch" else 1.0, 0.0)
+checks["auto on CPU picks the torch ops"] = (
+    0.0 if DEVICE != "cpu" or backend.resolve_backend("auto", "cpu") == "torch" else 1.0, 0.0)
 
 # %% [markdown]
 # ## 3. Check, live: the torch twins against the oracle, with hypothesis
@@ -265,8 +270,8 @@ checks["hypothesis: conv twins within 1e-5"] = (max(t[3] for t in tried_conv), 1
 # `[S, H_v, D_k, D_v]` (fp32) and tells the kernel which slot each row of the batch owns.  The kernel reads and
 # writes the pool *in place*: no gather into a batch copy, no scatter back (that is the 3× vs 1× memory rule of
 # notebook 04).  A batch padded to a fixed size (CUDA graphs) marks its padding rows with slot −1: they must output
-# zeros and touch no slot (docs/pitfalls.md, B9).  Check: a decode step on the pool equals the oracle's recurrence continued
-# from each request's state, the padding row is zero, and the slots nobody owns are bit-for-bit unchanged.
+# zeros and touch no slot (docs/pitfalls.md, B9).  Check: a decode step on the pool equals the oracle's recurrence
+# continued from each request's state, the padding row is zero, and the slots nobody owns are bit-for-bit unchanged.
 
 # %%
 H_k, H_v, D = 1, 2, 16
@@ -294,7 +299,8 @@ for name, fn in impls.items():
     checks[f"{name} padding row outputs zeros"] = (float(to_np(o[1]).__abs__().max()), 0.0)
     checks[f"{name} unowned slots bit-identical"] = (
         float(np.abs(to_np(pool[untouched]) - np.float32(pool0[untouched]).astype(np.float64)).max()), 0.0)
-    print(f"{name:>6}: decode vs oracle {worst:.1e}; padding row max |o| = {checks[f'{name} padding row outputs zeros'][0]}; "
+    print(f"{name:>6}: decode vs oracle {worst:.1e}; "
+          f"padding row max |o| = {checks[f'{name} padding row outputs zeros'][0]}; "
           f"slots {untouched} unchanged: {checks[f'{name} unowned slots bit-identical'][0] == 0.0}")
 
 # %% [markdown]

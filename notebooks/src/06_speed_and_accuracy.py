@@ -23,16 +23,23 @@
 # %%
 FULL = False  # True: re-run the accuracy measurement (lengths to 4096, 2048 decode steps) instead of reading it
 
-import json
 import tempfile
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from qwen35.measure import RESULTS_DIR, REPO, load_json
-from qwen35.plot import (PLOTS_DIR, plot_accuracy, plot_drift, plot_crossover, plot_compare, plot_speed,
-                         crossover_point, render_all)
 from qwen35.accuracy import run_accuracy
+from qwen35.measure import REPO, RESULTS_DIR, load_json
+from qwen35.plot import (
+    PLOTS_DIR,
+    crossover_point,
+    plot_accuracy,
+    plot_compare,
+    plot_crossover,
+    plot_drift,
+    plot_speed,
+    render_all,
+)
 from qwen35.report import accuracy_table
 
 checks = {}
@@ -105,7 +112,8 @@ for key in ("drift", "drift_slow_decay"):
     d = acc[key]
     s32, s16 = d["summary"]["float32"], d["summary"]["bfloat16"]
     print(f"g = logsigmoid/{d['gate_normalizer']:g}: fp32 state {s32['last_64_mean']:.1e}, bf16 state "
-          f"{s16['first_64_mean']:.1e} -> {s16['last_64_mean']:.1e}  (ratio {s16['last_64_mean'] / s32['last_64_mean']:,.0f}x)")
+          f"{s16['first_64_mean']:.1e} -> {s16['last_64_mean']:.1e}  "
+          f"(ratio {s16['last_64_mean'] / s32['last_64_mean']:,.0f}x)")
     checks[f"{key}: bf16 state >= 100x worse than fp32"] = (s32["last_64_mean"] * 100 / s16["last_64_mean"], 1.0)
     checks[f"{key}: fp32 state stays below 1e-5"] = (s32["max"], 1e-5)
 slow = acc["drift_slow_decay"]["summary"]["bfloat16"]
@@ -158,8 +166,8 @@ checks["T = 1: recurrence faster than chunked"] = (t1["optimized torch recurrent
 # %% [markdown]
 # That is the rule the model follows: the **chunked** form for prefill chunks, the **recurrent** in-place update for
 # decode (one token per request).  A decode step sent through the chunked path pays the whole fixed cost of a chunk
-# for one token (MaxText did exactly that: docs/pitfalls.md, B21).  On a GPU the crossover moves (fla switches at about 64
-# tokens, ik_llama.cpp at about 16) — rerun the sweep there.
+# for one token (MaxText did exactly that: docs/pitfalls.md, B21).  On a GPU the crossover moves (fla switches at about
+# 64 tokens, ik_llama.cpp at about 16) — rerun the sweep there.
 
 # %% [markdown]
 # ## 5. Speed: optimized vs reference vs transformers
@@ -217,15 +225,16 @@ else:
 # | you want | use | why (from the plots above) |
 # |---|---|---|
 # | to read the algorithm, or a ground truth | `reference` (NumPy, float64) | exact to $10^{-15}$; slow |
-# | prefill / training-style long sequences | chunked form (`optimized`, Triton on GPU) | fastest beyond the crossover; fp32-accurate |
-# | decode (one token per request) | `fused_recurrent_gated_delta_rule_update` on the pool | no chunk overhead, in place |
+# | long sequences (prefill, training) | chunked (`optimized`; Triton on GPU) | wins past the crossover; fp32-accurate |
+# | decode (a token per request) | `fused_recurrent_gated_delta_rule_update` on the pool | no chunk overhead, in place |
 # | bf16 activations | fine: error ≈ bf16 output rounding | the fp32 state and scratch keep the algorithm exact |
 # | a bf16 recurrent state | avoid | 10⁴× the fp32 error, growing over long decodes |
 #
 # **Re-measure on your machine:** `qwen35 accuracy` (→ `results/accuracy.json`), `qwen35 plot --measure-crossover`
 # (→ `results/crossover.json`), `qwen35 bench` (→ `docs/bench_cpu.json`), then `qwen35 plot` (→ `docs/plots/`).
 # The numbers here came from a small shared CPU; a GPU changes the speed plots (not the accuracy ones much, except
-# that tensor-core products in bf16/TF32 add their own rounding — docs/pitfalls.md, B24 for how to state such contracts).
+# that tensor-core products in bf16/TF32 add their own rounding — docs/pitfalls.md, B24 for how to state such
+# contracts).
 
 # %% [markdown]
 # ## What was checked

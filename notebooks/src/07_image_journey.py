@@ -21,19 +21,21 @@
 FULL = False  # True: a larger image for the tiny model
 
 import tempfile
-from pathlib import Path
 
-import numpy as np
 import matplotlib.pyplot as plt
-from matplotlib.patches import Rectangle
+import numpy as np
 
-from reference.config import Qwen35Config, VisionConfig
-from reference.image_processing import (ImageProcessor, smart_resize, patchify, expand_vision_placeholders)
-from reference.vision import (VisionWeights, vision_tower, merge_block_coordinates, num_merged_tokens)
-from reference.multimodal import (TextAndVisionContext, get_rope_index, multimodal_prefill_inputs,
-                                  split_visual_state_dict)
 from reference.checkpoint import random_state_dict, write_checkpoint
+from reference.config import Qwen35Config, VisionConfig
+from reference.image_processing import ImageProcessor, expand_vision_placeholders, smart_resize
 from reference.model import Qwen35Model
+from reference.multimodal import (
+    TextAndVisionContext,
+    get_rope_index,
+    multimodal_prefill_inputs,
+    split_visual_state_dict,
+)
+from reference.vision import VisionWeights, merge_block_coordinates, num_merged_tokens, vision_tower
 
 checks = {}
 
@@ -90,6 +92,7 @@ checks["patch rows = t·h·w, 1536 values each"] = (
 # %%
 row, col = merge_block_coordinates(gh, gw, vc_pub.spatial_merge_size)  # patch i sits at (row[i], col[i])
 from reference.image_processing import resize  # the processor's own resize, for the picture
+
 shown = resize(img, (H2, W2))
 fig, ax = plt.subplots(figsize=(9, 6.5))
 ax.imshow(shown)
@@ -103,7 +106,8 @@ for i in range(4 * (gw // m) + 4):  # the first two rows of windows, and a bit
             bbox=dict(boxstyle="round,pad=0.1", fc="w", alpha=0.7, lw=0))
 ax.set_title(f"{gh}x{gw} patches of 16 px (thin lines), 2x2 merge windows (thick): patch index in pixel_values",
              fontsize=9)
-ax.axis("off"); plt.show()
+ax.axis("off")
+plt.show()
 
 # The first patch row really is the top-left 16x16 patch, frames (t=0, t=1) both = the image:
 first = out_pub["pixel_values"][5].reshape(3, 2, P, P)  # (C, T_p, P, P)
@@ -170,15 +174,19 @@ checks["positions = get_rope_index"] = (float(np.abs(pre.position_ids - pos).max
 checks["placeholders = merged tokens"] = (abs(len(pre.image_rows) - n_tok), 0)
 
 fig, axs = plt.subplots(1, 2, figsize=(12, 3.4), gridspec_kw={"width_ratios": [2, 1]})
-for r_, name, c_ in zip(pos, "thw", ("tab:blue", "tab:green", "tab:red")):
+for r_, name, c_ in zip(pos, "thw", ("tab:blue", "tab:green", "tab:red"), strict=True):
     axs[0].plot(r_, ".-", color=c_, label=name, ms=3)
 axs[0].axvspan(pre.image_rows[0] - 0.5, pre.image_rows[-1] + 0.5, color="0.9", zorder=0, label="image tokens")
-axs[0].set_xlabel("token index"); axs[0].set_ylabel("MRoPE position"); axs[0].legend(fontsize=8)
+axs[0].set_xlabel("token index")
+axs[0].set_ylabel("MRoPE position")
+axs[0].legend(fontsize=8)
 axs[0].set_title(f"{len(tokens)} tokens, positions 0..{pos.max()} (rope_delta = {delta})", fontsize=9)
 lh, lw = grid[1] // 2, grid[2] // 2
 emb_norm = np.linalg.norm(merged, axis=1).reshape(lh, lw)  # one value per merged token, on its (h, w) cell
-axs[1].imshow(emb_norm, cmap="viridis"); axs[1].set_title("‖embedding‖ of each image token at its (h, w)", fontsize=9)
-plt.tight_layout(); plt.show()
+axs[1].imshow(emb_norm, cmap="viridis")
+axs[1].set_title("‖embedding‖ of each image token at its (h, w)", fontsize=9)
+plt.tight_layout()
+plt.show()
 
 # %% [markdown]
 # ## 6. Optimized / serving: the model runs it, and decode continues after the image

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -77,7 +78,7 @@ def main(which: str) -> None:
             for name, fn in (("chunk", K.chunk_gated_delta_rule), ("recurrent", K.recurrent_gated_delta_rule)):
                 with poison_outputs():
                     o, h = fn(*args, **kw)
-                ms = _time(lambda: fn(*args, **kw), dev, iters if name == "chunk" or gpu else 1)
+                ms = _time(partial(fn, *args, **kw), dev, iters if name == "chunk" or gpu else 1)
                 rows.append((f"{name} T={T} H_v={H_v} D={D}", str(dt), rel_rms(o_ref, o), rel_rms(h_ref, h), ms))
             pool0 = (0.5 * rng.standard_normal((S, H_v, D, D))).astype(np.float32)
             slots = rng.permutation(S)[:B]
@@ -91,7 +92,7 @@ def main(which: str) -> None:
             with poison_outputs():
                 o = K.fused_recurrent_gated_delta_rule_update(*dargs[0], **dargs[1])
             err_h = rel_rms(h_ref, pool[torch.tensor(slots, device=dev)])
-            ms = _time(lambda: K.fused_recurrent_gated_delta_rule_update(*dargs[0], **dargs[1]), dev, iters)
+            ms = _time(partial(K.fused_recurrent_gated_delta_rule_update, *dargs[0], **dargs[1]), dev, iters)
             rows.append((f"decode B={B} H_v={H_v} D={D}", str(dt), rel_rms(o_ref, o), err_h, ms))
     elif which == "conv":
         from optimized.triton import conv as K
@@ -109,7 +110,7 @@ def main(which: str) -> None:
             with poison_outputs():
                 y, s = K.causal_conv1d(*args, **kw)
             rows.append((f"conv T={T} C={C}", str(dt), rel_rms(y_ref, y), rel_rms(s_ref, s),
-                         _time(lambda: K.causal_conv1d(*args, **kw), dev, iters)))
+                         _time(partial(K.causal_conv1d, *args, **kw), dev, iters)))
             pool0 = rnd(rng.standard_normal((S, C, Kc - 1)), dt)
             slots = rng.permutation(S)[:B]
             xb = rnd(rng.standard_normal((B, C)), dt)
@@ -118,10 +119,10 @@ def main(which: str) -> None:
             ids = torch.tensor(slots, device=dev)
             with poison_outputs():
                 y = K.causal_conv1d_update(t(xb, dt), args[1], conv_pool=pool, slot_ids=ids)
-            err_s = rel_rms(s_ref, pool[ids])
-            rows.append((f"conv update B={B} C={C}", str(dt), rel_rms(y_ref, y), err_s,
-                         _time(lambda: K.causal_conv1d_update(t(xb, dt), args[1], conv_pool=pool, slot_ids=ids),
-                               dev, iters)))
+            err_y, err_s = rel_rms(y_ref, y), rel_rms(s_ref, pool[ids])
+            ms = _time(lambda xb=xb, dt=dt, w=args[1], pool=pool, ids=ids: K.causal_conv1d_update(
+                t(xb, dt), w, conv_pool=pool, slot_ids=ids), dev, iters)
+            rows.append((f"conv update B={B} C={C}", str(dt), err_y, err_s, ms))
     elif which == "norm":
         from optimized.triton import norm as K
         from reference import norms as R
@@ -132,8 +133,9 @@ def main(which: str) -> None:
             w = rng.standard_normal(D).astype(np.float32).astype(np.float64)
             with poison_outputs():
                 y = K.gated_rms_norm(t(x, dt), t(z, dt), t(w), 1e-6)
-            rows.append((f"gated_rms_norm R={R_} D={D}", str(dt), rel_rms(R.gated_rms_norm(x, z, w, 1e-6), y), None,
-                         _time(lambda: K.gated_rms_norm(t(x, dt), t(z, dt), t(w), 1e-6), dev, iters)))
+            err_y = rel_rms(R.gated_rms_norm(x, z, w, 1e-6), y)
+            ms = _time(lambda x=x, z=z, w=w, dt=dt: K.gated_rms_norm(t(x, dt), t(z, dt), t(w), 1e-6), dev, iters)
+            rows.append((f"gated_rms_norm R={R_} D={D}", str(dt), err_y, None, ms))
     else:
         raise ValueError(which)
 

@@ -28,6 +28,8 @@ Cost model (T tokens, C channels, K taps, e = element size)
 """
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 import triton
 import triton.language as tl
@@ -163,7 +165,7 @@ def causal_conv1d(x, weight, *, conv_state=None, cu_seqlens=None, activation="si
     y = alloc(tuple(x.shape), x.dtype, dev)
     new_state = alloc((N, C, K - 1), conv_state.dtype if conv_state is not None else x.dtype, dev)
     cu_t = torch.tensor(cu, dtype=torch.int32, device=dev)
-    max_len = max(b - a for a, b in zip(cu, cu[1:]))
+    max_len = max(b - a for a, b in pairwise(cu))
     on_gpu = dev.type == "cuda"
     BC = block("conv_bc", min(pow2(C, 16), 128 if on_gpu else 512))
     if max_len > 0:

@@ -468,7 +468,6 @@ def recurrent_gated_delta_rule(
     B, T, H_k, H_v, D_k, D_v, cu, N = _validate(who, q, k, v, g, beta, initial_state, cu_seqlens)
     dev = q.device
     scale = D_k ** -0.5 if scale is None else float(scale)
-    T_all = B * T
     o = alloc((B, T, H_v, D_v), v.dtype, dev)
     ht = alloc((N, H_v, D_k, D_v), torch.float32, dev) if output_final_state else None
     h0 = initial_state.contiguous() if initial_state is not None else None

@@ -159,4 +159,5 @@ def prompt_tokens(args, path, config) -> list[int]:
             raise UsageError(f"--prompt: {path} has no tokenizer.json and its vocabulary ({config.vocab_size}) is "
                              "too small for the byte tokenizer; pass --prompt-ids or --length")
         return random_prompt(config, 32, args.seed)
-    return check_token_ids(tok.encode(DEFAULT_PROMPT if args.prompt is None else args.prompt), config, "--prompt (tokenized)")
+    return check_token_ids(tok.encode(DEFAULT_PROMPT if args.prompt is None else args.prompt), config,
+                           "--prompt (tokenized)")

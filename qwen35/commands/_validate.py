@@ -24,8 +24,8 @@ from qwen35.extras import MissingDependencyError, require
 from reference.errors import Qwen35Error
 
 __all__ = ["UsageError", "positive_int", "nonnegative_int", "positive_float", "temperature", "probability",
-           "token_ids", "memory_size", "dtype_name", "device", "comma_list", "check_backend", "output_path", "read_json_file",
-           "write_text", "writing"]
+           "token_ids", "memory_size", "dtype_name", "device", "comma_list", "check_backend", "output_path",
+           "read_json_file", "write_text", "writing"]
 
 
 class UsageError(Qwen35Error, ValueError):
