@@ -327,7 +327,7 @@ class Qwen35Model(RequestChecks):
         kv_lens = [[kv.length for kv in r.kv] for r in reqs]
         writes = []  # prefill: (pool, final states) committed after success
         try:
-            h = self.forward(inputs.tokens, inputs.input_row_offsets, inputs.position_ids, inputs.slot_ids,
+            h = self._forward(inputs.tokens, inputs.input_row_offsets, inputs.position_ids, inputs.slot_ids,
                              [r.kv for r in reqs], inputs.is_decode, image_rows=inputs.image_token_indices,
                              image_emb=inputs.lm_image_embeddings, writes=writes)
             offs, counts = inputs.input_row_offsets, inputs.return_n_logits
@@ -359,10 +359,11 @@ class Qwen35Model(RequestChecks):
             return swiglu_mlp(m, mlp["gate_proj"], mlp["up_proj"], mlp["down_proj"], gate_up=mlp["gate_up"])
         return sparse_moe_block(m, mlp, self.config)
 
-    def forward(self, tokens, offsets, position_ids, slot_ids, kv_lists, is_decode, stateless=False,
+    def _forward(self, tokens, offsets, position_ids, slot_ids, kv_lists, is_decode, stateless=False,
                 image_rows=None, image_emb=None, writes=None):
         """Layers over packed tokens (embedding -> layers -> final norm); returns the final-normed hidden states
-        [total, H].
+        [total, H].  Private: unlike the reference's `forward` it writes the requests' states in place (decode
+        steps update the pools as they go), so only the locked, checked pipeline calls run it.
 
         stateless: zero initial states, nothing written to the pools (model.logits).
         image_rows [n] / image_emb [n, H]: embedding rows replaced by vision embeddings.
@@ -489,7 +490,7 @@ class Qwen35Model(RequestChecks):
         offsets = offsets.tolist()
         kv = [self._new_kv() for _ in arrays]
         dev = self.device
-        h = self.forward(torch.as_tensor(np.concatenate(arrays).astype(np.int64), device=dev), offsets,
+        h = self._forward(torch.as_tensor(np.concatenate(arrays).astype(np.int64), device=dev), offsets,
                          torch.as_tensor(positions, device=dev), None, kv, False, stateless=True,
                          image_rows=None if rows is None else torch.as_tensor(rows, device=dev),
                          image_emb=torch.cat(embs) if embs else None)

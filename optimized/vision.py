@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from optimized.rope import rotate_half
 from reference.multimodal import MultimodalPlan, MultimodalPrefill, plan_multimodal_prefill
 from reference.vision import VisionInputs, check_grid_thw, num_patches, vision_inputs
 
@@ -45,10 +46,6 @@ def vision_rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float)
     emb = torch.cat([half, half], dim=-1)  # [N, D_h]
     return emb.cos(), emb.sin()
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
 
 
 @dataclass
@@ -110,8 +107,8 @@ class VisionTower:
         qkv = F.linear(x, b.qkv_w, b.qkv_b).view(N, 3, nh, D // nh)  # [N, 3, nh, D_h]
         rdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         q, k = (qkv[:, i].to(rdt) for i in range(2))
-        q = (q * cos[:, None] + _rotate_half(q) * sin[:, None]).to(x.dtype)  # rotary in fp32 (HF)
-        k = (k * cos[:, None] + _rotate_half(k) * sin[:, None]).to(x.dtype)
+        q = (q * cos[:, None] + rotate_half(q) * sin[:, None]).to(x.dtype)  # rotary in fp32 (HF)
+        k = (k * cos[:, None] + rotate_half(k) * sin[:, None]).to(x.dtype)
         v = qkv[:, 2]
         out = torch.empty_like(v)  # [N, nh, D_h]
         for s, e in pairwise(cu):  # one image / frame per call: no cross-segment attention

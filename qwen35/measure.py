@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from reference.norms import sigmoid
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "results"  # where result JSON goes by default (the plots are drawn from it)
 PLOTS_DIR = REPO / "docs" / "plots"  # where `qwen35 plot` draws to by default
@@ -44,10 +46,6 @@ PLOTS_DIR = REPO / "docs" / "plots"  # where `qwen35 plot` draws to by default
 def logsigmoid(x):
     """log σ(x) = −log(1 + e^{−x}), computed without overflow; ≤ 0 everywhere."""
     return -np.logaddexp(0.0, -x)
-
-
-def sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
 
 
 @dataclass
@@ -356,7 +354,9 @@ def gdn_chunk_flops(T: int, H_v: int, D_k: int, D_v: int, C: int = 64) -> int:
     K = V = 128) misses 1,365 FLOPs per token-head, 0.76 % of the work at Qwen3.5's head size, and more at larger
     C or smaller D (5 % at C = 64, K = V = 32).  The optimized torch path inverts T blockwise (8 × 8 forward
     substitutions, then block merges by matrix products), which does somewhat more arithmetic than this; the count
-    is the algorithm's, not one implementation's.
+    is the algorithm's, not one implementation's.  It is the explicit-inverse form (the optimized path's, and
+    fla's): the NumPy oracle, reference/gated_delta.py, solves (I + A)·[U | W] = [βV | βγK̂] by substitution
+    without forming T, about 0.9x this count at Qwen3.5's head size.
     """
     full, tail = divmod(int(T), int(C))
     per_head = full * _chunk_flops_per_head(C, D_k, D_v) + (_chunk_flops_per_head(tail, D_k, D_v) if tail else 0)

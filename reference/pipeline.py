@@ -32,7 +32,7 @@ import functools
 import math
 import numbers
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -424,7 +424,13 @@ class RequestChecks:
         tokens = np.asarray(next_tokens).reshape(-1)
         ids = list(prev.request_ids)
         if request_ids is not None:
+            if isinstance(request_ids, (str, bytes, set, frozenset, dict)) or not isinstance(request_ids, Sequence):
+                raise RequestError(f"prepare_next_token_inputs: request_ids must be a list or tuple of request ids "
+                                   f"(an order: token b continues request_ids[b]), got {type(request_ids).__name__}")
             wanted = list(request_ids)
+            if not wanted:
+                raise RequestError("prepare_next_token_inputs: request_ids is empty; a decode step needs at least one "
+                                   "request (release the finished ones instead)")
             for b, rid in enumerate(wanted):
                 if rid not in ids:
                     raise RequestError(f"prepare_next_token_inputs: {request_name(rid)} is not one of these inputs' "
@@ -734,12 +740,12 @@ def generate(model, prompts, *, max_new_tokens: int = 16, temperature: float = 0
             group = list(range(g0, min(g0 + free, len(contexts))))  # prompt indices
             try:
                 t0 = time.perf_counter()
-                inputs = model.prepare_initial_token_inputs([contexts[j] for j in group], return_n_logits=1)
+                inputs = _prefill_last_logits(model, [contexts[j] for j in group])
                 live, phase = group, "prefill"
                 while True:
                     out = model.execute(inputs)
                     rows = np.asarray(out.logit_offsets[1:], dtype=np.int64) - 1  # each request's last position
-                    last = host_logits(out.logits)[rows]  # [B, V]
+                    last = host_logits(out.logits[rows])  # [B, V]: picked on the device, then copied
                     still, stopped = [], {}
                     for row, j in enumerate(live):
                         t = sample_next_token(last[row], temperature=temperature, top_k=top_k, top_p=top_p, rng=rng,
@@ -765,6 +771,17 @@ def generate(model, prompts, *, max_new_tokens: int = 16, temperature: float = 0
                 for j in group:
                     model.release(contexts[j].request_id)
     return results
+
+
+def _prefill_last_logits(model, contexts):
+    """`prepare_initial_token_inputs` asking for each request's last logit row only, whatever the model's
+    `return_logits` mode ("all" would compute [prompt length, V] per request, only to keep one row).  Runs under
+    the model's lock, which `generate` holds, so no other call sees the mode switched."""
+    saved, model.return_logits = model.return_logits, "last"
+    try:
+        return model.prepare_initial_token_inputs(contexts, return_n_logits=1)
+    finally:
+        model.return_logits = saved
 
 
 def _generate_context(prompt, request_id) -> TextContext:

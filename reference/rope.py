@@ -33,7 +33,8 @@ from reference.errors import ConfigError
 AXIS_NAMES = ("t", "h", "w")
 
 
-def _float_dtype(dtype) -> np.dtype:
+def float_dtype(dtype) -> np.dtype:
+    """np.float32 or np.float64 (the compute dtypes of the oracle's tables); ValueError for anything else."""
     dt = np.dtype(dtype)
     if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise ValueError(f"dtype must be float32 or float64, got {dt}")
@@ -59,7 +60,7 @@ def inv_freq(rotary_dim: int, theta: float, *, dtype=np.float64) -> np.ndarray:
     Returns:
         [R/2] array of `dtype`.
     """
-    dt = _float_dtype(dtype)
+    dt = float_dtype(dtype)
     return (dt.type(1.0) / _theta_powers(rotary_dim, theta, dt)).astype(dt)
 
 
@@ -278,7 +279,7 @@ def yarn_ramp(low: float, high: float, num_freqs: int, *, dtype=np.float64) -> n
     (j >= high: slow frequencies) uses θ_j / s (interpolation).  high = low is widened by 0.001 (no 0/0).
     Returns [R/2] in `dtype`.
     """
-    dt = _float_dtype(dtype)
+    dt = float_dtype(dtype)
     if low == high:
         high = high + 0.001
     ramp = (np.arange(num_freqs, dtype=dt) - dt.type(low)) / dt.type(high - low)  # [R/2]
@@ -310,7 +311,7 @@ def scaled_inv_freq(rotary_dim: int, theta: float, scaling: RopeScaling, *, max_
     dtype=float32 does the arithmetic in float32, as transformers; float64 is the oracle.  `default` is exactly
     `inv_freq(rotary_dim, theta, dtype=dtype)`.
     """
-    dt = _float_dtype(dtype)
+    dt = float_dtype(dtype)
     t = scaling.rope_type
     if t == "default":
         return inv_freq(rotary_dim, theta, dtype=dt), 1.0
@@ -437,7 +438,7 @@ def mrope_angles(position_ids, inv_freq_, mrope_section, *, interleaved: bool = 
     """
     p = _check_position_ids(position_ids)
     f = np.asarray(inv_freq_)
-    dt = _float_dtype(f.dtype)
+    dt = float_dtype(f.dtype)
     if f.ndim != 1:
         raise ValueError(f"inv_freq must be 1-D [R/2], got shape {f.shape}")
     if sum(int(s) for s in mrope_section) != f.shape[0]:

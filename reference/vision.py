@@ -31,6 +31,7 @@ from itertools import pairwise
 import numpy as np
 
 from reference.packing import check_cu_seqlens
+from reference.rope import float_dtype, rotate_half
 
 __all__ = [
     "VisionBlockWeights", "VisionWeights", "VisionInputs",
@@ -41,12 +42,6 @@ __all__ = [
     "patch_embed", "vision_attention", "vision_block", "patch_merger", "vision_tower",
 ]
 
-
-def _float_dtype(dtype) -> np.dtype:
-    dt = np.dtype(dtype)
-    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise ValueError(f"dtype must be float32 or float64, got {dt}")
-    return dt
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -149,7 +144,7 @@ def pos_embed_interpolation(grid_thw, num_grid_per_side: int, spatial_merge_size
     Returns:
         indices: [N, 4] int64 into the flattened [S·S, D] table;  weights: [N, 4] in `dtype`.
     """
-    dt = _float_dtype(dtype)
+    dt = float_dtype(dtype)
     g = check_grid_thw(grid_thw, spatial_merge_size)
     S = int(num_grid_per_side)
     all_idx, all_w = [], []
@@ -195,7 +190,7 @@ def vision_rope_inv_freq(head_dim: int, theta: float, *, dtype=np.float64) -> np
     HF `Qwen3_5VisionRotaryEmbedding.compute_axial_rope_parameters`: the same frequencies serve the row and the
     column axis; each axis gets D_h/4 of them, and the [row | col] angles, duplicated, cover the full head.
     """
-    dt = _float_dtype(dtype)
+    dt = float_dtype(dtype)
     if head_dim % 4:
         raise ValueError(f"vision head_dim must be a multiple of 4 for 2-D rotary, got {head_dim}")
     spatial = head_dim // 2
@@ -211,7 +206,7 @@ def vision_rope_cos_sin(position_ids: np.ndarray, head_dim: int, theta: float, *
     rotate_half then pairs channel i with i + D_h/2, so the first quarter and third quarter rotate with the row,
     the second and fourth with the column; no channel passes through (unlike the LM's partial RoPE).
     """
-    dt = _float_dtype(dtype)
+    dt = float_dtype(dtype)
     p = np.asarray(position_ids)
     if p.ndim != 2 or p.shape[1] != 2:
         raise ValueError(f"vision position ids must be [N, 2] (row, col), got shape {p.shape}")
@@ -222,14 +217,10 @@ def vision_rope_cos_sin(position_ids: np.ndarray, head_dim: int, theta: float, *
     return np.cos(emb), np.sin(emb)
 
 
-def _rotate_half(x: np.ndarray) -> np.ndarray:
-    half = x.shape[-1] // 2
-    return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-
 
 def _apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """x [N, nh, D_h] rotated over all D_h channels (HF applies this in fp32)."""
-    return x * cos[:, None, :] + _rotate_half(x) * sin[:, None, :]
+    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
 
 
 def vision_cu_seqlens(grid_thw) -> np.ndarray:
@@ -336,7 +327,7 @@ class VisionWeights:
         Every expected name must be present with the expected shape, and no other name may be left over
         (full key coverage); errors name the offending tensor.
         """
-        dt = _float_dtype(dtype)
+        dt = float_dtype(dtype)
         vc = vision_config
         D, I, m2 = vc.hidden_size, vc.intermediate_size, vc.merge_unit
         used = set()
@@ -503,7 +494,7 @@ def vision_tower(pixel_values, grid_thw, weights: VisionWeights, vision_config, 
         merged [N/m², H_out] (images in order, each t·h·w/m² rows), or (merged, hidden) with return_hidden.
     """
     vc = vision_config
-    dt = _float_dtype(weights.dtype if dtype is None else dtype)
+    dt = float_dtype(weights.dtype if dtype is None else dtype)
     inp = inputs if inputs is not None else vision_inputs(grid_thw, vc, dtype=dt)
     if inputs is not None and not np.array_equal(inputs.grid_thw, check_grid_thw(grid_thw, vc.spatial_merge_size)):
         raise ValueError(f"precomputed vision inputs were built for a different grid_thw "

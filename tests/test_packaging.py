@@ -13,7 +13,11 @@ import re
 import subprocess
 import sys
 import textwrap
-import tomllib
+
+try:
+    import tomllib  # Python >= 3.11
+except ModuleNotFoundError:  # Python 3.10: the same parser as a package
+    import tomli as tomllib
 from pathlib import Path
 
 from qwen35.extras import EXTRA_FOR
@@ -62,7 +66,8 @@ def test_core_dependencies_are_numpy_and_safetensors_only():
     # `all` is every other extra; `test` is all of it plus the test tools (ruff: the test command lints)
     others = set(extras) - {"all", "test"}
     assert set().union(*(_closure(extras, e) for e in others)) == _closure(extras, "all")
-    assert _closure(extras, "test") == _closure(extras, "all") | {"pytest", "hypothesis", "ruff"}
+    # (and tomli on Python 3.10, where the standard library has no tomllib for this file's pyproject check)
+    assert _closure(extras, "test") == _closure(extras, "all") | {"pytest", "hypothesis", "ruff", "tomli"}
     assert any(_name(r) == "ruff" and ">=0.15" in r for r in extras["test"])
 
 

@@ -106,6 +106,11 @@ def test_a_wrong_subset_is_refused_and_changes_nothing(model):
         ([1], ["other"], r"request 'other' is not one of these inputs' requests \['a', 'b'\]"),
         ([1, 2], ["a", "a"], "request 'a' appears twice in request_ids"),
         ([1, 2], ["a"], "2 next tokens for 1 requests"),
+        ([], [], "request_ids is empty"),
+        # an order is needed (token b continues request_ids[b]): a string, a set or a dict has none to trust
+        ([1, 2], "ab", "request_ids must be a list or tuple of request ids .* got str"),
+        ([1, 2], {"a", "b"}, "request_ids must be a list or tuple of request ids .* got set"),
+        ([1, 2], {"a": 0, "b": 1}, "request_ids must be a list or tuple of request ids .* got dict"),
     ]:
         with pytest.raises(RequestError, match=match):
             model.prepare_next_token_inputs(tokens, inputs, request_ids=ids)
@@ -138,8 +143,20 @@ def test_generate_does_not_depend_on_return_logits(engine, dense_dir, model):
     prompts = [_prompt(6, 5), _prompt(7, 9), _prompt(8, 2)]
     want = model.generate(prompts, max_new_tokens=4)
     for mode in ("all", "variable"):
-        assert _make(engine, dense_dir, max_length=MAX_LEN, return_logits=mode).generate(
-            prompts, max_new_tokens=4) == want, mode
+        other = _make(engine, dense_dir, max_length=MAX_LEN, return_logits=mode)
+        shapes = []
+        execute = other.execute
+
+        def recording(inputs, execute=execute, shapes=shapes):
+            out = execute(inputs)
+            shapes.append(tuple(out.logits.shape))
+            return out
+
+        other.execute = recording
+        assert other.generate(prompts, max_new_tokens=4) == want, mode
+        # every step computes one logit row per running request, the prefill too ("all" would give 16 rows)
+        assert shapes == [(3, V), (3, V), (3, V), (3, V)], (mode, shapes)
+        assert other.return_logits == mode  # the mode is the model's own again afterwards
 
 
 def test_generate_under_given_ids(model):
@@ -155,3 +172,21 @@ def test_generate_under_given_ids(model):
         pipeline.generate(model, [prompt], max_new_tokens=3, request_ids=["x", "y"])
     assert model.active_requests == ["mine"] and model.seq_len("mine") == 2
     _release_all(model)
+
+
+def test_generate_tokens_checks_its_prompt_before_any_step(model):
+    """A bare id, a context or a nested list is refused as "prompt 0" before anything runs."""
+    from qwen35.generation import generate_tokens
+
+    _release_all(model)
+    calls = []
+    execute = model.execute
+    model.execute = lambda inputs: calls.append(1) or execute(inputs)
+    try:
+        for bad in (5, np.int64(7), TextContext("c", [1, 2]), [[1, 2]]):
+            with pytest.raises(RequestError, match="prompt 0"):
+                generate_tokens(model, bad, max_new_tokens=3)
+        assert calls == [] and model.active_requests == []
+        assert generate_tokens(model, [1, 2, 3], max_new_tokens=2).new_ids == model.generate([[1, 2, 3]], 2)[0]
+    finally:
+        del model.execute
