@@ -287,8 +287,13 @@ def serialized(method):
     return locked
 
 
-def _as_batch(batch) -> list:
-    """`batch` as a list of sequences: one context or one token list becomes a batch of one."""
+def _as_batch(batch, who: str) -> list:
+    """`batch` as a list of sequences: one context or one token list becomes a batch of one.  Anything else
+    without a length (a bare token id, None) is a RequestError."""
+    if isinstance(batch, (str, bytes)) or not hasattr(batch, "__len__") or (
+            isinstance(batch, np.ndarray) and batch.ndim == 0):
+        raise RequestError(f"{who}: expected a list of prompts (token lists or contexts), or one prompt, got "
+                           f"{type(batch).__name__} {batch!r:.40}")
     if isinstance(batch, TextContext) or (len(batch) and np.ndim(batch[0]) == 0
                                           and not isinstance(batch[0], TextContext)):
         return [batch]
@@ -523,7 +528,7 @@ class RequestChecks:
         [3, total], placeholder rows into the packed tokens [n] or None, their vision embeddings (a list of
         [n_b, H])).  Every sequence is checked before any vision tower runs (the engine's `multimodal_prefill`).
         """
-        items = _as_batch(batch)
+        items = _as_batch(batch, "logits")
         arrays = [self._check_stateless_item(b, item) for b, item in enumerate(items)]
         if not arrays:
             raise RequestError("logits: empty batch")
@@ -719,7 +724,7 @@ def generate(model, prompts, *, max_new_tokens: int = 16, temperature: float = 0
     """
     stop = check_generation_params(max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids)
     with model.lock:
-        items = _as_batch(prompts)
+        items = _as_batch(prompts, "generate")
         ids = [PromptId(i) for i in range(len(items))] if request_ids is None else list(request_ids)
         if len(ids) != len(items):
             raise RequestError(f"generate: {len(ids)} request ids for {len(items)} prompts")

@@ -190,3 +190,12 @@ def test_generate_tokens_checks_its_prompt_before_any_step(model):
         assert generate_tokens(model, [1, 2, 3], max_new_tokens=2).new_ids == model.generate([[1, 2, 3]], 2)[0]
     finally:
         del model.execute
+
+
+@pytest.mark.parametrize("bad", [5, np.int64(7), None, "ab"])
+def test_a_batch_that_is_not_a_list_of_prompts_is_refused(model, bad):
+    with pytest.raises(RequestError, match="generate: expected a list of prompts"):
+        model.generate(bad, max_new_tokens=2)
+    with pytest.raises(RequestError, match="logits: expected a list of prompts"):
+        model.logits(bad)
+    assert model.active_requests == []
