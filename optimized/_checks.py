@@ -2,7 +2,8 @@
 
 The two twins take the same arguments, so they validate them with the same code and raise the
 same messages; what only one twin needs (the Triton kernels' block limits, device rules) stays in that twin.
-Torch only (no triton import), so the torch path works where Triton is missing.
+`records_grad` says when autograd records a call (the torch ops' differentiable paths, the refusals of the
+inference-only ops).  Torch only (no triton import), so the torch path works where Triton is missing.
 """
 from __future__ import annotations
 
@@ -123,3 +124,9 @@ def check_initial_state(who: str, initial_state, N: int, H_v: int, D_k: int, D_v
     if initial_state is not None and tuple(initial_state.shape) != (N, H_v, D_k, D_v):
         raise ValueError(f"{who}: initial_state must be [N={N}, H_v={H_v}, D_k={D_k}, D_v={D_v}] (K-major), "
                          f"got {tuple(initial_state.shape)}")
+
+
+def records_grad(*tensors) -> bool:
+    """True when autograd records an op on these tensors: grad mode is on and one of them requires grad.  The torch
+    ops take their differentiable path then, and the in-place decode ops and the Triton kernels refuse."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)

@@ -12,6 +12,10 @@
 The decision is logged once per (request, device type) through `logging` (logger "qwen35.optimized"), and a slow
 fallback also raises a `RuntimeWarning` once.  Kernel ops whose Triton twin is missing fall back to torch with a
 one-time log.  The dispatching wrappers below all take `backend=` and have the shared signatures.
+
+The Triton kernels are inference-only (they have no backward): a wrapper that would run one while autograd records
+(grad enabled and an input requires grad) raises a ConfigError naming the op and asking for backend='torch',
+whose ops are differentiable.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import torch
 from optimized import conv as _conv
 from optimized import gated_delta as _gd
 from optimized import norms as _norms
+from optimized._checks import records_grad
 from reference.errors import ConfigError
 
 __all__ = [
@@ -147,6 +152,16 @@ def _dev(*tensors):
     return None
 
 
+def _kernel(name: str, backend, *tensors):
+    """`get_op(name, backend, device of the tensors)`, refused when it is a Triton kernel and autograd records."""
+    fn = get_op(name, backend, _dev(*tensors))
+    if fn is not KERNEL_OPS[name][0] and records_grad(*tensors):
+        raise ConfigError(f"{name}: backend={backend!r} runs the Triton kernel, which is inference-only (it has no "
+                          "backward pass), but an input requires grad; use backend='torch' (differentiable ops) "
+                          "for training")
+    return fn
+
+
 def chunk_gated_delta_rule(q, k, v, *, g, beta, scale=None, initial_state=None, output_final_state=True,
                            use_qk_l2norm=True, cu_seqlens=None, chunk_size=64, backend="auto"):
     """Chunked gated delta rule (the signature of `reference.gated_delta`) on the chosen backend.
@@ -160,7 +175,7 @@ def chunk_gated_delta_rule(q, k, v, *, g, beta, scale=None, initial_state=None, 
     Returns:
         o [B, T, H_v, D_v], final_state [N, H_v, D_k, D_v] fp32 (None unless output_final_state)
     """
-    fn = get_op("chunk_gated_delta_rule", backend, _dev(q))
+    fn = _kernel("chunk_gated_delta_rule", backend, q, k, v, g, beta, initial_state)
     return fn(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state,
               output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm, cu_seqlens=cu_seqlens,
               chunk_size=chunk_size)
@@ -173,7 +188,7 @@ def recurrent_gated_delta_rule(q, k, v, *, g, beta, scale=None, initial_state=No
     Args / Returns: as `chunk_gated_delta_rule` (q, k [B, T, H_k, D_k]; v [B, T, H_v, D_v]; g, beta [B, T, H_v];
     states [N, H_v, D_k, D_v]), without chunk_size.
     """
-    fn = get_op("recurrent_gated_delta_rule", backend, _dev(q))
+    fn = _kernel("recurrent_gated_delta_rule", backend, q, k, v, g, beta, initial_state)
     return fn(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state,
               output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm, cu_seqlens=cu_seqlens)
 
@@ -191,7 +206,7 @@ def fused_recurrent_gated_delta_rule_update(q, k, v, *, g, beta, state_pool, slo
     Returns:
         o: [B, 1, H_v, D_v]
     """
-    fn = get_op("fused_recurrent_gated_delta_rule_update", backend, _dev(q))
+    fn = _kernel("fused_recurrent_gated_delta_rule_update", backend, q, k, v, g, beta, state_pool)
     return fn(q, k, v, g=g, beta=beta, state_pool=state_pool, slot_ids=slot_ids, scale=scale,
               use_qk_l2norm=use_qk_l2norm)
 
@@ -207,7 +222,7 @@ def causal_conv1d(x, weight, *, conv_state=None, cu_seqlens=None, activation="si
     Returns:
         y (shape of x), new_conv_state [N, C, K_conv-1] (the last K_conv-1 pre-activation inputs, oldest first)
     """
-    fn = get_op("causal_conv1d", backend, _dev(x))
+    fn = _kernel("causal_conv1d", backend, x, weight, conv_state)
     return fn(x, weight, conv_state=conv_state, cu_seqlens=cu_seqlens, activation=activation)
 
 
@@ -222,7 +237,7 @@ def causal_conv1d_update(x, weight, *, conv_pool, slot_ids, backend="auto"):
     Returns:
         y: [B, C]
     """
-    fn = get_op("causal_conv1d_update", backend, _dev(x))
+    fn = _kernel("causal_conv1d_update", backend, x, weight, conv_pool)
     return fn(x, weight, conv_pool=conv_pool, slot_ids=slot_ids)
 
 
@@ -235,5 +250,5 @@ def gated_rms_norm(x, z, weight, eps=1e-6, *, backend="auto"):
     Returns:
         [..., D] in x's dtype
     """
-    fn = get_op("gated_rms_norm", backend, _dev(x))
+    fn = _kernel("gated_rms_norm", backend, x, z, weight)
     return fn(x, z, weight, eps)

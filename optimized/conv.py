@@ -12,7 +12,8 @@ Version log:
      columns (B14).  Decode: `causal_conv1d_update` works on a pool `[S, C, K-1]` in place, one contiguous view per
      run of consecutive slots; slot −1 = padding (zeros out, nothing touched).
   Assumes: fp32 accumulation (float64 for float64 inputs); output in x's dtype; new state in the state's dtype
-  (x's when no state is given).
+  (x's when no state is given).  The prefill is differentiable as written (autograd records the index copies and
+  the tap products); the decode update writes into its pool, so it refuses inputs that require grad.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from itertools import pairwise
 import torch
 import torch.nn.functional as F
 
-from optimized._checks import conv_shapes, conv_update_shapes, conv_weight, silu_flag
+from optimized._checks import conv_shapes, conv_update_shapes, conv_weight, records_grad, silu_flag
 from optimized.slots import check_slots, slot_runs
 
 __all__ = ["causal_conv1d", "causal_conv1d_update"]
@@ -97,6 +98,9 @@ def causal_conv1d_update(x, weight, *, conv_pool, slot_ids):
         y: [B, C] in x's dtype
     """
     who = "causal_conv1d_update"
+    if records_grad(x, weight, conv_pool):
+        raise ValueError(f"{who}: the in-place decode update is inference-only (it overwrites the conv pool); for "
+                         "gradients run causal_conv1d with conv_state")
     w = conv_weight(who, weight)
     B, C, K = conv_update_shapes(who, x, w, conv_pool)
     ids = check_slots(who, slot_ids, B, conv_pool.shape[0])

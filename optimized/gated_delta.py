@@ -19,13 +19,19 @@ Version log (llm.c style):
       one read pass + one read-modify-write pass over the state (`mul_(α).addcmul_(k̂, u)`).
   v2.2 q/k inverse norms from one streaming reduction over the token-major input (−4 %); every per-group
       temporary in a buffer reused across groups.
+  v2.3 a differentiable path behind the same two functions (`chunk_gated_delta_rule`,
+      `recurrent_gated_delta_rule`), taken only when autograd records (grad enabled and an input requires grad):
+      the same chunked WY form with every chunk's intra-chunk products in one batch and the state carried from
+      step to step as new tensors (no `out=`, no writes into buffers autograd saved), so torch autograd
+      differentiates it; the inference path above is untouched.
   Assumptions: fp32 arithmetic and fp32 state for fp32/bf16/fp16 inputs (float64 inputs compute in float64);
   the output has v's dtype; the final state is always fp32 (float64 for float64 inputs) — pitfall B8.
 
 The decode update `fused_recurrent_gated_delta_rule_update` works directly on a state pool `[S, H_v, D_k, D_v]` at
 slot indices: consecutive slots are processed as one view of the pool (no gather/scatter copies); slot −1 rows
 (padding) output zeros and touch no slot (pitfall B9).  The slot checks and runs are `optimized.slots`; q/k are
-normalised with `optimized.norms.l2_norm` (its eps `L2_EPS` also in the fused reductions).
+normalised with `optimized.norms.l2_norm` (its eps `L2_EPS` also in the fused reductions).  It updates the pool in
+place, so it is inference-only: inputs that require grad are refused.
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ from itertools import pairwise
 
 import torch
 
-from optimized._checks import check_initial_state, cu_seqlens_list, gdn_shapes
+from optimized._checks import check_initial_state, cu_seqlens_list, gdn_shapes, records_grad
 from optimized.norms import L2_EPS, l2_norm
 from optimized.slots import check_slots, slot_runs
 
@@ -155,9 +161,19 @@ class _StepMajorLayout:
 
 
 def _forward_substitution_inverse(A: torch.Tensor) -> torch.Tensor:
-    """(I + A)⁻¹ by forward substitution over rows: X_i = e_i − Σ_{j<i} A_ij X_j.  A [M, b, b] strictly lower."""
+    """(I + A)⁻¹ by forward substitution over rows: X_i = e_i − Σ_{j<i} A_ij X_j.  A [M, b, b] strictly lower.
+
+    Written in place into one buffer; when autograd records, the rows are stacked as new tensors instead (the
+    in-place form overwrites the rows an earlier product saved for the backward pass)."""
     M, b, _ = A.shape
-    X = torch.eye(b, dtype=A.dtype, device=A.device).expand(M, b, b).clone()  # [M, b, b]
+    eye = torch.eye(b, dtype=A.dtype, device=A.device)
+    if records_grad(A):
+        X = eye[:1].expand(M, 1, b)  # [M, i, b]: the rows done so far
+        for i in range(1, b):
+            row = eye[i : i + 1] - torch.bmm(A[:, i : i + 1, :i], X)  # [M, 1, b]  (X has zeros from column i on)
+            X = torch.cat([X, row], 1)
+        return X
+    X = eye.expand(M, b, b).clone()  # [M, b, b]
     for i in range(1, b):
         # Row i only has columns < i nonzero (besides the unit diagonal), and X[:, :i, :i] is already final.
         X[:, i : i + 1, :i] = -torch.bmm(A[:, i : i + 1, :i], X[:, :i, :i])  # [M, 1, i]
@@ -243,6 +259,9 @@ def chunk_gated_delta_rule(
     state = _initial_state(initial_state, N, H_v, D_k, D_v, cdt, dev, who)  # [N, H_v, D_k, D_v]
     lay = _StepMajorLayout(lengths, C, dev)
     S = lay.states_to_rank(state)  # [N, H_v, D_k, D_v], rank order
+    if records_grad(q, k, v, g, beta, initial_state):
+        o, S = _chunk_differentiable(q, k, v, g, beta, S, lay, scale=scale, use_qk_l2norm=use_qk_l2norm)
+        return o, (lay.states_from_rank(S) if output_final_state else None)
 
     # Packed token-major views -> zero-padded chunk blocks [n_blocks, C, H, D] (padding is neutral: g=0, β=0, k=0).
     tok = B * T
@@ -362,6 +381,61 @@ def chunk_gated_delta_rule(
     return o, final
 
 
+def _chunk_differentiable(q, k, v, g, beta, S, lay: _StepMajorLayout, *, scale: float, use_qk_l2norm: bool):
+    """The chunked form of `chunk_gated_delta_rule` written for autograd (its backward is torch's).
+
+    Same equations as the inference path, without its buffers: every chunk's intra-chunk products (A, Aqk, the UT
+    inverse, U, W) in one batch over all chunks and heads, then one step per chunk position whose new state is a
+    new tensor.  S is the initial state in rank order [N, H_v, D_k, D_v] (compute dtype).
+    Returns o [B, T, H_v, D_v] (v's dtype) and the final state in rank order.
+    """
+    B, T, H_k, D_k = q.shape
+    H_v, D_v = v.shape[2], v.shape[3]
+    C, n, r, tok = lay.step, lay.n_blocks, H_v // H_k, B * T
+    M, cdt = n * H_v, S.dtype
+    qf, kf = q.reshape(tok, H_k, D_k).to(cdt), k.reshape(tok, H_k, D_k).to(cdt)
+    if use_qk_l2norm:
+        qf, kf = l2_norm(qf), l2_norm(kf)
+
+    def head_major(x, D):  # packed [tok, H_k, D] -> [M, C, D], key head h // r for value head h
+        xb = lay.to_blocks(x).permute(0, 2, 1, 3)  # [n, H_k, C, D]
+        if r > 1:
+            xb = xb[:, :, None].expand(n, H_k, r, C, D)
+        return xb.reshape(M, C, D)
+
+    Q, K = head_major(qf * scale, D_k), head_major(kf, D_k)  # [M, C, D_k]  q̃ ; k̂
+    V = lay.to_blocks(v.reshape(tok, H_v, D_v).to(cdt)).permute(0, 2, 1, 3).reshape(M, C, D_v)
+    G = lay.to_blocks(g.reshape(tok, H_v).to(cdt)).permute(0, 2, 1).reshape(M, C).cumsum(-1)  # [M, C]
+    bt = lay.to_blocks(beta.reshape(tok, H_v).to(cdt)).permute(0, 2, 1).reshape(M, C)  # [M, C]
+
+    ar = torch.arange(C, device=v.device)
+    upper = ar[:, None] < ar[None, :]  # [C, C]
+    decay = (G[:, :, None] - G[:, None, :]).masked_fill(upper, -math.inf).exp()  # [M, C, C]  e^{G_i−G_j}, 0 above
+    P = torch.bmm(torch.cat([K, Q], 1), K.transpose(1, 2))  # [M, 2C, C]  [k̂; q̃] k̂ᵀ
+    A = P[:, :C] * decay * bt[:, :, None]  # [M, C, C]  only its strictly lower part is read
+    Aqk = P[:, C:] * decay  # [M, C, C]  diagonal included
+    gamma = G.exp()  # [M, C]
+    UW = torch.bmm(unit_lower_inverse(A), torch.cat([V * bt[:, :, None], K * (bt * gamma)[:, :, None]], -1))
+    U, W = UW[:, :, :D_v], UW[:, :, D_v:]  # [M, C, D_v], [M, C, D_k]
+    WQ = torch.cat([W, Q * gamma[:, :, None]], 1)  # [M, 2C, D_k]  rows [W ; q̃⊙γ]
+    G_last = G[:, -1:]  # [M, 1]
+    Kd = (K * (G_last - G).exp()[:, :, None]).transpose(1, 2)  # [M, D_k, C]  (k̂_j e^{G_C − G_j})ᵀ
+    chunk_decay = G_last.exp().view(n, H_v, 1, 1)  # [n, H_v, 1, 1]
+
+    outs = []
+    for j in range(lay.n_steps):
+        na, b0 = lay.active[j], lay.offset[j]
+        sl = slice(b0 * H_v, (b0 + na) * H_v)
+        Sa = S[:na].reshape(na * H_v, D_k, D_v)
+        PS = torch.bmm(WQ[sl], Sa)  # [na·H_v, 2C, D_v]  W·S ; (q̃⊙γ)·S
+        Vn = U[sl] - PS[:, :C]  # V_new = U − W S
+        outs.append(torch.baddbmm(PS[:, C:], Aqk[sl], Vn))  # O = (q̃⊙γ)S + Aqk V_new
+        S_new = (S[:na] * chunk_decay[b0 : b0 + na] + torch.bmm(Kd[sl], Vn).view(na, H_v, D_k, D_v))
+        S = S_new if na == S.shape[0] else torch.cat([S_new, S[na:]], 0)
+    ob = torch.cat(outs, 0).view(n, H_v, C, D_v).permute(0, 2, 1, 3)  # [n, C, H_v, D_v]
+    return lay.from_blocks(ob).reshape(B, T, H_v, D_v).to(v.dtype), S
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Recurrent form (per token) and the fused decode update
 # ----------------------------------------------------------------------------------------------------------------
@@ -391,6 +465,16 @@ def _token_step_kq(S, kq, v_t, g_t, b_t):
     o = torch.addcmul(P[:, 1] * alpha, qk, u)  # [M, D_v]
     S.mul_(alpha[:, :, None]).addcmul_(kq[:, 0, :, None], u[:, None, :])  # S ← α S + k̂ uᵀ
     return o
+
+
+def _token_step_kq_functional(S, kq, v_t, g_t, b_t):
+    """`_token_step_kq` without writing into S (for autograd): returns (o_t [M, D_v], new S [M, D_k, D_v])."""
+    alpha = g_t.exp()[:, None]  # [M, 1]
+    P = torch.bmm(kq, S)  # [M, 2, D_v]  Sᵀk̂ ; Sᵀq̃
+    u = (v_t - alpha * P[:, 0]) * b_t[:, None]  # [M, D_v]
+    qk = (kq[:, 0] * kq[:, 1]).sum(-1, keepdim=True)  # [M, 1]
+    o = P[:, 1] * alpha + qk * u
+    return o, S * alpha[:, :, None] + kq[:, 0, :, None] * u[:, None, :]
 
 
 def recurrent_gated_delta_rule(
@@ -435,6 +519,19 @@ def recurrent_gated_delta_rule(
     vb = lay.to_blocks(v.reshape(tok, H_v, D_v).to(cdt))[:, 0]  # [n_blocks, H_v, D_v]
     gb = lay.to_blocks(g.reshape(tok, H_v).to(cdt))[:, 0]  # [n_blocks, H_v]
     bb = lay.to_blocks(beta.reshape(tok, H_v).to(cdt))[:, 0]
+    if records_grad(q, k, v, g, beta, initial_state):  # autograd: each token's state is a new tensor
+        outs = []
+        for t in range(lay.n_steps):
+            na, b0 = lay.active[t], lay.offset[t]
+            sl = slice(b0, b0 + na)
+            kq = torch.stack([kb[sl], qb[sl]], dim=2).reshape(na * H_v, 2, D_k)
+            o_t, S_new = _token_step_kq_functional(S[:na].reshape(na * H_v, D_k, D_v), kq, vb[sl].reshape(-1, D_v),
+                                                   gb[sl].reshape(-1), bb[sl].reshape(-1))
+            outs.append(o_t.view(na, H_v, D_v))
+            S_new = S_new.view(na, H_v, D_k, D_v)
+            S = S_new if na == S.shape[0] else torch.cat([S_new, S[na:]], 0)
+        o = lay.from_blocks(torch.cat(outs, 0)[:, None]).reshape(B, T, H_v, D_v).to(v.dtype)
+        return o, (lay.states_from_rank(S) if output_final_state else None)
     ob = _empty(lay.n_blocks, H_v, D_v, dtype=cdt, device=dev)
     for t in range(lay.n_steps):
         na, b0 = lay.active[t], lay.offset[t]
@@ -476,6 +573,9 @@ def fused_recurrent_gated_delta_rule_update(
     """
     who = "fused_recurrent_gated_delta_rule_update"
     B, T, H_k, D_k, H_v, D_v = _check(q, k, v, g, beta, who)
+    if records_grad(q, k, v, g, beta, state_pool):
+        raise ValueError(f"{who}: the in-place decode update is inference-only (it overwrites the state pool); for "
+                         "gradients run chunk_gated_delta_rule or recurrent_gated_delta_rule with initial_state")
     if T != 1:
         raise ValueError(f"{who}: one token per row (T=1), got T={T}")
     if state_pool.dim() != 4 or tuple(state_pool.shape[1:]) != (H_v, D_k, D_v):
