@@ -44,6 +44,7 @@ from optimized.norms import rms_norm
 from reference.checkpoint import write_checkpoint
 from reference.config import LINEAR, Qwen35Config
 from reference.errors import ConfigError, RequestError
+from reference.gradcheck import IGNORE_INDEX
 from reference.mlp import MLPWeights
 from reference.safetensors_io import checkpoint_dir
 from reference.weights import FP32_KEPT_SUFFIXES, ModelWeights, load_weights
@@ -51,7 +52,6 @@ from reference.weights import FP32_KEPT_SUFFIXES, ModelWeights, load_weights
 __all__ = ["Qwen35ForCausalLM", "CausalLMOutput", "checkpoint_tensors", "IGNORE_INDEX", "INITIALIZER_RANGE",
            "TEXT_MODEL_TYPES"]
 
-IGNORE_INDEX = -100  # labels equal to this are not scored (transformers' convention)
 INITIALIZER_RANGE = 0.02  # std of the normal init (transformers' Qwen3_5TextConfig.initializer_range default)
 TEXT_MODEL_TYPES = ("qwen3_5_text", "qwen3_5_moe_text")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
