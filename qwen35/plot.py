@@ -8,6 +8,8 @@
 | docs/bench_cpu.json      | `qwen35 bench`                       | speed.png                                    |
 | compare_*.json           | `qwen35 compare --out`               | compare_*.png  error per layer vs float64    |
 | gpu_bench.json           | `scripts/gpu_bench.py`               | gpu_kernels.png  Triton vs torch (vs fla) on a GPU |
+| eval*.json               | `qwen35 eval`                        | eval*.png  bits/byte, perplexity per engine |
+| train_log*.json          | `qwen35 train` (its --log)           | train_loss*.png  train / held-out loss vs tokens |
 
 Nothing here times anything: the measurements are qwen35.bench (CPU speed, the crossover sweep),
 qwen35.accuracy, qwen35.compare and scripts/gpu_bench.py.  The one data step kept here is `memory_sweep`: the
@@ -461,6 +463,120 @@ def plot_gpu_bench(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: 
     return _finish(fig, m, out_dir, stem, formats)
 
 
+# ------------------------------------------------------------------------------------------------ training, eval
+# `qwen35 eval` (qwen35/evaluation.py) writes {"kind": "eval", "meta", "data", "rows": [{"engine", "label", "dtype",
+# "loss", "perplexity", "bits_per_byte", "rel_diff_vs_reference_f64", ...}], "baseline": {"bits_per_byte"}, ...}.
+def plot_eval(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: str = "eval"):
+    """Side by side, one bar per engine and dtype: held-out bits per byte (the byte-unigram baseline dashed),
+    perplexity, and the relative difference of each engine's loss from the float64 reference (log scale)."""
+    rows = data.get("rows") or []
+    if not rows:
+        raise ValueError("eval JSON has no rows")
+    names = [f"{r['engine']}\n({r['dtype']})" for r in rows]
+    colors = [plt.cm.tab10(i % 10) for i in range(len(rows))]
+    y = np.arange(len(rows))
+    fig, (ax, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 0.55 * len(rows) + 2.6), sharey=True)
+    bpb = [r["bits_per_byte"] for r in rows]
+    ax.barh(y, bpb, color=colors)
+    for i, v in enumerate(bpb):
+        ax.text(v, i, f" {v:.4f}", va="center", fontsize=8)
+    base = (data.get("baseline") or {}).get("bits_per_byte")
+    if base:
+        ax.axvline(base, color="0.3", ls="--", lw=1)
+        ax.text(base, len(rows) - 0.4, f" byte unigram {base:.3f}", fontsize=7, color="0.3", va="bottom")
+    ax.set_xlim(0, max(bpb + [base or 0]) * 1.3)
+    ax.set_yticks(y)
+    ax.set_yticklabels(names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("bits per byte (held-out)")
+    ax.set_title("Held-out bits per byte", fontsize=10)
+    ppl = [r["perplexity"] for r in rows]
+    ax2.barh(y, ppl, color=colors)
+    for i, v in enumerate(ppl):
+        ax2.text(v, i, f" {v:.4f}", va="center", fontsize=8)
+    ax2.set_xlim(0, max(ppl) * 1.3)
+    ax2.set_xlabel("perplexity (per token) = exp(loss)")
+    ax2.set_title("Held-out perplexity", fontsize=10)
+    rel = [r.get("rel_diff_vs_reference_f64") for r in rows]
+    shown = [v if v else np.nan for v in rel]  # the reference itself (0) and missing values: no bar on a log axis
+    ax3.barh(y, shown, color=colors)
+    for i, v in enumerate(rel):
+        ax3.text(v if v else 1e-16, i, " reference" if v == 0 else (f" {v:.1e}" if v else " —"), va="center",
+                 fontsize=8)
+    ax3.set_xscale("log")
+    ax3.set_xlim(1e-16, 1.0)
+    ax3.set_xlabel("|loss − loss(float64)| / loss(float64)")
+    ax3.set_title("Loss vs the float64 oracle", fontsize=10)
+    for a in (ax, ax2, ax3):
+        a.grid(True, axis="x", which="both", alpha=0.25)
+    d = data.get("data") or {}
+    scope = (f"{data.get('bytes', 0):,} of {data.get('held_out_bytes', 0):,} held-out bytes, windows of "
+             f"{data.get('seq_len')} tokens")
+    fig.suptitle(f"{data.get('checkpoint')}: held-out split of {d.get('source')} ({scope})", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    held = d.get("held_out") or {}
+    return _finish(fig, data.get("meta", {}), out_dir, stem, formats,
+                   extra=f"Python {d.get('python')} topics; held-out sha256 {str(held.get('sha256'))[:16]}…")
+
+
+# `qwen35 train` (qwen35/training.py) writes {"kind": "train_log", "meta", "settings", "shape", "parameters", "data",
+# "train": [{"step", "tokens", "seconds", "loss", "lr", "grad_norm"}], "eval": [{"step", "tokens", "loss",
+# "bits_per_byte", ...}]}.
+def plot_train_log(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: str = "train_loss"):
+    """Left: training loss (each update, and its running mean) and held-out loss vs tokens seen, nats per token.
+    Right: held-out bits per byte vs tokens with the byte-unigram baseline, and the learning rate."""
+    train = data.get("train") or []
+    evals = data.get("eval") or []
+    if not train and not evals:
+        raise ValueError("train_log JSON has no train or eval rows")
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    if train:
+        tok = np.array([r["tokens"] for r in train], dtype=float)
+        loss = np.array([r["loss"] for r in train], dtype=float)
+        ax.plot(tok, loss, color="tab:blue", alpha=0.25, lw=0.6)
+        w = max(1, len(loss) // 50)
+        if len(loss) >= w:
+            smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
+            ax.plot(tok[w - 1:], smooth, color="tab:blue", lw=1.8, label=f"train (running mean of {w} updates)")
+    if evals:
+        ax.plot([r["tokens"] for r in evals], [r["loss"] for r in evals], "-o", color="tab:red", ms=4,
+                label="held-out")
+        ax2.plot([r["tokens"] for r in evals], [r["bits_per_byte"] for r in evals], "-o", color="tab:red", ms=4,
+                 label="held-out bits per byte")
+    base = (data.get("data") or {}).get("unigram_bits_per_byte")
+    if base:
+        ax2.axhline(base, color="0.3", ls="--", lw=1, label=f"byte unigram of the training split ({base:.3f})")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title("Training and held-out loss", fontsize=10)
+    ax2.set_yscale("log")  # the first evaluation (the initialisation, ~log2 V bits) would flatten the rest
+    ax2.set_xlabel("tokens seen")
+    ax2.set_ylabel("bits per byte (log scale)")
+    ax2.set_title("Held-out bits per byte", fontsize=10)
+    if train:
+        ax3 = ax2.twinx()
+        ax3.plot(tok, [r["lr"] for r in train], color="0.6", lw=1, ls=":")
+        ax3.set_ylabel("learning rate (dotted)", color="0.45", fontsize=8)
+        ax3.tick_params(axis="y", labelsize=7, colors="0.45")
+    for a in (ax, ax2):
+        a.grid(True, alpha=0.25)
+        a.legend(fontsize=8)
+    s, sh = data.get("settings") or {}, data.get("shape") or {}
+    fig.suptitle(f"{data.get('parameters', 0):,} parameters (hidden {sh.get('hidden_size')}, {sh.get('layers')} "
+                 f"layers{', MoE' if sh.get('moe') else ''}), {s.get('tokenizer')} tokens, {data.get('step')} of "
+                 f"{s.get('steps')} updates of {s.get('batch_size')} × {s.get('seq_len')} tokens, "
+                 f"{data.get('seconds', 0) / 60:.1f} min", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    d = data.get("data") or {}
+    meta = dict(data.get("meta") or {})
+    if meta.get("torch_threads"):
+        n = meta["torch_threads"]
+        meta["device_name"] = f"{meta.get('device_name', 'CPU')} ({n} torch thread{'s' if n != 1 else ''})"
+    return _finish(fig, meta, out_dir, stem, formats,
+                   extra=f"lr {s.get('lr')}, warm-up {s.get('warmup')}, cosine to ×{s.get('min_lr_ratio')}, seed "
+                         f"{s.get('seed')}; data {d.get('source')} (Python {d.get('python')})")
+
+
 # ------------------------------------------------------------------------------------------------ driver
 BENCH_LOCATIONS = ("docs/bench_cpu.json",)  # where `qwen35 bench` writes by default (besides results/)
 
@@ -493,6 +609,11 @@ def render_all(results_dir=RESULTS_DIR, out_dir=PLOTS_DIR, formats=("png", "svg"
             written += plot_gpu_bench(data, out_dir, formats, stem=path.stem.replace("gpu_bench", "gpu_kernels"))
         elif kind == "crossover":
             written += plot_crossover(data, out_dir, formats, stem=path.stem)
+        elif kind == "eval":
+            written += plot_eval(data, out_dir, formats, stem=path.stem)
+        elif kind == "train_log":
+            suffix = path.stem[len("train_log"):] if path.stem.startswith("train_log") else f"_{path.stem}"
+            written += plot_train_log(data, out_dir, formats, stem=f"train_loss{suffix}")
         elif is_bench(data):
             stem = "speed" if path.stem in ("bench", "bench_cpu") else f"speed_{path.stem}"
             written += plot_speed(data, out_dir, formats, stem=stem)

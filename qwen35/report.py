@@ -1,6 +1,6 @@
 """Text renderings of result JSON: the console summary of a CPU bench run and the Markdown tables of the docs.
 
-    from qwen35.report import format_table, markdown_tables, gpu_markdown, accuracy_table
+    from qwen35.report import format_table, markdown_tables, gpu_markdown, accuracy_table, eval_table
 
 | function          | reads                                      | used by                                          |
 |-------------------|--------------------------------------------|--------------------------------------------------|
@@ -8,6 +8,7 @@
 | `markdown_tables` | the same JSON                              | docs/benchmarks.md, CPU section                  |
 | `gpu_markdown`    | a scripts/gpu_bench.py JSON                | `qwen35 bench --gpu-json FILE`, GPU section      |
 | `accuracy_table`  | a `qwen35 accuracy` JSON                   | `qwen35 accuracy`, notebook 06                   |
+| `eval_table`      | a `qwen35 eval` JSON (qwen35/evaluation.py) | `qwen35 eval`, docs/training.md                 |
 
 Nothing here measures; each function is a pure function of its JSON.  A bench JSON's `machine` block is read in
 both vocabularies it has been written in (`host_cpu` / `cpu_count` / `date_utc` from `qwen35.measure.machine_info`,
@@ -201,3 +202,41 @@ def accuracy_table(data: dict, tensor: str = "o") -> str:
         lines.append(f"| {r['T']} | {r['impl']} | {r['form']} | {r['dtype']} | {r['rel_rms']:.2e} | "
                      f"{r['max_abs']:.2e} | {r['nmse_db']:.1f} |")
     return "\n".join(lines)
+
+
+def eval_table(data: dict) -> str:
+    """What was scored (split, bytes, windows, bound) and a Markdown table: one row per engine (loss in nats/token,
+    perplexity, bits per byte, the loss's relative difference from the float64 reference, time) and the byte-unigram
+    baseline; then the skipped engines and a note when the split is not the one the checkpoint was trained against."""
+    def f(x, fmt):
+        return "—" if x is None else format(x, fmt)
+
+    d = data.get("data") or {}
+    held = d.get("held_out") or {}
+    scored = (f"{data['bytes']:,} of {data['held_out_bytes']:,} held-out bytes scored in {data['windows']} windows of "
+              f"up to {data['seq_len']} tokens")
+    if data.get("bounded"):
+        scored += f" (bounded by --max-bytes {data.get('max_bytes')}; --max-bytes 0 scores the whole split)"
+    trained = f", trained {data['trained_steps']} steps" if data.get("trained_steps") is not None else ""
+    L = [f"checkpoint: {data.get('checkpoint')}{trained}",
+         f"held-out split of {d.get('source')} (Python {d.get('python')}, {held.get('documents')} documents, sha256 "
+         f"{str(held.get('sha256'))[:16]}…): {scored}", "",
+         "| engine | dtype | loss (nats/token) | perplexity | bits/byte | rel. diff. of the loss vs float64 | "
+         "seconds | tokens/s |",
+         "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in data.get("rows", []):
+        L.append(f"| {r['engine']}: {r['label']} | {r['dtype']} | {r['loss']:.6f} | {r['perplexity']:.4f} | "
+                 f"{r['bits_per_byte']:.4f} | {f(r.get('rel_diff_vs_reference_f64'), '.1e')} | {r['seconds']:.2f} | "
+                 f"{f(r.get('tokens_per_s'), ',.0f')} |")
+    b = data.get("baseline") or {}
+    if b:
+        L.append(f"| baseline: {b.get('name')} | — | — | — | {b['bits_per_byte']:.4f} | — | — | — |")
+    skipped = [f"skipped {name}: {why}" for name, why in (data.get("skipped") or {}).items()]
+    if skipped:
+        L += [""] + skipped
+    if data.get("same_split_as_training") is False:
+        t = data.get("training_data") or {}
+        L.append(f"\nnote: this held-out split (sha256 {str(held.get('sha256'))[:12]}…, Python {d.get('python')}) is "
+                 f"not the one the checkpoint was trained against ({str(t.get('held_out', {}).get('sha256'))[:12]}…, "
+                 f"{t.get('source')}, Python {t.get('python')}): its text may have been trained on")
+    return "\n".join(L)

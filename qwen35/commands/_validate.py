@@ -23,7 +23,8 @@ from pathlib import Path
 from qwen35.extras import MissingDependencyError, require
 from reference.errors import Qwen35Error
 
-__all__ = ["UsageError", "positive_int", "nonnegative_int", "positive_float", "temperature", "probability",
+__all__ = ["UsageError", "positive_int", "nonnegative_int", "positive_float", "nonnegative_float", "unit_interval",
+           "temperature", "probability",
            "token_ids", "memory_size", "dtype_name", "device", "comma_list", "check_backend", "output_path",
            "read_json_file", "write_text", "writing"]
 
@@ -59,6 +60,16 @@ def nonnegative_int(text: str) -> int:
 def positive_float(text: str) -> float:
     """A finite x > 0 (tolerances)."""
     return _number(text, float, lambda x: x > 0, "a number > 0")
+
+
+def nonnegative_float(text: str) -> float:
+    """A finite x >= 0 (weight decay, a clipping norm where 0 turns it off)."""
+    return _number(text, float, lambda x: x >= 0, "a number >= 0")
+
+
+def unit_interval(text: str) -> float:
+    """A finite x with 0 <= x <= 1 (a fraction)."""
+    return _number(text, float, lambda x: 0 <= x <= 1, "a number in [0, 1]")
 
 
 def temperature(text: str) -> float:
