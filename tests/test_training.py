@@ -166,6 +166,26 @@ def test_resume_continues_bit_for_bit(straight, tmp_path):
     assert [e["loss"] for e in second.log["eval"]] == [e["loss"] for e in straight.log["eval"]]
 
 
+def test_ctrl_c_finishes_the_update_saves_it_and_resumes(straight, tmp_path, monkeypatch):
+    import signal
+
+    batch = corpus_data.WindowSampler.batch
+
+    def interrupted_at_2(self, step):
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)  # arrives in the middle of update 2
+        return batch(self, step)
+
+    monkeypatch.setattr(corpus_data.WindowSampler, "batch", interrupted_at_2)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, steps=6, settings={"eval_every": 3})
+    monkeypatch.setattr(corpus_data.WindowSampler, "batch", batch)
+    state = torch.load(tmp_path / STATE_FILE, weights_only=True)
+    assert state["step"] == 2 and len(state["log"]["train"]) == 2  # update 2 finished, then saved
+    resumed = train(None, None, tmp_path, resume=tmp_path, threads=1, progress=False, echo=None)
+    assert resumed.losses == straight.losses
+
+
 def test_the_checkpoint_loads_in_both_pipeline_engines(straight):
     from optimized.causal_lm import Qwen35ForCausalLM
     from optimized.model import Qwen35Model as OptimizedModel

@@ -1,11 +1,12 @@
-"""`qwen35 plot`: result JSON -> PNG/SVG plots (memory, accuracy, decode drift, speed, crossover)."""
+"""`qwen35 plot`: result JSON -> PNG/SVG plots (memory, accuracy, decode drift, speed, crossover, evaluation, training
+curve)."""
 from __future__ import annotations
 
 from ._validate import output_path, read_json_file, writing
 
 NAME = "plot"
 HELP = ("render plots from result JSON: refreshes results/memory.json (analytic, from reference.memory), then turns "
-        "every known JSON in results/ (memory, accuracy, bench) into PNG/SVG under docs/plots/")
+        "every known JSON in results/ (memory, accuracy, bench, eval, train_log) into PNG/SVG under docs/plots/")
 
 
 def add_arguments(parser):
