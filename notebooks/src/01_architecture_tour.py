@@ -5,7 +5,7 @@
 #
 # Qwen3.5 is a decoder-only transformer whose token mixers alternate **three Gated DeltaNet (linear attention)
 # layers** with **one gated full-attention layer**.  This notebook walks the whole model once, from the config to
-# the logits, on the bundled demo checkpoint (random weights, tiny), and sizes the published models.
+# the logits, on the bundled demo checkpoint (tiny, byte-level), and sizes the published models.
 #
 # **You will learn**
 # 1. how the **config** describes the model (Hugging Face field names) and how `layer_types` lays out the 3:1 map;
@@ -76,9 +76,10 @@ checks["27B: layer 7 is the second KV layer"] = (abs(big.kv_cache_index(7) - 1),
 # %% [markdown]
 # ## 2. The bundled demo model
 #
-# `qwen35/demo` is a real Hugging Face-format checkpoint (config.json + safetensors) with random weights and the
-# same structure in miniature: 4 layers `L L L F`, hidden 64, a byte-level vocabulary.  `Qwen35Model` is the
-# reference pipeline model (float64).
+# `qwen35/demo` is a real Hugging Face-format checkpoint (config.json + safetensors) with the same structure in
+# miniature: a few layers in the `L L L F` pattern, a small hidden size (printed below), a byte-level vocabulary.
+# Its README says how its weights were made; notebook 08 looks at what they do on real text.  `Qwen35Model` is
+# the reference pipeline model (float64).
 
 # %%
 cfg = Qwen35Config.from_pretrained(DEMO)
@@ -98,7 +99,7 @@ print(f"prompt {text!r} -> {len(tokens)} tokens: {tokens.tolist()}")
 #
 # where the mixer is `gated_deltanet` in a linear layer and `gated_attention` in a full one.  The RMSNorms are
 # zero-centred: the checkpoint stores $w$ and the layer multiplies by $1 + w$.  At the end: a final RMSNorm and the
-# LM head.  Below, the prompt goes through the four layers with the package's functions, printing the residual
+# LM head.  Below, the prompt goes through every layer with the package's functions, printing the residual
 # stream after each step.
 
 # %%
@@ -127,7 +128,7 @@ for i, layer in enumerate(W.layers):
 h = rms_norm(x, W.norm, cfg.rms_norm_eps)  # [T, H]
 logits = h @ W.lm_head.T  # [T, V]
 print(f"{'final norm + lm_head -> logits':<42} {str(logits.shape):>10}")
-print("greedy next token after the prompt:", int(logits[-1].argmax()), "(random weights: no meaning)")
+print("greedy next token after the prompt:", int(logits[-1].argmax()), repr(tok.decode([int(logits[-1].argmax())])))
 
 # %% [markdown]
 # ## 4. Optimized: the pipeline model does the same, and serves requests

@@ -92,7 +92,8 @@ checks["delta rule overwrites (max |o - v2|)"] = (np.abs(o[0, 1, 0] - v2).max(),
 #
 # (Correcting against the undecayed state is a real bug class: docs/pitfalls.md, B1, fla#885.)  A memory written once
 # then fades as $\prod \alpha_t$: below, one value is written at t = 0 and read back with the same key later, for three
-# decay strengths.
+# decay strengths.  (Notebook 08 shows the gates $e^{g}$ and $\beta$ that the demo model computes, head by head, on a
+# passage of real text, and the state they build.)
 
 # %%
 steps = 40
