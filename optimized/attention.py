@@ -80,8 +80,8 @@ def split_q_gate(p: torch.Tensor, num_heads: int, head_dim: int, *, gated: bool 
                          f"{'2·' if gated else ''}nh·hd = {width}")
     if not gated:
         return p.view(p.shape[0], num_heads, head_dim), None
-    p = p.view(p.shape[0], num_heads, 2 * head_dim)
-    return p[..., :head_dim], p[..., head_dim:]
+    q, gate = torch.split(p.view(p.shape[0], num_heads, 2 * head_dim), head_dim, dim=-1)  # views
+    return q, gate
 
 
 def _attend(q, k, v, scale, q_offset):

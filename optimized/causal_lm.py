@@ -307,7 +307,10 @@ class Qwen35ForCausalLM(nn.Module):
         B, T = ids.shape
         if attention_mask is not None:
             _check_mask(attention_mask, B, T)
-        x = F.embedding(ids.reshape(-1), self.model.embed_tokens.weight, padding_idx=c.pad_token_id)  # [B·T, H]
+        # Tied: the embedding's gradient is sparse (B·T rows) and is added into the dense gradient of the output
+        # matrix, instead of a dense [V, H] zero tensor filled and then added to it.
+        x = F.embedding(ids.reshape(-1), self.model.embed_tokens.weight, padding_idx=c.pad_token_id,
+                        sparse=c.tie_word_embeddings)  # [B·T, H]
         cu = [b * T for b in range(B + 1)]  # B packed sequences of T tokens
         for layer in self.model.layers:
             x = layer(x, c, cu)

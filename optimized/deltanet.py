@@ -3,7 +3,9 @@ gated delta rule → gated RMSNorm → out_proj, for prefill (chunked, with carr
 state pools).
 
 The four input projections are fused into one [conv_dim + value_dim + 2·H_v, H] weight, so a layer reads x once
-with one large matmul.  Kernel ops (delta rule, conv, gated norm) go through `optimized.backend` (`backend=`).
+with one large matmul.  Weights that require grad (training, optimized.causal_lm) are not fused: concatenating
+them would copy every weight on every step, and the fused weight's gradient would be split back into four; they
+run as four products.  Kernel ops (delta rule, conv, gated norm) go through `optimized.backend` (`backend=`).
 """
 from __future__ import annotations
 
@@ -33,13 +35,14 @@ class TorchDeltaNetWeights:
     A_log: torch.Tensor  # [H_v] fp32
     norm: torch.Tensor  # [D_v] fp32
     out_proj: torch.Tensor  # [H, value_dim]
-    in_proj_all: torch.Tensor | None = None  # [conv_dim + value_dim + 2·H_v, H]
+    in_proj_all: torch.Tensor | None = None  # [conv_dim + value_dim + 2·H_v, H]; None for trained weights
 
     def __post_init__(self):
         if self.conv1d.dim() == 3:
             self.conv1d = self.conv1d[:, 0, :].contiguous()
-        if self.in_proj_all is None:
-            self.in_proj_all = torch.cat([self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a], 0)
+        parts = (self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a)
+        if self.in_proj_all is None and not any(t.requires_grad for t in parts):
+            self.in_proj_all = torch.cat(parts, 0)
 
     @classmethod
     def from_reference(cls, w, *, dtype=torch.float32, device="cpu") -> TorchDeltaNetWeights:
@@ -55,10 +58,13 @@ class TorchDeltaNetWeights:
 
 
 def _split_projection(x, w, config):
-    """One matmul for qkv, z, b, a.  x [T, H] -> qkv [T, conv_dim], z [T, value_dim], b [T, H_v], a [T, H_v]."""
+    """One matmul for qkv, z, b, a (four without a fused weight).
+    x [T, H] -> qkv [T, conv_dim], z [T, value_dim], b [T, H_v], a [T, H_v]."""
+    if w.in_proj_all is None:
+        return tuple(linear(x, t) for t in (w.in_proj_qkv, w.in_proj_z, w.in_proj_b, w.in_proj_a))
     p = linear(x, w.in_proj_all)
     C, Vd, Hv = config.conv_dim, config.value_dim, config.linear_num_value_heads
-    return p[:, :C], p[:, C : C + Vd], p[:, C + Vd : C + Vd + Hv], p[:, C + Vd + Hv :]
+    return torch.split(p, [C, Vd, Hv, Hv], dim=1)  # views; under autograd one concatenation back (not four zeros)
 
 
 def _gates(b, a, w):
@@ -73,10 +79,9 @@ def _split_qkv(mixed, config):
     T = mixed.shape[0]
     kd = config.key_dim
     H_k, H_v = config.linear_num_key_heads, config.linear_num_value_heads
-    q = mixed[:, :kd].reshape(1, T, H_k, config.linear_key_head_dim)
-    k = mixed[:, kd : 2 * kd].reshape(1, T, H_k, config.linear_key_head_dim)
-    v = mixed[:, 2 * kd :].reshape(1, T, H_v, config.linear_value_head_dim)
-    return q, k, v
+    q, k, v = torch.split(mixed, [kd, kd, config.value_dim], dim=1)
+    return (q.reshape(1, T, H_k, config.linear_key_head_dim), k.reshape(1, T, H_k, config.linear_key_head_dim),
+            v.reshape(1, T, H_v, config.linear_value_head_dim))
 
 
 def _output(o, z, w, config, backend):

@@ -411,26 +411,29 @@ def _chunk_differentiable(q, k, v, g, beta, S, lay: _StepMajorLayout, *, scale: 
     ar = torch.arange(C, device=v.device)
     upper = ar[:, None] < ar[None, :]  # [C, C]
     decay = (G[:, :, None] - G[:, None, :]).masked_fill(upper, -math.inf).exp()  # [M, C, C]  e^{G_i−G_j}, 0 above
-    P = torch.bmm(torch.cat([K, Q], 1), K.transpose(1, 2))  # [M, 2C, C]  [k̂; q̃] k̂ᵀ
-    A = P[:, :C] * decay * bt[:, :, None]  # [M, C, C]  only its strictly lower part is read
-    Aqk = P[:, C:] * decay  # [M, C, C]  diagonal included
+    # Pieces are taken with torch.split, not slicing: the backward of a split is one concatenation, that of a
+    # slice a zero tensor of the whole input per slice (per step, in the loop below).
+    KK, QK = torch.split(torch.bmm(torch.cat([K, Q], 1), K.transpose(1, 2)), C, 1)  # [M, C, C]  k̂k̂ᵀ ; q̃k̂ᵀ
+    A = KK * decay * bt[:, :, None]  # [M, C, C]  only its strictly lower part is read
+    Aqk = QK * decay  # [M, C, C]  diagonal included
     gamma = G.exp()  # [M, C]
     UW = torch.bmm(unit_lower_inverse(A), torch.cat([V * bt[:, :, None], K * (bt * gamma)[:, :, None]], -1))
-    U, W = UW[:, :, :D_v], UW[:, :, D_v:]  # [M, C, D_v], [M, C, D_k]
+    U, W = torch.split(UW, [D_v, D_k], -1)  # [M, C, D_v], [M, C, D_k]
     WQ = torch.cat([W, Q * gamma[:, :, None]], 1)  # [M, 2C, D_k]  rows [W ; q̃⊙γ]
     G_last = G[:, -1:]  # [M, 1]
     Kd = (K * (G_last - G).exp()[:, :, None]).transpose(1, 2)  # [M, D_k, C]  (k̂_j e^{G_C − G_j})ᵀ
     chunk_decay = G_last.exp().view(n, H_v, 1, 1)  # [n, H_v, 1, 1]
 
+    rows = [na * H_v for na in lay.active]  # step j holds blocks offset[j] .. offset[j] + active[j]
+    steps = zip(torch.split(WQ, rows), torch.split(U, rows), torch.split(Aqk, rows), torch.split(Kd, rows),
+                torch.split(chunk_decay, lay.active), lay.active, strict=True)
     outs = []
-    for j in range(lay.n_steps):
-        na, b0 = lay.active[j], lay.offset[j]
-        sl = slice(b0 * H_v, (b0 + na) * H_v)
+    for WQ_j, U_j, Aqk_j, Kd_j, decay_j, na in steps:
         Sa = S[:na].reshape(na * H_v, D_k, D_v)
-        PS = torch.bmm(WQ[sl], Sa)  # [na·H_v, 2C, D_v]  W·S ; (q̃⊙γ)·S
-        Vn = U[sl] - PS[:, :C]  # V_new = U − W S
-        outs.append(torch.baddbmm(PS[:, C:], Aqk[sl], Vn))  # O = (q̃⊙γ)S + Aqk V_new
-        S_new = (S[:na] * chunk_decay[b0 : b0 + na] + torch.bmm(Kd[sl], Vn).view(na, H_v, D_k, D_v))
+        WS, QS = torch.split(torch.bmm(WQ_j, Sa), C, 1)  # [na·H_v, C, D_v] each  W·S ; (q̃⊙γ)·S
+        Vn = U_j - WS  # V_new = U − W S
+        outs.append(torch.baddbmm(QS, Aqk_j, Vn))  # O = (q̃⊙γ)S + Aqk V_new
+        S_new = S[:na] * decay_j + torch.bmm(Kd_j, Vn).view(na, H_v, D_k, D_v)
         S = S_new if na == S.shape[0] else torch.cat([S_new, S[na:]], 0)
     ob = torch.cat(outs, 0).view(n, H_v, C, D_v).permute(0, 2, 1, 3)  # [n, C, H_v, D_v]
     return lay.from_blocks(ob).reshape(B, T, H_v, D_v).to(v.dtype), S
@@ -521,12 +524,11 @@ def recurrent_gated_delta_rule(
     bb = lay.to_blocks(beta.reshape(tok, H_v).to(cdt))[:, 0]
     if records_grad(q, k, v, g, beta, initial_state):  # autograd: each token's state is a new tensor
         outs = []
-        for t in range(lay.n_steps):
-            na, b0 = lay.active[t], lay.offset[t]
-            sl = slice(b0, b0 + na)
-            kq = torch.stack([kb[sl], qb[sl]], dim=2).reshape(na * H_v, 2, D_k)
-            o_t, S_new = _token_step_kq_functional(S[:na].reshape(na * H_v, D_k, D_v), kq, vb[sl].reshape(-1, D_v),
-                                                   gb[sl].reshape(-1), bb[sl].reshape(-1))
+        kq_all = torch.stack([kb, qb], dim=2)  # [n_blocks, H_v, 2, D_k]
+        per_step = (torch.split(t, lay.active) for t in (kq_all, vb, gb, bb))  # split, not slices (see above)
+        for kq, v_t, g_t, b_t, na in zip(*per_step, lay.active, strict=True):
+            o_t, S_new = _token_step_kq_functional(S[:na].reshape(na * H_v, D_k, D_v), kq.reshape(na * H_v, 2, D_k),
+                                                   v_t.reshape(-1, D_v), g_t.reshape(-1), b_t.reshape(-1))
             outs.append(o_t.view(na, H_v, D_v))
             S_new = S_new.view(na, H_v, D_k, D_v)
             S = S_new if na == S.shape[0] else torch.cat([S_new, S[na:]], 0)

@@ -17,6 +17,11 @@ Four parts, each timed after a warm-up with several repeats (median reported):
     `qwen35.measure.model_prefill_flops`; the decode floor: `qwen35.measure.decode_weight_bytes` at the measured
     DRAM read rate.
 (d) `crossover_sweep`: the chunked vs the per-token form for T = 1 … 2048 (`qwen35 plot --measure-crossover`).
+(e) `bench_training` (`qwen35 bench --parts train`): tokens/s of one training step (forward + backward + AdamW
+    step, fp32) of `optimized.Qwen35ForCausalLM` vs transformers' `Qwen3_5ForCausalLM` on the same checkpoint and
+    batch, at 1 and 2 threads, for the 0.8B-width geometry of (c) and a small one; both with the same
+    `torch.optim.AdamW(fused=True)`.  FLOP floor: 3 × the forward FLOPs (`training_step_flops`) at the sgemm rate
+    measured round-robin with them.
 
 Inputs come from `qwen35.measure.gdn_inputs`, timers and the machine record from qwen35.measure; the console table
 and the Markdown of docs/benchmarks.md from qwen35.report.
@@ -335,6 +340,116 @@ def bench_model(*, quick=False, sgemm=None, log=print, prefill_Ts=None, decode_s
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# (e) training step
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def small_train_config():
+    """A small model of the kind trained on a CPU in minutes: hidden 256, 4 layers (L L L F), GDN 4 × 64 heads,
+    attention 4 heads of 64 (2 KV heads), byte vocabulary (260), tied embeddings."""
+    from reference.config import Qwen35Config
+
+    return Qwen35Config.tiny(
+        model_type="qwen3_5_text", vocab_size=260, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, partial_rotary_factor=0.25,
+        mrope_section=(4, 2, 2), linear_key_head_dim=64, linear_value_head_dim=64, linear_num_key_heads=4,
+        linear_num_value_heads=4, tie_word_embeddings=True)
+
+
+def training_step_flops(config, batch: int, T: int) -> int:
+    """FLOPs of one training step on `batch` sequences of T tokens: 3 × the forward pass (the backward pass of
+    every matrix product is two products of the same size: the input's and the weight's gradient; the chunked rule's
+    backward is of the same order), the forward with logits for every position:
+    `qwen35.measure.model_prefill_flops(config, T)` (last-position logits) + 2·(T−1)·hidden·vocab.  AdamW and the
+    elementwise work are not counted (O(parameters) and O(activations), not O(T · parameters))."""
+    forward = model_prefill_flops(config, T) + 2 * (T - 1) * config.hidden_size * config.vocab_size
+    return int(3 * batch * forward)
+
+
+def _train_step(model, optimizer, ids) -> None:
+    """forward with labels = ids, backward, optimizer step, gradients dropped (what a training loop does)."""
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+TRAIN_CASES = {  # name -> (config factory, batch, T, T when quick)
+    "0.8B width": (bench_config, 1, 512, 256),
+    "small": (small_train_config, 8, 256, 128),
+}
+
+
+def bench_training(*, quick: bool = False, threads=(1, 2), cases=None, log=print) -> dict:
+    """One training step (forward, `loss.backward()`, `AdamW.step()`, `zero_grad`), optimized.Qwen35ForCausalLM vs
+    transformers' Qwen3_5ForCausalLM (train mode, its default attention) on the same random checkpoint and the same
+    batch (labels = input_ids), fp32; per case and thread count the two contenders and a paired sgemm block are
+    timed round-robin after a warm-up step each (medians).  Returns a JSON-ready dict."""
+    torch = pin_threads()
+    from optimized import Qwen35ForCausalLM
+
+    try:
+        import transformers
+    except ImportError as exc:
+        transformers = None
+        hf_error = f"{type(exc).__name__}: {exc}"
+    out = {"timing": "round-robin medians after one warm-up step each", "cases": [],
+           "optimizer": "torch.optim.AdamW(lr=1e-6, fused=True), the same for both", "dtype": "float32"}
+    reps = 3 if quick else 5
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    for name, (make, batch, T, T_quick) in (cases or TRAIN_CASES).items():
+        cfg = make()
+        T = T_quick if quick else T
+        flops = training_step_flops(cfg, batch, T)
+        ids = torch.from_numpy(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, T)))
+        case = {"case": name, "batch": batch, "T": T, "tokens_per_step": batch * T, "flops_per_step": flops,
+                "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "vocab": cfg.vocab_size,
+                "params": None, "by_threads": []}
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_random_checkpoint(Path(tmp) / "ckpt", cfg)
+            models = {"optimized": Qwen35ForCausalLM.from_pretrained(path)}
+            if transformers is not None:
+                try:
+                    models["hf"] = transformers.Qwen3_5ForCausalLM.from_pretrained(path, dtype=torch.float32).train()
+                except Exception as exc:  # a transformers without Qwen3.5
+                    hf_error = f"{type(exc).__name__}: {exc}"
+            if "hf" not in models:
+                case["hf_error"] = hf_error
+        case["params"] = sum(p.numel() for p in models["optimized"].parameters())
+        opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-6, fused=True) for k, m in models.items()}
+
+        n_mm = max(1, round(flops / 3 / (2 * 1024 ** 3)))  # a sgemm block of about a third of a step's work
+
+        def mm(n=n_mm):
+            for _ in range(n):
+                torch.mm(a, b)
+
+        for n in threads:
+            torch.set_num_threads(n)
+            fns = {k: partial(_train_step, m, opts[k], ids) for k, m in models.items()}
+            fns["sgemm_paired"] = mm
+            r = {"threads": n, **timeit_interleaved(fns, reps)}
+            rate = n_mm * 2 * 1024 ** 3 / r["sgemm_paired"]["median_s"]  # FLOP/s
+            r["sgemm_paired"]["gflops"] = rate / 1e9
+            r["floor_s"] = flops / rate  # every FLOP at the sgemm rate
+            for k in models:
+                r[k]["tok_per_s"] = batch * T / r[k]["median_s"]
+                r[k]["gflops"] = flops / r[k]["median_s"] / 1e9
+                r[k]["fraction_of_floor"] = r["floor_s"] / r[k]["median_s"]
+            if "hf" in r:
+                r["speedup_vs_hf"] = r["hf"]["median_s"] / r["optimized"]["median_s"]
+            case["by_threads"].append(r)
+            log(f"  training step, {name} (B={batch}, T={T}), {n} thread(s): optimized "
+                f"{r['optimized']['tok_per_s']:.0f} tok/s ({100 * r['optimized']['fraction_of_floor']:.0f}% of the "
+                "FLOP floor)" + (
+                    f", transformers {r['hf']['tok_per_s']:.0f} tok/s -> {r['speedup_vs_hf']:.2f}x" if "hf" in r
+                    else ""))
+        torch.set_num_threads(1)
+        out["cases"].append(case)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # the whole run
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -346,6 +461,7 @@ GOALS = {
     "model_prefill_fraction_of_sgemm": 0.8,
     "model_prefill_speedup_vs_hf": 1.2,
     "model_decode_speedup_vs_hf": 2.0,
+    "train_speedup_vs_hf": 1.5,
 }
 
 
@@ -371,6 +487,10 @@ def goals_report(res: dict) -> dict:
         if "prefill_speedup_vs_hf" in m:
             rep["model_prefill_speedup_vs_hf"] = m["prefill_speedup_vs_hf"]
             rep["model_decode_speedup_vs_hf"] = m["decode_speedup_vs_hf"]
+    speedups = [r["speedup_vs_hf"] for c in (res.get("train") or {}).get("cases", []) for r in c["by_threads"]
+                if "speedup_vs_hf" in r]
+    if speedups:  # judged on the worst case and thread count
+        rep["train_speedup_vs_hf"] = min(speedups)
     return {k: {"target": GOALS[k], "measured": v, "met": v >= GOALS[k]} for k, v in rep.items()}
 
 
@@ -408,6 +528,8 @@ def run_all(*, quick: bool = False, parts=("gdn", "decode", "model"), log=print)
         wb = decode_weight_bytes(bench_config())
         res["model"]["decode_bytes_per_token"] = wb
         res["model"]["decode_floor_tok_per_s"] = res["stream"]["read_gbps"] * 1e9 / wb
+    if "train" in parts:
+        res["train"] = bench_training(quick=quick, log=log)
     res["sgemm_end"] = sgemm_rate(1024 if quick else 2048, repeats=3 if quick else 5)
     res["goals"] = goals_report(res)
     return res

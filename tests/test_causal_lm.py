@@ -285,3 +285,58 @@ def test_a_few_adamw_steps_lower_the_loss():
         losses.append(float(loss.detach()))
     assert losses[-1] < losses[0] - 0.1, losses
     assert all(p.grad is None for p in m.parameters())
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_a_training_step_costs_three_forward_products(kind):
+    """qwen35.bench.training_step_flops counts 3 × the forward's matrix products: exact for the projections, the
+    MLP / experts and the lm_head (every aten.mm of forward + backward, counted by torch's FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from qwen35.bench import training_step_flops
+    from qwen35.measure import gdn_chunk_flops, linear_weights_per_token
+
+    cfg = tiny_config(kind)
+    m = Qwen35ForCausalLM(cfg, seed=0)
+    B, T = 2, 20
+    ids = _ids(cfg, B, T)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        m(ids, labels=ids).loss.backward()
+    mm = sum(v for op, v in counter.get_flop_counts()["Global"].items() if str(op).startswith("aten.mm"))
+    linear = 3 * 2 * B * T * (linear_weights_per_token(cfg) + cfg.hidden_size * cfg.vocab_size)
+    assert mm == linear
+    rule = cfg.num_linear_layers * gdn_chunk_flops(T, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                                                   cfg.linear_value_head_dim)
+    attn = cfg.num_full_layers * 2 * T * T * cfg.num_attention_heads * cfg.head_dim
+    assert training_step_flops(cfg, B, T) == linear + 3 * B * (rule + attn)
+
+
+def test_bench_training_runs_and_reports():
+    from qwen35 import bench
+
+    lines = []
+    res = bench.bench_training(quick=True, threads=(1,), log=lines.append,
+                               cases={"tiny": (lambda: tiny_config("dense", tie_word_embeddings=True), 2, 16, 8)})
+    (case,) = res["cases"]
+    assert case["T"] == 8 and case["tokens_per_step"] == 16 and case["params"] > 0
+    (r,) = case["by_threads"]
+    assert r["threads"] == 1 and r["optimized"]["tok_per_s"] > 0 and r["floor_s"] > 0
+    if "hf" in r:
+        assert r["speedup_vs_hf"] == pytest.approx(r["hf"]["median_s"] / r["optimized"]["median_s"])
+        assert bench.goals_report({"train": res})["train_speedup_vs_hf"]["measured"] == r["speedup_vs_hf"]
+    assert len(lines) == 1 and "tok/s" in lines[0]
+    assert torch.get_num_threads() == 1
+
+
+def test_bench_parts_accept_train():
+    import argparse
+
+    from qwen35.commands import bench as cmd
+
+    parser = argparse.ArgumentParser()
+    cmd.add_arguments(parser)
+    assert parser.parse_args([]).parts == cmd.DEFAULT_PARTS
+    assert parser.parse_args(["--parts", "train"]).parts == ("train",)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--parts", "training"])

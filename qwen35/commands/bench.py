@@ -7,17 +7,20 @@ from ._validate import UsageError, comma_list, output_path, read_json_file, writ
 
 NAME = "bench"
 HELP = ("benchmark the optimized PyTorch engine on one CPU thread (GDN prefill vs sgemm rate, decode step, whole "
-        "model vs transformers); prints a table and writes JSON")
+        "model vs transformers; with --parts train the training step at 1 and 2 threads); prints a table and "
+        "writes JSON")
 
 
-PARTS = ("gdn", "decode", "model")
+DEFAULT_PARTS = ("gdn", "decode", "model")
+PARTS = DEFAULT_PARTS + ("train",)  # train: forward + backward + AdamW, Qwen35ForCausalLM vs transformers
 
 
 def add_arguments(parser):
     parser.add_argument("--quick", action="store_true", help="a fast run (smaller T, fewer repeats)")
     parser.add_argument("--out", default="docs/bench_cpu.json", help="JSON output file (default docs/bench_cpu.json)")
-    parser.add_argument("--parts", type=comma_list(PARTS), default=PARTS,
-                        help="comma-separated subset of gdn,decode,model (default: all)")
+    parser.add_argument("--parts", type=comma_list(PARTS), default=DEFAULT_PARTS,
+                        help="comma-separated subset of gdn,decode,model,train (default: gdn,decode,model; train "
+                             "times a training step of Qwen35ForCausalLM vs transformers at 1 and 2 threads)")
     parser.add_argument("--tuned-allocator", action="store_true",
                         help="run with large-buffer reuse (glibc MALLOC_MMAP/TRIM_THRESHOLD_ = 4 GiB, torch "
                              "THP_MEM_ALLOC_ENABLE=1) for every contender; default: the allocators' defaults")
