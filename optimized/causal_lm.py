@@ -47,7 +47,7 @@ from reference.errors import ConfigError, RequestError
 from reference.gradcheck import IGNORE_INDEX
 from reference.mlp import MLPWeights
 from reference.safetensors_io import checkpoint_dir
-from reference.weights import FP32_KEPT_SUFFIXES, ModelWeights, load_weights
+from reference.weights import ModelWeights, load_weights
 
 __all__ = ["Qwen35ForCausalLM", "CausalLMOutput", "checkpoint_tensors", "IGNORE_INDEX", "INITIALIZER_RANGE",
            "TEXT_MODEL_TYPES"]
@@ -72,11 +72,10 @@ class CausalLMOutput:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _kept_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
-    """A_log, dt_bias and the gated-norm weight stay fp32 (float64 in a float64 model) — pitfall B23."""
-    if name.endswith(FP32_KEPT_SUFFIXES):
-        return torch.float64 if dtype == torch.float64 else torch.float32
-    return dtype
+def _kept_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of A_log, dt_bias and the gated-norm weight (reference.weights.FP32_KEPT_SUFFIXES): float32, or
+    float64 in a float64 model, whatever the model's dtype — pitfall B23."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _Weight(nn.Module):
@@ -93,7 +92,7 @@ class _GatedDeltaNet(nn.Module):
     def __init__(self, c: Qwen35Config, dtype, device):
         super().__init__()
         H, H_v = c.hidden_size, c.linear_num_value_heads
-        kept = _kept_dtype("linear_attn.A_log", dtype)
+        kept = _kept_dtype(dtype)
         self.in_proj_qkv = _Weight(c.conv_dim, H, dtype=dtype, device=device)
         self.in_proj_z = _Weight(c.value_dim, H, dtype=dtype, device=device)
         self.in_proj_b = _Weight(H_v, H, dtype=dtype, device=device)
@@ -248,6 +247,8 @@ class Qwen35ForCausalLM(nn.Module):
             device = torch.device(device)
         except (RuntimeError, TypeError) as e:
             raise ConfigError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda'): {e}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {str(device)!r}: CUDA is not available on this machine (use device='cpu')")
         self.config = config
         self.model = _TextModel(config, dtype, device)
         if not config.tie_word_embeddings:

@@ -103,8 +103,11 @@ def test_fp32_kept_parameters():
     for n, p in m.named_parameters():
         kept = n.endswith(("linear_attn.A_log", "linear_attn.dt_bias", "linear_attn.norm.weight"))
         assert p.dtype == (torch.float32 if kept else torch.bfloat16), n
-    out = m(_ids(m.config, 1, 9), labels=_ids(m.config, 1, 9))
+    out = m(_ids(m.config, 1, 70), labels=_ids(m.config, 1, 70))
     assert out.logits.dtype == torch.bfloat16 and out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()  # bf16 training: every gradient in its parameter's dtype, finite
+    for n, p in m.named_parameters():
+        assert p.grad is not None and p.grad.dtype == p.dtype and bool(torch.isfinite(p.grad.float()).all()), n
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,6 +193,11 @@ def test_multimodal_and_bad_arguments_are_config_errors(tmp_path):
         Qwen35ForCausalLM(tiny_config("dense"), dtype=torch.int64)
     with pytest.raises(ConfigError, match="seed"):
         Qwen35ForCausalLM(tiny_config("dense"), seed=-1)
+    with pytest.raises(ConfigError, match="not a torch device"):
+        Qwen35ForCausalLM(tiny_config("dense"), device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            Qwen35ForCausalLM(tiny_config("dense"), device="cuda")
     with pytest.raises(ConfigError, match="save_pretrained: dtype"):
         Qwen35ForCausalLM(tiny_config("dense")).save_pretrained(tmp_path / "x", dtype="float16")
     d = write_checkpoint(tmp_path / "mm", tiny_config("multimodal"))

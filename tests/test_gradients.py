@@ -339,6 +339,23 @@ def test_differentiable_path_equals_the_inference_path(fn, C, dtype):
     assert_close("final state", s_inf, s_ad.detach(), budget)
 
 
+def test_trained_gdn_layer_equals_the_fused_inference_layer():
+    """Weights that require grad run the four input projections as four products (no fused weight); the layer's
+    outputs and states equal the fused inference layer's."""
+    cfg = tiny_config("dense")
+    w = rdn.DeltaNetWeights.random(cfg, 16)
+    x = torch.from_numpy(np.random.default_rng(16).standard_normal((40, cfg.hidden_size))).float()
+    fused = TorchDeltaNetWeights.from_reference(w)
+    trained = TorchDeltaNetWeights(**{n: getattr(fused, n).clone().requires_grad_() for n in DN_FIELDS})
+    assert fused.in_proj_all is not None and trained.in_proj_all is None
+    with torch.no_grad():
+        ref = gated_deltanet(x, fused, cfg, cu_seqlens=[0, 7, 40], mode="chunk", backend="torch")
+    got = gated_deltanet(x, trained, cfg, cu_seqlens=[0, 7, 40], mode="chunk", backend="torch")
+    for name, a, b in zip(("y", "conv state", "recurrent state"), ref, got, strict=True):
+        assert_close(name, a, b.detach(), "f32")  # fp32 rounding of two summation orders
+    assert got[0].requires_grad
+
+
 def test_inference_calls_do_not_take_the_differentiable_path(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the differentiable path ran without autograd")
