@@ -41,7 +41,7 @@ from reference.errors import Qwen35Error
 from . import commands
 from .extras import MissingDependencyError, missing_dependency
 
-ORDER = ["generate", "info", "memory", "compare", "diverge", "bench", "plot"]
+ORDER = ["generate", "info", "memory", "train", "eval", "compare", "diverge", "bench", "accuracy", "plot"]
 DEBUG_ENV = "QWEN35_DEBUG"
 
 

@@ -1,12 +1,15 @@
 #!/usr/bin/env python
-"""Write the bundled demo checkpoint, qwen35/demo/, with qwen35's own writer (reference.checkpoint).
+"""Write a random-weight demo checkpoint with qwen35's own writer (reference.checkpoint).
 
-    python scripts/make_demo.py [--out qwen35/demo] [--seed 0]
+    python scripts/make_demo.py --out DIR [--seed 0]
 
-A small Qwen3.5 text model in Hugging Face format: hidden 64, 4 layers (L L L F: three Gated DeltaNet layers and
-one gated full-attention layer), a byte-level vocabulary of 256 bytes + 4 special tokens, float32 safetensors
-(under 1 MB), plus tokenizer.json / tokenizer_config.json for the byte tokenizer.  The weights are random
-(deterministic in --seed): the demo exercises the whole pipeline, it does not know any language.
+The bundled demo, qwen35/demo/, is a trained model (scripts/train_demo.sh, docs/training.md); this script writes
+its untrained little sibling, for runs that want weights with no training behind them (and the same tokenizer
+files as the bundled demo, byte for byte).  A small Qwen3.5 text model in Hugging Face format: hidden 64,
+4 layers (L L L F: three Gated DeltaNet layers and one gated full-attention layer), a byte-level vocabulary of 256
+bytes + 4 special tokens, float32 safetensors (under 1 MB), plus tokenizer.json / tokenizer_config.json for the
+byte tokenizer.  The weights are random (deterministic in --seed): it exercises the whole pipeline, it does not
+know any language.
 
 One deliberate tweak: the lm_head rows of the special tokens and of the non-printable bytes are zero, so their
 logits are exactly 0 while printable characters get random logits of spread ~1; greedy decoding then prints
@@ -50,23 +53,23 @@ def demo_state_dict(config: Qwen35Config, seed: int) -> dict[str, np.ndarray]:
     return tensors
 
 
-README = """# qwen35 demo checkpoint
+README = """# qwen35 random-weight demo checkpoint
 
 Written by `scripts/make_demo.py` (qwen35's own writer, `reference.checkpoint`): a random-weight Qwen3.5 text
-model in Hugging Face format, small enough to ship with the package.
+model in Hugging Face format.
 
 - `config.json`: model_type `qwen3_5_text`, hidden 64, 4 layers `L L L F`, vocab 260 (256 bytes + 4 specials)
 - `model.safetensors`: float32, deterministic (seed {seed})
 - `tokenizer.json` / `tokenizer_config.json`: byte-level (token b = byte b; `<|endoftext|>` = 256)
 
-The weights are random: generated text is noise. It exists to run the whole pipeline (`qwen35 generate`).
-Rebuild with `python scripts/make_demo.py`.
+The weights are random: generated text is noise. It exists to run the whole pipeline on weights with no
+training behind them.  Rebuild with `python scripts/make_demo.py --out DIR`.
 """
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(ROOT / "qwen35" / "demo"))
+    ap.add_argument("--out", required=True, help="directory to write (the bundled qwen35/demo is the trained model)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     config = demo_config()

@@ -223,3 +223,20 @@ def test_checkpoint_variants(tmp_path, variant):
     model, hf = Qwen35Model.from_pretrained(d), load_hf_model(d)
     for p in _prompts(9)[1:]:
         assert_close(f"{variant} T={len(p)}", hf_logits(hf, p), model.logits([p])[0], "f32_logits")
+
+
+@pytest.mark.hf
+def test_the_trained_demo_loads_in_transformers_with_our_logits():
+    """The bundled demo is a trained checkpoint: transformers' Qwen3_5ForCausalLM reads it and gives the oracle's
+    logits on a passage of its corpus (trained weights: larger activations and saturated gates than random ones)."""
+    from pathlib import Path
+    from pydoc_data.topics import topics
+
+    from qwen35.tokenizer import ByteTokenizer
+
+    demo = Path(__file__).resolve().parent.parent / "qwen35" / "demo"
+    ids = ByteTokenizer().encode(topics["comparisons"][:200])
+    ours = Qwen35Model.from_pretrained(demo).logits([ids])[0]  # float64 [T, V]
+    theirs = hf_logits(load_hf_model(demo), ids)
+    assert_close("trained demo logits vs transformers", ours, theirs, BUDGETS["f32_logits"])
+    assert np.mean(np.argmax(ours, -1) == np.argmax(theirs, -1)) > 0.99

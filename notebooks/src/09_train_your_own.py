@@ -6,7 +6,7 @@
 # `qwen35 train` trains a Qwen3.5 from scratch on CPU.  This notebook runs its training loop, in small, on its
 # default corpus, then measures, saves, reloads and samples the result — the whole life of a model in one page.
 # The default run (FULL = False) trains a model of the demo's geometry for a few hundred updates in well under a
-# minute on one CPU core; FULL = True is the real run (the `small` shape, 2000 updates: about 25 minutes on 2
+# minute on one CPU core; FULL = True is the real run (the `small` shape, 600 updates: about 8 minutes on 2
 # cores).
 #
 # **You will learn**
@@ -22,7 +22,7 @@
 # discussion.
 
 # %%
-FULL = False  # True: the real run (the "small" shape, 2000 updates of 16 x 256 tokens; ~25 min on 2 cores)
+FULL = False  # True: the real run (the "small" shape, 600 updates of 16 x 256 tokens; ~8 min on 2 cores)
 
 import shutil
 import tempfile
@@ -230,7 +230,7 @@ checks["tokenizer saved with the checkpoint == the training one"] = (
 # ## 7. The same from the command line
 #
 # ```bash
-# qwen35 train --out checkpoints/mine --steps 2000 --seed 0       # the loop above, with a progress bar
+# qwen35 train --out checkpoints/mine --steps 600 --seed 0       # the loop above, with a progress bar
 # qwen35 train --resume checkpoints/mine                          # continue an interrupted run, bit for bit
 # qwen35 eval --model checkpoints/mine                            # the table of section 5, every engine
 # qwen35 generate --model checkpoints/mine --prompt 'The "if" statement'

@@ -22,7 +22,7 @@ NAME = "generate"
 HELP = ("generate text from a Qwen3.5 checkpoint directory (default: the bundled demo model) on the NumPy "
         "reference (or the optimized engine) and print the text and tokens/s")
 
-DEFAULT_PROMPT = "Hello, Qwen3.5!"
+DEFAULT_PROMPT = "The for statement"
 
 
 def add_arguments(parser):
