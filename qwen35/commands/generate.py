@@ -114,7 +114,8 @@ def run(args) -> int:
     print(f"model: {label} ({config.model_type}, {config.num_hidden_layers} layers, {args.engine} engine, "
           f"{summary['dtype']})")
     if args.model is None:
-        print("note: the demo model has random weights: its text is noise; it runs the whole pipeline")
+        print("note: the demo is a 0.9 M-parameter Qwen3.5 trained on CPython's documentation topics "
+              "(docs/training.md): expect prose of that kind, not facts")
     prompt_text = tokenizer.decode(prompt_ids) if can_decode else str(prompt_ids)
     print(f"prompt ({len(prompt_ids)} tokens): {prompt_text!r}")
     print(f"generated ({len(result.new_ids)} tokens, stopped by {result.stopped_by}): "
