@@ -322,7 +322,11 @@ def train(settings: TrainSettings | None, shape: ModelShape | None, out_dir, *, 
         saved = load_training_state(resume)
         settings = TrainSettings(**saved["settings"])
         shape = ModelShape(**saved["shape"])
-        tokenizer_json = (Path(resume) / "tokenizer.json").read_text(encoding="utf-8")
+        try:
+            tokenizer_json = (Path(resume) / "tokenizer.json").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{resume}: its tokenizer.json cannot be read ({type(e).__name__}: {e}); a run "
+                                  "is resumed with the tokenizer it was trained with") from None
     else:
         if settings is None or shape is None:
             raise ConfigError("train: settings and shape are needed unless resuming")

@@ -119,7 +119,7 @@ def _settings(args):
             raise UsageError(f"--vocab-size {kw['vocab_size']}: a byte-level BPE needs at least 260 (256 bytes and "
                              "4 special tokens)")
     if args.data is not None:
-        kw["data"] = str(Path(args.data))
+        kw["data"] = str(Path(args.data).resolve())
     if kw.get("seq_len") == 1:
         raise UsageError("--seq-len 1: a window must hold at least 2 tokens (it scores the next ones)")
     return TrainSettings(**kw)
@@ -153,7 +153,7 @@ def _check_resume(args, saved: dict) -> None:
     given += [(flag, "shape", field, getattr(args, _dest(flag))) for flag, (field, _, _) in _SHAPE_FLAGS.items()]
     given += [("--tokenizer", "settings", "tokenizer", args.tokenizer),
               ("--vocab-size", "settings", "vocab_size", args.vocab_size),
-              ("--data", "settings", "data", None if args.data is None else str(Path(args.data))),
+              ("--data", "settings", "data", None if args.data is None else str(Path(args.data).resolve())),
               ("--moe", "shape", "moe", args.moe), ("--tie-embeddings", "shape", "tie_embeddings", args.tie_embeddings)]
     for flag, where, field, value in given:
         have = saved[where].get(field)
