@@ -1,0 +1,215 @@
+"""Tensor and data parallelism for Qwen3.5: the sharding plan, on NumPy weights (docs/parallel.md).
+
+    check_tensor_parallel(config, tp)        ConfigError naming the sizes when tp does not divide the heads
+    local_config(config, tp)                 the geometry one rank computes with (its heads, its MLP columns)
+    shard_index(config, name, tp, rank)      which rows / columns of checkpoint tensor `name` rank `rank` holds
+    shard_weights(weights, tp, rank)         a ModelWeights holding only that rank's shard
+
+The plan, for `tp` ranks (rank r of tp; every split is a contiguous block, so rank r's part of a size-n axis
+is [r·n/tp, (r+1)·n/tp)):
+
+* Gated attention (full layers): split by KV-head groups.  Rank r holds KV heads [r·nkv/tp, (r+1)·nkv/tp) and
+  the query heads that read them (query head i reads KV head i // (nh/nkv), so they are also a contiguous
+  block).  `q_proj` rows come per head as [q_h | gate_h] (2·hd rows each; hd without the output gate), so a
+  head block is a contiguous row block; `k_proj` / `v_proj` rows by KV head; `o_proj` columns by query head.
+  q_norm / k_norm (one [hd] weight shared by the heads) are replicated.
+* Gated DeltaNet (linear layers): split by key-head groups with their value heads (value head j reads key head
+  j // (H_v/H_k)).  `in_proj_qkv` and the conv channels hold three blocks [Q | K | V]; rank r takes its key
+  heads' rows of the Q block and of the K block and its value heads' rows of the V block.  `in_proj_z` rows,
+  `in_proj_b` / `in_proj_a` rows, `A_log` and `dt_bias` by value head; `out_proj` columns by value head.  The
+  gated RMSNorm normalises each value head over D_v with one shared [D_v] weight: replicated.
+* SwiGLU MLP: `gate_proj` / `up_proj` rows (column-parallel), `down_proj` columns (row-parallel).
+* Sparse MoE: experts [r·E/tp, (r+1)·E/tp) whole; the router is replicated (every rank routes every token and
+  keeps the assignments to its experts); the shared expert is split like a SwiGLU MLP, its scalar gate
+  replicated.
+* Vocabulary-parallel embedding and lm_head: rank r holds vocabulary rows [⌊r·V/tp⌋, ⌊(r+1)·V/tp⌋) (V need not
+  divide: the blocks differ by at most one row).  The embedding of a token outside the block is zero; the
+  logits are the ranks' blocks side by side.  Tied embeddings share one block.
+* Everything else — the residual stream, every RMSNorm weight, the vision tower — is replicated.
+
+Communication: one sum over ranks (an all-reduce) of every partial block output — the token mixer's output
+projection and the MLP's down projection — plus one for the embedding, and one gather of the logits.  Each
+rank's state holds only its heads: the conv state has its conv channels, the recurrent state its value heads,
+the KV cache its KV heads.  A `tp` that does not divide the heads is a ConfigError naming the sizes.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from reference.config import Qwen35Config
+from reference.errors import ConfigError
+
+__all__ = ["check_tensor_parallel", "local_config", "vocab_range", "expert_range", "block", "shard_index",
+           "check_data_parallel", "assign_replicas", "data_parallel_splits"]
+
+
+def _positive_int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_tensor_parallel(config: Qwen35Config, tp: int) -> None:
+    """Refuse (ConfigError naming every size that does not divide) a tensor-parallel degree the plan cannot use.
+
+    Needed: tp divides num_key_value_heads (attention), linear_num_key_heads (Gated DeltaNet; the value heads
+    follow), intermediate_size (dense MLP) or num_experts and shared_expert_intermediate_size (MoE).  The
+    vocabulary need not divide.  Only sizes of layers the model has are checked."""
+    tp = _positive_int("tensor_parallel", tp)
+    sizes = []
+    if config.num_full_layers:
+        sizes.append(("num_key_value_heads", config.num_key_value_heads))
+    if config.num_linear_layers:
+        sizes.append(("linear_num_key_heads", config.linear_num_key_heads))
+    if config.is_moe:
+        sizes += [("num_experts", config.num_experts),
+                  ("shared_expert_intermediate_size", config.shared_expert_intermediate_size)]
+    else:
+        sizes.append(("intermediate_size", config.intermediate_size))
+    bad = [f"{name}={n}" for name, n in sizes if n % tp]
+    if bad:
+        raise ConfigError(f"tensor_parallel={tp} does not divide {', '.join(bad)}: every rank must hold whole heads "
+                          f"and an equal share of the MLP; use a tensor_parallel that divides "
+                          f"{', '.join(name for name, n in sizes if n % tp)}")
+
+
+def local_config(config: Qwen35Config, tp: int) -> Qwen35Config:
+    """The geometry one of `tp` ranks computes with: its share of the attention heads, the Gated DeltaNet key
+    and value heads, the MLP's intermediate size (dense) or the shared expert's (MoE).  The vocabulary, the
+    hidden size and `num_experts` (the router still scores every expert) are unchanged."""
+    check_tensor_parallel(config, tp)
+    changes = dict(num_attention_heads=config.num_attention_heads // tp,
+                   num_key_value_heads=config.num_key_value_heads // tp,
+                   linear_num_key_heads=config.linear_num_key_heads // tp,
+                   linear_num_value_heads=config.linear_num_value_heads // tp)
+    if config.is_moe:
+        changes["shared_expert_intermediate_size"] = config.shared_expert_intermediate_size // tp
+    else:
+        changes["intermediate_size"] = config.intermediate_size // tp
+    return config.replace(**changes)
+
+
+def block(n: int, tp: int, rank: int) -> tuple[int, int]:
+    """Rank `rank`'s contiguous block [start, stop) of n items split over tp ranks: [⌊r·n/tp⌋, ⌊(r+1)·n/tp⌋)."""
+    if not 0 <= rank < tp:
+        raise ConfigError(f"rank {rank!r} is out of range 0..{tp - 1} for tensor_parallel={tp}")
+    return rank * n // tp, (rank + 1) * n // tp
+
+
+def vocab_range(config: Qwen35Config, tp: int, rank: int) -> tuple[int, int]:
+    """The vocabulary rows [start, stop) of the embedding and lm_head that rank `rank` holds."""
+    return block(config.vocab_size, tp, rank)
+
+
+def expert_range(config: Qwen35Config, tp: int, rank: int) -> tuple[int, int]:
+    """The experts [start, stop) of a MoE model that rank `rank` holds (whole experts)."""
+    check_tensor_parallel(config, tp)
+    return block(config.num_experts, tp, rank)
+
+
+def _rows(start: int, stop: int, width: int) -> np.ndarray:
+    """Row indices of items [start, stop), each `width` rows long."""
+    return np.arange(start * width, stop * width, dtype=np.int64)
+
+
+_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+
+
+def shard_index(config: Qwen35Config, name: str, tp: int, rank: int) -> tuple[int, np.ndarray] | None:
+    """Which part of language-model tensor `name` rank `rank` of `tp` holds: (axis, indices along that axis), or
+    None when the tensor is replicated.
+
+    `name` is a checkpoint name with the LM prefix stripped (`embed_tokens.weight`, `lm_head.weight`,
+    `layers.3.self_attn.q_proj.weight`, `layers.0.linear_attn.A_log`, `layers.1.mlp.experts.gate_up_proj`, ...).
+    Indices are sorted; taking them along `axis` gives the shard.  Unknown names are a ValueError."""
+    check_tensor_parallel(config, tp)
+    c = config
+    if name in ("embed_tokens.weight", "lm_head.weight"):
+        return 0, np.arange(*vocab_range(c, tp, rank), dtype=np.int64)
+    if name == "norm.weight":
+        return None
+    m = _LAYER.match(name)
+    if m is None:
+        raise ValueError(f"shard_index: {name!r} is not a Qwen3.5 language-model tensor name")
+    part = m.group(2)
+    if part in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+        return None
+    if part.startswith("linear_attn."):
+        k0, k1 = block(c.linear_num_key_heads, tp, rank)
+        v0, v1 = block(c.linear_num_value_heads, tp, rank)
+        Dk, Dv, kd = c.linear_key_head_dim, c.linear_value_head_dim, c.key_dim
+        v_rows = _rows(v0, v1, Dv)
+        what = part[len("linear_attn."):]
+        if what in ("in_proj_qkv.weight", "conv1d.weight"):  # [Q | K | V] blocks of rows / conv channels
+            return 0, np.concatenate([_rows(k0, k1, Dk), kd + _rows(k0, k1, Dk), 2 * kd + v_rows])
+        if what == "in_proj_z.weight":
+            return 0, v_rows
+        if what in ("in_proj_b.weight", "in_proj_a.weight", "A_log", "dt_bias"):
+            return 0, np.arange(v0, v1, dtype=np.int64)
+        if what == "out_proj.weight":
+            return 1, v_rows
+        if what == "norm.weight":
+            return None
+    elif part.startswith("self_attn."):
+        q0, q1 = block(c.num_attention_heads, tp, rank)
+        g0, g1 = block(c.num_key_value_heads, tp, rank)
+        hd = c.head_dim
+        what = part[len("self_attn."):]
+        if what == "q_proj.weight":
+            return 0, _rows(q0, q1, c.q_proj_rows // c.num_attention_heads)  # [q_h | gate_h] per head
+        if what in ("k_proj.weight", "v_proj.weight"):
+            return 0, _rows(g0, g1, hd)
+        if what == "o_proj.weight":
+            return 1, _rows(q0, q1, hd)
+        if what in ("q_norm.weight", "k_norm.weight"):
+            return None
+    elif part.startswith("mlp."):
+        what = part[len("mlp."):]
+        if c.is_moe:
+            if what in ("gate.weight", "shared_expert_gate.weight"):
+                return None
+            if what in ("experts.gate_up_proj", "experts.down_proj"):
+                return 0, np.arange(*expert_range(c, tp, rank), dtype=np.int64)
+            i0, i1 = block(c.shared_expert_intermediate_size, tp, rank)
+            if what in ("shared_expert.gate_proj.weight", "shared_expert.up_proj.weight"):
+                return 0, np.arange(i0, i1, dtype=np.int64)
+            if what == "shared_expert.down_proj.weight":
+                return 1, np.arange(i0, i1, dtype=np.int64)
+        else:
+            i0, i1 = block(c.intermediate_size, tp, rank)
+            if what in ("gate_proj.weight", "up_proj.weight"):
+                return 0, np.arange(i0, i1, dtype=np.int64)
+            if what == "down_proj.weight":
+                return 1, np.arange(i0, i1, dtype=np.int64)
+    raise ValueError(f"shard_index: {name!r} is not a Qwen3.5 language-model tensor name")
+
+
+# ------------------------------------------------------------------ data parallelism
+def check_data_parallel(dp: int) -> int:
+    """dp, the number of model replicas, as a positive int (ConfigError otherwise)."""
+    return _positive_int("data_parallel", dp)
+
+
+def assign_replicas(free_slots, n: int) -> list[int]:
+    """The replica of each of `n` new requests, in order: each goes to the replica with the most free state slots
+    at that moment (the lowest index on a tie), so a batch is spread evenly and no replica is given more requests
+    than it has slots (the caller checks first that the total number of free slots is enough)."""
+    free = [int(f) for f in free_slots]
+    out = []
+    for _ in range(n):
+        d = max(range(len(free)), key=lambda i: (free[i], -i))
+        out.append(d)
+        free[d] -= 1
+    return out
+
+
+def data_parallel_splits(replica_of_row, dp: int) -> list[list[int]]:
+    """The documented `data_parallel_splits` of a ragged batch: for each of the `dp` replicas, the batch rows
+    (requests, in batch order) it runs.  Replica d computes rows splits[d] with its own state pool; the logits
+    of all replicas are put back in batch order."""
+    splits: list[list[int]] = [[] for _ in range(dp)]
+    for b, d in enumerate(replica_of_row):
+        splits[int(d)].append(b)
+    return splits
