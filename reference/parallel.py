@@ -34,15 +34,18 @@ the KV cache its KV heads.  A `tp` that does not divide the heads is a ConfigErr
 """
 from __future__ import annotations
 
+import dataclasses
 import re
+from dataclasses import dataclass
 
 import numpy as np
 
-from reference.config import Qwen35Config
+from reference.config import LINEAR, Qwen35Config
 from reference.errors import ConfigError
 
 __all__ = ["check_tensor_parallel", "local_config", "vocab_range", "expert_range", "block", "shard_index",
-           "check_data_parallel", "assign_replicas", "data_parallel_splits"]
+           "TensorShard", "shard_weights", "layer_tensor_names", "check_data_parallel", "assign_replicas",
+           "data_parallel_splits"]
 
 
 def _positive_int(name: str, value) -> int:
@@ -184,6 +187,84 @@ def shard_index(config: Qwen35Config, name: str, tp: int, rank: int) -> tuple[in
             if what == "down_proj.weight":
                 return 1, np.arange(i0, i1, dtype=np.int64)
     raise ValueError(f"shard_index: {name!r} is not a Qwen3.5 language-model tensor name")
+
+
+@dataclass(frozen=True)
+class TensorShard:
+    """Which tensor-parallel rank a set of weights belongs to: rank `rank` of `tensor_parallel`, for `config`
+    (the whole model's).  `local` is the geometry the rank computes with; `vocab` and `experts` its blocks."""
+
+    config: Qwen35Config
+    tensor_parallel: int
+    rank: int
+
+    def __post_init__(self):
+        check_tensor_parallel(self.config, self.tensor_parallel)
+        block(1, self.tensor_parallel, self.rank)  # the rank is in range
+
+    @property
+    def local(self) -> Qwen35Config:
+        return local_config(self.config, self.tensor_parallel)
+
+    @property
+    def vocab(self) -> tuple[int, int]:
+        return vocab_range(self.config, self.tensor_parallel, self.rank)
+
+    @property
+    def experts(self) -> tuple[int, int] | None:
+        return expert_range(self.config, self.tensor_parallel, self.rank) if self.config.is_moe else None
+
+
+# field of the reference weight dataclasses -> checkpoint name (after `layers.{i}.`)
+_MIXER_NAMES = {
+    LINEAR: {"in_proj_qkv": "linear_attn.in_proj_qkv.weight", "in_proj_z": "linear_attn.in_proj_z.weight",
+             "in_proj_b": "linear_attn.in_proj_b.weight", "in_proj_a": "linear_attn.in_proj_a.weight",
+             "conv1d": "linear_attn.conv1d.weight", "dt_bias": "linear_attn.dt_bias", "A_log": "linear_attn.A_log",
+             "norm": "linear_attn.norm.weight", "out_proj": "linear_attn.out_proj.weight"},
+    "full_attention": {n: f"self_attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm",
+                                                            "k_norm")},
+}
+_DENSE_NAMES = {n: f"mlp.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")}
+_MOE_NAMES = {"gate": "mlp.gate.weight", "gate_up_proj": "mlp.experts.gate_up_proj",
+              "down_proj": "mlp.experts.down_proj", "shared_gate_proj": "mlp.shared_expert.gate_proj.weight",
+              "shared_up_proj": "mlp.shared_expert.up_proj.weight",
+              "shared_down_proj": "mlp.shared_expert.down_proj.weight",
+              "shared_expert_gate": "mlp.shared_expert_gate.weight"}
+
+
+def layer_tensor_names(config: Qwen35Config, layer_type: str) -> tuple[dict, dict]:
+    """(mixer field -> name, MLP field -> name) of one layer: the reference weight dataclasses' field names and
+    the checkpoint names after `layers.{i}.`."""
+    return _MIXER_NAMES[layer_type], (_MOE_NAMES if config.is_moe else _DENSE_NAMES)
+
+
+def _take(a, spec):
+    if spec is None:
+        return a
+    axis, idx = spec
+    return np.ascontiguousarray(np.take(a, idx, axis=axis))
+
+
+def shard_weights(weights, tp: int, rank: int):
+    """The part of a whole model's `reference.weights.ModelWeights` that rank `rank` of `tp` holds (a new
+    ModelWeights of copies; `shard` set to its TensorShard; the vision tensors replicated)."""
+    c = weights.config
+    shard = TensorShard(c, tp, rank)
+
+    def take(name, a):
+        return _take(np.asarray(a), shard_index(c, name, tp, rank))
+
+    layers = []
+    for i, lw in enumerate(weights.layers):
+        mixer_names, mlp_names = layer_tensor_names(c, lw.layer_type)
+        p = f"layers.{i}."
+        mixer = dataclasses.replace(lw.mixer, **{f: take(p + n, getattr(lw.mixer, f)) for f, n in mixer_names.items()})
+        mlp = dataclasses.replace(lw.mlp, **{f: take(p + n, getattr(lw.mlp, f)) for f, n in mlp_names.items()})
+        layers.append(dataclasses.replace(lw, mixer=mixer, mlp=mlp))
+    embed = take("embed_tokens.weight", weights.embed_tokens)
+    lm_head = embed if weights.lm_head is weights.embed_tokens else take("lm_head.weight", weights.lm_head)
+    return dataclasses.replace(weights, embed_tokens=embed, lm_head=lm_head, layers=layers, shard=shard,
+                               visual=dict(weights.visual))
 
 
 # ------------------------------------------------------------------ data parallelism

@@ -159,6 +159,7 @@ class ModelWeights:
     visual: dict[str, np.ndarray] = field(default_factory=dict)
     prefix: str = "model."
     source_dtypes: dict[str, str] = field(default_factory=dict)
+    shard: object = None  # reference.parallel.TensorShard when these are one tensor-parallel rank's weights
 
     @property
     def dtype(self) -> np.dtype:
