@@ -2,6 +2,7 @@
 
     tensors, dtypes = load_state_dict(directory)          # every tensor of a checkpoint directory, names as stored
     tensors, dtypes = read_safetensors(path)              # one file
+    tensors, dtypes = read_safetensors(path, lazy=True)   # BF16 as BF16Tensor: decoded only where indexed
     write_safetensors(path, tensors, bf16=(...))          # one file (what reference.checkpoint writes with)
 
 This module knows the file format and the directory layout, not the model: which names a Qwen3.5 checkpoint must
@@ -13,7 +14,10 @@ What is read:
   name -> file);
 * the safetensors dtypes F64, F32, F16, BF16, I64, I32, I16, I8, U8 and BOOL; BF16 is decoded here from the raw
   bytes (numpy has no bfloat16) to float32, every other dtype is returned as stored (read-only views of the
-  memory-mapped file).
+  memory-mapped file).  With `lazy=True` (read_safetensors, read_checkpoint) a BF16 tensor comes back as a
+  `BF16Tensor` instead: an array-like over the mapped bit patterns that decodes only the elements an index
+  selects, so one tensor-parallel rank can read its rows or columns without a float32 copy of the whole tensor
+  (`reference.weights.load_weights(..., shard=...)`).
 
 Strictness (every refusal is a `CheckpointError` naming the file, and the tensor where one is at fault):
 
@@ -41,8 +45,8 @@ import numpy as np
 from reference.errors import CheckpointError, WeightLoadError
 
 __all__ = [
-    "SINGLE_FILE", "INDEX_FILE", "FLOAT_STORAGE", "bf16_to_float32", "float32_to_bf16", "read_safetensors",
-    "write_safetensors", "checkpoint_dir", "read_checkpoint", "load_state_dict",
+    "SINGLE_FILE", "INDEX_FILE", "FLOAT_STORAGE", "bf16_to_float32", "float32_to_bf16", "BF16Tensor",
+    "read_safetensors", "write_safetensors", "checkpoint_dir", "read_checkpoint", "load_state_dict",
 ]
 
 SINGLE_FILE = "model.safetensors"
@@ -66,7 +70,9 @@ FLOAT_STORAGE = ("F64", "F32", "F16", "BF16")
 
 def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
     """bfloat16 bit patterns (uint16) -> float32: bf16 is the top half of an IEEE float32, so shift left 16."""
-    return (np.asarray(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    bits = np.asarray(raw, dtype=np.uint16).astype(np.uint32)
+    bits <<= 16  # in place: one float32-sized buffer, not two
+    return bits.view(np.float32)
 
 
 def float32_to_bf16(x: np.ndarray) -> np.ndarray:
@@ -77,6 +83,52 @@ def float32_to_bf16(x: np.ndarray) -> np.ndarray:
     out = rounded.astype(np.uint16)
     out[nan] = 0x7FC0  # a quiet NaN
     return out
+
+
+class BF16Tensor:
+    """A BF16 tensor of a memory-mapped safetensors file, decoded to float32 only where it is read.
+
+    It looks like the float32 array it decodes to (`shape`, `ndim`, `size`, `dtype` float32), but holds only
+    the uint16 bit patterns (`raw`, a read-only view of the file):
+
+        t[key]         any NumPy index (an index array along one axis: those rows / columns), decoded -> float32
+        np.asarray(t)  the whole tensor decoded (a new float32 array)
+
+    so `t[:, cols]` of a [rows, n] tensor allocates rows·len(cols) floats, never rows·n.
+    """
+
+    __slots__ = ("raw",)
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, raw: np.ndarray):
+        self.raw = raw  # uint16 bit patterns, shape as the tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.raw.shape
+
+    @property
+    def ndim(self) -> int:
+        return self.raw.ndim
+
+    @property
+    def size(self) -> int:
+        return self.raw.size
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, key) -> np.ndarray:
+        return bf16_to_float32(self.raw[key])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        if copy is False:
+            raise ValueError("a BF16Tensor cannot be viewed as float32 without a copy (it is decoded)")
+        out = bf16_to_float32(self.raw)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def __repr__(self) -> str:
+        return f"BF16Tensor(shape={self.shape})"
 
 
 def _shape_of(path: Path, name: str, info) -> tuple[int, ...]:
@@ -96,12 +148,14 @@ def _offsets_of(path: Path, name: str, info) -> tuple[int, int]:
     return off[0], off[1]
 
 
-def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def read_safetensors(path, *, lazy: bool = False) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Read every tensor of one .safetensors file.
 
+    Args:
+        lazy: return BF16 tensors as `BF16Tensor` (decoded where indexed) instead of decoding them here.
     Returns:
-        tensors: name -> array (BF16 decoded to float32; other dtypes as stored, as read-only views of the
-                 memory-mapped file: copy them before the file is rewritten)
+        tensors: name -> array (BF16 decoded to float32, or a BF16Tensor when `lazy`; other dtypes as stored,
+                 as read-only views of the memory-mapped file: copy them before the file is rewritten)
         dtypes:  name -> stored safetensors dtype string ("BF16", "F32", ...)
     Raises:
         CheckpointError naming the file (and the tensor, where one is at fault) if the file is unreadable,
@@ -156,7 +210,7 @@ def read_safetensors(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
             ranges.append((b, e, name))
         arr = body[b:e].view(np_dtype).reshape(shape)
         if st_dtype == "BF16":
-            arr = bf16_to_float32(arr)
+            arr = BF16Tensor(arr) if lazy else bf16_to_float32(arr)
         tensors[name] = arr
         dtypes[name] = st_dtype
     ranges.sort()
@@ -259,9 +313,11 @@ def _read_index(index: Path) -> dict[str, str]:
     return weight_map
 
 
-def read_checkpoint(directory: Path) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, Path]]:
+def read_checkpoint(directory: Path, *, lazy: bool = False
+                    ) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, Path]]:
     """(tensors, stored dtypes, file of each tensor) of a directory already checked by `checkpoint_dir`: the
-    index's shards or the single file.  Refusals as `load_state_dict`."""
+    index's shards or the single file (`lazy`: BF16 tensors as `BF16Tensor`, see read_safetensors).  Refusals
+    as `load_state_dict`."""
     index = directory / INDEX_FILE
     single = directory / SINGLE_FILE
     if index.exists():
@@ -271,7 +327,7 @@ def read_checkpoint(directory: Path) -> tuple[dict[str, np.ndarray], dict[str, s
             shard_path = _inside(directory, shard, index)
             if not shard_path.is_file():
                 raise CheckpointError(f"{index} names shard {shard!r}, which is not a file in {directory}")
-            t, d = read_safetensors(shard_path)
+            t, d = read_safetensors(shard_path, lazy=lazy)
             for name in t:
                 if name in files:
                     raise CheckpointError(f"tensor {name!r} is stored twice: in {files[name]} and in {shard_path}")
@@ -285,7 +341,7 @@ def read_checkpoint(directory: Path) -> tuple[dict[str, np.ndarray], dict[str, s
         return tensors, dtypes, files
     if single.exists():
         path = _contained(directory, single, str(single))
-        t, d = read_safetensors(path)
+        t, d = read_safetensors(path, lazy=lazy)
         return t, d, dict.fromkeys(t, path)
     found = sorted(p.name for p in directory.glob("*.safetensors")) if directory.is_dir() else []
     raise CheckpointError(f"{directory} holds no weights: no {SINGLE_FILE} and no {INDEX_FILE}"

@@ -1,6 +1,7 @@
 """Loading a Hugging Face Qwen3.5 checkpoint directory into NumPy (docs/config_and_memory.md; pitfall B23).
 
     weights = load_weights(directory, config=None, dtype=np.float64, *, allow_nonfinite=False)  # ModelWeights
+    rank = load_weights(directory, shard=TensorShard(config, tp, r))   # one tensor-parallel rank's part only
 
 The files are read by `reference.safetensors_io` (format, index and shard rules, bf16 decoding); this module maps
 the tensors it finds onto the model: the names and shapes a config expects, the dtype each is used in, and the
@@ -29,20 +30,31 @@ names (all of them, not just the first).  `attn_output_gate: false` expects q_pr
 Every tensor the model uses must be finite in the requested dtype (no NaN / ±Inf, no overflow to float16), unless
 `allow_nonfinite=True` (else a `CheckpointError` naming the tensor and its file).  The directory, index and file
 refusals are those of `reference.safetensors_io`.
+
+Sharded loading (`shard=reference.parallel.TensorShard(config, tp, rank)`): the result equals
+`reference.parallel.shard_weights(load_weights(directory), tp, rank)` bit for bit, but each tensor is read from the
+memory-mapped files only where `reference.parallel.shard_index` says the rank holds it (BF16 decoded lazily, per-
+expert MoE tensors stacked for the rank's experts only), so no rank ever holds a whole split tensor.  The name and
+shape checks still cover the whole model (from the headers, no data read) and fail with the same WeightLoadError
+on every rank; the finiteness check runs on what the rank loads.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from reference.attention import AttentionWeights
 from reference.config import LINEAR, Qwen35Config
 from reference.deltanet import DeltaNetWeights
-from reference.errors import CheckpointError, WeightLoadError
+from reference.errors import CheckpointError, ConfigError, WeightLoadError
 from reference.mlp import MLPWeights, MoEWeights
 from reference.safetensors_io import checkpoint_dir, read_checkpoint
+
+if TYPE_CHECKING:  # reference.parallel builds on this module (ModelWeights): imported where a shard is given
+    from reference.parallel import TensorShard
 
 __all__ = [
     "WeightLoadError", "LayerWeights", "ModelWeights", "load_weights", "weights_from_state_dict",
@@ -174,20 +186,93 @@ def _split_prefix(names) -> str:
 _PER_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
+def _dtype_of(arr) -> np.dtype:
+    """The dtype of a checkpoint tensor (an array, a memory-mapped view or a lazy one) without reading its data."""
+    dt = getattr(arr, "dtype", None)
+    return dt if isinstance(dt, np.dtype) else np.asarray(arr).dtype
+
+
+class _FusedExperts:
+    """Per-expert checkpoint tensors seen as one fused [E, rows, cols] tensor, stacked only where it is read.
+
+    `parts[e]` lists expert e's tensors, stacked along their rows: [gate_proj [I, H], up_proj [I, H]] for
+    `gate_up_proj` [E, 2I, H] (gate rows first, as transformers fuses them), [down_proj [H, I]] for `down_proj`
+    [E, H, I].  `t[key]` builds only the experts `key[0]` selects (then applies the rest of the key);
+    `np.asarray(t)` builds them all.
+    """
+
+    def __init__(self, parts: list[list]):
+        self.parts = parts
+        first = parts[0]
+        self.shape = (len(parts), sum(np.shape(p)[0] for p in first), *np.shape(first[0])[1:])
+        self.ndim = len(self.shape)
+        # one dtype for any selection: that of stacking every expert (a float promotion, so exact)
+        self.dtype = np.result_type(*(_dtype_of(p) for ps in parts for p in ps))
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        chosen = np.arange(len(self.parts))[key[0] if key else slice(None)]
+        rest = key[1:]
+        if chosen.ndim == 0:  # one expert, its own axes
+            return self[(np.array([chosen]),)][(0, *rest)]
+        out = np.empty((len(chosen), *self.shape[1:]), dtype=self.dtype)
+        for j, e in enumerate(chosen):
+            row = 0
+            for part in self.parts[e]:
+                n = np.shape(part)[0]
+                out[j, row:row + n] = part  # one expert's tensor decoded at a time
+                row += n
+        return out[(slice(None), *rest)] if rest else out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        if copy is False:
+            raise ValueError("per-expert tensors cannot be viewed as one fused array without a copy")
+        out = self[:]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+def _select(arr, spec):
+    """The part `spec` = (axis, indices) of checkpoint tensor `arr` (None: all of it).  On a memory-mapped view, a
+    BF16Tensor or a _FusedExperts only the selected elements are read (and decoded)."""
+    if spec is None:
+        return arr
+    axis, idx = spec
+    return arr[(slice(None),) * axis + (idx,)]
+
+
 def weights_from_state_dict(tensors: dict[str, np.ndarray], config: Qwen35Config, dtype=np.float64, *,
                             source_dtypes: dict[str, str] | None = None, where: str = "checkpoint",
-                            allow_nonfinite: bool = False, files: dict | None = None) -> ModelWeights:
+                            allow_nonfinite: bool = False, files: dict | None = None,
+                            shard: TensorShard | None = None) -> ModelWeights:
     """Map checkpoint tensors (names as stored) onto a ModelWeights, checking full key coverage.
+
+    `tensors` values may be arrays, memory-mapped views or lazy array-likes (`reference.safetensors_io.BF16Tensor`:
+    anything with `shape`, `dtype`, `__getitem__` and `__array__`); only their shapes and dtypes are looked at
+    until the checks pass.
 
     Every tensor the model uses must be finite in the requested `dtype` (NaN / ±Inf in the file, or a value
     beyond float16's range when dtype is float16), else CheckpointError naming the tensor and its file
     (`files`: name -> path); `allow_nonfinite=True` lets them through (to study a broken checkpoint).
 
-    Raises WeightLoadError listing missing, unexpected, mis-shaped and non-float tensors together.
+    `shard` (a `reference.parallel.TensorShard` of `config`): return only that tensor-parallel rank's part, equal
+    to `reference.parallel.shard_weights` of the whole model, reading each tensor only at the rank's rows /
+    columns / experts (`reference.parallel.shard_index`).  The name and shape checks are the whole model's.
+
+    Raises WeightLoadError listing missing, unexpected, mis-shaped and non-float tensors together; ConfigError
+    when `shard` belongs to another config.
     """
     dtype = np.dtype(dtype)
     if dtype.kind != "f":
         raise ValueError(f"dtype must be a float dtype, got {dtype}")
+    if shard is not None:
+        from reference.parallel import TensorShard, shard_index
+
+        if not isinstance(shard, TensorShard):
+            raise TypeError(f"shard must be a reference.parallel.TensorShard or None, got {type(shard).__name__}")
+        if shard.config != config:
+            raise ConfigError(f"shard (rank {shard.rank} of tensor_parallel={shard.tensor_parallel}) was made for "
+                              f"another config than the one {where} is loaded with; build the TensorShard from the "
+                              "same config")
     source_dtypes = dict(source_dtypes or {})
     prefix = _split_prefix(tensors)
     lm: dict[str, np.ndarray] = {}  # stripped name -> array
@@ -211,12 +296,13 @@ def weights_from_state_dict(tensors: dict[str, np.ndarray], config: Qwen35Config
     wrong_dtype: list[tuple[str, str]] = []
 
     def is_float(name: str, arr) -> bool:
-        if np.asarray(arr).dtype.kind != "f":
-            wrong_dtype.append((name, source_dtypes.get(name, str(np.asarray(arr).dtype))))
+        if _dtype_of(arr).kind != "f":
+            wrong_dtype.append((name, source_dtypes.get(name, str(_dtype_of(arr)))))
             return False
         return True
 
-    # Per-expert MoE names -> fused [E, 2I, H] / [E, H, I] (gate rows first, then up, as HF fuses them).
+    # Per-expert MoE names -> fused [E, 2I, H] / [E, H, I] (gate rows first, then up, as HF fuses them), stacked
+    # when read (a rank stacks only its experts).
     reported: set[str] = set()  # fused names whose per-expert parts were already reported as wrong
     if config.is_moe:
         E, I, H = config.num_experts, config.moe_intermediate_size, config.hidden_size
@@ -246,9 +332,9 @@ def weights_from_state_dict(tensors: dict[str, np.ndarray], config: Qwen35Config
                 for key in parts.values():  # reported above where wrong; don't also call them unexpected
                     lm.pop(key, None)
                 continue
-            gate_up = np.stack([np.concatenate([lm[parts[(e, "gate_proj")]], lm[parts[(e, "up_proj")]]], axis=0)
-                                for e in range(E)])  # [E, 2I, H]
-            down = np.stack([lm[parts[(e, "down_proj")]] for e in range(E)])  # [E, H, I]
+            gate_up = _FusedExperts([[lm[parts[(e, "gate_proj")]], lm[parts[(e, "up_proj")]]]
+                                     for e in range(E)])  # [E, 2I, H]
+            down = _FusedExperts([[lm[parts[(e, "down_proj")]]] for e in range(E)])  # [E, H, I]
             for key in [k for k in parts.values() if int(_PER_EXPERT.match(k).group(2)) < E]:
                 lm.pop(key)
             lm[f"{base}.gate_up_proj"], full_name[f"{base}.gate_up_proj"] = gate_up, f"{prefix}{base}.*"
@@ -327,8 +413,10 @@ def weights_from_state_dict(tensors: dict[str, np.ndarray], config: Qwen35Config
                               "qwen35 commands: --allow-nonfinite) to load it anyway")
 
     def get(key: str) -> np.ndarray:
+        """Tensor `key` (the rank's part of it, with a shard) as a C-contiguous copy in its load dtype."""
         wide = np.promote_types(dtype, np.float32) if key.endswith(FP32_KEPT_SUFFIXES) else dtype
-        arr = lm[key]
+        spec = None if shard is None else shard_index(config, key, shard.tensor_parallel, shard.rank)
+        arr = _select(lm[key], spec)  # rows of conv1d [C, 1, K] are its channels, as of [C, K]
         if key.endswith("conv1d.weight") and arr.ndim == 3:
             arr = arr[:, 0, :]  # [C, 1, K] -> [C, K]
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow to float16 is reported by finite()
@@ -363,12 +451,11 @@ def weights_from_state_dict(tensors: dict[str, np.ndarray], config: Qwen35Config
     lm_head = embed if config.tie_word_embeddings else get("lm_head.weight")
     return ModelWeights(config=config, embed_tokens=embed, norm=get("norm.weight"), lm_head=lm_head, layers=layers,
                         visual={k: finite(VISION_PREFIX + k, v, np.array(v)) for k, v in visual.items()},
-                        prefix=prefix,
-                        source_dtypes=source_dtypes)
+                        prefix=prefix, source_dtypes=source_dtypes, shard=shard)
 
 
 def load_weights(directory, config: Qwen35Config | None = None, dtype=np.float64, *,
-                 allow_nonfinite: bool = False) -> ModelWeights:
+                 allow_nonfinite: bool = False, shard: TensorShard | None = None) -> ModelWeights:
     """Load a checkpoint directory (config.json + safetensors) into a ModelWeights.
 
     Args:
@@ -377,13 +464,18 @@ def load_weights(directory, config: Qwen35Config | None = None, dtype=np.float64
         dtype: the weight dtype (float64 for the oracle, float32 to mirror fp32, float16 allowed);
             A_log, dt_bias and the gated-norm weight stay float32 or wider.
         allow_nonfinite: load tensors holding NaN / ±Inf (by default a CheckpointError naming tensor and file).
+        shard: a `reference.parallel.TensorShard` (of this config): load only that tensor-parallel rank's part
+            (= `shard_weights(load_weights(directory, ...), tp, rank)`), read from the mapped files at its rows /
+            columns / experts only.  None: the whole model.
     Raises:
-        ConfigError (config.json), CheckpointError (directory, index, safetensors files, non-finite values),
-        WeightLoadError (the tensors do not fit the config).
+        ConfigError (config.json; a shard of another config), CheckpointError (directory, index, safetensors
+        files, non-finite values), WeightLoadError (the tensors do not fit the config).
     """
     directory = checkpoint_dir(directory)
     if config is None:
         config = Qwen35Config.from_pretrained(directory)
-    tensors, dtypes, files = read_checkpoint(directory)
+    # Lazily: memory-mapped views, BF16 decoded only where get() reads (all of a tensor, or a rank's part).
+    tensors, dtypes, files = read_checkpoint(directory, lazy=True)
     return weights_from_state_dict(tensors, config, dtype, source_dtypes=dtypes, where=str(directory),
-                                   allow_nonfinite=allow_nonfinite, files={k: str(v) for k, v in files.items()})
+                                   allow_nonfinite=allow_nonfinite, files={k: str(v) for k, v in files.items()},
+                                   shard=shard)
