@@ -24,7 +24,8 @@ __all__ = ["TorchDeltaNetWeights", "gated_deltanet", "gated_deltanet_decode"]
 
 @dataclass
 class TorchDeltaNetWeights:
-    """Torch twin of reference.deltanet.DeltaNetWeights, plus the fused input projection `in_proj_all`."""
+    """Torch twin of reference.deltanet.DeltaNetWeights, plus the fused input projection `in_proj_all` (the four
+    input projections are then row views of it, so the layer holds each weight once)."""
 
     in_proj_qkv: torch.Tensor  # [conv_dim, H]
     in_proj_z: torch.Tensor  # [value_dim, H]
@@ -43,6 +44,9 @@ class TorchDeltaNetWeights:
         parts = (self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a)
         if self.in_proj_all is None and not any(t.requires_grad for t in parts):
             self.in_proj_all = torch.cat(parts, 0)
+            # The four parts become row views of the fused weight: one copy of every weight is kept.
+            self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a = torch.split(
+                self.in_proj_all, [t.shape[0] for t in parts], 0)
 
     @classmethod
     def from_reference(cls, w, *, dtype=torch.float32, device="cpu") -> TorchDeltaNetWeights:

@@ -62,20 +62,30 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, k: int):
     return logits, w.to(x.dtype), idx
 
 
-def sparse_moe_block(x: torch.Tensor, w: TorchMoEWeights, config) -> torch.Tensor:
+def sparse_moe_block(x: torch.Tensor, w: TorchMoEWeights, config, experts: tuple[int, int] | None = None
+                     ) -> torch.Tensor:
     """Sparse MoE block.   x [N, H] -> [N, H]
 
         y = Σ_{e∈topk(x)} w_e(x) · Expert_e(x)  +  σ(x W_sgᵀ) · SharedMLP(x)
+
+    experts=(start, stop): `w` holds only experts start..stop-1 (one tensor-parallel rank's; the router `w.gate`
+    is whole): every token is still routed over all experts, and only the assignments to the held experts are
+    computed — the rank's partial sum (reference.parallel).
     """
     N, H = x.shape
     k = config.num_experts_per_tok
     I = w.down_proj.shape[2]
+    e0 = 0 if experts is None else experts[0]
     _, weights, idx = route(x, w.gate, k)  # [N, k], [N, k]
-    flat_e = idx.reshape(-1)  # [N·k]
+    flat_e = idx.reshape(-1) - e0  # [N·k]  held experts are 0 .. n_held-1
+    n_held = w.gate_up_proj.shape[0]
     order = torch.argsort(flat_e, stable=True)  # assignments grouped by expert
+    if experts is not None:
+        held = (flat_e[order] >= 0) & (flat_e[order] < n_held)
+        order = order[held]  # only the assignments to this rank's experts
     tok = order // k  # token of each sorted assignment
-    counts = torch.bincount(flat_e, minlength=w.gate.shape[0]).tolist()
-    xs = x.index_select(0, tok)  # [N·k, H]  tokens in expert order
+    counts = torch.bincount(flat_e[order], minlength=n_held).tolist()
+    xs = x.index_select(0, tok)  # [n_assigned, H]  tokens in expert order
     out = torch.empty_like(xs)
     start = 0
     for e, n_e in enumerate(counts):

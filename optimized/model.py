@@ -49,7 +49,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from optimized import backend as dispatch
 from optimized.attention import KVCache, TorchAttentionWeights, gated_attention
@@ -107,12 +106,17 @@ class Qwen35Model(RequestChecks):
     """
 
     def __init__(self, weights, *, device="cpu", dtype=torch.float32, backend="auto", max_batch_size=None,
-                 return_logits: str = "last", max_length: int | None = None):
+                 return_logits: str = "last", max_length: int | None = None, tensor_parallel_group=None):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ConfigError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
         if return_logits not in RETURN_LOGITS:
             raise ConfigError(f"return_logits must be one of {RETURN_LOGITS}, got {return_logits!r}")
         self.config: Qwen35Config = weights.config
+        # One tensor-parallel rank's weights (reference.parallel): `local` is the geometry this rank computes
+        # with (its heads); the partial block outputs are summed over `tensor_parallel` (optimized.parallel).
+        self.shard = weights.shard
+        self.local: Qwen35Config = self.config if self.shard is None else self.shard.local
+        self.tensor_parallel = _tensor_parallel_group(self.shard, tensor_parallel_group)
         try:
             self.device = torch.device(device)
         except (RuntimeError, TypeError) as e:
@@ -124,33 +128,55 @@ class Qwen35Model(RequestChecks):
         self.return_logits = return_logits
         self.max_length = self.config.resolve_max_seq_len(max_length)
         self._load(weights)
-        self.max_batch_size = self._size_pool(max_batch_size)
-        c = self.config
-        S = self.max_batch_size
-        K = c.linear_conv_kernel_dim
-        H_v, D_k, D_v = c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim
-        self.conv_pools = [torch.zeros(S, c.conv_dim, K - 1, dtype=dtype, device=self.device)
-                           for _ in range(c.num_linear_layers)]
-        self.state_pools = [torch.zeros(S, H_v, D_k, D_v, dtype=torch.float32, device=self.device)
-                            for _ in range(c.num_linear_layers)]
-        self._free = list(range(S - 1, -1, -1))  # pop() hands out slot 0 first
         self._requests: dict[Hashable, RequestRecord] = {}
+        self.make_pools(self._size_pool(max_batch_size))
         self._epochs = itertools.count(1)
         self.lock = threading.RLock()  # held by every public pipeline call (reference.pipeline.serialized)
         self._tag = object()  # marks the inputs this instance prepares
         self._vision_tower = None  # built on the first request with pixels (optimized.vision.VisionTower)
 
+    def make_pools(self, slots: int) -> None:
+        """(Re)allocate the state pools with `slots` slots, all free (only while no request is live).  Each
+        linear layer: conv [S, conv_dim, K-1] (model dtype), recurrent [S, H_v, D_k, D_v] (fp32), with this rank's
+        conv channels and value heads under tensor parallelism."""
+        if self._requests:
+            raise StateCacheError(f"make_pools: {len(self._requests)} requests are live; release them first")
+        c = self.local
+        K = c.linear_conv_kernel_dim
+        H_v, D_k, D_v = c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim
+        self.max_batch_size = slots
+        self.conv_pools = [torch.zeros(slots, c.conv_dim, K - 1, dtype=self.dtype, device=self.device)
+                           for _ in range(c.num_linear_layers)]
+        self.state_pools = [torch.zeros(slots, H_v, D_k, D_v, dtype=torch.float32, device=self.device)
+                            for _ in range(c.num_linear_layers)]
+        self._free = list(range(slots - 1, -1, -1))  # pop() hands out slot 0 first
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_pretrained(cls, path, *, device="cpu", dtype=torch.float32, backend="auto", max_batch_size=None,
                         return_logits: str = "last", max_length: int | None = None,
-                        config: Qwen35Config | None = None, allow_nonfinite: bool = False) -> Qwen35Model:
+                        config: Qwen35Config | None = None, allow_nonfinite: bool = False,
+                        tensor_parallel: int = 1, data_parallel: int = 1, shard=None,
+                        tensor_parallel_group=None):
         """Load a Hugging Face checkpoint directory through reference.weights (names, prefixes, dtype rules, the
         strict checks: CheckpointError for a file path, a malformed checkpoint or a NaN / Inf weight unless
-        `allow_nonfinite=True`)."""
-        weights = load_weights(Path(path), config=config, dtype=np.float32, allow_nonfinite=allow_nonfinite)
+        `allow_nonfinite=True`).
+
+        tensor_parallel=N, data_parallel=M (either > 1): inside an initialised default process group of N × M
+        ranks, every rank loads only its shard and the call returns an `optimized.parallel.ParallelQwen35Model`
+        (the same pipeline API; docs/parallel.md).  `shard` (a reference.parallel.TensorShard) with
+        `tensor_parallel_group` loads one rank's replica directly (what optimized.parallel does)."""
+        if shard is None and (tensor_parallel != 1 or data_parallel != 1):
+            from optimized import parallel  # lazy: torch.distributed only for parallel runs
+
+            return parallel.from_pretrained(
+                path, tensor_parallel=tensor_parallel, data_parallel=data_parallel, device=device, dtype=dtype,
+                backend=backend, max_batch_size=max_batch_size, return_logits=return_logits, max_length=max_length,
+                config=config, allow_nonfinite=allow_nonfinite)
+        weights = load_weights(Path(path), config=config, dtype=np.float32, allow_nonfinite=allow_nonfinite,
+                               **({} if shard is None else {"shard": shard}))
         return cls(weights, device=device, dtype=dtype, backend=backend, max_batch_size=max_batch_size,
-                   return_logits=return_logits, max_length=max_length)
+                   return_logits=return_logits, max_length=max_length, tensor_parallel_group=tensor_parallel_group)
 
     def _t(self, a, dtype=None):
         return torch.from_numpy(np.array(a)).to(device=self.device, dtype=dtype or self.dtype)  # a writable copy
@@ -170,17 +196,19 @@ class Qwen35Model(RequestChecks):
                 mixer.q_norm, mixer.k_norm = self._t(lw.mixer.q_norm, torch.float32), self._t(lw.mixer.k_norm,
                                                                                              torch.float32)
             if isinstance(lw.mlp, MLPWeights):
-                g, u, d = (self._t(a) for a in (lw.mlp.gate_proj, lw.mlp.up_proj, lw.mlp.down_proj))
-                mlp = {"gate_proj": g, "up_proj": u, "down_proj": d, "gate_up": torch.cat([g, u], 0)}
+                gate_up = self._t(np.concatenate([lw.mlp.gate_proj, lw.mlp.up_proj], 0))  # one [2·I, H] product
+                g, u = torch.split(gate_up, lw.mlp.gate_proj.shape[0], 0)  # row views: each weight held once
+                mlp = {"gate_proj": g, "up_proj": u, "down_proj": self._t(lw.mlp.down_proj), "gate_up": gate_up}
             else:
                 mlp = TorchMoEWeights.from_reference(lw.mlp, dtype=dt, device=dev)
             self.layers.append(_Layer(lw.layer_type, self._t(lw.input_layernorm, torch.float32),
                                       self._t(lw.post_attention_layernorm, torch.float32), mixer, mlp))
 
     def state_bytes_per_request(self) -> int:
-        """Bytes of pooled state per request: conv in the model dtype, recurrent state in fp32 (reference.memory)."""
+        """Bytes of pooled state per request: conv in the model dtype, recurrent state in fp32 (reference.memory;
+        this rank's heads under tensor parallelism)."""
         conv = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[self.dtype]
-        return state_bytes_per_request(self.config, "float32", conv_dtype=conv)
+        return state_bytes_per_request(self.local, "float32", conv_dtype=conv)
 
     def _size_pool(self, requested) -> int:
         """Pool slots: `requested` (checked against free CUDA memory) or, for None, what the in-place rule allows
@@ -199,7 +227,7 @@ class Qwen35Model(RequestChecks):
             self.memory_report = {"rule": STATE_RULE, "state_bytes_per_request": per_req, "free_bytes": free,
                                   "max_batch_allowed": None}
             return requested or 1
-        allowed = infer_optimal_batch_size(self.config, free, rule=STATE_RULE, state_dtype="float32")
+        allowed = infer_optimal_batch_size(self.local, free, rule=STATE_RULE, state_dtype="float32")
         self.memory_report = {"rule": STATE_RULE, "state_bytes_per_request": per_req, "free_bytes": free,
                               "max_batch_allowed": allowed}
         if requested is None:
@@ -223,7 +251,7 @@ class Qwen35Model(RequestChecks):
         return True
 
     def _new_kv(self) -> list:
-        c = self.config
+        c = self.local
         return [KVCache(c.num_key_value_heads, c.head_dim, dtype=self.dtype, device=self.device)
                 for _ in range(c.num_full_layers)]
 
@@ -333,7 +361,7 @@ class Qwen35Model(RequestChecks):
             offs, counts = inputs.input_row_offsets, inputs.return_n_logits
             rows = torch.cat([torch.arange(offs[b + 1] - counts[b], offs[b + 1]) for b in range(len(reqs))]).to(
                 self.device)
-            logits = linear(h.index_select(0, rows), self.lm_head)
+            logits = self._lm_logits(h.index_select(0, rows))
         except BaseException as exc:
             for r, lens in zip(reqs, kv_lens, strict=True):  # K/V: drop what this step appended
                 for kv, n in zip(r.kv, lens, strict=True):
@@ -357,7 +385,24 @@ class Qwen35Model(RequestChecks):
     def _mlp(self, m, mlp):
         if isinstance(mlp, dict):
             return swiglu_mlp(m, mlp["gate_proj"], mlp["up_proj"], mlp["down_proj"], gate_up=mlp["gate_up"])
-        return sparse_moe_block(m, mlp, self.config)
+        return sparse_moe_block(m, mlp, self.local, experts=None if self.shard is None else self.shard.experts)
+
+    def _embed(self, tokens):
+        """Token embeddings [total, H]; under tensor parallelism each rank looks up the tokens of its vocabulary
+        block (zero rows for the others) and the blocks are summed."""
+        if self.shard is None:
+            return self.embed_tokens.index_select(0, tokens)
+        v0, v1 = self.shard.vocab
+        local = tokens - v0
+        held = (local >= 0) & (local < v1 - v0)
+        x = self.embed_tokens.index_select(0, local.clamp(0, max(v1 - v0 - 1, 0)))
+        x = x * held[:, None].to(x.dtype)
+        return self.tensor_parallel.all_reduce(x)
+
+    def _lm_logits(self, h):
+        """lm_head: [n, H] -> [n, V] (under tensor parallelism, this rank's vocabulary block, gathered)."""
+        y = linear(h, self.lm_head)
+        return y if self.shard is None else self.tensor_parallel.gather_vocab(y, self.config.vocab_size)
 
     def _forward(self, tokens, offsets, position_ids, slot_ids, kv_lists, is_decode, stateless=False,
                 image_rows=None, image_emb=None, writes=None):
@@ -370,8 +415,9 @@ class Qwen35Model(RequestChecks):
         writes: a list receiving the prefill chunk's (pool, slot_ids, final states) to commit later; None writes
         them into the pools right away.
         """
-        c, eps, bk = self.config, self.config.rms_norm_eps, self.backend
-        x = self.embed_tokens.index_select(0, tokens)  # [total, H]
+        c, eps, bk = self.local, self.config.rms_norm_eps, self.backend
+        tp = self.tensor_parallel
+        x = self._embed(tokens)  # [total, H]
         if image_rows is not None and image_rows.numel():
             x.index_copy_(0, image_rows, image_emb.to(x.dtype))  # vision embeddings replace the placeholders
         cu = torch.tensor(offsets, dtype=torch.long)
@@ -400,8 +446,8 @@ class Qwen35Model(RequestChecks):
                 y, _ = gated_attention(a, layer.mixer, c, position_ids=position_ids, cu_seqlens=offsets,
                                        kv_caches=[kv[full_i] for kv in kv_lists])
                 full_i += 1
-            x = x + y
-            x = x + self._mlp(rms_norm(x, layer.post_attention_layernorm, eps), layer.mlp)
+            x = x + tp.all_reduce(y)  # tensor parallel: the ranks' partial outputs summed (a no-op for one)
+            x = x + tp.all_reduce(self._mlp(rms_norm(x, layer.post_attention_layernorm, eps), layer.mlp))
         return rms_norm(x, self.norm, eps)
 
     # ------------------------------------------------------------------ snapshots (prefix caching, rollback)
@@ -462,7 +508,7 @@ class Qwen35Model(RequestChecks):
     def check_snapshot_tensors(self, snap: RequestSnapshot, n: int, fail) -> None:
         """Each state of `snap` (n tokens) is a torch tensor of this model's shape, dtype and device type (the
         recurrent state fp32), and its vision embeddings, if any, a tensor [n_img_rows, H]."""
-        c = self.config
+        c = self.local
         kv_shape = (n, c.num_key_value_heads, c.head_dim)
         checks = [("conv state", a, tuple(self.conv_pools[0].shape[1:]), self.dtype) for a in snap.conv_states]
         checks += [("recurrent state", a, tuple(self.state_pools[0].shape[1:]), torch.float32)
@@ -494,7 +540,7 @@ class Qwen35Model(RequestChecks):
                          torch.as_tensor(positions, device=dev), None, kv, False, stateless=True,
                          image_rows=None if rows is None else torch.as_tensor(rows, device=dev),
                          image_emb=torch.cat(embs) if embs else None)
-        logits = F.linear(h, self.lm_head)
+        logits = self._lm_logits(h)
         return [logits[offsets[b]:offsets[b + 1]] for b in range(len(arrays))]
 
     def generate(self, prompts, max_new_tokens: int = 16, temperature: float = 0.0, top_k: int | None = None,
@@ -508,6 +554,22 @@ class Qwen35Model(RequestChecks):
         """
         return pipeline.generate(self, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                  top_p=top_p, seed=seed, stop_token_ids=stop_token_ids)
+
+
+def _tensor_parallel_group(shard, group):
+    """The TensorParallelGroup of a rank's weights (a single-rank one without a shard), checked against it."""
+    from optimized.parallel import TensorParallelGroup
+
+    if shard is None:
+        if group is not None and group.size != 1:
+            raise ConfigError(f"a tensor_parallel_group of {group.size} ranks needs one rank's weights "
+                              "(weights.shard, reference.parallel.shard_weights)")
+        return TensorParallelGroup(1, 0)
+    if group is None or group.size != shard.tensor_parallel or group.rank != shard.rank:
+        got = "none" if group is None else f"rank {group.rank} of {group.size}"
+        raise ConfigError(f"the weights are rank {shard.rank} of tensor_parallel={shard.tensor_parallel}, but the "
+                          f"tensor_parallel_group is {got}")
+    return group
 
 
 def __getattr__(name):

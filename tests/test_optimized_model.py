@@ -177,6 +177,7 @@ def test_refuses_batch_that_cannot_fit(pair, monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10_000, 10_000))
     m = OM.Qwen35Model.__new__(OM.Qwen35Model)
     m.config, m.device, m.dtype = w.config, torch.device("cuda"), torch.float32
+    m.local = w.config  # one process: the rank's geometry is the whole model's
     with pytest.raises(RuntimeError, match="does not fit"):
         m._size_pool(1000)
     assert m._size_pool(None) == m.memory_report["max_batch_allowed"] >= 1

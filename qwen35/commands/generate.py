@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +41,14 @@ def add_arguments(parser):
     parser.add_argument("--dtype", choices=["float32", "float64"], default=None,
                         help="reference compute dtype (default float32; float64 is the oracle's precision); the "
                              "optimized engine runs float32")
-    parser.add_argument("--engine", choices=["reference", "optimized"], default="reference",
-                        help="reference = NumPy oracle (default); optimized = PyTorch + Triton")
+    parser.add_argument("--engine", choices=["reference", "optimized"], default=None,
+                        help="reference = NumPy oracle (default); optimized = PyTorch + Triton (the default with "
+                             "--tensor-parallel / --data-parallel)")
+    parser.add_argument("--tensor-parallel", type=positive_int, default=1,
+                        help="split the model over N processes (the optimized engine on torch.distributed; launch "
+                             "with torchrun --nproc-per-node N×M; docs/parallel.md). Default 1")
+    parser.add_argument("--data-parallel", type=positive_int, default=1,
+                        help="M model replicas, each of --tensor-parallel processes (default 1)")
     parser.add_argument("--device", type=device, default=None,
                         help="cpu, cuda or cuda:N, for --engine optimized (default cpu)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -50,6 +57,11 @@ def add_arguments(parser):
 def _check_engine_arguments(args) -> None:
     """--device belongs to the optimized engine, --dtype float64 to the reference: refuse a mix that would be
     silently ignored."""
+    parallel = args.tensor_parallel > 1 or args.data_parallel > 1
+    if parallel and args.engine == "reference":
+        raise UsageError(f"--tensor-parallel {args.tensor_parallel} --data-parallel {args.data_parallel}: the "
+                         "parallel path is the optimized engine's; drop --engine reference")
+    args.engine = args.engine or ("optimized" if parallel else "reference")
     if args.engine == "reference" and args.device not in (None, "cpu"):
         raise UsageError(f"--device {args.device}: the reference engine runs NumPy on the CPU; add --engine optimized")
     if args.engine == "optimized" and args.dtype == "float64":
@@ -61,12 +73,39 @@ def _check_engine_arguments(args) -> None:
         check_backend("auto", args.device)
 
 
+def _start_processes(args) -> int:
+    """Join the torch.distributed world torchrun set up (gloo on CPU, NCCL on CUDA, one GPU per local rank);
+    returns this process's rank (0 without --tensor-parallel / --data-parallel)."""
+    world = args.tensor_parallel * args.data_parallel
+    if world == 1:
+        return 0
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ or "MASTER_ADDR" not in os.environ:
+            raise UsageError(f"--tensor-parallel {args.tensor_parallel} --data-parallel {args.data_parallel} runs "
+                             f"{world} processes: launch with torchrun --nproc-per-node {world} -m qwen35 generate "
+                             "...")
+        if int(os.environ["WORLD_SIZE"]) != world:
+            raise UsageError(f"--tensor-parallel {args.tensor_parallel} × --data-parallel {args.data_parallel} = "
+                             f"{world} processes, but torchrun started {os.environ['WORLD_SIZE']}; use "
+                             f"--nproc-per-node {world}")
+        cuda = str(args.device).startswith("cuda")
+        if cuda:
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(args.device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank()
+
+
 def _load_model(args, path: Path):
     if args.engine == "optimized":
         from optimized.model import Qwen35Model as OptimizedModel
 
         return OptimizedModel.from_pretrained(path, device=args.device, max_batch_size=1,
-                                              allow_nonfinite=args.allow_nonfinite)
+                                              allow_nonfinite=args.allow_nonfinite,
+                                              tensor_parallel=args.tensor_parallel, data_parallel=args.data_parallel)
     from reference.model import Qwen35Model
 
     return Qwen35Model.from_pretrained(path, max_batch_size=1, dtype=np.dtype(args.dtype),
@@ -94,14 +133,18 @@ def run(args) -> int:
     if eos is not None:
         stop |= set(eos) if isinstance(eos, tuple) else {eos}
 
+    rank = _start_processes(args)
     model = _load_model(args, path)
     result = generate_tokens(model, prompt_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_token_ids=stop)
     can_decode = not (isinstance(tokenizer, ByteTokenizer) and config.vocab_size < tokenizer.vocab_size)
     text = tokenizer.decode(result.new_ids) if can_decode else None
     label = "bundled demo" if args.model is None else str(path)
+    if rank != 0:
+        return 0  # every rank generated the same tokens; rank 0 prints them
     summary = {
-        "model": label, "engine": args.engine, "dtype": args.dtype if args.engine == "reference" else "float32",
+        "model": label, "engine": args.engine, "tensor_parallel": args.tensor_parallel,
+        "data_parallel": args.data_parallel, "dtype": args.dtype if args.engine == "reference" else "float32",
         "prompt_ids": prompt_ids, "new_ids": result.new_ids, "text": text,
         "prompt_tokens": len(prompt_ids), "new_tokens": len(result.new_ids), "stopped_by": result.stopped_by,
         "prefill_seconds": result.prefill_seconds, "decode_seconds": result.decode_seconds,
@@ -111,8 +154,11 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(summary, indent=2, default=float))
         return 0
+    world = args.tensor_parallel * args.data_parallel
+    layout = (f", {world} processes: tensor parallel {args.tensor_parallel} × data parallel {args.data_parallel}"
+              if world > 1 else "")
     print(f"model: {label} ({config.model_type}, {config.num_hidden_layers} layers, {args.engine} engine, "
-          f"{summary['dtype']})")
+          f"{summary['dtype']}{layout})")
     if args.model is None:
         print("note: the demo is a 0.9 M-parameter Qwen3.5 trained on CPython's documentation topics "
               "(docs/training.md): expect prose of that kind, not facts")

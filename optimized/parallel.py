@@ -1,0 +1,535 @@
+"""Tensor and data parallelism on torch.distributed: reference.parallel's plan, run by N × M processes.
+
+    torchrun --nproc-per-node 4 my_script.py           # or any launcher that sets up the default process group
+    model = Qwen35Model.from_pretrained(path, tensor_parallel=2, data_parallel=2)   # a ParallelQwen35Model
+    out = model.execute(model.prepare_initial_token_inputs(contexts))               # the same calls on every rank
+
+Every rank runs the same program with the same arguments (SPMD).  The world of tp × dp ranks is cut into dp
+replicas of tp consecutive ranks (global rank = replica · tp + tensor rank):
+
+* Tensor parallelism, inside a replica: each rank loads only its shard of the checkpoint
+  (`reference.weights.load_weights(..., shard=TensorShard)`), holds only its heads' state (conv channels, value
+  heads, KV heads), and the replica's `Qwen35Model` sums the partial outputs with one all-reduce after every
+  token mixer, every MLP and the embedding, and gathers the vocabulary blocks of the logits
+  (`TensorParallelGroup`).  The plan and its oracle are reference.parallel (docs/parallel.md).
+* Data parallelism, across replicas: a new request is given to the replica with the most free state slots
+  (`reference.parallel.assign_replicas`) and stays there; a step's ragged batch is split by replica
+  (`data_parallel_splits`), each replica runs its rows with its own state pool, and the logits are gathered so
+  that every rank returns them in request order.
+
+Errors, the same on every rank: a pipeline call first runs its local part (the checks, the claims) on every
+rank, then the ranks exchange their outcomes; if any rank failed, every rank undoes its local part and raises —
+the failing rank its own exception, the others the same error class with the failing rank's message.  Nothing
+waits forever: the process group's timeout (`init_process_group(timeout=...)`) bounds every collective.
+
+Communication time is accumulated in `TensorParallelGroup.comm_seconds` (and `ParallelQwen35Model.comm_seconds`
+adds the data-parallel gathers), so benchmarks report it separately.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from reference import errors as _errors
+from reference import pipeline
+from reference.errors import ConfigError, PoolFullError, Qwen35Error, RequestError
+from reference.parallel import (
+    TensorShard,
+    assign_replicas,
+    block,
+    check_data_parallel,
+    check_tensor_parallel,
+    data_parallel_splits,
+)
+from reference.pipeline import ModelOutputs, serialized
+
+__all__ = ["Layout", "TensorParallelGroup", "ParallelQwen35Model", "ParallelInputs", "RankError", "make_layout",
+           "from_pretrained", "agree", "run_local_world", "free_port"]
+
+
+class RankError(Qwen35Error, RuntimeError):
+    """Another rank failed in a pipeline call with an error that is not one of qwen35's classes; the message
+    names the rank and its exception."""
+
+
+# ---------------------------------------------------------------------------------------------- the groups
+class TensorParallelGroup:
+    """The tp ranks of one replica: the two collectives of the plan, timed.
+
+    all_reduce(x):       x summed over the ranks, in place (the partial block outputs, the embedding)
+    gather_vocab(y):     [n, V_r] vocabulary blocks -> [n, V] (the logits), blocks in rank order
+    """
+
+    def __init__(self, size: int, rank: int, group=None, ranks: list[int] | None = None):
+        self.size, self.rank, self.group = size, rank, group
+        self.ranks = list(range(size)) if ranks is None else list(ranks)
+        self.comm_seconds = 0.0
+        self.calls = 0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size == 1:
+            return x
+        t0 = time.perf_counter()
+        dist.all_reduce(x, group=self.group)
+        self.comm_seconds += time.perf_counter() - t0
+        self.calls += 1
+        return x
+
+    def gather_vocab(self, y: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """[n, V_r] (this rank's block of `block(V, tp, r)`) -> [n, V].  The blocks may differ by one row; they
+        are padded to the largest for the gather and trimmed after."""
+        if self.size == 1:
+            return y
+        t0 = time.perf_counter()
+        sizes = [b - a for a, b in (block(vocab_size, self.size, r) for r in range(self.size))]
+        width = max(sizes)
+        if y.shape[1] < width:
+            y = torch.nn.functional.pad(y, (0, width - y.shape[1]))
+        parts = [torch.empty_like(y) for _ in range(self.size)]
+        dist.all_gather(parts, y.contiguous(), group=self.group)
+        out = torch.cat([p[:, :n] for p, n in zip(parts, sizes, strict=True)], dim=1)
+        self.comm_seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
+
+
+@dataclass
+class Layout:
+    """Where this process sits in a tp × dp world (global rank = replica · tp + tensor rank)."""
+
+    tensor_parallel: int
+    data_parallel: int
+    rank: int
+    tp_group: TensorParallelGroup
+    dp_group: object = None  # the ranks with this tensor rank, one per replica (the data-parallel gathers)
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel * self.data_parallel
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tensor_parallel
+
+    @property
+    def replica(self) -> int:
+        return self.rank // self.tensor_parallel
+
+
+def make_layout(tensor_parallel: int = 1, data_parallel: int = 1) -> Layout:
+    """This process's Layout in the default process group, which must be initialised with world size
+    tensor_parallel × data_parallel (torchrun, or `dist.init_process_group`).  Creates the tensor-parallel and
+    data-parallel subgroups (every rank creates all of them, in the same order, as torch.distributed requires)."""
+    tp = tensor_parallel
+    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+        raise ConfigError(f"tensor_parallel must be a positive int, got {tp!r}")
+    dp = check_data_parallel(data_parallel)
+    if not dist.is_available() or not dist.is_initialized():
+        raise ConfigError(f"tensor_parallel={tp}, data_parallel={dp} needs torch.distributed: launch with "
+                          f"`torchrun --nproc-per-node {tp * dp} ...` (or call torch.distributed.init_process_group "
+                          "first); no default process group is initialised")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world != tp * dp:
+        raise ConfigError(f"tensor_parallel={tp} × data_parallel={dp} = {tp * dp} ranks, but the process group has "
+                          f"world size {world}; launch {tp * dp} processes (torchrun --nproc-per-node {tp * dp})")
+    tp_groups = [list(range(d * tp, (d + 1) * tp)) for d in range(dp)]
+    dp_groups = [list(range(t, tp * dp, tp)) for t in range(tp)]
+    made_tp = [dist.new_group(r) if tp > 1 else None for r in tp_groups]
+    made_dp = [dist.new_group(r) if dp > 1 else None for r in dp_groups]
+    replica, tp_rank = rank // tp, rank % tp
+    group = TensorParallelGroup(tp, tp_rank, made_tp[replica], tp_groups[replica])
+    return Layout(tp, dp, rank, group, made_dp[tp_rank])
+
+
+# ---------------------------------------------------------------------------------------------- agreement
+def _outcome(fn):
+    """(ok, value or exception) of fn()."""
+    try:
+        return True, fn()
+    except Exception as exc:  # every failure is exchanged, then re-raised
+        return False, exc
+
+
+def _remote_error(rank: int, name: str, message: str) -> Exception:
+    cls = getattr(_errors, name, None)
+    text = f"rank {rank}: {message}"
+    if isinstance(cls, type) and issubclass(cls, Qwen35Error):
+        try:
+            return cls(text)
+        except TypeError:
+            pass
+    return RankError(f"rank {rank} raised {name}: {message}")
+
+
+def agree(outcome, payload=None, undo=None):
+    """Exchange every rank's outcome of a local step: (ok, value) from `_outcome`.  If every rank succeeded,
+    returns the list of every rank's `payload` (by global rank).  Otherwise `undo()` runs where the step
+    succeeded, and every rank raises: its own exception where it failed, else the first failing rank's error
+    (its class when it is one of qwen35's, else RankError), naming that rank."""
+    ok, value = outcome
+    world = dist.get_world_size()
+    mine = (True, payload) if ok else (False, (type(value).__name__, str(value)))
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    failed = [(r, info) for r, (good, info) in enumerate(everyone) if not good]
+    if not failed:
+        return [info for _, info in everyone]
+    if ok and undo is not None:
+        undo()
+    if not ok:
+        raise value
+    r, (name, message) = failed[0]
+    raise _remote_error(r, name, message)
+
+
+# ---------------------------------------------------------------------------------------------- the model
+@dataclass
+class ParallelInputs:
+    """One step's inputs on one rank: the batch's request ids in order, each row's replica, the split
+    (`data_parallel_splits`: per replica, its rows), each row's return count, and this replica's
+    `ModelInputs` for its rows (None when it has none this step)."""
+
+    request_ids: list
+    splits: list[list[int]]
+    return_n_logits: list[int]
+    local: object = None
+    model_tag: object = None
+    executed: bool = False
+    is_decode: bool = False
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.request_ids)
+
+
+class ParallelQwen35Model:
+    """The pipeline API of `optimized.model.Qwen35Model` over a tp × dp world (module docstring).
+
+    `replica` is this rank's tensor-parallel `Qwen35Model` (its shard of the weights, its state pool).  Every
+    rank must make the same calls with the same arguments.  `logits`, `generate` and the four pipeline calls
+    are supported; `snapshot` / `restore` are single-process calls of `Qwen35Model`.
+    """
+
+    def __init__(self, replica, layout: Layout):
+        self.replica, self.layout = replica, layout
+        self.config = replica.config
+        self.max_length = replica.max_length
+        self.slots_per_replica = replica.max_batch_size
+        self.lock = threading.RLock()
+        self._owner: dict = {}  # request id -> replica, in claim order (the same table on every rank)
+        self._tag = object()
+        self.dp_comm_seconds = 0.0
+
+    # -------------------------------------------------------------- queries
+    @property
+    def max_batch_size(self) -> int:
+        return self.slots_per_replica * self.layout.data_parallel
+
+    @property
+    def return_logits(self) -> str:
+        return self.replica.return_logits
+
+    @return_logits.setter
+    def return_logits(self, mode: str) -> None:
+        self.replica.return_logits = mode
+
+    @property
+    def active_requests(self) -> list:
+        return list(self._owner)
+
+    @property
+    def comm_seconds(self) -> float:
+        """Seconds spent in collectives by this rank: the tensor-parallel sums and gathers plus the
+        data-parallel logits gathers."""
+        return self.replica.tensor_parallel.comm_seconds + self.dp_comm_seconds
+
+    def seq_len(self, request_id) -> int:
+        return self.replica.seq_len(request_id) if self._owner.get(request_id) == self.layout.replica else 0
+
+    def check_tokens(self, request_id, tokens):
+        return self.replica.check_tokens(request_id, tokens)
+
+    def check_contexts(self, contexts):
+        return self.replica.check_contexts(contexts)
+
+    def _free(self) -> list[int]:
+        used = [0] * self.layout.data_parallel
+        for d in self._owner.values():
+            used[d] += 1
+        return [self.slots_per_replica - u for u in used]
+
+    # -------------------------------------------------------------- the pipeline calls
+    @serialized
+    def prepare_initial_token_inputs(self, contexts, return_n_logits=1) -> ParallelInputs:
+        """Prefill inputs: new requests are assigned to replicas (most free slots first), every replica prepares
+        its rows (checks, claims); on any rank's error every rank releases what it claimed and raises."""
+        contexts = list(contexts)
+        ids = [getattr(c, "request_id", None) for c in contexts]
+        new = [r for r in dict.fromkeys(ids) if r not in self._owner]
+        free = self._free()
+        if len(new) > sum(free):
+            raise PoolFullError(f"{len(new)} new request(s) {new[:8]!r} do not fit: {len(self._owner)} of "
+                                f"{self.max_batch_size} slots ({self.layout.data_parallel} replicas × "
+                                f"{self.slots_per_replica}) are live; release finished requests first")
+        given = dict(zip(new, assign_replicas(free, len(new)), strict=True))
+        rows = [self._owner.get(r, given.get(r)) for r in ids]
+        splits = data_parallel_splits(rows, self.layout.data_parallel)
+        mine = splits[self.layout.replica]
+        counts_in = return_n_logits
+        if not isinstance(return_n_logits, int) and hasattr(return_n_logits, "__len__"):
+            if len(return_n_logits) != len(contexts):
+                raise RequestError(f"return_n_logits has {len(return_n_logits)} entries for {len(contexts)} "
+                                   "contexts")
+            counts_in = [return_n_logits[b] for b in mine]
+
+        def local():
+            if not mine:
+                return None
+            return self.replica.prepare_initial_token_inputs([contexts[b] for b in mine], return_n_logits=counts_in)
+
+        outcome = _outcome(local)
+        own_new = [r for r in new if given[r] == self.layout.replica]
+        payload = outcome[1].return_n_logits if outcome[0] and outcome[1] is not None else []
+        everyone = agree(outcome, payload, undo=lambda: [self.replica.release(r) for r in own_new])
+        for r in new:
+            self._owner[r] = given[r]
+        return ParallelInputs(ids, splits, self._row_counts(splits, everyone), local=outcome[1], model_tag=self._tag)
+
+    def _row_counts(self, splits, everyone) -> list[int]:
+        """Each row's return count, from the first rank of each replica (its ranks agree)."""
+        counts = [0] * sum(len(s) for s in splits)
+        for d, rows in enumerate(splits):
+            for b, n in zip(rows, everyone[d * self.layout.tensor_parallel], strict=True):
+                counts[b] = int(n)
+        return counts
+
+    @serialized
+    def prepare_next_token_inputs(self, next_tokens, prev: ParallelInputs, request_ids=None) -> ParallelInputs:
+        """Decode inputs: token b continues request prev.request_ids[b] (or request_ids[b] for a subset); each
+        replica prepares its rows."""
+        if not isinstance(prev, ParallelInputs) or prev.model_tag is not self._tag:
+            raise RequestError("prepare_next_token_inputs: prev must be inputs this model prepared")
+        if isinstance(next_tokens, torch.Tensor):
+            next_tokens = next_tokens.detach().cpu().tolist()
+        ids = list(prev.request_ids) if request_ids is None else request_ids
+        if not isinstance(ids, (list, tuple)) or not ids:
+            raise RequestError(f"request_ids must be a non-empty list or tuple of the previous step's requests, "
+                               f"got {request_ids!r}")
+        ids = list(ids)
+        tokens = list(next_tokens) if hasattr(next_tokens, "__len__") else None
+        if tokens is None or len(tokens) != len(ids):
+            raise RequestError(f"prepare_next_token_inputs: {len(ids)} requests continue but "
+                               f"{'a scalar' if tokens is None else len(tokens)} next tokens were given")
+        unknown = [r for r in ids if r not in self._owner or r not in prev.request_ids]
+        if unknown:
+            raise RequestError(f"request {unknown[0]!r} is not one of the previous step's live requests")
+        rows = [self._owner[r] for r in ids]
+        splits = data_parallel_splits(rows, self.layout.data_parallel)
+        mine = splits[self.layout.replica]
+
+        def local():
+            if not mine:
+                return None
+            return self.replica.prepare_next_token_inputs([tokens[b] for b in mine], prev.local,
+                                                          request_ids=[ids[b] for b in mine])
+
+        outcome = _outcome(local)
+        agree(outcome)
+        return ParallelInputs(ids, splits, [1] * len(ids), local=outcome[1], model_tag=self._tag, is_decode=True)
+
+    @serialized
+    @torch.inference_mode()
+    def execute(self, inputs: ParallelInputs) -> ModelOutputs:
+        """Run one step: every replica runs its rows (tensor-parallel inside), then the logits of all replicas
+        are gathered into request order on every rank."""
+        if not isinstance(inputs, ParallelInputs) or inputs.model_tag is not self._tag:
+            raise RequestError("execute: the inputs were not prepared by this model")
+        if inputs.executed:
+            raise RequestError("execute: these inputs were already executed; prepare the next step's inputs")
+        local = inputs.local
+
+        def check():
+            if local is not None:
+                self.replica.check_own_inputs(local, executed=False)
+                self.replica.check_current_inputs(local)
+
+        agree(_outcome(check))  # stale inputs are refused on every rank before anything runs
+        outcome = _outcome(lambda: None if local is None else self.replica.execute(local))
+        agree(outcome)
+        logits = self._gather_logits(inputs, None if outcome[1] is None else outcome[1].logits)
+        inputs.executed = True
+        return ModelOutputs(logits=logits, logit_offsets=[0] + list(itertools.accumulate(inputs.return_n_logits)),
+                            request_ids=list(inputs.request_ids))
+
+    def _gather_logits(self, inputs: ParallelInputs, mine):
+        """This replica's logits [n_d, V] -> every replica's, put back in request order [Σ counts, V]."""
+        counts = inputs.return_n_logits
+        per_replica = [sum(counts[b] for b in rows) for rows in inputs.splits]
+        V = self.config.vocab_size
+        dev, dt = self.replica.device, self.replica.dtype
+        if mine is None:
+            mine = torch.empty(0, V, device=dev, dtype=dt)
+        if self.layout.data_parallel == 1:
+            return mine
+        t0 = time.perf_counter()
+        width = max(per_replica)
+        padded = torch.zeros(width, V, device=dev, dtype=mine.dtype)
+        padded[: mine.shape[0]] = mine
+        parts = [torch.empty_like(padded) for _ in range(self.layout.data_parallel)]
+        dist.all_gather(parts, padded, group=self.layout.dp_group)
+        self.dp_comm_seconds += time.perf_counter() - t0
+        starts = list(itertools.accumulate(counts, initial=0))
+        out = torch.empty(starts[-1], V, device=dev, dtype=mine.dtype)
+        for d, rows in enumerate(inputs.splits):
+            at = 0
+            for b in rows:
+                out[starts[b]:starts[b + 1]] = parts[d][at:at + counts[b]]
+                at += counts[b]
+        return out
+
+    @serialized
+    def release(self, request_id) -> bool:
+        """Free the request's slot on its replica; unknown ids are a no-op (returns False)."""
+        d = self._owner.pop(request_id, None)
+        if d is None:
+            return False
+        if d == self.layout.replica:
+            self.replica.release(request_id)
+        return True
+
+    @serialized
+    @torch.inference_mode()
+    def logits(self, batch) -> list[torch.Tensor]:
+        """Stateless all-position logits per sequence (as Qwen35Model.logits): the sequences are split into
+        contiguous blocks, one per replica, and gathered back in order on every rank."""
+        batch = list(batch)
+        lo, hi = block(len(batch), self.layout.data_parallel, self.layout.replica)
+        outcome = _outcome(lambda: self.replica.logits(batch[lo:hi]) if hi > lo else [])
+        payload = [t.cpu() for t in outcome[1]] if outcome[0] and self.layout.data_parallel > 1 else None
+        t0 = time.perf_counter()
+        everyone = agree(outcome, payload)
+        self.dp_comm_seconds += time.perf_counter() - t0
+        if self.layout.data_parallel == 1:
+            return outcome[1]
+        out = []
+        for d in range(self.layout.data_parallel):
+            out += [t.to(self.replica.device) for t in everyone[d * self.layout.tensor_parallel]]
+        return out
+
+    def generate(self, prompts, max_new_tokens: int = 16, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, stop_token_ids=None) -> list[list[int]]:
+        """Generate on every rank (reference.pipeline.generate over this model's pipeline calls): every rank
+        returns the same tokens."""
+        return pipeline.generate(self, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, seed=seed, stop_token_ids=stop_token_ids)
+
+
+def from_pretrained(path, *, tensor_parallel: int = 1, data_parallel: int = 1, **kwargs) -> ParallelQwen35Model:
+    """Load this rank's shard of a checkpoint into its replica (`Qwen35Model` with a TensorParallelGroup) inside
+    the initialised default process group; the arguments of Qwen35Model.from_pretrained otherwise.  Errors of
+    any rank (a bad checkpoint, a size the plan cannot split) are raised on every rank."""
+    from optimized.model import Qwen35Model  # the replica's engine (it imports this module lazily too)
+
+    layout = make_layout(tensor_parallel, data_parallel)
+
+    def load():
+        config = kwargs.pop("config", None)
+        if config is None:
+            from reference.config import Qwen35Config
+
+            config = Qwen35Config.from_pretrained(path)
+        check_tensor_parallel(config, tensor_parallel)
+        shard = TensorShard(config, tensor_parallel, layout.tp_rank)
+        return Qwen35Model.from_pretrained(path, config=config, shard=shard, tensor_parallel_group=layout.tp_group,
+                                           **kwargs)
+
+    outcome = _outcome(load)
+    if not outcome[0] and not isinstance(outcome[1], Qwen35Error):
+        traceback.print_exception(outcome[1])
+    agree(outcome)
+    replica = outcome[1]
+    # Every replica gets the same number of slots: the smallest any rank's free memory allows.
+    slots = [None] * layout.world_size
+    dist.all_gather_object(slots, replica.max_batch_size)
+    if min(slots) != replica.max_batch_size:
+        replica.make_pools(min(slots))
+    return ParallelQwen35Model(replica, layout)
+
+
+# ---------------------------------------------------------------------------------------------- local worlds
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the OS picks it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _world_main(rank, world_size, port, timeout_s, fn, args, queue, threads):
+    import datetime
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(threads)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        try:
+            queue.put((rank, True, fn(*args)))
+        finally:
+            dist.destroy_process_group()
+    except BaseException as exc:  # reported to the parent, which raises
+        queue.put((rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+def run_local_world(fn, world_size: int, *args, timeout_s: float = 120.0, threads: int = 1) -> list:
+    """Run `fn(*args)` in `world_size` fresh processes joined in one gloo process group on a free local port (what
+    torchrun does, in-process for tests and benchmarks); returns each rank's result, by rank.
+
+    `fn` must be importable (a module-level function) and its result picklable.  Every collective times out
+    after `timeout_s` / 2 seconds, the whole run after `timeout_s`: the processes are then killed and a
+    RuntimeError raised.  A rank that raises makes this raise with its traceback (after all ranks ended)."""
+    import multiprocessing as mp
+    import queue as queue_module
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_world_main, args=(r, world_size, port, max(timeout_s / 2, 1.0), fn, args, q,
+                                                   threads), daemon=True) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results, deadline = {}, time.monotonic() + timeout_s
+    try:
+        while len(results) < world_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"run_local_world: {world_size - len(results)} of {world_size} ranks did not "
+                                   f"finish within {timeout_s:.0f} s (ranks done: {sorted(results)})")
+            try:
+                rank, ok, value = q.get(timeout=min(left, 1.0))
+            except queue_module.Empty:
+                dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in results]
+                if dead and q.empty():
+                    time.sleep(0.5)
+                    if q.empty():
+                        raise RuntimeError(f"run_local_world: rank(s) {dead} exited without a result") from None
+                continue
+            results[rank] = (ok, value)
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+    failed = [(r, v) for r, (ok, v) in sorted(results.items()) if not ok]
+    if failed:
+        raise RuntimeError("run_local_world: " + "\n".join(f"rank {r} failed: {v}" for r, v in failed))
+    return [results[r][1] for r in range(world_size)]
