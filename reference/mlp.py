@@ -10,6 +10,10 @@ Sparse MoE (HF `Qwen3_5MoeSparseMoeBlock`), per token x [H], E experts, top-k ro
     y = Σ_{e∈S} w_e · Expert_e(x)  +  σ(x W_sgᵀ) · SharedMLP(x)
     Expert_e(x) = ( silu(g) ⊙ u ) W_down,eᵀ,   [g | u] = x W_gate_up,eᵀ   (first half gate, second half up)
 
+One tensor-parallel rank holds a block of whole experts (docs/parallel.md): `sparse_moe_block(..., experts=(s, e))`
+routes over all E experts as above and computes only the assignments to experts s..e-1, a partial sum that the
+ranks add up.
+
 Computation runs in x's dtype: float64 (oracle) or float32 (mirrors HF's fp32 path).
 Shape legend: N tokens, H hidden, I intermediate, E experts, k = num_experts_per_tok, I_moe expert width,
 I_s shared-expert width.
@@ -91,14 +95,19 @@ class MoEWeights:
     shared_down_proj: np.ndarray
     shared_expert_gate: np.ndarray
 
-    def validate(self, config) -> None:
-        """Raise ValueError naming the first weight whose shape does not fit `config`."""
+    def validate(self, config, experts: tuple[int, int] | None = None) -> None:
+        """Raise ValueError naming the first weight whose shape does not fit `config`.
+
+        `experts=(start, stop)`: the expert tensors hold only experts start..stop-1 (one tensor-parallel rank's
+        block, see `sparse_moe_block`), so they have stop - start rows on their first axis; the router still has
+        all E."""
         H, E = config.hidden_size, config.num_experts
         I, I_s = config.moe_intermediate_size, config.shared_expert_intermediate_size
+        start, stop = expert_block(experts, E)
         expected = {
             "gate": (E, H),
-            "gate_up_proj": (E, 2 * I, H),
-            "down_proj": (E, H, I),
+            "gate_up_proj": (stop - start, 2 * I, H),
+            "down_proj": (stop - start, H, I),
             "shared_gate_proj": (I_s, H),
             "shared_up_proj": (I_s, H),
             "shared_down_proj": (H, I_s),
@@ -124,6 +133,21 @@ class MoEWeights:
             shared_down_proj=rng.standard_normal((H, I_s)) * std,
             shared_expert_gate=rng.standard_normal((1, H)) * std,
         )
+
+
+def expert_block(experts, num_experts: int) -> tuple[int, int]:
+    """The experts (start, stop) a MoE weight set holds: all of them for None, else the given block, checked to be
+    0 <= start <= stop <= num_experts (ValueError naming the block otherwise)."""
+    if experts is None:
+        return 0, num_experts
+    try:
+        start, stop = (int(e) for e in experts)
+    except (TypeError, ValueError):
+        raise ValueError(f"experts must be (start, stop), got {experts!r}") from None
+    if not 0 <= start <= stop <= num_experts:
+        raise ValueError(f"experts=({start}, {stop}) is not a block of the {num_experts} experts "
+                         f"(need 0 <= start <= stop <= {num_experts})")
+    return start, stop
 
 
 def top_k(p: np.ndarray, k: int):
@@ -167,7 +191,7 @@ def route(x, router_weight, k: int, *, dtype=None):
     return logits, weights.astype(dt, copy=False), idx
 
 
-def sparse_moe_block(x, w: MoEWeights, config, return_router: bool = False, *, dtype=None):
+def sparse_moe_block(x, w: MoEWeights, config, return_router: bool = False, *, dtype=None, experts=None):
     """Sparse MoE block of Qwen3.5-MoE.
 
         y = Σ_{e∈topk(x)} w_e(x) · Expert_e(x)  +  σ(x W_sgᵀ) · SharedMLP(x)
@@ -175,13 +199,21 @@ def sparse_moe_block(x, w: MoEWeights, config, return_router: bool = False, *, d
     Experts are evaluated one at a time on the tokens routed to them (the grouped-GEMM order); the result is
     the same sum as a per-token loop, up to float addition order.
 
+    Expert parallelism (`experts=(start, stop)`, docs/parallel.md): `w.gate_up_proj` / `w.down_proj` hold only
+    experts start..stop-1 ([stop - start, ...]; the router `w.gate` is whole [E, H]).  The router still scores
+    all E experts and picks the top-k over all of them, with the same weights; only the assignments to the held
+    experts are computed, so the routed term is this block's part of the sum over e ∈ topk(x).  With the shared
+    expert split by columns too (`config.shared_expert_intermediate_size` the local width), the outputs of the
+    blocks of a partition of the experts add up to the whole block's output.
+
     Args:
         x: [N, H] float32 or float64.
         w: MoEWeights.
         config: num_experts, num_experts_per_tok, moe_intermediate_size, shared_expert_intermediate_size,
             hidden_size.
-        return_router: also return (router logits [N, E], weights [N, k], indices [N, k]).
+        return_router: also return (router logits [N, E], weights [N, k], indices [N, k]) — over all E experts.
         dtype: compute dtype; None = x's dtype (float32/float64), else float64.
+        experts: None (w holds every expert) or (start, stop), the block of experts w holds.
     Returns:
         y [N, H]; or (y, logits, weights, indices) when return_router.
     """
@@ -191,18 +223,19 @@ def sparse_moe_block(x, w: MoEWeights, config, return_router: bool = False, *, d
     H, E, k = config.hidden_size, config.num_experts, config.num_experts_per_tok
     if x.ndim != 2 or x.shape[1] != H:
         raise ValueError(f"x must be [N, H={H}] (flatten batch and time first), got shape {x.shape}")
-    w.validate(config)
+    start, stop = expert_block(experts, E)
+    w.validate(config, experts=(start, stop))
     I = config.moe_intermediate_size
 
-    logits, weights, idx = route(x, w.gate, k, dtype=dt)  # [N, E], [N, k], [N, k]
+    logits, weights, idx = route(x, w.gate, k, dtype=dt)  # [N, E], [N, k], [N, k]  (over all E experts)
 
     routed = np.zeros_like(x)  # [N, H]
-    for e in range(E):
+    for e in range(start, stop):  # the held experts only; w's row e - start is expert e
         token, slot = np.nonzero(idx == e)  # tokens routed to expert e, and which of their k slots
         if token.size == 0:
             continue
-        W_gu = np.asarray(w.gate_up_proj[e], dtype=dt)  # [2·I, H]
-        W_d = np.asarray(w.down_proj[e], dtype=dt)  # [H, I]
+        W_gu = np.asarray(w.gate_up_proj[e - start], dtype=dt)  # [2·I, H]
+        W_d = np.asarray(w.down_proj[e - start], dtype=dt)  # [H, I]
         gu = x[token] @ W_gu.T  # [n_e, 2·I]
         h = silu(gu[:, :I], dtype=dt) * gu[:, I:]  # [n_e, I]  first half gate, second half up
         out = (h @ W_d.T) * weights[token, slot][:, None]  # [n_e, H]

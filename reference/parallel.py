@@ -4,6 +4,9 @@
     local_config(config, tp)                 the geometry one rank computes with (its heads, its MLP columns)
     shard_index(config, name, tp, rank)      which rows / columns of checkpoint tensor `name` rank `rank` holds
     shard_weights(weights, tp, rank)         a ModelWeights holding only that rank's shard
+    TensorParallelSimulation(weights, tensor_parallel=tp)
+                                             the ranks in one process: a Qwen35Model that runs every layer once
+                                             per rank and sums where an all-reduce would (the oracle)
 
 The plan, for `tp` ranks (rank r of tp; every split is a contiguous block, so rank r's part of a size-n axis
 is [r·n/tp, (r+1)·n/tp)):
@@ -31,21 +34,31 @@ Communication: one sum over ranks (an all-reduce) of every partial block output 
 projection and the MLP's down projection — plus one for the embedding, and one gather of the logits.  Each
 rank's state holds only its heads: the conv state has its conv channels, the recurrent state its value heads,
 the KV cache its KV heads.  A `tp` that does not divide the heads is a ConfigError naming the sizes.
+
+`TensorParallelSimulation` subclasses reference.model.Qwen35Model, so this module imports the model; the modules
+the model is built on (reference.weights, reference.memory) import this one inside the functions that need it.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from reference.attention import gated_attention
 from reference.config import LINEAR, Qwen35Config
+from reference.deltanet import gated_deltanet
 from reference.errors import ConfigError
+from reference.mlp import MLPWeights, sparse_moe_block, swiglu_mlp
+from reference.model import Qwen35Model, _model_dtype
+from reference.norms import rms_norm
+from reference.weights import ModelWeights, load_weights
 
-__all__ = ["check_tensor_parallel", "local_config", "vocab_range", "expert_range", "block", "shard_index",
-           "TensorShard", "shard_weights", "layer_tensor_names", "check_data_parallel", "assign_replicas",
-           "data_parallel_splits"]
+__all__ = ["check_tensor_parallel", "local_config", "vocab_range", "expert_range", "block", "conv_state_channels",
+           "shard_index", "TensorShard", "shard_weights", "layer_tensor_names", "check_data_parallel",
+           "assign_replicas", "data_parallel_splits", "TensorParallelSimulation"]
 
 
 def _positive_int(name: str, value) -> int:
@@ -117,6 +130,18 @@ def _rows(start: int, stop: int, width: int) -> np.ndarray:
     return np.arange(start * width, stop * width, dtype=np.int64)
 
 
+def conv_state_channels(config: Qwen35Config, tp: int, rank: int) -> np.ndarray:
+    """The channels of the Gated DeltaNet conv (rows of `in_proj_qkv` and `conv1d`, channels of the conv state)
+    that rank `rank` of `tp` holds, sorted: its key heads' rows of the Q block and of the K block, then its value
+    heads' rows of the V block — three pieces, not one contiguous block.  [conv_dim / tp] int64."""
+    check_tensor_parallel(config, tp)
+    c = config
+    k0, k1 = block(c.linear_num_key_heads, tp, rank)
+    v0, v1 = block(c.linear_num_value_heads, tp, rank)
+    Dk, kd = c.linear_key_head_dim, c.key_dim
+    return np.concatenate([_rows(k0, k1, Dk), kd + _rows(k0, k1, Dk), 2 * kd + _rows(v0, v1, c.linear_value_head_dim)])
+
+
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
@@ -140,13 +165,11 @@ def shard_index(config: Qwen35Config, name: str, tp: int, rank: int) -> tuple[in
     if part in ("input_layernorm.weight", "post_attention_layernorm.weight"):
         return None
     if part.startswith("linear_attn."):
-        k0, k1 = block(c.linear_num_key_heads, tp, rank)
         v0, v1 = block(c.linear_num_value_heads, tp, rank)
-        Dk, Dv, kd = c.linear_key_head_dim, c.linear_value_head_dim, c.key_dim
-        v_rows = _rows(v0, v1, Dv)
+        v_rows = _rows(v0, v1, c.linear_value_head_dim)
         what = part[len("linear_attn."):]
         if what in ("in_proj_qkv.weight", "conv1d.weight"):  # [Q | K | V] blocks of rows / conv channels
-            return 0, np.concatenate([_rows(k0, k1, Dk), kd + _rows(k0, k1, Dk), 2 * kd + v_rows])
+            return 0, conv_state_channels(c, tp, rank)
         if what == "in_proj_z.weight":
             return 0, v_rows
         if what in ("in_proj_b.weight", "in_proj_a.weight", "A_log", "dt_bias"):
@@ -294,3 +317,167 @@ def data_parallel_splits(replica_of_row, dp: int) -> list[list[int]]:
     for b, d in enumerate(replica_of_row):
         splits[int(d)].append(b)
     return splits
+
+
+# ------------------------------------------------------------------ the ranks in one process (the oracle)
+def _all_reduce(parts: list[np.ndarray]) -> np.ndarray:
+    """The sum over ranks of their partial results, in rank order: what an all-reduce hands every rank."""
+    total = parts[0].copy()
+    for p in parts[1:]:
+        total += p
+    return total
+
+
+def _kv_heads(entries, g0: int, g1: int):
+    """Copies of KV heads [g0, g1) of a layer's past_kv (None, or per request None / (k, v) [T, nkv, hd])."""
+    if entries is None:
+        return None
+    return [None if e is None else (e[0][:, g0:g1].copy(), e[1][:, g0:g1].copy()) for e in entries]
+
+
+class TensorParallelSimulation(Qwen35Model):
+    """Tensor parallelism with the ranks in one process: the oracle of a tensor-parallel engine (docs/parallel.md).
+
+    Built from a whole model's ModelWeights (float64 or float32) and `tensor_parallel=tp`, it cuts them with
+    `shard_weights` into tp rank weights (`rank_weights[r]`) and runs every layer once per rank, on that rank's
+    weights and in its `local_config` geometry, with the unchanged reference layer functions (gated_deltanet,
+    gated_attention, swiglu_mlp, sparse_moe_block(experts=...)).  Where a real engine all-reduces, the ranks'
+    partial outputs are summed: after the vocabulary-parallel embedding, after each token mixer's output
+    projection and after each MLP's down projection.  The logits are the ranks' vocabulary blocks side by side
+    (the gather).  Everything between two sums — the residual stream, the norms — is replicated: every rank
+    holds the same x.
+
+    State layout.  The state cache and the KV cache keep the *whole* model's layout (they are the ones the
+    unsharded Qwen35Model builds), so the whole pipeline API works unchanged: prepare_initial_token_inputs /
+    execute / prepare_next_token_inputs / release / snapshot / restore / generate / logits, chunked prefill, and
+    image prompts through the replicated vision tower.  `forward` cuts each rank's part out of the gathered
+    states with the plan's indices — the conv state's channels are `conv_state_channels` (the same rows as the
+    conv1d weight's shard), the recurrent state's are the rank's value heads, the K/V's its KV heads — and puts
+    the ranks' new states back in the same places.  What rank r of a real engine stores is exactly its cut
+    (`rank_states`): 1/tp of every state, in the local geometry.
+
+    Args:
+        weights: the whole model's ModelWeights (not a shard).
+        tensor_parallel: tp, the number of ranks; must divide the heads and the MLP (check_tensor_parallel).
+        **kwargs: Qwen35Model's (max_batch_size, dtype, return_logits, return_hidden_states, max_length).
+    """
+
+    def __init__(self, weights: ModelWeights, *, tensor_parallel: int, **kwargs):
+        if weights.shard is not None:
+            raise ConfigError(f"TensorParallelSimulation needs a whole model's weights, got the weights of rank "
+                              f"{weights.shard.rank} of tensor_parallel={weights.shard.tensor_parallel}")
+        super().__init__(weights, **kwargs)
+        tp = _positive_int("tensor_parallel", tensor_parallel)
+        self.tensor_parallel = tp
+        self.local = local_config(self.config, tp)  # every rank's geometry (raises for a tp that does not divide)
+        self.rank_weights = [shard_weights(weights, tp, r) for r in range(tp)]
+        self._channels = [conv_state_channels(self.config, tp, r) for r in range(tp)]  # each rank's conv channels
+
+    @classmethod
+    def from_pretrained(cls, path, *, tensor_parallel: int, dtype=np.float64, config: Qwen35Config | None = None,
+                        allow_nonfinite: bool = False, **kwargs) -> TensorParallelSimulation:
+        """Load a checkpoint directory (as Qwen35Model.from_pretrained) and split it over `tensor_parallel` ranks."""
+        weights = load_weights(Path(path), config=config, dtype=_model_dtype(dtype), allow_nonfinite=allow_nonfinite)
+        return cls(weights, tensor_parallel=tensor_parallel, dtype=dtype, **kwargs)
+
+    # ------------------------------------------------------------------ each rank's part of the state
+    def rank_states(self, rank: int, conv, rec, past_kv):
+        """Rank `rank`'s part of whole-layout states, as that rank of a real engine stores them.
+
+        conv: per linear layer [B, conv_dim, K-1]  -> [B, conv_dim/tp, K-1]   (channels conv_state_channels)
+        rec:  per linear layer [B, H_v, D_k, D_v]  -> [B, H_v/tp, D_k, D_v]   (the rank's value heads)
+        past_kv: {full layer: per request (k, v) [T, nkv, hd] or None} -> (k, v) [T, nkv/tp, hd] or None
+        Returns (conv, rec, past_kv) of copies.
+        """
+        c, tp = self.config, self.tensor_parallel
+        channels = self._channels[rank]
+        v0, v1 = block(c.linear_num_value_heads, tp, rank)
+        g0, g1 = block(c.num_key_value_heads, tp, rank)
+        conv_r = [np.take(s, channels, axis=1) for s in conv]
+        rec_r = [s[:, v0:v1].copy() for s in rec]
+        kv_r = {layer: _kv_heads(entries, g0, g1) for layer, entries in past_kv.items()}
+        return conv_r, rec_r, kv_r
+
+    # ------------------------------------------------------------------ the forward pass, rank by rank
+    def forward(self, tokens, offsets, position_ids, conv, rec, past_kv, image_rows=None, image_emb=None,
+                hidden_trace: list | None = None):
+        """Qwen35Model.forward (same arguments, same results, states in the whole layout), computed by tp ranks.
+
+        Per layer, every rank r:  a = rms_norm(x)  (x replicated)  ->  its heads' mixer on its weights  ->  a
+        partial [total, H] output;  SUM over ranks;  x += sum;  the same for the MLP.
+        """
+        c, lc, dt, tp = self.config, self.local, self.dtype, self.tensor_parallel
+        ranks = self.rank_weights
+        eps = c.rms_norm_eps
+        tokens = np.asarray(tokens)
+
+        # Vocabulary-parallel embedding: rank r holds rows [v0, v1) of E; it looks up the tokens in its block and
+        # leaves zeros for the others.  Every token is in exactly one block, so the SUM is E[tokens].
+        parts = []
+        for rw in ranks:
+            v0, v1 = rw.shard.vocab
+            mine = (tokens >= v0) & (tokens < v1)
+            part = np.zeros((tokens.shape[0], c.hidden_size), dt)  # [total, H]
+            part[mine] = rw.embed_tokens[tokens[mine] - v0]
+            parts.append(part)
+        x = _all_reduce(parts)  # SUM (all-reduce) #0: the embedding.  x is now replicated on every rank.
+        if image_rows is not None and len(image_rows):
+            x[image_rows] = np.asarray(image_emb, dtype=dt)  # the vision tower is replicated: every rank has these
+        if hidden_trace is not None:
+            hidden_trace.append(x.copy())
+
+        seq_lens = np.diff(offsets)
+        mode = "recurrent" if np.all(seq_lens == 1) else "chunk"  # as the unsharded model picks
+        # Each rank's part of the gathered states: what rank r of a real engine holds (rank_states).
+        states = [self.rank_states(r, conv, rec, past_kv) for r in range(tp)]
+        new_conv, new_rec, new_kv = list(conv), list(rec), {}
+        for i, layer_type in enumerate(c.layer_types):
+            # ---- token mixer: column-parallel input projections (each rank's heads), row-parallel output
+            # projection (each rank's columns of out_proj / o_proj) -> one partial [total, H] output per rank.
+            parts, new_states = [], []
+            for r, rw in enumerate(ranks):
+                lw = rw.layers[i]
+                a = rms_norm(x, lw.input_layernorm, eps, dtype=dt)  # replicated norm weight, replicated x
+                conv_r, rec_r, kv_r = states[r]
+                if layer_type == LINEAR:
+                    li = c.linear_layer_index(i)
+                    y, *new_state = gated_deltanet(a, lw.mixer, lc, cu_seqlens=offsets, conv_state=conv_r[li],
+                                                   recurrent_state=rec_r[li], mode=mode, dtype=dt)
+                else:
+                    y, new_state = gated_attention(a, lw.mixer, lc, position_ids=position_ids, cu_seqlens=offsets,
+                                                   past_kv=kv_r[i])
+                parts.append(y)
+                new_states.append(new_state)
+            # The ranks' new states, back into the whole layout: conv channels to their places, value heads and
+            # KV heads are contiguous blocks in rank order (side by side they are the whole state).
+            if layer_type == LINEAR:
+                new_conv[li] = np.empty_like(conv[li])
+                for r, (conv_r, _) in enumerate(new_states):
+                    new_conv[li][:, self._channels[r]] = conv_r
+                new_rec[li] = np.concatenate([rec_r for _, rec_r in new_states], axis=1)
+            else:
+                new_kv[i] = [tuple(np.concatenate([kv[n][j] for kv in new_states], axis=1) for j in (0, 1))
+                             for n in range(len(offsets) - 1)]
+            x = x + _all_reduce(parts)  # SUM (all-reduce) #1 of the layer: the mixer's output projection
+
+            # ---- MLP: gate / up rows (column-parallel), down columns (row-parallel); MoE: whole experts per rank,
+            # the router replicated, the shared expert split like a dense MLP.
+            parts = []
+            for rw in ranks:
+                lw = rw.layers[i]
+                m = rms_norm(x, lw.post_attention_layernorm, eps, dtype=dt)
+                if isinstance(lw.mlp, MLPWeights):
+                    parts.append(swiglu_mlp(m, lw.mlp.gate_proj, lw.mlp.up_proj, lw.mlp.down_proj))
+                else:
+                    parts.append(sparse_moe_block(m, lw.mlp, lc, experts=rw.shard.experts))
+            x = x + _all_reduce(parts)  # SUM (all-reduce) #2 of the layer: the MLP's down projection
+            if hidden_trace is not None:
+                hidden_trace.append(x.copy())
+
+        h = rms_norm(x, ranks[0].norm, eps, dtype=dt)  # the final norm is replicated: every rank computes it
+        return h, new_conv, new_rec, new_kv
+
+    def _logits(self, h) -> np.ndarray:
+        """Vocabulary-parallel lm_head: rank r computes the logits of its vocabulary block [n, v1 - v0]; the
+        GATHER puts the blocks side by side, [n, V]."""
+        return np.concatenate([h @ rw.lm_head.T.astype(self.dtype, copy=False) for rw in self.rank_weights], axis=1)
