@@ -124,8 +124,8 @@ def state_bytes_per_request(config: Qwen35Config, dtype="bfloat16", *, conv_dtyp
 
 def kv_bytes_per_token(config: Qwen35Config, dtype="bfloat16", tensor_parallel: int = 1) -> int:
     """KV-cache bytes one token adds on one of `tensor_parallel` ranks: full-attention layers only, its
-    H_kv/tp KV heads."""
-    kv_heads = config.num_key_value_heads // _tp(config, tensor_parallel)
+    H_kv/tp KV heads (one copied head when tp is a multiple of H_kv: `reference.parallel.kv_head_range`)."""
+    kv_heads = _kv_heads_per_rank(config, _tp(config, tensor_parallel))
     return config.num_full_layers * 2 * kv_heads * config.head_dim * dtype_bytes(dtype)
 
 
@@ -196,6 +196,11 @@ def parameter_counts(config: Qwen35Config, include_vision: bool = True) -> dict[
     return {name: p.split + p.replicated for name, p in parameter_split(config, include_vision).items()}
 
 
+def _kv_heads_per_rank(config: Qwen35Config, tp: int) -> int:
+    """KV heads one rank holds: H_kv/tp, or one copy of a head when there are more ranks than KV heads."""
+    return max(config.num_key_value_heads // tp, 1)
+
+
 def _vocab_rows(config: Qwen35Config, tp: int, rank: int) -> int:
     start, stop = _plan().vocab_range(config, tp, rank)  # also checks that the rank is in range
     return stop - start
@@ -210,14 +215,20 @@ def largest_rank(config: Qwen35Config, tensor_parallel: int) -> int:
 def rank_parameter_counts(config: Qwen35Config, include_vision: bool = True, tensor_parallel: int = 1,
                           rank: int | None = None) -> dict[str, int]:
     """Parameter count per component on rank `rank` of `tensor_parallel` (None: the largest rank):
-    split / tp + replicated, and for embed_tokens / lm_head the rank's vocabulary rows x hidden_size."""
+    split / tp + replicated, for embed_tokens / lm_head the rank's vocabulary rows x hidden_size, and for the
+    attention layers' k_proj / v_proj the rows of the rank's KV heads (a copied head when tp > H_kv)."""
     tp = _tp(config, tensor_parallel)
     rank = largest_rank(config, tp) if rank is None else rank
     rows = _vocab_rows(config, tp, rank)
+    c = config
     counts = {}
     for name, p in parameter_split(config, include_vision).items():
         if name in VOCAB_PARALLEL:
-            counts[name] = p.split // config.vocab_size * rows  # rows x H (0 for a tied lm_head)
+            counts[name] = p.split // c.vocab_size * rows  # rows x H (0 for a tied lm_head)
+        elif name == "full_attention_layers":
+            # k_proj / v_proj: the rank's KV heads — H_kv/tp, or one head copied on tp/H_kv ranks when tp > H_kv
+            kv = c.num_full_layers * 2 * c.head_dim * c.hidden_size
+            counts[name] = (p.split - kv * c.num_key_value_heads) // tp + kv * _kv_heads_per_rank(c, tp) + p.replicated
         else:
             counts[name] = p.split // tp + p.replicated
     return counts
@@ -247,7 +258,7 @@ def weight_bytes(config: Qwen35Config, dtype="bfloat16", include_vision: bool = 
 def replicated_weight_bytes(config: Qwen35Config, dtype="bfloat16", include_vision: bool = True) -> int:
     """Bytes of the weights every tensor-parallel rank holds whole (norms, router, shared-expert gate, vision
     tower; the gated-norm weight in float32 or wider): Σ over ranks of weight_bytes = the whole model's bytes +
-    (tp − 1) x this."""
+    (tp − 1) x this (+ the copies of KV heads when tp > H_kv)."""
     n = sum(p.replicated for p in parameter_split(config, include_vision).values())
     return _bytes(n, config.num_linear_layers * config.linear_value_head_dim, dtype)
 

@@ -13,8 +13,10 @@ is [r·n/tp, (r+1)·n/tp)):
 
 * Gated attention (full layers): split by KV-head groups.  Rank r holds KV heads [r·nkv/tp, (r+1)·nkv/tp) and
   the query heads that read them (query head i reads KV head i // (nh/nkv), so they are also a contiguous
-  block).  `q_proj` rows come per head as [q_h | gate_h] (2·hd rows each; hd without the output gate), so a
-  head block is a contiguous row block; `k_proj` / `v_proj` rows by KV head; `o_proj` columns by query head.
+  block).  When tp is a multiple of nkv (more ranks than KV heads: 27B has 4 KV heads, TP=8), each rank holds
+  nh/tp query heads and a copy of the one KV head they read, shared by tp/nkv consecutive ranks
+  (`kv_head_range`).  `q_proj` rows come per head as [q_h | gate_h] (2·hd rows each; hd without the output
+  gate), so a head block is a contiguous row block; `k_proj` / `v_proj` rows by KV head; `o_proj` columns by query head.
   q_norm / k_norm (one [hd] weight shared by the heads) are replicated.
 * Gated DeltaNet (linear layers): split by key-head groups with their value heads (value head j reads key head
   j // (H_v/H_k)).  `in_proj_qkv` and the conv channels hold three blocks [Q | K | V]; rank r takes its key
@@ -56,9 +58,9 @@ from reference.model import Qwen35Model, _model_dtype
 from reference.norms import rms_norm
 from reference.weights import ModelWeights, load_weights
 
-__all__ = ["check_tensor_parallel", "local_config", "vocab_range", "expert_range", "block", "conv_state_channels",
-           "shard_index", "TensorShard", "shard_weights", "layer_tensor_names", "check_data_parallel",
-           "assign_replicas", "data_parallel_splits", "TensorParallelSimulation"]
+__all__ = ["check_tensor_parallel", "local_config", "kv_head_range", "vocab_range", "expert_range", "block",
+           "conv_state_channels", "shard_index", "TensorShard", "shard_weights", "layer_tensor_names",
+           "check_data_parallel", "assign_replicas", "data_parallel_splits", "TensorParallelSimulation"]
 
 
 def _positive_int(name: str, value) -> int:
@@ -70,13 +72,16 @@ def _positive_int(name: str, value) -> int:
 def check_tensor_parallel(config: Qwen35Config, tp: int) -> None:
     """Refuse (ConfigError naming every size that does not divide) a tensor-parallel degree the plan cannot use.
 
-    Needed: tp divides num_key_value_heads (attention), linear_num_key_heads (Gated DeltaNet; the value heads
-    follow), intermediate_size (dense MLP) or num_experts and shared_expert_intermediate_size (MoE).  The
+    Needed: tp divides num_attention_heads and either divides num_key_value_heads or is a multiple of it (then
+    each KV head is copied to tp/nkv ranks: `kv_head_range`), linear_num_key_heads (Gated DeltaNet; the value
+    heads follow), intermediate_size (dense MLP) or num_experts and shared_expert_intermediate_size (MoE).  The
     vocabulary need not divide.  Only sizes of layers the model has are checked."""
     tp = _positive_int("tensor_parallel", tp)
-    sizes = []
+    sizes = []  # (name, size) that tp must divide
     if config.num_full_layers:
-        sizes.append(("num_key_value_heads", config.num_key_value_heads))
+        sizes.append(("num_attention_heads", config.num_attention_heads))
+        if tp % config.num_key_value_heads:  # not the copied-KV-head case: whole KV heads per rank
+            sizes.append(("num_key_value_heads", config.num_key_value_heads))
     if config.num_linear_layers:
         sizes.append(("linear_num_key_heads", config.linear_num_key_heads))
     if config.is_moe:
@@ -87,7 +92,8 @@ def check_tensor_parallel(config: Qwen35Config, tp: int) -> None:
     bad = [f"{name}={n}" for name, n in sizes if n % tp]
     if bad:
         raise ConfigError(f"tensor_parallel={tp} does not divide {', '.join(bad)}: every rank must hold whole heads "
-                          f"and an equal share of the MLP; use a tensor_parallel that divides "
+                          f"(or, for the KV heads, a copy of one: tp a multiple of num_key_value_heads) and an "
+                          f"equal share of the MLP; use a tensor_parallel that divides "
                           f"{', '.join(name for name, n in sizes if n % tp)}")
 
 
@@ -97,7 +103,7 @@ def local_config(config: Qwen35Config, tp: int) -> Qwen35Config:
     hidden size and `num_experts` (the router still scores every expert) are unchanged."""
     check_tensor_parallel(config, tp)
     changes = dict(num_attention_heads=config.num_attention_heads // tp,
-                   num_key_value_heads=config.num_key_value_heads // tp,
+                   num_key_value_heads=max(config.num_key_value_heads // tp, 1),  # one (copied) head when tp > nkv
                    linear_num_key_heads=config.linear_num_key_heads // tp,
                    linear_num_value_heads=config.linear_num_value_heads // tp)
     if config.is_moe:
@@ -112,6 +118,19 @@ def block(n: int, tp: int, rank: int) -> tuple[int, int]:
     if not 0 <= rank < tp:
         raise ConfigError(f"rank {rank!r} is out of range 0..{tp - 1} for tensor_parallel={tp}")
     return rank * n // tp, (rank + 1) * n // tp
+
+
+def kv_head_range(config: Qwen35Config, tp: int, rank: int) -> tuple[int, int]:
+    """The KV heads [start, stop) rank `rank` holds: a block of nkv/tp heads when tp divides nkv; when tp is a
+    multiple of nkv, the one KV head its query heads read (query head i reads KV head i // (nh/nkv)), which
+    tp/nkv consecutive ranks hold a copy of."""
+    check_tensor_parallel(config, tp)
+    nkv = config.num_key_value_heads
+    if nkv % tp == 0:
+        return block(nkv, tp, rank)
+    block(1, tp, rank)  # the rank is in range
+    head = rank // (tp // nkv)
+    return head, head + 1
 
 
 def vocab_range(config: Qwen35Config, tp: int, rank: int) -> tuple[int, int]:
@@ -180,7 +199,7 @@ def shard_index(config: Qwen35Config, name: str, tp: int, rank: int) -> tuple[in
             return None
     elif part.startswith("self_attn."):
         q0, q1 = block(c.num_attention_heads, tp, rank)
-        g0, g1 = block(c.num_key_value_heads, tp, rank)
+        g0, g1 = kv_head_range(c, tp, rank)
         hd = c.head_dim
         what = part[len("self_attn."):]
         if what == "q_proj.weight":
@@ -386,13 +405,13 @@ class TensorParallelSimulation(Qwen35Model):
 
         conv: per linear layer [B, conv_dim, K-1]  -> [B, conv_dim/tp, K-1]   (channels conv_state_channels)
         rec:  per linear layer [B, H_v, D_k, D_v]  -> [B, H_v/tp, D_k, D_v]   (the rank's value heads)
-        past_kv: {full layer: per request (k, v) [T, nkv, hd] or None} -> (k, v) [T, nkv/tp, hd] or None
+        past_kv: {full layer: per request (k, v) [T, nkv, hd] or None} -> (k, v) [T, max(nkv/tp, 1), hd] or None
         Returns (conv, rec, past_kv) of copies.
         """
         c, tp = self.config, self.tensor_parallel
         channels = self._channels[rank]
         v0, v1 = block(c.linear_num_value_heads, tp, rank)
-        g0, g1 = block(c.num_key_value_heads, tp, rank)
+        g0, g1 = kv_head_range(c, tp, rank)
         conv_r = [np.take(s, channels, axis=1) for s in conv]
         rec_r = [s[:, v0:v1].copy() for s in rec]
         kv_r = {layer: _kv_heads(entries, g0, g1) for layer, entries in past_kv.items()}
@@ -456,8 +475,17 @@ class TensorParallelSimulation(Qwen35Model):
                     new_conv[li][:, self._channels[r]] = conv_r
                 new_rec[li] = np.concatenate([rec_r for _, rec_r in new_states], axis=1)
             else:
-                new_kv[i] = [tuple(np.concatenate([kv[n][j] for kv in new_states], axis=1) for j in (0, 1))
-                             for n in range(len(offsets) - 1)]
+                # Each rank's KV heads go back to their place; when tp > nkv, the ranks sharing a KV head
+                # computed the same copy of it (the same rows of k_proj / v_proj on the same x).
+                new_kv[i] = []
+                for n in range(len(offsets) - 1):
+                    k0 = new_states[0][n][0]
+                    k = np.empty((k0.shape[0], c.num_key_value_heads, c.head_dim), k0.dtype)
+                    v = np.empty_like(k)
+                    for r, kv in enumerate(new_states):
+                        g0, g1 = kv_head_range(c, tp, r)
+                        k[:, g0:g1], v[:, g0:g1] = kv[n]
+                    new_kv[i].append((k, v))
             x = x + _all_reduce(parts)  # SUM (all-reduce) #1 of the layer: the mixer's output projection
 
             # ---- MLP: gate / up rows (column-parallel), down columns (row-parallel); MoE: whole experts per rank,

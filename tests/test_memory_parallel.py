@@ -50,12 +50,12 @@ def tp_configs(draw):
     model_type = draw(st.sampled_from(MODEL_TYPES))
     n_layers = draw(st.integers(1, 5))
     layer_types = tuple(draw(st.lists(st.sampled_from([LINEAR, FULL]), min_size=n_layers, max_size=n_layers)))
-    nkv = draw(st.sampled_from([4, 8]))
+    nkv = draw(st.sampled_from([1, 2, 4, 8]))  # 1 and 2 below tp = 4: each KV head copied to tp/nkv ranks
     hk = draw(st.sampled_from([4, 8]))
     overrides = dict(
         model_type=model_type, num_hidden_layers=n_layers, layer_types=layer_types,
         vocab_size=draw(st.integers(94, 140)), tie_word_embeddings=draw(st.booleans()),
-        num_key_value_heads=nkv, num_attention_heads=nkv * draw(st.sampled_from([1, 2])),
+        num_key_value_heads=nkv, num_attention_heads=max(nkv, 4) * draw(st.sampled_from([1, 2])),
         attn_output_gate=draw(st.booleans()),
         linear_num_key_heads=hk, linear_num_value_heads=hk * draw(st.sampled_from([1, 2])),
         linear_key_head_dim=draw(st.sampled_from([4, 8])), linear_value_head_dim=draw(st.sampled_from([4, 8])),
@@ -117,7 +117,9 @@ def test_sum_over_ranks_is_the_whole_model_plus_the_replicas(case, dtype, includ
         assert replicated == plan_replicated_bytes(config, dtype)
         assert whole == plan_bytes(config, 1, 0, dtype)  # tp = 1: every tensor whole
     total = sum(weight_bytes(config, dtype, include_vision, tp, r) for r in range(tp))
-    assert total == whole + (tp - 1) * replicated
+    nkv = config.num_key_value_heads
+    copies = max(tp - nkv, 0) * config.num_full_layers * 2 * config.head_dim * config.hidden_size  # copied KV heads
+    assert total == whole + (tp - 1) * replicated + copies * dtype_bytes(dtype)
     counts = [rank_parameter_counts(config, include_vision, tp, r) for r in range(tp)]
     assert rank_parameter_counts(config, include_vision) == parameter_counts(config, include_vision)
     for name, n in parameter_counts(config, include_vision).items():  # split parts add up, replicated ones repeat
@@ -158,8 +160,8 @@ def test_rank_out_of_range_and_tp_that_does_not_divide():
     config = Qwen35Config.tiny()  # 2 KV heads, 2 key heads
     with pytest.raises(ConfigError, match="rank 2"):
         weight_bytes(config, "bfloat16", True, tensor_parallel=2, rank=2)
-    with pytest.raises(ConfigError, match="num_key_value_heads=2"):
-        weight_bytes(config, "bfloat16", True, tensor_parallel=4)
+    with pytest.raises(ConfigError, match="num_attention_heads=4, num_key_value_heads=2"):
+        weight_bytes(config, "bfloat16", True, tensor_parallel=3)
     with pytest.raises(ConfigError, match="linear_num_key_heads=2"):
         state_bytes_per_request(config, tensor_parallel=4)
     with pytest.raises(ConfigError, match="tensor_parallel must be a positive int"):
@@ -175,7 +177,8 @@ def test_state_and_kv_per_rank_are_those_of_the_local_geometry(case, dtype, conv
     assert per_rank == state_bytes_per_request(local, dtype, conv_dtype=conv_dtype)
     assert tp * per_rank == state_bytes_per_request(config, dtype, conv_dtype=conv_dtype)
     assert kv_bytes_per_token(config, dtype, tensor_parallel=tp) == kv_bytes_per_token(local, dtype)
-    assert tp * kv_bytes_per_token(config, dtype, tensor_parallel=tp) == kv_bytes_per_token(config, dtype)
+    copies = max(tp // config.num_key_value_heads, 1)  # ranks holding each KV head
+    assert tp * kv_bytes_per_token(config, dtype, tensor_parallel=tp) == copies * kv_bytes_per_token(config, dtype)
     if config.num_linear_layers:  # a rank's conv channels and value heads are those the plan gives it
         i = config.layer_types.index(LINEAR)
         for r in range(tp):
@@ -272,10 +275,24 @@ def test_memory_cli_per_device_and_total(capsys):
     assert d["devices"] == 8 and d["state_bytes_per_request"] == 78_446_592 // 4
 
 
-@pytest.mark.parametrize("tp, named", [("3", "num_key_value_heads=4, linear_num_key_heads=16, intermediate_size=17408"),
-                                       ("8", "num_key_value_heads=4")])
-def test_memory_cli_refuses_a_tp_that_does_not_divide(capsys, tp, named):
+def test_memory_cli_27b_at_tp8_copies_the_kv_heads(capsys):
     from qwen35.cli import main
+
+    c = Qwen35Config.preset("27b")  # 4 KV heads, 24 query heads: at TP=8 each KV head is copied on 2 ranks
+    assert main(["memory", "--preset", "27b", "--tensor-parallel", "8", "--data-parallel", "2",
+                 "--memory", "80GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "16 devices" in out and "1 of 4 KV heads, copied on 2 ranks" in out
+    assert f"{78_446_592 // 8:,} B" in out  # one rank's state per request
+    assert f"{weight_bytes(c, 'bfloat16', True, 8):,} B" in out
+    assert kv_bytes_per_token(c, tensor_parallel=8) == kv_bytes_per_token(c, tensor_parallel=4)  # one head either way
+
+
+@pytest.mark.parametrize("tp", ["3", "6"])
+def test_memory_cli_refuses_a_tp_that_does_not_divide(capsys, tp):
+    from qwen35.cli import main
+
+    named = "num_key_value_heads=4, linear_num_key_heads=16, intermediate_size=17408"
 
     assert main(["memory", "--preset", "27b", "--tensor-parallel", tp, "--memory", "80GiB"]) == 2
     captured = capsys.readouterr()

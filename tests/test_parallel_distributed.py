@@ -62,7 +62,8 @@ def test_tensor_parallel_2_dense_moe_multimodal(tmp_path):
 
 def test_tensor_parallel_4_and_2x2(tmp_path):
     cs = [(_checkpoint(tmp_path, "dense"), False), (_checkpoint(tmp_path, "moe", model_type="qwen3_5_moe_text"),
-                                                    False)]
+                                                    False),
+          (_checkpoint(tmp_path, "kv-copied", num_key_value_heads=2), False)]  # TP=4: each KV head on 2 ranks
     for tp, dp in ((4, 1), (2, 2)):
         for rank_results in run_local_world(cases.session, 4, cs, tp, dp, timeout_s=240):
             for r in rank_results:

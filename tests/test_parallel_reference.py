@@ -39,6 +39,7 @@ from reference.parallel import (
     check_tensor_parallel,
     conv_state_channels,
     data_parallel_splits,
+    kv_head_range,
     layer_tensor_names,
     local_config,
     shard_index,
@@ -454,3 +455,32 @@ def test_linear_layers_of_the_tiny_model():
     """The tiny geometry has both layer kinds, so every test above runs both mixers."""
     c = _config("dense")
     assert LINEAR in c.layer_types and "full_attention" in c.layer_types
+
+
+# ------------------------------------------------------------------------------ more ranks than KV heads
+@pytest.mark.parametrize("nkv, tp", [(1, 2), (1, 4), (2, 4)])
+def test_kv_heads_copied_when_tp_exceeds_them(nkv, tp):
+    """tp a multiple of num_key_value_heads: every rank holds nh/tp query heads and a copy of the KV head they
+    read (tp/nkv ranks per head); the simulation still equals the unsharded model, through decode too."""
+    c = Qwen35Config.tiny(**{**HEADS, "num_key_value_heads": nkv})
+    w = weights_from_state_dict(random_state_dict(c, seed=3), c)
+    ranges = [kv_head_range(c, tp, r) for r in range(tp)]
+    group = c.num_attention_heads // nkv  # query heads per KV head
+    for r, (g0, g1) in enumerate(ranges):
+        q0, q1 = block(c.num_attention_heads, tp, r)
+        assert g1 - g0 == 1 and all(q // group == g0 for q in range(q0, q1))  # its query heads read its KV head
+    assert sorted({g for g, _ in ranges}) == list(range(nkv))  # every KV head is held, by tp/nkv ranks each
+    assert local_config(c, tp).num_key_value_heads == 1
+    batch = [_prompt(4, 23), _prompt(5, 2)]
+    ref, sim = Qwen35Model(w, max_batch_size=2), TensorParallelSimulation(w, tensor_parallel=tp, max_batch_size=2)
+    for x, y in zip(ref.logits(batch), sim.logits(batch), strict=True):
+        _assert_same(f"nkv={nkv} tp={tp}", x, y)
+    assert ref.generate(batch, max_new_tokens=4) == sim.generate(batch, max_new_tokens=4)
+
+
+def test_a_tp_neither_dividing_nor_a_multiple_of_the_kv_heads_is_refused():
+    c = Qwen35Config.tiny(**{**HEADS, "num_key_value_heads": 4, "num_attention_heads": 24,
+                             "linear_num_key_heads": 6, "linear_num_value_heads": 12, "intermediate_size": 72})
+    check_tensor_parallel(c, 2)
+    with pytest.raises(ConfigError, match=r"tensor_parallel=6 does not divide num_key_value_heads=4"):
+        check_tensor_parallel(c, 6)  # 6 neither divides 4 nor is a multiple of it

@@ -23,7 +23,8 @@ def add_arguments(parser):
                         help="tokens per request for the KV cache, >= 1 (default 8192)")
     parser.add_argument("--tensor-parallel", type=positive_int, default=1, metavar="N",
                         help="devices one model replica is split over (reference.parallel's plan; N must divide the "
-                             "KV heads, the key heads and the MLP); default 1")
+                             "attention heads, the key heads and the MLP, and divide the KV heads or be a "
+                             "multiple of them); default 1")
     parser.add_argument("--data-parallel", type=positive_int, default=1, metavar="M",
                         help="model replicas, each with its own state pool; default 1")
     parser.add_argument("--state-dtype", type=dtype_name, default="bfloat16",
@@ -37,7 +38,9 @@ def _rows(b, config) -> list[tuple[str, str, str, str]]:
     """(name, exact bytes, human bytes, note) of one device's budget."""
     tp = b.tensor_parallel
     conv, rec = conv_state_shape(config, tensor_parallel=tp), recurrent_state_shape(config, tensor_parallel=tp)
-    kv_heads = config.num_key_value_heads // tp
+    nkv = config.num_key_value_heads
+    kv_note = (f", {nkv // tp} of {nkv} KV heads" if nkv % tp == 0 else
+               f", 1 of {nkv} KV heads, copied on {tp // nkv} ranks")  # tp a multiple of nkv (reference.parallel)
     rows = [("weights", f"{b.weight_bytes:,} B", format_bytes(b.weight_bytes),
              b.weight_dtype + (f", the largest of {tp} ranks" if tp > 1 else ""))]
     if tp > 1:
@@ -57,7 +60,7 @@ def _rows(b, config) -> list[tuple[str, str, str, str]]:
          f"{config.num_linear_layers} x [{rec[0]}, {rec[1]}, {rec[2]}]"),
         ("KV per token", f"{b.kv_bytes_per_token:,} B", format_bytes(b.kv_bytes_per_token),
          f"{b.kv_dtype}, {config.num_full_layers} full layers"
-         + (f", {kv_heads} of {config.num_key_value_heads} KV heads" if tp > 1 else "")),
+         + (kv_note if tp > 1 else "")),
         ("KV per request", f"{b.kv_bytes_per_request:,} B", format_bytes(b.kv_bytes_per_request),
          f"at {b.context_len} tokens"),
     ]
