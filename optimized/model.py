@@ -14,9 +14,14 @@ What differs from the reference (which keeps the gather/scatter design of MAX's 
   (`causal_conv1d_update`, `fused_recurrent_gated_delta_rule_update`).  Prefill chunks read their slots' states
   as the kernel's initial state and write the final states back into the same rows.  So the memory rule is
   `reference.memory`'s "in_place" one (1 × max_batch × per_req, not 3 ×).
-* On CUDA, `max_batch_size=None` sizes the pool with `reference.memory.infer_optimal_batch_size(..., rule=
+* On CUDA, `max_batch_size=None` sizes the pool with `reference.memory.replica_batch_size(..., rule=
   "in_place")` from `torch.cuda.mem_get_info` (the documented fallback of 32 when the query fails), and a
   requested batch that does not fit is refused at start with a message that gives the numbers.
+* Tensor parallelism: built from one rank's weights (`weights.shard`, loaded by `load_weights(..., shard=)`) and a
+  `TensorParallelGroup`, the model computes in the rank's geometry (`self.local`: its heads, its MLP columns, its
+  experts), holds only its heads' state, sums the partial outputs of every mixer, MLP and the embedding with one
+  all-reduce, and gathers the vocabulary blocks of the logits.  `from_pretrained(..., tensor_parallel=N,
+  data_parallel=M)` returns the `optimized.parallel.ParallelQwen35Model` that drives the ranks (docs/parallel.md).
 * Config, weight loading / name mapping, memory sizing, TextContext and the multimodal plan (placeholder checks,
   MRoPE positions, per-chunk slices) come from `reference`; the request layer — the `ModelInputs` /
   `ModelOutputs` / `RequestSnapshot` contract, the request checks (`reference.pipeline.RequestChecks`: tokens,
@@ -60,7 +65,7 @@ from reference import pipeline
 from reference.config import LINEAR, Qwen35Config
 from reference.context import TextContext, request_name
 from reference.errors import ConfigError, PoolFullError, RequestError, StateCacheError, UnknownRequestError
-from reference.memory import FALLBACK_MAX_BATCH, infer_optimal_batch_size, state_bytes_per_request
+from reference.memory import FALLBACK_MAX_BATCH, replica_batch_size, state_bytes_per_request
 from reference.mlp import MLPWeights
 
 # The contract is the reference's; here its arrays are torch tensors on the model's device.
@@ -204,11 +209,15 @@ class Qwen35Model(RequestChecks):
             self.layers.append(_Layer(lw.layer_type, self._t(lw.input_layernorm, torch.float32),
                                       self._t(lw.post_attention_layernorm, torch.float32), mixer, mlp))
 
+    @property
+    def _tp_degree(self) -> int:
+        return 1 if getattr(self, "shard", None) is None else self.shard.tensor_parallel
+
     def state_bytes_per_request(self) -> int:
         """Bytes of pooled state per request: conv in the model dtype, recurrent state in fp32 (reference.memory;
         this rank's heads under tensor parallelism)."""
         conv = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[self.dtype]
-        return state_bytes_per_request(self.local, "float32", conv_dtype=conv)
+        return state_bytes_per_request(self.config, "float32", conv_dtype=conv, tensor_parallel=self._tp_degree)
 
     def _size_pool(self, requested) -> int:
         """Pool slots: `requested` (checked against free CUDA memory) or, for None, what the in-place rule allows
@@ -227,7 +236,8 @@ class Qwen35Model(RequestChecks):
             self.memory_report = {"rule": STATE_RULE, "state_bytes_per_request": per_req, "free_bytes": free,
                                   "max_batch_allowed": None}
             return requested or 1
-        allowed = infer_optimal_batch_size(self.local, free, rule=STATE_RULE, state_dtype="float32")
+        allowed = replica_batch_size(self.config, free, rule=STATE_RULE, state_dtype="float32",
+                                     tensor_parallel=self._tp_degree)
         self.memory_report = {"rule": STATE_RULE, "state_bytes_per_request": per_req, "free_bytes": free,
                               "max_batch_allowed": allowed}
         if requested is None:
