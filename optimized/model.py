@@ -97,6 +97,45 @@ class _Layer:
     mlp: object  # dict of dense tensors | TorchMoEWeights
 
 
+class PendingStep:
+    """A step whose forward pass ran but whose results are not committed yet (`Qwen35Model.run_step`)."""
+
+    def __init__(self, model, inputs, reqs, kv_lens):
+        self.model, self.inputs, self.reqs, self.kv_lens = model, inputs, reqs, kv_lens
+        self.writes: list = []  # prefill: (pool, slot ids, final states), written by commit()
+        self.outputs: ModelOutputs | None = None
+        self.done = False
+
+    def commit(self) -> None:
+        """Write the prefill's final states into the pools and advance the requests (once)."""
+        if self.done:
+            raise RequestError("this step was already committed or abandoned")
+        with self.model.lock:
+            for pool, slots, new in self.writes:
+                pool.index_copy_(0, slots, new.to(pool.dtype))
+            inputs = self.inputs
+            host = inputs.host_tokens if inputs.host_tokens is not None else inputs.tokens.cpu().numpy()
+            offs = inputs.input_row_offsets
+            for b, r in enumerate(self.reqs):
+                r.commit(host[offs[b]:offs[b + 1]])
+            inputs.executed = True
+            self.done = True
+
+    def abandon(self, reason: str) -> None:
+        """Undo what the step did: K/V appends dropped; a decode step (pools already updated in place) marks its
+        requests broken (any later use raises; release them)."""
+        if self.done:
+            return
+        with self.model.lock:
+            for r, lens in zip(self.reqs, self.kv_lens, strict=True):
+                for kv, n in zip(r.kv, lens, strict=True):
+                    kv.length = n
+            if self.inputs.is_decode:
+                for r in self.reqs:
+                    r.broken = f"a decode step failed half-way ({reason})"
+            self.done = True
+
+
 class Qwen35Model(RequestChecks):
     """Qwen3.5 (dense or MoE, text-only or multimodal) in PyTorch, float32 or bfloat16, CPU or CUDA.
 
@@ -359,37 +398,36 @@ class Qwen35Model(RequestChecks):
         re-claimed since, advanced since; a slot changes only with a claim, which starts a new epoch).  A
         prefill chunk commits its final states only after the forward pass and the logits succeeded.
         """
+        step = self.run_step(inputs)
+        step.commit()
+        return step.outputs
+
+    @serialized
+    @torch.inference_mode()
+    def run_step(self, inputs: ModelInputs) -> PendingStep:
+        """`execute` in two halves: the checks and the forward pass now, the commit when `.commit()` is called —
+        or `.abandon(reason)`, which leaves every request as it was (a prefill: its K/V appends dropped, its final
+        states never written) or, for a decode step whose pools were updated in place, marks the requests broken.
+        What optimized.parallel uses to commit only once every rank's step succeeded.  A step that raises here
+        has already been abandoned."""
         self.check_own_inputs(inputs, executed=False)
         self.check_current_inputs(inputs)
         reqs = [self._requests[r] for r in inputs.request_ids]
-        kv_lens = [[kv.length for kv in r.kv] for r in reqs]
-        writes = []  # prefill: (pool, final states) committed after success
+        step = PendingStep(self, inputs, reqs, [[kv.length for kv in r.kv] for r in reqs])
         try:
             h = self._forward(inputs.tokens, inputs.input_row_offsets, inputs.position_ids, inputs.slot_ids,
-                             [r.kv for r in reqs], inputs.is_decode, image_rows=inputs.image_token_indices,
-                             image_emb=inputs.lm_image_embeddings, writes=writes)
+                              [r.kv for r in reqs], inputs.is_decode, image_rows=inputs.image_token_indices,
+                              image_emb=inputs.lm_image_embeddings, writes=step.writes)
             offs, counts = inputs.input_row_offsets, inputs.return_n_logits
             rows = torch.cat([torch.arange(offs[b + 1] - counts[b], offs[b + 1]) for b in range(len(reqs))]).to(
                 self.device)
             logits = self._lm_logits(h.index_select(0, rows))
         except BaseException as exc:
-            for r, lens in zip(reqs, kv_lens, strict=True):  # K/V: drop what this step appended
-                for kv, n in zip(r.kv, lens, strict=True):
-                    kv.length = n
-            if inputs.is_decode:  # the in-place decode update may have run on some layers
-                for r in reqs:
-                    r.broken = f"a decode step failed half-way ({type(exc).__name__}: {exc})"
+            step.abandon(f"{type(exc).__name__}: {exc}")
             raise
-        # --- everything computed: commit ---
-        for pool, slots, new in writes:
-            pool.index_copy_(0, slots, new.to(pool.dtype))
-        host = inputs.host_tokens if inputs.host_tokens is not None else inputs.tokens.cpu().numpy()
-        offs = inputs.input_row_offsets
-        for b, r in enumerate(reqs):
-            r.commit(host[offs[b]:offs[b + 1]])
-        inputs.executed = True
-        return ModelOutputs(logits=logits, logit_offsets=[0] + list(itertools.accumulate(counts)),
-                            request_ids=list(inputs.request_ids))
+        step.outputs = ModelOutputs(logits=logits, logit_offsets=[0] + list(itertools.accumulate(counts)),
+                                    request_ids=list(inputs.request_ids))
+        return step
 
     # ------------------------------------------------------------------ the forward pass
     def _mlp(self, m, mlp):

@@ -17,27 +17,35 @@ replicas of tp consecutive ranks (global rank = replica · tp + tensor rank):
   (`data_parallel_splits`), each replica runs its rows with its own state pool, and the logits are gathered so
   that every rank returns them in request order.
 
-Errors, the same on every rank: a pipeline call first runs its local part (the checks, the claims) on every
-rank, then the ranks exchange their outcomes; if any rank failed, every rank undoes its local part and raises —
-the failing rank its own exception, the others the same error class with the failing rank's message.  Nothing
-waits forever: the process group's timeout (`init_process_group(timeout=...)`) bounds every collective.
+Errors, the same on every rank: a pipeline call first runs its local part (the checks, the claims, the forward
+pass) on every rank, then the ranks exchange their outcomes and a fingerprint of the call's arguments; if any
+rank failed, or the ranks were called with different ids or tokens, every rank undoes its local part and raises —
+the failing rank its own exception, the others the same error class (qwen35's errors) or a RankError naming the
+failing rank.  `execute` commits a step only after that exchange, so a prefill that failed on one replica is
+undone on all of them.  What the exchange cannot cover: a rank that fails *inside* the forward pass, between two
+of its replica's all-reduces (a device error, running out of memory), leaves its tensor-parallel peers waiting in
+the next collective until the process group's timeout (`init_process_group(timeout=...)`; `qwen35 generate` sets
+QWEN35_DIST_TIMEOUT, default 300 s; `run_local_world` half its time limit), which they then raise.
 
 Communication time is accumulated in `TensorParallelGroup.comm_seconds` (and `ParallelQwen35Model.comm_seconds`
 adds the data-parallel gathers), so benchmarks report it separately.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from reference import errors as _errors
 from reference import pipeline
+from reference.context import TextContext
 from reference.errors import ConfigError, PoolFullError, Qwen35Error, RequestError
 from reference.parallel import (
     TensorShard,
@@ -167,21 +175,49 @@ def _remote_error(rank: int, name: str, message: str) -> Exception:
     return RankError(f"rank {rank} raised {name}: {message}")
 
 
-def agree(outcome, payload=None, undo=None):
-    """Exchange every rank's outcome of a local step: (ok, value) from `_outcome`.  If every rank succeeded,
-    returns the list of every rank's `payload` (by global rank).  Otherwise `undo()` runs where the step
-    succeeded, and every rank raises: its own exception where it failed, else the first failing rank's error
-    (its class when it is one of qwen35's, else RankError), naming that rank."""
+def digest(*args) -> str:
+    """A short fingerprint of a call's arguments (ids, token arrays, counts), to check that every rank was given the
+    same ones: SPMD code that feeds the ranks different tokens or ids would otherwise compute garbage silently."""
+    h = hashlib.sha256()
+
+    def feed(x):
+        if isinstance(x, (list, tuple)):
+            h.update(b"[%d" % len(x))
+            for y in x:
+                feed(y)
+            h.update(b"]")
+        elif isinstance(x, (np.ndarray, torch.Tensor)):
+            a = np.ascontiguousarray(x.detach().cpu().numpy() if torch.is_tensor(x) else x)
+            h.update(f"{a.dtype}{a.shape}".encode())
+            h.update(a.tobytes() if a.size <= 1 << 16 else a.reshape(-1)[:: max(a.size >> 12, 1)].tobytes())
+        else:
+            h.update(repr(x).encode())
+
+    feed(list(args))
+    return h.hexdigest()[:16]
+
+
+def agree(outcome, payload=None, undo=None, args_digest: str | None = None):
+    """Exchange every rank's outcome of a local step: (ok, value) from `_outcome`.  If every rank succeeded (and,
+    with `args_digest`, every rank was called with the same arguments), returns the list of every rank's
+    `payload` (by global rank).  Otherwise `undo()` runs where the step succeeded, and every rank raises: its own
+    exception where it failed, else the first failing rank's error (its class when it is one of qwen35's, else
+    RankError), naming that rank; different arguments are a RequestError on every rank."""
     ok, value = outcome
     world = dist.get_world_size()
-    mine = (True, payload) if ok else (False, (type(value).__name__, str(value)))
+    mine = (True, payload, args_digest) if ok else (False, (type(value).__name__, str(value)), args_digest)
     everyone = [None] * world
     dist.all_gather_object(everyone, mine)
-    failed = [(r, info) for r, (good, info) in enumerate(everyone) if not good]
-    if not failed:
-        return [info for _, info in everyone]
+    failed = [(r, info) for r, (good, info, _) in enumerate(everyone) if not good]
+    digests = {d for _, _, d in everyone}
+    if not failed and len(digests) == 1:
+        return [info for _, info, _ in everyone]
     if ok and undo is not None:
         undo()
+    if len(digests) > 1:
+        ranks = [r for r, (_, _, d) in enumerate(everyone) if d != everyone[0][2]]
+        raise RequestError(f"the ranks were called with different arguments (rank(s) {ranks} differ from rank 0): "
+                           "every rank must make the same pipeline calls with the same requests and tokens")
     if not ok:
         raise value
     r, (name, message) = failed[0]
@@ -191,13 +227,14 @@ def agree(outcome, payload=None, undo=None):
 # ---------------------------------------------------------------------------------------------- the model
 @dataclass
 class ParallelInputs:
-    """One step's inputs on one rank: the batch's request ids in order, each row's replica, the split
-    (`data_parallel_splits`: per replica, its rows), each row's return count, and this replica's
-    `ModelInputs` for its rows (None when it has none this step)."""
+    """One step's inputs on one rank: the batch's request ids in order, the split (`data_parallel_splits`: per
+    replica, its rows), each row's return count and tokens run, and this replica's `ModelInputs` for its rows
+    (None when it has none this step)."""
 
     request_ids: list
     splits: list[list[int]]
     return_n_logits: list[int]
+    seq_lens: list[int] = field(default_factory=list)
     local: object = None
     model_tag: object = None
     executed: bool = False
@@ -212,8 +249,9 @@ class ParallelQwen35Model:
     """The pipeline API of `optimized.model.Qwen35Model` over a tp × dp world (module docstring).
 
     `replica` is this rank's tensor-parallel `Qwen35Model` (its shard of the weights, its state pool).  Every
-    rank must make the same calls with the same arguments.  `logits`, `generate` and the four pipeline calls
-    are supported; `snapshot` / `restore` are single-process calls of `Qwen35Model`.
+    rank must make the same calls with the same arguments (checked: a fingerprint of each call's ids and tokens
+    is exchanged with the outcomes, and a mismatch is a RequestError on every rank).  `logits`, `generate` and the
+    four pipeline calls are supported; `snapshot` / `restore` are single-process calls of `Qwen35Model`.
     """
 
     def __init__(self, replica, layout: Layout):
@@ -223,6 +261,7 @@ class ParallelQwen35Model:
         self.slots_per_replica = replica.max_batch_size
         self.lock = threading.RLock()
         self._owner: dict = {}  # request id -> replica, in claim order (the same table on every rank)
+        self._lengths: dict = {}  # request id -> tokens consumed (every rank knows every request's)
         self._tag = object()
         self.dp_comm_seconds = 0.0
 
@@ -250,7 +289,8 @@ class ParallelQwen35Model:
         return self.replica.tensor_parallel.comm_seconds + self.dp_comm_seconds
 
     def seq_len(self, request_id) -> int:
-        return self.replica.seq_len(request_id) if self._owner.get(request_id) == self.layout.replica else 0
+        """Tokens the request has consumed so far (0 for an unknown id), the same on every rank."""
+        return self._lengths.get(request_id, 0) if request_id in self._owner else 0
 
     def check_tokens(self, request_id, tokens):
         return self.replica.check_tokens(request_id, tokens)
@@ -264,90 +304,115 @@ class ParallelQwen35Model:
             used[d] += 1
         return [self.slots_per_replica - u for u in used]
 
+    def _replica_payloads(self, everyone) -> list:
+        """The payload of each replica's first rank (the ranks of a replica agree)."""
+        return [everyone[d * self.layout.tensor_parallel] for d in range(self.layout.data_parallel)]
+
+    def _per_row(self, splits, per_replica, n: int) -> list:
+        """Per-replica lists of row values -> one list in batch order."""
+        out = [0] * n
+        for rows, values in zip(splits, per_replica, strict=True):
+            for b, v in zip(rows, values, strict=True):
+                out[b] = int(v)
+        return out
+
     # -------------------------------------------------------------- the pipeline calls
     @serialized
     def prepare_initial_token_inputs(self, contexts, return_n_logits=1) -> ParallelInputs:
         """Prefill inputs: new requests are assigned to replicas (most free slots first), every replica prepares
         its rows (checks, claims); on any rank's error every rank releases what it claimed and raises."""
+        if isinstance(contexts, TextContext):
+            contexts = [contexts]
         contexts = list(contexts)
         ids = [getattr(c, "request_id", None) for c in contexts]
         new = [r for r in dict.fromkeys(ids) if r not in self._owner]
-        free = self._free()
-        if len(new) > sum(free):
-            raise PoolFullError(f"{len(new)} new request(s) {new[:8]!r} do not fit: {len(self._owner)} of "
-                                f"{self.max_batch_size} slots ({self.layout.data_parallel} replicas × "
-                                f"{self.slots_per_replica}) are live; release finished requests first")
-        given = dict(zip(new, assign_replicas(free, len(new)), strict=True))
-        rows = [self._owner.get(r, given.get(r)) for r in ids]
-        splits = data_parallel_splits(rows, self.layout.data_parallel)
-        mine = splits[self.layout.replica]
-        counts_in = return_n_logits
-        if not isinstance(return_n_logits, int) and hasattr(return_n_logits, "__len__"):
-            if len(return_n_logits) != len(contexts):
-                raise RequestError(f"return_n_logits has {len(return_n_logits)} entries for {len(contexts)} "
-                                   "contexts")
-            counts_in = [return_n_logits[b] for b in mine]
+        claimed: list = []
+        plan: dict = {}
 
         def local():
+            if not contexts:
+                raise RequestError("prepare_initial_token_inputs: empty batch (no contexts)")
+            free = self._free()
+            if len(new) > sum(free):
+                raise PoolFullError(f"{len(new)} new request(s) {new[:8]!r} do not fit: {len(self._owner)} of "
+                                    f"{self.max_batch_size} slots ({self.layout.data_parallel} replicas × "
+                                    f"{self.slots_per_replica}) are live; release finished requests first")
+            given = dict(zip(new, assign_replicas(free, len(new)), strict=True))
+            splits = data_parallel_splits([self._owner.get(r, given.get(r)) for r in ids], self.layout.data_parallel)
+            mine = splits[self.layout.replica]
+            counts = return_n_logits
+            if not isinstance(return_n_logits, int) and hasattr(return_n_logits, "__len__"):
+                if len(return_n_logits) != len(contexts):
+                    raise RequestError(f"return_n_logits has {len(return_n_logits)} entries for {len(contexts)} "
+                                       "contexts")
+                counts = [return_n_logits[b] for b in mine]
+            plan.update(given=given, splits=splits)
             if not mine:
                 return None
-            return self.replica.prepare_initial_token_inputs([contexts[b] for b in mine], return_n_logits=counts_in)
+            inputs = self.replica.prepare_initial_token_inputs([contexts[b] for b in mine], return_n_logits=counts)
+            claimed.extend(r for r in new if given[r] == self.layout.replica)
+            return inputs
 
         outcome = _outcome(local)
-        own_new = [r for r in new if given[r] == self.layout.replica]
-        payload = outcome[1].return_n_logits if outcome[0] and outcome[1] is not None else []
-        everyone = agree(outcome, payload, undo=lambda: [self.replica.release(r) for r in own_new])
+        ok, inputs = outcome
+        payload = ((list(inputs.return_n_logits), [int(n) for n in inputs.seq_lens]) if ok and inputs is not None
+                   else ([], []))
+        counts = return_n_logits if isinstance(return_n_logits, int) else list(return_n_logits)
+        everyone = agree(outcome, payload, undo=lambda: [self.replica.release(r) for r in claimed],
+                         args_digest=digest(ids, [getattr(c, "tokens", None) for c in contexts], counts))
         for r in new:
-            self._owner[r] = given[r]
-        return ParallelInputs(ids, splits, self._row_counts(splits, everyone), local=outcome[1], model_tag=self._tag)
-
-    def _row_counts(self, splits, everyone) -> list[int]:
-        """Each row's return count, from the first rank of each replica (its ranks agree)."""
-        counts = [0] * sum(len(s) for s in splits)
-        for d, rows in enumerate(splits):
-            for b, n in zip(rows, everyone[d * self.layout.tensor_parallel], strict=True):
-                counts[b] = int(n)
-        return counts
+            self._owner[r] = plan["given"][r]
+            self._lengths[r] = 0
+        per_replica = self._replica_payloads(everyone)
+        splits = plan["splits"]
+        return ParallelInputs(ids, splits, self._per_row(splits, [p[0] for p in per_replica], len(ids)),
+                              self._per_row(splits, [p[1] for p in per_replica], len(ids)), local=inputs,
+                              model_tag=self._tag)
 
     @serialized
     def prepare_next_token_inputs(self, next_tokens, prev: ParallelInputs, request_ids=None) -> ParallelInputs:
         """Decode inputs: token b continues request prev.request_ids[b] (or request_ids[b] for a subset); each
         replica prepares its rows."""
-        if not isinstance(prev, ParallelInputs) or prev.model_tag is not self._tag:
-            raise RequestError("prepare_next_token_inputs: prev must be inputs this model prepared")
         if isinstance(next_tokens, torch.Tensor):
             next_tokens = next_tokens.detach().cpu().tolist()
-        ids = list(prev.request_ids) if request_ids is None else request_ids
-        if not isinstance(ids, (list, tuple)) or not ids:
-            raise RequestError(f"request_ids must be a non-empty list or tuple of the previous step's requests, "
-                               f"got {request_ids!r}")
-        ids = list(ids)
-        tokens = list(next_tokens) if hasattr(next_tokens, "__len__") else None
-        if tokens is None or len(tokens) != len(ids):
-            raise RequestError(f"prepare_next_token_inputs: {len(ids)} requests continue but "
-                               f"{'a scalar' if tokens is None else len(tokens)} next tokens were given")
-        unknown = [r for r in ids if r not in self._owner or r not in prev.request_ids]
-        if unknown:
-            raise RequestError(f"request {unknown[0]!r} is not one of the previous step's live requests")
-        rows = [self._owner[r] for r in ids]
-        splits = data_parallel_splits(rows, self.layout.data_parallel)
-        mine = splits[self.layout.replica]
+        plan: dict = {}
 
         def local():
+            if not isinstance(prev, ParallelInputs) or prev.model_tag is not self._tag:
+                raise RequestError("prepare_next_token_inputs: prev must be inputs this model prepared")
+            ids = list(prev.request_ids) if request_ids is None else request_ids
+            if not isinstance(ids, (list, tuple)) or not ids:
+                raise RequestError(f"request_ids must be a non-empty list or tuple of the previous step's "
+                                   f"requests, got {request_ids!r}")
+            ids = list(ids)
+            tokens = list(next_tokens) if hasattr(next_tokens, "__len__") else None
+            if tokens is None or len(tokens) != len(ids):
+                raise RequestError(f"prepare_next_token_inputs: {len(ids)} requests continue but "
+                                   f"{'a scalar' if tokens is None else len(tokens)} next tokens were given")
+            unknown = [r for r in ids if r not in self._owner or r not in prev.request_ids]
+            if unknown:
+                raise RequestError(f"request {unknown[0]!r} is not one of the previous step's live requests")
+            splits = data_parallel_splits([self._owner[r] for r in ids], self.layout.data_parallel)
+            plan.update(ids=ids, splits=splits)
+            mine = splits[self.layout.replica]
             if not mine:
                 return None
             return self.replica.prepare_next_token_inputs([tokens[b] for b in mine], prev.local,
                                                           request_ids=[ids[b] for b in mine])
 
         outcome = _outcome(local)
-        agree(outcome)
-        return ParallelInputs(ids, splits, [1] * len(ids), local=outcome[1], model_tag=self._tag, is_decode=True)
+        agree(outcome, args_digest=digest(getattr(prev, "request_ids", None), request_ids, next_tokens))
+        ids = plan["ids"]
+        return ParallelInputs(ids, plan["splits"], [1] * len(ids), [1] * len(ids), local=outcome[1],
+                              model_tag=self._tag, is_decode=True)
 
     @serialized
     @torch.inference_mode()
     def execute(self, inputs: ParallelInputs) -> ModelOutputs:
-        """Run one step: every replica runs its rows (tensor-parallel inside), then the logits of all replicas
-        are gathered into request order on every rank."""
+        """Run one step: every replica runs its rows (tensor-parallel inside) without committing; only when every
+        rank's step succeeded are the steps committed (else abandoned everywhere: a prefill leaves every request
+        as it was, a decode step marks its requests broken), and the logits of all replicas are gathered into
+        request order on every rank."""
         if not isinstance(inputs, ParallelInputs) or inputs.model_tag is not self._tag:
             raise RequestError("execute: the inputs were not prepared by this model")
         if inputs.executed:
@@ -360,10 +425,20 @@ class ParallelQwen35Model:
                 self.replica.check_current_inputs(local)
 
         agree(_outcome(check))  # stale inputs are refused on every rank before anything runs
-        outcome = _outcome(lambda: None if local is None else self.replica.execute(local))
-        agree(outcome)
-        logits = self._gather_logits(inputs, None if outcome[1] is None else outcome[1].logits)
+        outcome = _outcome(lambda: None if local is None else self.replica.run_step(local))
+        step = outcome[1] if outcome[0] else None
+        try:
+            agree(outcome)
+        except Exception as exc:
+            if step is not None:
+                step.abandon(f"another rank failed: {exc}")
+            raise
+        if step is not None:
+            step.commit()
+        logits = self._gather_logits(inputs, None if step is None else step.outputs.logits)
         inputs.executed = True
+        for rid, n in zip(inputs.request_ids, inputs.seq_lens, strict=True):
+            self._lengths[rid] = self._lengths.get(rid, 0) + n
         return ModelOutputs(logits=logits, logit_offsets=[0] + list(itertools.accumulate(inputs.return_n_logits)),
                             request_ids=list(inputs.request_ids))
 
@@ -397,6 +472,7 @@ class ParallelQwen35Model:
     def release(self, request_id) -> bool:
         """Free the request's slot on its replica; unknown ids are a no-op (returns False)."""
         d = self._owner.pop(request_id, None)
+        self._lengths.pop(request_id, None)
         if d is None:
             return False
         if d == self.layout.replica:
@@ -408,12 +484,18 @@ class ParallelQwen35Model:
     def logits(self, batch) -> list[torch.Tensor]:
         """Stateless all-position logits per sequence (as Qwen35Model.logits): the sequences are split into
         contiguous blocks, one per replica, and gathered back in order on every rank."""
-        batch = list(batch)
+        batch = [batch] if isinstance(batch, TextContext) else list(batch)
         lo, hi = block(len(batch), self.layout.data_parallel, self.layout.replica)
-        outcome = _outcome(lambda: self.replica.logits(batch[lo:hi]) if hi > lo else [])
+
+        def local():
+            if not batch:
+                raise RequestError("logits: empty batch")
+            return self.replica.logits(batch[lo:hi]) if hi > lo else []
+
+        outcome = _outcome(local)
         payload = [t.cpu() for t in outcome[1]] if outcome[0] and self.layout.data_parallel > 1 else None
         t0 = time.perf_counter()
-        everyone = agree(outcome, payload)
+        everyone = agree(outcome, payload, args_digest=digest([getattr(b, "tokens", b) for b in batch]))
         self.dp_comm_seconds += time.perf_counter() - t0
         if self.layout.data_parallel == 1:
             return outcome[1]
@@ -425,7 +507,12 @@ class ParallelQwen35Model:
     def generate(self, prompts, max_new_tokens: int = 16, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, stop_token_ids=None) -> list[list[int]]:
         """Generate on every rank (reference.pipeline.generate over this model's pipeline calls): every rank
-        returns the same tokens."""
+        returns the same tokens.  Sampling without a seed draws one on rank 0 and gives it to every rank, so the
+        ranks sample the same tokens (each rank's logits are the same)."""
+        if seed is None and temperature:
+            box = [int(np.random.SeedSequence().generate_state(1)[0]) if self.layout.rank == 0 else None]
+            dist.broadcast_object_list(box, src=0)
+            seed = box[0]
         return pipeline.generate(self, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                  top_p=top_p, seed=seed, stop_token_ids=stop_token_ids)
 

@@ -12,7 +12,7 @@ import torch
 
 from optimized.model import Qwen35Model
 from reference.context import TextContext
-from reference.errors import Qwen35Error
+from reference.errors import Qwen35Error, RequestError
 
 
 def _rel(a, b) -> float:
@@ -136,26 +136,65 @@ def session(cases, tp: int, dp: int) -> list:
 
 
 def one_rank_fails(directory, what: str) -> dict:
-    """Rank 1 alone gets a bad input; every rank must raise (the same class), none may hang."""
+    """One rank alone fails (or is called differently); every rank must raise (the same class) and none may hang.
+
+    load:     rank 1's directory has no config.json
+    args:     rank 1 is given other tokens than rank 0 (SPMD code gone wrong)
+    prepare:  rank 1's replica fails to prepare (an injected error, as a device failure would be)
+    execute:  the last rank's replica fails in the forward pass of a prefill (data parallel 2: the other replica
+              succeeded and must not commit either); afterwards the same step runs and equals the single model
+    """
     import torch.distributed as dist
 
-    rank = dist.get_rank()
+    rank, world = dist.get_rank(), dist.get_world_size()
     out = {"rank": rank}
+    batch = [TextContext("x", [4, 5]), TextContext("y", [1, 2, 3])]
     try:
         if what == "load":
             path = directory if rank == 0 else directory + "-missing"
-            Qwen35Model.from_pretrained(path, tensor_parallel=dist.get_world_size())
+            Qwen35Model.from_pretrained(path, tensor_parallel=world)
+        elif what == "execute":
+            model = Qwen35Model.from_pretrained(directory, data_parallel=world, max_batch_size=2)
+            inputs = model.prepare_initial_token_inputs(batch)
+            if rank == world - 1:
+                model.replica._forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("injected failure"))
+            model.execute(inputs)
         else:
-            model = Qwen35Model.from_pretrained(directory, tensor_parallel=dist.get_world_size(), max_batch_size=2)
-            tokens = [1, 2, 3] if rank == 0 else [1, 10**6, 3]  # rank 1: a token outside the vocabulary
-            model.prepare_initial_token_inputs([TextContext("x", [4, 5]), TextContext("y", tokens)])
+            model = Qwen35Model.from_pretrained(directory, tensor_parallel=world, max_batch_size=2)
+            if what == "args":
+                batch[1] = TextContext("y", [1, 2, 3] if rank == 0 else [1, 7, 3])
+            elif rank == 1:
+                def fail(*args, **kwargs):
+                    raise RequestError("injected failure")
+
+                model.replica.prepare_initial_token_inputs = fail
+            model.prepare_initial_token_inputs(batch)
         out["raised"] = None
     except Qwen35Error as e:
         out["raised"], out["message"] = type(e).__name__, str(e)
-        if what == "prepare":  # nothing was claimed: the same ids work afterwards, on every rank
-            model.prepare_initial_token_inputs([TextContext("x", [4, 5]), TextContext("y", [1, 2])])
-            out["after"] = sorted(model.active_requests)
+    except RuntimeError as e:
+        out["raised"], out["message"] = "RuntimeError", str(e)
+    if what in ("args", "prepare"):  # nothing was claimed: the same ids work afterwards, on every rank
+        model.replica.__dict__.pop("prepare_initial_token_inputs", None)
+        model.prepare_initial_token_inputs([TextContext("x", [4, 5]), TextContext("y", [1, 2])])
+        out["after"] = sorted(model.active_requests)
+    if what == "execute":  # nothing was committed on any replica: the step runs again from the same state
+        model.replica.__dict__.pop("_forward", None)
+        out["lengths"] = [model.seq_len("x"), model.seq_len("y"), model.replica.seq_len("x"),
+                          model.replica.seq_len("y")]
+        got = model.execute(model.prepare_initial_token_inputs(batch)).logits
+        single = Qwen35Model.from_pretrained(directory, max_batch_size=2)
+        want = single.execute(single.prepare_initial_token_inputs(batch)).logits
+        out["rerun_rel"] = _rel(got, want)
     return out
+
+
+def sample_without_seed(directory) -> list:
+    """Sampling with temperature and no seed: every rank must sample the same tokens."""
+    import torch.distributed as dist
+
+    model = Qwen35Model.from_pretrained(directory, tensor_parallel=dist.get_world_size(), max_batch_size=2)
+    return model.generate([[1, 2, 3], [4, 5]], max_new_tokens=8, temperature=1.0, top_k=20)
 
 
 def hang_on_rank_1(seconds: float) -> int:

@@ -76,15 +76,30 @@ def test_data_parallel_2(tmp_path):
         _assert_case(rank_results[0])
 
 
-@pytest.mark.parametrize("what", ["prepare", "load"])
+@pytest.mark.parametrize("what", ["prepare", "load", "args", "execute"])
 def test_one_rank_raises_every_rank_raises(tmp_path, what):
     d = _checkpoint(tmp_path, "dense")
     results = run_local_world(cases.one_rank_fails, 2, d, what, timeout_s=120)
-    expected = {"prepare": "RequestError", "load": "ConfigError"}[what]  # load: rank 1's directory has no config
-    assert [r["raised"] for r in results] == [expected, expected], results
-    assert "rank 1" in results[0]["message"]  # the other rank names the rank that failed
-    if what == "prepare":
+    expected = {"prepare": ["RequestError"] * 2, "load": ["ConfigError"] * 2, "args": ["RequestError"] * 2,
+                # a foreign exception: the failing rank raises it, the others a RankError (a RuntimeError) naming it
+                "execute": ["RankError", "RuntimeError"]}[what]
+    assert [r["raised"] for r in results] == expected, results
+    if what == "args":
+        assert all("different arguments" in r["message"] for r in results), results
+    elif what == "execute":
+        assert "rank 1 raised RuntimeError: injected failure" in results[0]["message"], results
+    else:
+        assert "rank 1" in results[0]["message"], results  # the other rank names the rank that failed
+    if what in ("args", "prepare"):
         assert results[0]["after"] == results[1]["after"] == ["x", "y"]  # nothing was left claimed
+    if what == "execute":  # neither replica committed its half of the failed prefill; the rerun is right
+        for r in results:
+            assert r["lengths"][:2] == [0, 0] and r["rerun_rel"] < FP32, r
+
+
+def test_sampling_without_a_seed_is_the_same_on_every_rank(tmp_path):
+    a, b = run_local_world(cases.sample_without_seed, 2, _checkpoint(tmp_path, "dense"), timeout_s=120)
+    assert a == b and len(a) == 2
 
 
 def test_a_split_that_does_not_divide_is_refused_on_every_rank(tmp_path):

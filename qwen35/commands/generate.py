@@ -1,6 +1,7 @@
 """`qwen35 generate`: generate text from a checkpoint directory (default: the bundled demo) and report tokens/s."""
 from __future__ import annotations
 
+import datetime
 import json
 import os
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from qwen35.extras import require
+from reference.errors import Qwen35Error
 
 from ._common import (
     add_allow_nonfinite_argument,
@@ -95,7 +97,10 @@ def _start_processes(args) -> int:
         if cuda:
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(args.device)
-        dist.init_process_group("nccl" if cuda else "gloo")
+        # A bounded wait: a rank that dies inside a collective makes the others fail after this many seconds
+        # instead of torch's default 30 minutes.
+        timeout = datetime.timedelta(seconds=float(os.environ.get("QWEN35_DIST_TIMEOUT", "300")))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     return dist.get_rank()
 
 
@@ -113,7 +118,6 @@ def _load_model(args, path: Path):
 
 
 def run(args) -> int:
-    from qwen35.generation import generate_tokens
     from qwen35.tokenizer import ByteTokenizer, load_tokenizer
 
     _check_engine_arguments(args)
@@ -134,6 +138,24 @@ def run(args) -> int:
         stop |= set(eos) if isinstance(eos, tuple) else {eos}
 
     rank = _start_processes(args)
+    try:
+        return _generate(args, path, config, tokenizer, prompt_ids, stop, rank)
+    except Qwen35Error:
+        if rank != 0:
+            return 2  # every rank raised the same error (optimized.parallel agrees on errors); rank 0 reports it
+        raise
+    finally:
+        if args.tensor_parallel * args.data_parallel > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _generate(args, path, config, tokenizer, prompt_ids, stop, rank) -> int:
+    from qwen35.generation import generate_tokens
+    from qwen35.tokenizer import ByteTokenizer
+
     model = _load_model(args, path)
     result = generate_tokens(model, prompt_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_token_ids=stop)
