@@ -3,6 +3,7 @@
 | JSON (results/)          | written by                           | plot (docs/plots/)                          |
 |--------------------------|--------------------------------------|---------------------------------------------|
 | memory.json              | `memory_sweep()` (this file)         | memory.png/.svg   max batch vs memory budget |
+| docs/memory_measured_cpu.json | `python -m qwen35.resident`     | memory_measured.png  held vs predicted, 3× vs 1× |
 | accuracy.json            | `qwen35 accuracy`                    | accuracy.png, drift.png                      |
 | crossover.json           | `qwen35 plot --measure-crossover`    | crossover.png  chunked vs per-token by T     |
 | docs/bench_cpu.json      | `qwen35 bench`                       | speed.png                                    |
@@ -42,6 +43,7 @@ plt.rcParams["svg.fonttype"] = "none"  # keep SVG text as text: smaller files, s
 plt.rcParams["svg.hashsalt"] = "qwen35"  # stable element ids, so re-rendering the same JSON gives the same SVG
 
 GIB = 2 ** 30
+MEASURED_MEMORY = ("docs/memory_measured_cpu.json",)  # `python -m qwen35.resident`'s default output
 # Device memory budgets of the sweep, GiB: a 24 GB card up to 8 x 141 GB (one H200 node) and a bit beyond.
 MEMORY_BUDGETS_GIB = tuple(int(round(x)) for x in np.geomspace(16, 2048, 36))
 # Marked on the x axis: common single devices and one 8-GPU node.
@@ -172,6 +174,68 @@ def plot_memory(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg")) -> list[P
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return _finish(fig, data["meta"], out_dir, "memory", formats,
                    extra=f"right panel: same dtypes; KV max batch in JSON at {ctx} tokens")
+
+
+def plot_memory_measured(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: str = "memory_measured"):
+    """From `python -m qwen35.resident` (qwen35/resident.py; kind "memory_measured"), on its largest checkpoint.
+    Left: measured / predicted bytes by category, per engine and dtype, at the largest batch (reference.memory's
+    prediction = 1).  Right: the state working memory of one decode step at its peak in units of batch x per_req —
+    the batch's pool rows, the state copies alive when the forward pass returns, and the rest of the peak — against
+    the gather/scatter rule (3 x) and the in-place rule (1 x)."""
+    cases = data["cases"]
+    name = list(dict.fromkeys(c["config"] for c in cases))[-1]
+    cases = [c for c in cases if c["config"] == name]
+    runs = list(dict.fromkeys((c["engine"], c["dtype"]) for c in cases))
+    batches = sorted({c["batch"] for c in cases})
+    colors = {run: plt.cm.tab10(i) for i, run in enumerate(runs)}
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5.4), gridspec_kw={"width_ratios": [1, 1.25]})
+    cats = ["weights", "state pool", "KV used", "KV capacity"]
+    width = 0.8 / len(runs)
+    for j, run in enumerate(runs):
+        c = next(c for c in cases if (c["engine"], c["dtype"]) == run and c["batch"] == batches[-1])
+        rows = {r["category"]: r for r in c["rows"]}
+        xs = np.arange(len(cats)) + (j - (len(runs) - 1) / 2) * width
+        ys = [rows[k]["ratio"] for k in cats]
+        ax.bar(xs, ys, width, color=colors[run], label=f"{run[0]} · {run[1]}")
+        for x, k in zip(xs, cats, strict=True):
+            ax.text(x, rows[k]["ratio"], f"{rows[k]['measured'] / 2**20:.1f}", rotation=90, ha="center",
+                    va="bottom", fontsize=6, color="0.3")
+    ax.axhline(1.0, color="0.3", lw=0.8)
+    ax.set_xticks(range(len(cats)))
+    ax.set_xticklabels(cats)
+    ax.set_ylim(0, 1.6)
+    ax.set_ylabel("measured / predicted (reference.memory)")
+    ax.set_title(f"What the engines hold, batch {batches[-1]} (labels: measured MiB)", fontsize=10)
+    ax.grid(True, axis="y", alpha=0.25)
+    ax.legend(fontsize=8, loc="upper left")
+    width = 0.8 / len(runs)
+    for j, run in enumerate(runs):
+        for i, b in enumerate(batches):
+            c = next(c for c in cases if (c["engine"], c["dtype"]) == run and c["batch"] == b)
+            p = c["peaks"]["decode"]
+            copies = p["state_copies_at_peak"] - 1
+            rest = p["copies_at_peak_bound"] - 1 - copies
+            x = i + (j - (len(runs) - 1) / 2) * width
+            ax2.bar(x, 1, width, color=colors[run], alpha=0.45)
+            ax2.bar(x, copies, width, bottom=1, color=colors[run], hatch="//", edgecolor="white")
+            ax2.bar(x, rest, width, bottom=1 + copies, color="0.8")
+            ax2.text(x, 1 + copies + rest, f"{p['copies_at_peak_bound']:.2f}", ha="center", va="bottom", fontsize=7)
+    ax2.axhline(3, color="0.3", ls="--", lw=0.8, label="gather/scatter rule: 3 × (pool + inputs + outputs)")
+    ax2.axhline(1, color="0.3", ls=":", lw=1.0, label="in-place rule: 1 × (the pool)")
+    ax2.legend(fontsize=8, loc="center right")
+    ax2.set_xticks(range(len(batches)))
+    ax2.set_xticklabels([f"batch {b}" for b in batches])
+    ax2.set_ylabel("state working memory at the decode peak / (batch × per_req)")
+    ax2.set_title("One decode step: pool rows (light), state copies by object (hatched), rest of the peak (grey)",
+                  fontsize=10)
+    ax2.grid(True, axis="y", alpha=0.25)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    cfg = data["configs"][name]
+    s = data["settings"]
+    return _finish(fig, dict(data.get("meta") or {}), out_dir, stem, formats,
+                   extra=f"{name} checkpoint (hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, "
+                         f"vocabulary {cfg['vocab_size']:,}); {s['prompt_len']} prompt tokens + 1 decode step per "
+                         f"request; pool slots = batch")
 
 
 # ------------------------------------------------------------------------------------------------ accuracy
@@ -593,12 +657,15 @@ def render_all(results_dir=RESULTS_DIR, out_dir=PLOTS_DIR, formats=("png", "svg"
         log(f"wrote {mem_path}")
     paths = sorted(results_dir.glob("*.json"))
     if include_bench and results_dir.resolve() == RESULTS_DIR.resolve():
-        paths += [REPO / p for p in BENCH_LOCATIONS if (REPO / p).exists()]
+        paths += [REPO / p for p in BENCH_LOCATIONS + MEASURED_MEMORY if (REPO / p).exists()]
     for path in paths:
         data = load_json(path)
         kind = data.get("kind")
         if kind == "memory":
             written += plot_memory(data, out_dir, formats)
+        elif kind == "memory_measured":
+            written += plot_memory_measured(data, out_dir, formats,
+                                            stem="memory_measured" if path.stem.endswith("_cpu") else path.stem)
         elif kind == "accuracy":
             suffix = path.stem[len("accuracy"):] if path.stem.startswith("accuracy") else f"_{path.stem}"
             written += plot_accuracy(data, out_dir, formats, stem=f"accuracy{suffix}")

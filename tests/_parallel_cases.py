@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from optimized.model import Qwen35Model
+from qwen35.resident import resident_bytes
 from reference.context import TextContext
 from reference.errors import Qwen35Error, RequestError
 
@@ -25,31 +26,6 @@ def _prompts(config, seed=0, lengths=(5, 40, 1, 70)):
     top = config.image_token_id if config.image_token_id is not None else config.vocab_size  # no placeholders
     rng = np.random.default_rng(seed)
     return [rng.integers(0, top, n).tolist() for n in lengths]
-
-
-def _resident_weight_bytes(model) -> int:
-    """Bytes of the distinct storages of every weight tensor the replica holds (views counted once)."""
-    seen, total = set(), 0
-
-    def walk(obj):
-        nonlocal total
-        if torch.is_tensor(obj):
-            st = obj.untyped_storage()
-            if st.data_ptr() not in seen:
-                seen.add(st.data_ptr())
-                total += st.nbytes()
-        elif isinstance(obj, dict):
-            for v in obj.values():
-                walk(v)
-        elif hasattr(obj, "__dataclass_fields__"):
-            for name in obj.__dataclass_fields__:
-                walk(getattr(obj, name))
-
-    for t in (model.embed_tokens, model.lm_head, model.norm):
-        walk(t)
-    for layer in model.layers:
-        walk(layer)
-    return total
 
 
 def _pipeline_trace(model, config) -> list:
@@ -117,7 +93,7 @@ def check_checkpoint(directory, tp: int, dp: int, *, multimodal: bool = False, s
     r["active_after"] = model.active_requests
     # memory: what this rank holds against reference.memory's per-rank prediction
     rep = model.replica
-    r["weight_bytes"] = _resident_weight_bytes(rep)
+    r["weight_bytes"] = resident_bytes(rep)["weights"]  # distinct storages: views (fused projections) once
     r["weight_bytes_predicted"] = weight_bytes(c, "float32", include_vision=False, tensor_parallel=tp,
                                                rank=rep.shard.rank)
     r["pool_bytes"] = sum(p.numel() * p.element_size() for p in rep.conv_pools + rep.state_pools)
