@@ -11,6 +11,7 @@
 | gpu_bench.json           | `scripts/gpu_bench.py`               | gpu_kernels.png  Triton vs torch (vs fla) on a GPU |
 | eval*.json               | `qwen35 eval`                        | eval*.png  bits/byte, perplexity per engine |
 | train_log*.json          | `qwen35 train` (its --log)           | train_loss*.png  train / held-out loss vs tokens |
+| docs/bench_serve_cpu.json | `qwen35 bench --serve`              | serving.png  pool over time, TTFT / ITL |
 
 Nothing here times anything: the measurements are qwen35.bench (CPU speed, the crossover sweep),
 qwen35.accuracy, qwen35.compare and scripts/gpu_bench.py.  The one data step kept here is `memory_sweep`: the
@@ -641,8 +642,66 @@ def plot_train_log(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: 
                          f"{s.get('seed')}; data {d.get('source')} (Python {d.get('python')})")
 
 
+# ------------------------------------------------------------------------------------------------ serving
+# `qwen35 bench --serve` (qwen35/serving.py, bench_serve) writes {"kind": "serve_bench", "meta", "budget", "trace",
+# "continuous": {summary..., "series": {"start", "end", "kind", "occupancy", "waiting", "decoding", "finished"}},
+# "static": [summary per batch size], "best_static_batch", "goal"}; a summary has "throughput_tok_per_s", "slots",
+# "mean_occupancy", "ttft_s" and "itl_s" ({"p50", "p90", "p99"} in seconds).
+def plot_serving(data: dict, out_dir=PLOTS_DIR, formats=("png", "svg"), stem: str = "serving"):
+    """Left: the continuous run's pool over time (slots held, the decode batch, the waiting queue; the slot count
+    and the mean occupancy as lines).  Right: TTFT and inter-token latency p50 / p90 / p99 of the continuous run
+    and of each static batch, with their throughput in the legend."""
+    cont = data.get("continuous") or {}
+    ser = cont.get("series") or {}
+    if not ser.get("start"):
+        raise ValueError("serve_bench JSON has no occupancy series")
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1.5, 1]})
+    # held slots: a step's occupancy from its start to its end, then minus the requests it finished until the next
+    x = [t for pair in zip(ser["start"], ser["end"], strict=True) for t in pair]
+    held = [v for o, f in zip(ser["occupancy"], ser["finished"], strict=True) for v in (o, o - f)]
+    ax.step(x, held, where="post", color="tab:blue", lw=1.4, label="slots held")
+    for key, label, color in (("decoding", "decode batch (prompt done)", "tab:green"),
+                              ("waiting", "waiting (arrived, no slot yet)", "tab:orange")):
+        ax.step(list(ser["start"]) + [ser["end"][-1]], list(ser[key]) + [ser[key][-1]], where="post", color=color,
+                lw=1.0, alpha=0.8, label=label)
+    bound = (data.get("budget") or {}).get("bound_by")
+    ax.axhline(cont["slots"], color="0.35", ls=":", lw=1,
+               label=f"slots: {cont['slots']}" + (f" (bound by {bound})" if bound else ""))
+    ax.axhline(cont["mean_occupancy"], color="tab:blue", ls="--", lw=0.9,
+               label=f"mean occupancy {cont['mean_occupancy']:.1f} (time-weighted)")
+    ax.set_xlabel("time since the start of the run (s)")
+    ax.set_ylabel("requests")
+    ax.set_title(f"Continuous batching: the pool over time ({cont.get('requests')} requests, prefill chunks of "
+                 f"{cont.get('token_budget')} tokens)", fontsize=10)
+    ax.grid(True, alpha=0.25)
+    ax.legend(fontsize=8, loc="upper right")
+    runs = [("continuous", cont)] + [(f"static B={s['slots']}", s) for s in data.get("static") or []]
+    groups = [(m, p) for m in ("ttft_s", "itl_s") for p in ("p50", "p90", "p99")]
+    width = 0.8 / len(runs)
+    for j, (name, s) in enumerate(runs):
+        ys = [1e3 * s[m][p] if s.get(m) else np.nan for m, p in groups]
+        xs = np.arange(len(groups)) + (j - (len(runs) - 1) / 2) * width
+        ax2.bar(xs, ys, width, color=plt.cm.tab10(j), label=f"{name}: {s['throughput_tok_per_s']:.1f} tok/s")
+    ax2.set_xticks(range(len(groups)))
+    ax2.set_xticklabels([f"{'TTFT' if m == 'ttft_s' else 'ITL'}\n{p}" for m, p in groups], fontsize=8)
+    ax2.set_yscale("log")
+    ax2.set_ylabel("ms")
+    goal = data.get("goal") or {}
+    ax2.set_title("Latency percentiles" + (f"; throughput continuous / best static = {goal['measured']:.2f}"
+                                           if "measured" in goal else ""), fontsize=10)
+    ax2.grid(True, axis="y", which="both", alpha=0.25)
+    ax2.legend(fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    tr = data.get("trace") or {}
+    meta = dict(data.get("meta") or {})
+    return _finish(fig, meta, out_dir, stem, formats,
+                   extra=f"Poisson trace: {tr.get('requests')} requests at {tr.get('rate_per_s')}/s, prompts "
+                         f"{tr.get('prompt_lengths')}, new tokens {tr.get('new_tokens')}; {data.get('geometry')}; "
+                         f"load {meta.get('load_avg_at_start')} -> {meta.get('load_avg_at_end')}")
+
+
 # ------------------------------------------------------------------------------------------------ driver
-BENCH_LOCATIONS = ("docs/bench_cpu.json",)  # where `qwen35 bench` writes by default (besides results/)
+BENCH_LOCATIONS = ("docs/bench_cpu.json", "docs/bench_serve_cpu.json")  # `qwen35 bench [--serve]`'s defaults
 
 
 def render_all(results_dir=RESULTS_DIR, out_dir=PLOTS_DIR, formats=("png", "svg"), refresh_memory: bool = True,
@@ -678,6 +737,9 @@ def render_all(results_dir=RESULTS_DIR, out_dir=PLOTS_DIR, formats=("png", "svg"
             written += plot_crossover(data, out_dir, formats, stem=path.stem)
         elif kind == "eval":
             written += plot_eval(data, out_dir, formats, stem=path.stem)
+        elif kind == "serve_bench":
+            written += plot_serving(data, out_dir, formats,
+                                    stem="serving" if path.stem == "bench_serve_cpu" else f"serving_{path.stem}")
         elif kind == "train_log":
             suffix = path.stem[len("train_log"):] if path.stem.startswith("train_log") else f"_{path.stem}"
             written += plot_train_log(data, out_dir, formats, stem=f"train_loss{suffix}")

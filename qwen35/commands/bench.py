@@ -11,6 +11,7 @@ HELP = ("benchmark the optimized PyTorch engine on one CPU thread (GDN prefill v
         "writes JSON")
 
 
+SERVE_OUT = "docs/bench_serve_cpu.json"  # where --serve writes when --out keeps its default
 DEFAULT_PARTS = ("gdn", "decode", "model")
 PARTS = DEFAULT_PARTS + ("train",)  # train: forward + backward + AdamW, Qwen35ForCausalLM vs transformers
 
@@ -24,6 +25,10 @@ def add_arguments(parser):
     parser.add_argument("--tuned-allocator", action="store_true",
                         help="run with large-buffer reuse (glibc MALLOC_MMAP/TRIM_THRESHOLD_ = 4 GiB, torch "
                              "THP_MEM_ALLOC_ENABLE=1) for every contender; default: the allocators' defaults")
+    parser.add_argument("--serve", action="store_true",
+                        help="instead of the speed runs: continuous batching of a Poisson trace vs static batches "
+                             "(qwen35.serving; throughput, TTFT / inter-token latency percentiles, pool occupancy) "
+                             f"-> {SERVE_OUT} unless --out is given")
     parser.add_argument("--gpu-json", default=None, metavar="FILE",
                         help="instead of running anything, print docs/benchmarks.md's GPU rows from the JSON of "
                              "scripts/gpu_bench.py")
@@ -68,6 +73,8 @@ def run(args) -> int:
                              f"{data.get('kind')!r}, expected 'gpu_bench')")
         print(gpu_markdown(data))
         return 0
+    if getattr(args, "serve", False):
+        return _run_serve(args)
     output_path(args.out, "--out")  # before the (long) run, not after it
     _reexec(getattr(args, "tuned_allocator", False))
     from qwen35.bench import run_all
@@ -81,3 +88,27 @@ def run(args) -> int:
         path = write_json(res, args.out)
     print(f"\nwrote {path}")
     return 0
+
+
+def _json_run(args, default_out: str, measure, table) -> int:
+    """One measurement to one JSON: --out checked (`default_out` while --out keeps bench's own default), the
+    single-thread re-exec, `measure()`, its `table(result)` printed, the JSON written."""
+    out = default_out if args.out == "docs/bench_cpu.json" else args.out
+    output_path(out, "--out")
+    _reexec(getattr(args, "tuned_allocator", False))
+    from qwen35.measure import write_json
+
+    res = measure()
+    print()
+    print(table(res))
+    with writing(out, "--out"):
+        path = write_json(res, out)
+    print(f"\nwrote {path}")
+    return 0
+
+
+def _run_serve(args) -> int:
+    """`--serve`: qwen35.serving.bench_serve -> its table and JSON (default SERVE_OUT)."""
+    from qwen35 import serving  # NumPy and the reference only; torch is imported by the run
+
+    return _json_run(args, SERVE_OUT, lambda: serving.bench_serve(quick=args.quick), serving.format_serve)
