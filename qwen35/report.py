@@ -1,6 +1,6 @@
 """Text renderings of result JSON: the console summary of a CPU bench run and the Markdown tables of the docs.
 
-    from qwen35.report import format_table, markdown_tables, gpu_markdown, accuracy_table, eval_table
+    from qwen35.report import format_table, markdown_tables, gpu_markdown, accuracy_table, eval_table, batch_table
 
 | function          | reads                                      | used by                                          |
 |-------------------|--------------------------------------------|--------------------------------------------------|
@@ -9,6 +9,7 @@
 | `gpu_markdown`    | a scripts/gpu_bench.py JSON                | `qwen35 bench --gpu-json FILE`, GPU section      |
 | `accuracy_table`  | a `qwen35 accuracy` JSON                   | `qwen35 accuracy`, notebook 06                   |
 | `eval_table`      | a `qwen35 eval` JSON (qwen35/evaluation.py) | `qwen35 eval`, docs/training.md                 |
+| `batch_table`     | a `qwen35 bench --batch` JSON              | `qwen35 bench --batch`, docs/benchmarks.md       |
 
 Nothing here measures; each function is a pure function of its JSON.  A bench JSON's `machine` block is read in
 both vocabularies it has been written in (`host_cpu` / `cpu_count` / `date_utc` from `qwen35.measure.machine_info`,
@@ -239,4 +240,102 @@ def eval_table(data: dict) -> str:
         L.append(f"\nnote: this held-out split (sha256 {str(held.get('sha256'))[:12]}…, Python {d.get('python')}) is "
                  f"not the one the checkpoint was trained against ({str(t.get('held_out', {}).get('sha256'))[:12]}…, "
                  f"{t.get('source')}, Python {t.get('python')}): its text may have been trained on")
+    return "\n".join(L)
+
+
+def batch_table(res: dict) -> str:
+    """Markdown tables of a `qwen35 bench --batch` result (qwen35/bench_batch.py): decode and prefill tokens/s per
+    batch size against the floor, the bf16 rows and their accuracy cost, where the optimized decode step's time
+    goes, and the goals.  Printed by `qwen35 bench --batch`; the tables of docs/benchmarks.md's batched section."""
+    def f(x, fmt):
+        return "—" if x is None else format(x, fmt)
+
+    m = _machine(res)
+    load = (m.get("load_avg_at_start"), m.get("load_avg_at_end"))
+    L = [f"Run of {m.get('date_utc') or '?'}: {m.get('host_cpu')} ({m.get('cpu_count')} logical CPUs), torch "
+         f"{m.get('torch')}, transformers {m.get('transformers')}, 1 thread; load average at start {load[0]}, at "
+         f"end {load[1]}.  sgemm {res['sgemm']['gflops']:.1f} GFLOP/s (best of the medians "
+         f"{[round(x, 1) for x in res['sgemm'].get('gflops_medians', [])]}; "
+         f"{res.get('sgemm_end', {}).get('gflops', float('nan')):.1f} at the end), DRAM read "
+         f"{res['stream']['read_gbps']:.1f} GB/s."]
+    s = res.get("settings", {})
+    lo, hi = s.get("prompt_range", ("?", "?"))
+    L.append(f"Prompts: mixed lengths drawn from {lo}..{hi} (seed {s.get('seed')}); decode: "
+             f"{s.get('decode_repeats')} rounds of {s.get('decode_steps')} steps after {s.get('decode_warmup')} "
+             f"untimed; prefill rounds per B {s.get('prefill_repeats')}.")
+    rows = res.get("by_batch", [])
+    L += ["", "Decode, tokens/s (all rows of the batch together):", "",
+          "| B | prompt tokens | floor (bound) | optimized | % of floor | reference | transformers | "
+          "optimized vs transformers | optimized vs reference |",
+          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        d, fl = r["decode"], r["floor"]["decode"]
+        L.append(f"| {r['B']} | {r['prompt_tokens']} | {fl['tok_per_s']:.1f} ({fl['bound']}) | "
+                 f"{d['optimized']['tok_per_s']:.1f} | {100 * r['decode_fraction_of_floor']:.0f} % | "
+                 f"{f(d.get('reference', {}).get('tok_per_s'), '.1f')} | "
+                 f"{f(d.get('transformers', {}).get('tok_per_s'), '.1f')} | "
+                 f"{f(r.get('decode_speedup_vs_hf'), '.2f')}× | {f(r.get('decode_speedup_vs_ref'), '.2f')}× |")
+    L += ["", "Prefill of the B prompts, tokens/s (real prompt tokens; transformers' padded rows in brackets):", "",
+          "| B | floor (sgemm) | optimized | % of floor | reference | transformers useful (computed) | "
+          "optimized vs transformers |",
+          "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        p = r["prefill"]
+        hf = p.get("transformers")
+        L.append(f"| {r['B']} | {r['floor']['prefill']['tok_per_s']:.0f} | {p['optimized']['tok_per_s']:.0f} | "
+                 f"{100 * r['prefill_fraction_of_floor']:.0f} % | "
+                 f"{f(p.get('reference', {}).get('tok_per_s'), '.0f')} | "
+                 + (f"{hf['useful_tok_per_s']:.0f} ({hf['computed_tok_per_s']:.0f}) | " if hf else "— | ")
+                 + f"{f(r.get('prefill_speedup_vs_hf'), '.2f')}× |")
+    b16 = res.get("bf16") or {}
+    if b16.get("decode"):
+        L += ["", "bf16 weights, decode tokens/s:", "",
+              "| B | optimized fp32 | optimized bf16 | transformers bf16 | time fp32 / bf16 (measured) | "
+              "bytes fp32 / bf16 (floor) | optimized bf16 vs transformers bf16 |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in b16["decode"]:
+            L.append(f"| {r['B']} | {r['optimized']:.1f} | {r['optimized_bf16']:.1f} | "
+                     f"{f(r.get('transformers_bf16'), '.1f')} | {r['time_ratio_f32_over_bf16']:.2f} | "
+                     f"{r['bytes_ratio_f32_over_bf16']:.2f} | {f(r.get('bf16_speedup_vs_hf_bf16'), '.2f')}× |")
+    acc = b16.get("logits_accuracy")
+    if acc:
+        L += ["", f"Logits vs the float64 reference ({acc['prompts']} prompts, {acc['positions']} positions, random "
+                  "checkpoint):", "", "| engine | rel. RMS | greedy token = oracle's |", "|---|---:|---:|"]
+        for k, v in acc["engines"].items():
+            L.append(f"| {k} | {v['rel_rms_vs_f64']:.2e} | {100 * v['greedy_agreement']:.1f} % |")
+    ev = b16.get("demo_eval")
+    if ev:
+        bpb = ev["bits_per_byte"]
+        L.append(f"\nDemo held-out bits/byte ({ev['bytes']:,} of {ev['held_out_bytes']:,} bytes): "
+                 + ", ".join(f"{k} {v:.4f}" for k, v in bpb.items())
+                 + f"; bf16 − fp32 = {ev['bf16_minus_f32_bits_per_byte']:+.5f}.")
+    if res.get("profile"):
+        L += ["", "Where an optimized decode step's time goes (ms per step; the dense products: all projections and "
+                  "the lm_head together):", "",
+              "| B | dtype | step | GDN mixers (rule update) | attention (per-request loop) | MLPs | lm_head | "
+              "rest of execute | outside execute | dense products: ms · GFLOP/s · weight GB/s |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for p in res["profile"]:
+            pm, dp = p["parts_ms"], p["dense_products"]
+            loop = (pm.get("attention mixer: per-request attention", 0.0)
+                    + pm.get("attention mixer: per-request KV append", 0.0))
+            L.append(f"| {p['B']} | {p['dtype']} | {p['step_ms']:.1f} | {pm.get('GDN mixers', 0):.1f} "
+                     f"({pm.get('GDN mixers: rule update', 0):.1f}) | {pm.get('attention mixer', 0):.1f} "
+                     f"({loop:.1f}) | {pm.get('MLPs', 0):.1f} | {pm.get('lm_head', 0):.1f} | "
+                     f"{p['execute_rest_ms']:.1f} | {p['outside_execute_ms']:.1f} | {dp['ms']:.1f} · "
+                     f"{dp['gflops']:.0f} · {dp['weight_gbps']:.1f} |")
+    if res.get("profile_transformers"):
+        L += ["", "transformers' decode step under torch.profiler (ms per step; products: aten::mm / addmm / bmm / "
+                  "baddbmm self time):", "", "| B | step (profiled) | products | share | top ops |",
+              "|---:|---:|---:|---:|---|"]
+        for p in res["profile_transformers"]:
+            tops = ", ".join(f"{k} {v:.1f}" for k, v in list(p["top_ops_ms"].items())[:4])
+            L.append(f"| {p['B']} | {p['step_ms']:.1f} | {p['products_ms']:.1f} | "
+                     f"{100 * p['products_ms'] / p['step_ms']:.0f} % | {tops} |")
+    if res.get("goals"):
+        L += ["", "| goal | target | measured | |", "|---|---:|---:|---|"]
+        for k, g in res["goals"].items():
+            L.append(f"| {k} | {g['target']} | {g['measured']:.2f} | {'met' if g['met'] else 'missed'} |")
+    for n in res.get("notes", []):
+        L.append(f"\nnote: {n}")
     return "\n".join(L)

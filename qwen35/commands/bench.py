@@ -12,6 +12,7 @@ HELP = ("benchmark the optimized PyTorch engine on one CPU thread (GDN prefill v
 
 
 SERVE_OUT = "docs/bench_serve_cpu.json"  # where --serve writes when --out keeps its default
+BATCH_OUT = "docs/bench_batch_cpu.json"  # where --batch writes when --out keeps its default
 DEFAULT_PARTS = ("gdn", "decode", "model")
 PARTS = DEFAULT_PARTS + ("train",)  # train: forward + backward + AdamW, Qwen35ForCausalLM vs transformers
 
@@ -29,6 +30,10 @@ def add_arguments(parser):
                         help="instead of the speed runs: continuous batching of a Poisson trace vs static batches "
                              "(qwen35.serving; throughput, TTFT / inter-token latency percentiles, pool occupancy) "
                              f"-> {SERVE_OUT} unless --out is given")
+    parser.add_argument("--batch", action="store_true",
+                        help="instead of the speed runs: batched decode / prefill at B = 1, 4, 16, 64 with mixed "
+                             "prompt lengths, optimized vs reference vs transformers, bf16 weights and their accuracy "
+                             f"cost (qwen35.bench_batch) -> {BATCH_OUT} unless --out is given")
     parser.add_argument("--gpu-json", default=None, metavar="FILE",
                         help="instead of running anything, print docs/benchmarks.md's GPU rows from the JSON of "
                              "scripts/gpu_bench.py")
@@ -75,6 +80,8 @@ def run(args) -> int:
         return 0
     if getattr(args, "serve", False):
         return _run_serve(args)
+    if getattr(args, "batch", False):
+        return _run_batch(args)
     output_path(args.out, "--out")  # before the (long) run, not after it
     _reexec(getattr(args, "tuned_allocator", False))
     from qwen35.bench import run_all
@@ -112,3 +119,21 @@ def _run_serve(args) -> int:
     from qwen35 import serving  # NumPy and the reference only; torch is imported by the run
 
     return _json_run(args, SERVE_OUT, lambda: serving.bench_serve(quick=args.quick), serving.format_serve)
+
+
+def _run_batch(args) -> int:
+    """`--batch`: qwen35.bench_batch.run_batch -> its tables and JSON (default BATCH_OUT)."""
+    out = BATCH_OUT if args.out == "docs/bench_cpu.json" else args.out
+    output_path(out, "--out")
+    _reexec(getattr(args, "tuned_allocator", False))
+    from qwen35.bench_batch import run_batch
+    from qwen35.measure import write_json
+    from qwen35.report import batch_table
+
+    res = run_batch(quick=args.quick)
+    print()
+    print(batch_table(res))
+    with writing(out, "--out"):
+        path = write_json(res, out)
+    print(f"\nwrote {path}")
+    return 0
