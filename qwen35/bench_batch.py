@@ -24,7 +24,7 @@ One decode step of B requests, request b at context c_b (the tokens its attentio
     step   ≥ max(bytes / DRAM rate, FLOPs / sgemm rate);   tokens/s ≤ B / step
 
 At B = 1 the bytes term dominates (~15 ms at ~30 GB/s: ~64 tokens/s); from B ≈ 8 on the FLOP term does (2 · 116.5 M
-FLOPs per row: ~2.5 ms per row at ~95 GFLOP/s), so the floor grows from ~64 to ~390 tokens/s.  A prefill of the B
+FLOPs per row: ~2.5 ms per row at ~95 GFLOP/s), so the floor grows from ~64 to ~400 tokens/s.  A prefill of the B
 prompts costs Σ_b qwen35.measure.model_prefill_flops(config, T_b) (logits of each prompt's last position) at the
 sgemm rate; transformers' padded batch computes B · max_b T_b token rows instead (its "computed" tokens).
 

@@ -158,6 +158,8 @@ def test_quick_run_end_to_end(tmp_path, monkeypatch, capsys):
             assert r["decode_speedup_vs_hf"] > 0
     assert "decode_B1_fraction_of_floor" in res["goals"]
     assert {p["dtype"] for p in res["profile"]} == {"float32", "bfloat16"}
+    if "transformers" in engines:
+        assert all(0 < p["products_ms"] < p["step_ms"] for p in res["profile_transformers"])
     b16 = res["bf16"]
     assert [r["B"] for r in b16["decode"]] == list(bb.BatchSettings.quick().bf16_batch_sizes)
     assert all(r["time_ratio_f32_over_bf16"] > 0 and 1 < r["bytes_ratio_f32_over_bf16"] < 2 for r in b16["decode"])

@@ -123,17 +123,11 @@ def _run_serve(args) -> int:
 
 def _run_batch(args) -> int:
     """`--batch`: qwen35.bench_batch.run_batch -> its tables and JSON (default BATCH_OUT)."""
-    out = BATCH_OUT if args.out == "docs/bench_cpu.json" else args.out
-    output_path(out, "--out")
-    _reexec(getattr(args, "tuned_allocator", False))
-    from qwen35.bench_batch import run_batch
-    from qwen35.measure import write_json
     from qwen35.report import batch_table
 
-    res = run_batch(quick=args.quick)
-    print()
-    print(batch_table(res))
-    with writing(out, "--out"):
-        path = write_json(res, out)
-    print(f"\nwrote {path}")
-    return 0
+    def measure():
+        from qwen35.bench_batch import run_batch  # imports torch: after the single-thread re-exec
+
+        return run_batch(quick=args.quick)
+
+    return _json_run(args, BATCH_OUT, measure, batch_table)
